@@ -1,0 +1,136 @@
+"""The tutorial's GPT in PyTorch: the reference npgpt is checked and measured against.
+
+Same architecture, attribute names and initialisation as ``npgpt.model`` (and the tutorial), plus converters
+between a PyTorch state_dict and npgpt's NumPy arrays in both directions. Tests and the benchmark suite import
+this module; npgpt itself never imports torch.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model, num_heads, dropout=0.1):
+        super().__init__()
+        assert d_model % num_heads == 0
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.d_k = d_model // num_heads
+        self.W_q = nn.Linear(d_model, d_model, bias=False)
+        self.W_k = nn.Linear(d_model, d_model, bias=False)
+        self.W_v = nn.Linear(d_model, d_model, bias=False)
+        self.W_o = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        batch_size, seq_len, _ = x.shape
+        Q = self.W_q(x).view(batch_size, seq_len, self.num_heads, self.d_k).transpose(1, 2)
+        K = self.W_k(x).view(batch_size, seq_len, self.num_heads, self.d_k).transpose(1, 2)
+        V = self.W_v(x).view(batch_size, seq_len, self.num_heads, self.d_k).transpose(1, 2)
+        scores = torch.matmul(Q, K.transpose(-2, -1)) / math.sqrt(self.d_k)
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        attn = F.softmax(scores, dim=-1)
+        attn = self.dropout(attn)
+        context = torch.matmul(attn, V)
+        context = context.transpose(1, 2).contiguous().view(batch_size, seq_len, self.d_model)
+        return self.W_o(context)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model, d_ff, dropout=0.1):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.linear2(F.gelu(self.linear1(x))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attention = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        x = x + self.dropout(self.attention(self.attn_norm(x), mask))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512,
+                 dropout=0.1):
+        super().__init__()
+        self.d_model = d_model
+        self.vocab_size = vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, dropout)
+                                     for _ in range(num_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.output_proj = nn.Linear(d_model, vocab_size, bias=False)
+        self.output_proj.weight = self.token_embedding.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, token_ids, mask=None):
+        batch_size, seq_len = token_ids.shape
+        device = token_ids.device
+        if mask is None:
+            mask = torch.triu(torch.ones(seq_len, seq_len, device=device), diagonal=1).bool()
+        positions = torch.arange(seq_len, device=device)
+        x = self.token_embedding(token_ids) + self.position_embedding(positions)
+        x = self.embed_dropout(x)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln_f(x)
+        return self.output_proj(x)
+
+
+# ---- converters -----------------------------------------------------------------------------------------
+
+def torch_to_numpy_state(torch_model):
+    """{name: numpy array} from a PyTorch model's state_dict (tied weights under both names)."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in torch_model.state_dict().items()}
+
+
+def numpy_to_torch_state(arrays, dtype=None):
+    """{name: torch tensor} from npgpt's state_dict (NumPy or CuPy arrays)."""
+    out = {}
+    for name, a in arrays.items():
+        a = a.get() if hasattr(a, "get") else np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        out[name] = t.to(dtype) if dtype is not None else t
+    return out
+
+
+def copy_npgpt_to_torch(npgpt_model, torch_model):
+    """Load npgpt's weights into the PyTorch model (dtype of the PyTorch model kept)."""
+    dtype = next(torch_model.parameters()).dtype
+    torch_model.load_state_dict(numpy_to_torch_state(npgpt_model.state_dict(), dtype))
+    return torch_model
+
+
+def copy_torch_to_npgpt(torch_model, npgpt_model):
+    """Load the PyTorch model's weights into npgpt's model."""
+    npgpt_model.load_state_dict(torch_to_numpy_state(torch_model))
+    return npgpt_model

@@ -1,0 +1,30 @@
+"""npgpt: a GPT language model built from scratch on NumPy, with its own reverse-mode autograd.
+
+    import npgpt
+    x = npgpt.tensor([[1.0, 2.0]], requires_grad=True)
+    y = (x * x).sum()
+    y.backward()            # x.grad == [[2., 4.]]
+
+Reading order: backend -> tensor -> functional -> nn -> optim -> model -> train (see README.md).
+"""
+
+from . import backend
+from . import functional
+from . import nn
+from . import optim
+from .backend import manual_seed, set_device, get_device
+from .checks import GradcheckError, gradcheck
+from .tensor import Tensor, is_grad_enabled, no_grad, tensor
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # GPT is imported on first use, so that `python -m npgpt.model` runs model.py only once
+    if name == "GPT":
+        from .model import GPT
+        return GPT
+    raise AttributeError(f"module 'npgpt' has no attribute {name!r}")
+
+__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError", "GPT",
+           "functional", "nn", "optim", "backend", "manual_seed", "set_device", "get_device"]

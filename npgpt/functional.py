@@ -1,0 +1,427 @@
+"""The transformer's layer ops, each with its hand-written backward right beside its forward.
+
+Signatures follow ``torch.nn.functional``: ``linear``, ``layer_norm``, ``gelu``, ``softmax``, ``log_softmax``,
+``cross_entropy``, ``embedding``, ``dropout``, ``scaled_dot_product_attention``. Each op takes Tensors (or
+arrays), computes its forward on the raw arrays, saves exactly what its backward needs under readable names,
+and returns a Tensor whose ``backward`` closure maps dL/d(out) to dL/d(inputs). The derivation is in the
+comment above each backward. Gradients of broadcast inputs (a bias, a LayerNorm weight) are returned in the
+output's shape; the engine sums them back to the parameter's shape (``tensor._sum_to_shape``).
+
+Shapes: B batch, T time (query length), S key length, C channels, H heads, D head size, V vocabulary,
+N rows (B*T flattened).
+
+Next to read: ``npgpt/nn.py``, the modules that hold parameters and call these ops.
+"""
+
+import math
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor, _make
+
+__all__ = ["linear", "layer_norm", "gelu", "softmax", "log_softmax", "cross_entropy", "embedding", "dropout",
+           "scaled_dot_product_attention", "erf"]
+
+
+def _t(x):
+    """Accept a Tensor or a raw array."""
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _xp(x):
+    return backend.get_array_module(x)
+
+
+# ========================================================================================================
+# linear
+
+def linear(input, weight, bias=None):
+    """y = x W^T + b, with x (..., in), W (out, in), b (out,)."""
+    input, weight = _t(input), _t(weight)
+    x, W = input.data, weight.data
+    if x.shape[-1] != W.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features but weight has shape {W.shape} "
+                         f"(out, in): the input's last dimension must be {W.shape[1]}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, W.shape[1])                         # (N, in): one GEMM for all positions
+    out = x2d @ W.T                                         # (N, out)
+    if bias is not None:
+        bias = _t(bias)
+        out += bias.data
+    out = out.reshape(*lead, W.shape[0])                    # (..., out)
+
+    # dx = dy W        (N, out) @ (out, in)
+    # dW = dy^T x      (out, N) @ (N, in)   summed over every position
+    # db = dy          returned per position; the engine sums it to (out,)
+    def backward(grad):
+        grad2d = grad.reshape(-1, W.shape[0])               # (N, out)
+        grad_x = (grad2d @ W).reshape(x.shape) if input.requires_grad else None
+        grad_W = grad2d.T @ x2d if weight.requires_grad else None
+        return (grad_x, grad_W, grad) if bias is not None else (grad_x, grad_W)
+
+    parents = (input, weight, bias) if bias is not None else (input, weight)
+    return _make(out, parents, backward, "linear")
+
+
+# ========================================================================================================
+# layer_norm
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalize over the trailing `normalized_shape` dimensions, then scale by weight and shift by bias."""
+    input = _t(input)
+    x = input.data
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    if x.shape[x.ndim - len(normalized_shape):] != normalized_shape:
+        raise ValueError(f"layer_norm: normalized_shape {normalized_shape} does not match the trailing "
+                         f"dimensions of the input of shape {x.shape}")
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    xp = _xp(x)
+
+    mean = x.mean(axis=axes, keepdims=True)                 # (..., 1)
+    centered = x - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + xp.asarray(eps, dtype=x.dtype))   # (..., 1) reciprocal standard deviation
+    xhat = centered * rstd                                  # (..., C) zero mean, unit variance
+    out = xhat
+    if weight is not None:
+        weight = _t(weight)
+        out = out * weight.data
+    if bias is not None:
+        bias = _t(bias)
+        out = out + bias.data
+
+    # y = xhat * w + b, xhat = (x - mean) * rstd. With g = dL/dxhat = dy * w (over the C normalized values):
+    #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    #        term 1: direct path; term 2: through the mean; term 3: through the variance
+    #   dw = dy * xhat,  db = dy   (per position; the engine sums them to the parameter shape)
+    def backward(grad):
+        grad_xhat = grad * weight.data if weight is not None else grad
+        grad_x = None
+        if input.requires_grad:
+            term2 = grad_xhat.mean(axis=axes, keepdims=True)
+            term3 = xhat * (grad_xhat * xhat).mean(axis=axes, keepdims=True)
+            grad_x = rstd * (grad_xhat - term2 - term3)
+        grads = [grad_x]
+        if weight is not None:
+            grads.append(grad * xhat if weight.requires_grad else None)
+        if bias is not None:
+            grads.append(grad)
+        return tuple(grads)
+
+    parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
+    return _make(out, parents, backward, "layer_norm")
+
+
+# ========================================================================================================
+# gelu, and the error function it needs (NumPy has none)
+#
+# erf and erfc from rational approximations with float64 accuracy (S. L. Moshier's Cephes library):
+#   |x| <= 1:      erf(x)  = x T(x^2) / U(x^2)
+#   1 < x < 8:     erfc(x) = exp(-x^2) P(x) / Q(x)
+#   x >= 8:        erfc(x) = exp(-x^2) R(x) / S(x)
+# (U, Q and S have a leading coefficient of 1, left implicit.)
+
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+_ERFC_R = (5.64189583547755073984e-1, 1.27536670759978104416e0, 5.01905042251180477414e0,
+           6.16021097993053585195e0, 7.40974269950448939160e0, 2.97886665372100240670e0)
+_ERFC_S = (1.0, 2.26052863220117276590e0, 9.39603524938001434673e0, 1.20489539808096656605e1,
+           1.70814450747565897222e1, 9.60896809063285878198e0, 3.36907645100081516050e0)
+
+
+def _polynomial(x, coefficients):
+    """Horner's rule; coefficients from the highest power down."""
+    result = x * 0 + coefficients[0]
+    for c in coefficients[1:]:
+        result = result * x + c
+    return result
+
+
+def _erfc_large(a):
+    """erfc(a) for a >= 1 (float64-accurate; tiny values stay accurate, unlike 1 - erf)."""
+    xp = _xp(a)
+    mid = _polynomial(a, _ERFC_P) / _polynomial(a, _ERFC_Q)
+    tail = _polynomial(a, _ERFC_R) / _polynomial(a, _ERFC_S)
+    return xp.exp(-a * a) * xp.where(a < 8, mid, tail)
+
+
+def erf(x):
+    """The error function of an array, accurate to float64 rounding (a few ulp)."""
+    xp = _xp(x)
+    a = xp.abs(x)
+    z = x * x
+    small = x * _polynomial(z, _ERF_T) / _polynomial(z, _ERF_U)
+    large = xp.sign(x) * (1 - _erfc_large(xp.maximum(a, 1)))
+    return xp.where(a <= 1, small, large).astype(x.dtype, copy=False)
+
+
+def _normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, via erfc in the far left tail so tiny values keep their digits."""
+    xp = _xp(x)
+    z = x * (1 / math.sqrt(2))
+    left_tail = 0.5 * _erfc_large(xp.maximum(-z, 1))
+    return xp.where(z < -1, left_tail, 0.5 * (1 + erf(z))).astype(x.dtype, copy=False)
+
+
+def gelu(input, approximate="none"):
+    """GELU(x) = x Phi(x) (exact, with erf), or its tanh approximation when approximate='tanh'."""
+    input = _t(input)
+    x = input.data
+    xp = _xp(x)
+    if approximate == "none":
+        cdf = _normal_cdf(x)                                # Phi(x)
+        out = x * cdf
+
+        # d/dx [x Phi(x)] = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+        def backward(grad):
+            pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+            return (grad * (cdf + x * pdf),)
+    elif approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        inner = k * (x + 0.044715 * x * x * x)
+        th = xp.tanh(inner)
+        out = 0.5 * x * (1 + th)
+
+        # y = x (1 + tanh u) / 2, u = k (x + 0.044715 x^3)
+        # dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) / 2 * k (1 + 3 * 0.044715 x^2)
+        def backward(grad):
+            du = k * (1 + 3 * 0.044715 * x * x)
+            return (grad * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du),)
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return _make(out.astype(x.dtype, copy=False), (input,), backward, "gelu")
+
+
+# ========================================================================================================
+# softmax and log_softmax
+
+def softmax(input, dim):
+    """exp(x) / sum(exp(x)) along `dim`, shifted by the max for stability."""
+    input = _t(input)
+    x = input.data
+    xp = _xp(x)
+    probs = xp.exp(x - x.max(axis=dim, keepdims=True))
+    probs /= probs.sum(axis=dim, keepdims=True)
+
+    # y = softmax(x): dy_i/dx_j = y_i (delta_ij - y_j)  =>  dx = y * (dy - sum(dy * y))
+    def backward(grad):
+        return (probs * (grad - (grad * probs).sum(axis=dim, keepdims=True)),)
+    return _make(probs, (input,), backward, "softmax")
+
+
+def log_softmax(input, dim):
+    """x - logsumexp(x) along `dim`."""
+    input = _t(input)
+    x = input.data
+    xp = _xp(x)
+    shifted = x - x.max(axis=dim, keepdims=True)
+    out = shifted - xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
+
+    # y = x - logsumexp(x): dy_i/dx_j = delta_ij - softmax(x)_j  =>  dx = dy - softmax(x) * sum(dy)
+    def backward(grad):
+        return (grad - xp.exp(out) * grad.sum(axis=dim, keepdims=True),)
+    return _make(out, (input,), backward, "log_softmax")
+
+
+# ========================================================================================================
+# cross_entropy
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
+    """Softmax cross-entropy of logits `input` (N, C) (or (C,), or (N, C, d...)) against class ids `target`.
+
+    Fused and stable: loss_i = logsumexp(z_i) - z_i[t_i], never a one-hot matrix. Targets equal to
+    `ignore_index` contribute nothing; 'mean' divides by the number of the others.
+    """
+    input = _t(input)
+    logits = input.data
+    xp = _xp(logits)
+    labels = target.data if isinstance(target, Tensor) else xp.asarray(target)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: target must hold integer class ids, not {labels.dtype}")
+    # Bring the class axis last and flatten: z (N, C), t (N,)
+    if logits.ndim == 1:
+        z, expected_target = logits[None, :], ()
+    else:
+        z = xp.moveaxis(logits, 1, -1)
+        expected_target = logits.shape[:1] + logits.shape[2:]
+    if labels.shape != expected_target:
+        raise ValueError(f"cross_entropy: input of shape {logits.shape} needs a target of shape "
+                         f"{expected_target}, got {labels.shape}")
+    num_classes = z.shape[-1]
+    z = z.reshape(-1, num_classes)                          # (N, C)
+    t = labels.reshape(-1)                                  # (N,)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= num_classes))
+    if bool(bad.any()):
+        raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal ignore_index="
+                         f"{ignore_index}; found {int(t[bad][0])}")
+    rows = xp.arange(z.shape[0])
+    safe_t = xp.where(valid, t, 0)
+
+    peak = z.max(axis=1, keepdims=True)                     # (N, 1)
+    probs = xp.exp(z - peak)                                # (N, C), normalized below
+    sum_exp = probs.sum(axis=1, keepdims=True)
+    probs /= sum_exp
+    logsumexp = (xp.log(sum_exp) + peak)[:, 0]              # (N,)
+    losses = (logsumexp - z[rows, safe_t]) * valid          # (N,), 0 where ignored
+    count = valid.sum()
+    if reduction == "mean":
+        out = losses.sum() / count.astype(z.dtype)
+    elif reduction == "sum":
+        out = losses.sum()
+    else:
+        out = losses.reshape(labels.shape)
+
+    # dloss_i/dz_i = softmax(z_i) - onehot(t_i): subtract 1 at the target column only.
+    # Scaled by the incoming gradient (and 1/count for 'mean'); ignored rows get zero.
+    def backward(grad):
+        if reduction == "none":
+            row_scale = grad.reshape(-1) * valid            # (N,)
+        else:
+            scale = grad / count.astype(z.dtype) if reduction == "mean" else grad
+            row_scale = scale * valid                       # (N,)
+        grad_z = probs * row_scale[:, None]                 # (N, C)
+        grad_z[rows, safe_t] -= row_scale
+        if logits.ndim == 1:
+            return (grad_z[0],)
+        grad_z = grad_z.reshape(z_shape_moved)
+        return (xp.moveaxis(grad_z, -1, 1),)
+
+    z_shape_moved = logits.shape[:1] + logits.shape[2:] + (num_classes,) if logits.ndim > 1 else None
+    return _make(xp.asarray(out, dtype=z.dtype), (input,), backward, "cross_entropy")
+
+
+# ========================================================================================================
+# embedding
+
+def embedding(input, weight):
+    """Rows of `weight` (V, C) picked by integer ids `input` (any shape) -> (..., C)."""
+    weight = _t(weight)
+    W = weight.data
+    xp = _xp(W)
+    ids = input.data if isinstance(input, Tensor) else xp.asarray(input)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
+    num_embeddings = W.shape[0]
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+        raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
+                         f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
+    out = W[ids]                                            # (..., C)
+
+    # out[n] = W[ids[n]]  =>  dW[v] = sum of dout[n] over every n with ids[n] == v
+    def backward(grad):
+        grad_W = xp.zeros_like(W)
+        backend.scatter_add(grad_W, ids.reshape(-1), grad.reshape(-1, W.shape[1]))
+        return (grad_W,)
+    return _make(out, (weight,), backward, "embedding")
+
+
+# ========================================================================================================
+# dropout
+
+def dropout(input, p=0.5, training=True, generator=None):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+    input = _t(input)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must lie in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    x = input.data
+    keep_scaled = _dropout_mask(x.shape, p, x.dtype, generator)   # 0 or 1/(1-p)
+
+    # y = x * m / (1-p)  =>  dx = dy * m / (1-p)
+    def backward(grad):
+        return (grad * keep_scaled,)
+    return _make(x * keep_scaled, (input,), backward, "dropout")
+
+
+def _dropout_mask(shape, p, dtype, generator):
+    """A mask of 0 (probability p) and 1/(1-p) (probability 1-p) in `dtype`."""
+    rng = generator if generator is not None else backend.global_rng()
+    if p == 1.0:
+        return rng.random(shape).astype(dtype) * 0
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+# ========================================================================================================
+# scaled_dot_product_attention
+
+_causal_cache = {}
+
+
+def causal_mask(xp, num_queries, num_keys, offset=0):
+    """(L, S) bool, True where query i may attend to key j, i.e. j <= i + offset.
+
+    offset 0 is PyTorch's is_causal; with a KV cache holding `offset` earlier positions, the new queries
+    sit at positions offset, offset + 1, ...
+    """
+    key = (xp.__name__, num_queries, num_keys, offset)
+    if key not in _causal_cache:
+        _causal_cache[key] = xp.tril(xp.ones((num_queries, num_keys), dtype=bool), k=offset)
+    return _causal_cache[key]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, generator=None):
+    """softmax(Q K^T * scale + mask) V, with Q (..., L, D), K (..., S, D), V (..., S, Dv).
+
+    attn_mask: bool (True = may attend, as in PyTorch) or float (added to the scores), broadcastable to
+    (..., L, S); treated as a constant. is_causal: query i sees keys 0..i.
+    """
+    query, key, value = _t(query), _t(key), _t(value)
+    q, k, v = query.data, key.data, value.data
+    xp = _xp(q)
+    if attn_mask is not None and is_causal:
+        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal=True, not both")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape} and value {v.shape} "
+                         "must agree: (..., L, D), (..., S, D), (..., S, Dv)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = q.dtype.type(scale)
+
+    scores = (q @ k.swapaxes(-1, -2)) * scale               # (..., L, S)
+    if is_causal:
+        attn_mask = causal_mask(xp, q.shape[-2], k.shape[-2])
+    if attn_mask is not None:
+        attn_mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        if attn_mask.dtype == bool:
+            scores = xp.where(attn_mask, scores, q.dtype.type(-np.inf))
+        else:
+            scores = scores + attn_mask
+    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))   # (..., L, S)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    keep_scaled = None
+    if dropout_p > 0.0:
+        keep_scaled = _dropout_mask(probs.shape, dropout_p, q.dtype, generator)
+    attn = probs * keep_scaled if keep_scaled is not None else probs   # (..., L, S) after dropout
+    out = attn @ v                                          # (..., L, Dv)
+
+    # O = A V, A = dropout(P), P = softmax(S), S = Q K^T * scale
+    #   dV = A^T dO                 dA = dO V^T
+    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
+    #   dQ = dS K * scale           dK = dS^T Q * scale
+    def backward(grad):
+        grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
+        grad_probs = grad @ v.swapaxes(-1, -2)              # (..., L, S)
+        if keep_scaled is not None:
+            grad_probs *= keep_scaled
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+        grad_scores *= scale
+        grad_q = grad_scores @ k                            # (..., L, D)
+        grad_k = grad_scores.swapaxes(-1, -2) @ q           # (..., S, D)
+        return grad_q, grad_k, grad_v
+    return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

@@ -1,0 +1,234 @@
+"""The GPT of the reference tutorial, layer for layer, with the same attribute names and initialisation.
+
+    token ids (B, T)
+      -> token_embedding + position_embedding -> embed_dropout       (B, T, C)
+      -> blocks: x + dropout(attention(attn_norm(x))), then x + dropout(ffn(ffn_norm(x)))   x num_layers
+      -> ln_f -> output_proj (weight tied to token_embedding)        (B, T, V) logits
+
+Run ``python -m npgpt.model`` to print the configuration and the parameter breakdown (5,846,528 at the
+tutorial's defaults). Shapes: B batch, T time, C = d_model, H heads, D = d_k head size, V vocabulary.
+
+Next to read: ``npgpt/generate.py`` (sampling with a KV cache), then ``npgpt/train.py``.
+"""
+
+import math
+
+from . import backend
+from . import functional as F
+from . import nn
+from .tensor import Tensor
+
+
+class MultiHeadAttention(nn.Module):
+    """H heads of causal self-attention; W_q, W_k, W_v, W_o are bias-free (C, C) projections."""
+
+    def __init__(self, d_model, num_heads, dropout=0.1):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}); "
+                             f"choose num_heads among the divisors of {d_model}")
+        self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
+        self.W_q = nn.Linear(d_model, d_model, bias=False)
+        self.W_k = nn.Linear(d_model, d_model, bias=False)
+        self.W_v = nn.Linear(d_model, d_model, bias=False)
+        self.W_o = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, is_causal=False, kv_cache=None):
+        """x (B, T, C). mask: bool (T, T), True where attention is blocked (the tutorial's convention).
+
+        kv_cache: during generation, a LayerKV holding the keys and values of earlier positions.
+        """
+        B, T, C = x.shape
+        H, D = self.num_heads, self.d_k
+        q = self.W_q(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
+        k = self.W_k(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
+        v = self.W_v(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
+        attn_mask = None if mask is None else ~(mask.data if hasattr(mask, "data") else mask)
+        if kv_cache is not None:
+            k, v, attn_mask = kv_cache.extend(k, v)           # (B, H, S, D), S = earlier + T
+            is_causal = False
+        p = self.dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                                 is_causal=is_causal)   # (B, H, T, D)
+        context = context.transpose(1, 2).reshape(B, T, C)   # (B, T, C): heads side by side
+        return self.W_o(context)
+
+
+class FeedForward(nn.Module):
+    """linear1 (C -> d_ff), exact GELU, linear2 (d_ff -> C), dropout."""
+
+    def __init__(self, d_model, d_ff, dropout=0.1):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.linear2(F.gelu(self.linear1(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm residual block: attention, then the feed-forward network."""
+
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attention = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, is_causal=False, kv_cache=None):
+        x = x + self.dropout(self.attention(self.attn_norm(x), mask, is_causal, kv_cache))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model: the tutorial's GPT."""
+
+    def __init__(self, vocab_size, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512,
+                 dropout=0.1):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}); "
+                             f"choose num_heads among the divisors of {d_model}")
+        self.d_model, self.vocab_size = d_model, vocab_size
+        self.num_heads, self.num_layers, self.d_ff = num_heads, num_layers, d_ff
+        self.max_seq_len, self.dropout_p = max_seq_len, dropout
+
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, dropout)
+                                     for _ in range(num_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.output_proj = nn.Linear(d_model, vocab_size, bias=False)
+        # Weight tying: the output projection reuses the token embedding's (V, C) matrix, one Parameter
+        self.output_proj.weight = self.token_embedding.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        """N(0, 0.02) for every Linear and Embedding weight, zero biases (the tutorial's init)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init_normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init_zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init_normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def config(self):
+        return dict(vocab_size=self.vocab_size, d_model=self.d_model, num_heads=self.num_heads,
+                    num_layers=self.num_layers, d_ff=self.d_ff, max_seq_len=self.max_seq_len,
+                    dropout=self.dropout_p)
+
+    def forward(self, token_ids, mask=None, kv_cache=None):
+        """token_ids (B, T) integers -> logits (B, T, V). With no mask, attention is causal.
+
+        kv_cache: a KVCache from new_kv_cache(); the T new positions follow the ones it already holds.
+        """
+        token_ids = token_ids.data if hasattr(token_ids, "data") else token_ids
+        xp = backend.get_array_module(self.token_embedding.weight.data)
+        token_ids = xp.asarray(token_ids)
+        if token_ids.ndim != 2:
+            raise ValueError(f"GPT expects token ids of shape (batch, seq_len), got {token_ids.shape}")
+        B, T = token_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.max_seq_len}; "
+                             "use shorter sequences or a model with a larger max_seq_len")
+        positions = xp.arange(start, start + T)
+        x = self.token_embedding(token_ids) + self.position_embedding(positions)   # (B, T, C)
+        x = self.embed_dropout(x)
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layers[i] if kv_cache is not None else None
+            x = block(x, mask, mask is None and kv_cache is None, layer_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.ln_f(x)
+        return self.output_proj(x)                                     # (B, T, V)
+
+    def new_kv_cache(self, batch_size):
+        """An empty key/value cache for generating up to max_seq_len positions."""
+        return KVCache(self, batch_size)
+
+
+class LayerKV:
+    """One block's cached keys and values, (B, H, max_seq_len, D); `owner.length` positions are filled."""
+
+    def __init__(self, owner, shape, dtype, xp):
+        self.owner = owner
+        self.keys = xp.zeros(shape, dtype=dtype)
+        self.values = xp.zeros(shape, dtype=dtype)
+
+    def extend(self, k, v):
+        """Store the new positions' k, v (B, H, T, D); return all keys and values so far, and the mask."""
+        xp = backend.get_array_module(self.keys)
+        start, T = self.owner.length, k.shape[2]
+        self.keys[:, :, start:start + T] = k.data
+        self.values[:, :, start:start + T] = v.data
+        keys = Tensor(self.keys[:, :, :start + T])                # (B, H, S, D)
+        values = Tensor(self.values[:, :, :start + T])
+        mask = F.causal_mask(xp, T, start + T, offset=start)          # new query i sees keys <= start + i
+        return keys, values, mask
+
+
+class KVCache:
+    """Keys and values of the positions generated so far, for every block."""
+
+    def __init__(self, model, batch_size):
+        xp = backend.get_array_module(model.token_embedding.weight.data)
+        dtype = model.token_embedding.weight.dtype
+        d_k = model.d_model // model.num_heads
+        shape = (batch_size, model.num_heads, model.max_seq_len, d_k)
+        self.length = 0
+        self.layers = [LayerKV(self, shape, dtype, xp) for _ in range(model.num_layers)]
+
+
+def parameter_breakdown(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512):
+    """The tutorial's parameter count, term by term: [(label, count)], and the total."""
+    token_embed = vocab_size * d_model
+    pos_embed = max_seq_len * d_model
+    attn = 4 * d_model * d_model                     # W_q, W_k, W_v, W_o, no biases
+    ffn = 2 * d_model * d_ff + d_ff + d_model        # up + down weights, and their biases
+    norms = 4 * d_model                              # two LayerNorms, weight and bias each
+    block = attn + ffn + norms
+    final_ln = 2 * d_model
+    rows = [(f"Token embeddings: {vocab_size} x {d_model}", token_embed),
+            (f"Position embeddings: {max_seq_len} x {d_model}", pos_embed),
+            (f"  Attention (Q,K,V,O): 4 x {d_model}^2", attn),
+            ("  FFN", ffn),
+            ("  LayerNorm (x2)", norms),
+            ("  Block total", block),
+            (f"All {num_layers} blocks", num_layers * block),
+            ("Final LayerNorm", final_ln),
+            ("Output projection (tied with token embeddings)", 0)]
+    return rows, token_embed + pos_embed + num_layers * block + final_ln
+
+
+def main():
+    config = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
+    model = GPT(**config, dropout=0.1)
+    print("GPT Model Configuration")
+    print("=" * 60)
+    for key, value in config.items():
+        print(f"  {key}: {value:,}")
+    print("  dropout: 0.1")
+    print()
+    print("Parameter Breakdown")
+    print("=" * 60)
+    rows, total = parameter_breakdown(**config)
+    for label, count in rows:
+        print(f"{label:<48}{count:>12,}" if count else label)
+    print("=" * 60)
+    print(f"{'Total (calculated)':<48}{total:>12,}")
+    print(f"{'Total (actual, model.parameters())':<48}{model.num_parameters():>12,}")
+    if total != model.num_parameters():
+        raise SystemExit("parameter count mismatch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""AdamW (as torch.optim.AdamW) and the learning-rate schedule used for training.
+
+Next to read: ``npgpt/model.py``, the GPT these update.
+"""
+
+import math
+
+from . import backend
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), step for step as torch.optim.AdamW.
+
+    For each parameter p with gradient g, at step t (counted from 1):
+        p <- p * (1 - lr * weight_decay)                  decoupled decay: not mixed into the moments
+        m <- beta1 * m + (1 - beta1) * g                  first moment (mean of g)
+        v <- beta2 * v + (1 - beta2) * g^2                second moment (mean of g^2)
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)   bias-corrected step
+
+    `params` is an iterable of Parameters, or of dicts {'params': [...], 'weight_decay': ...} (param groups
+    with their own settings, as in PyTorch).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW: invalid settings lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        params = list(params)
+        if not params:
+            raise ValueError("AdamW: got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        for group in groups:
+            full = dict(defaults)
+            full.update(group)
+            full["params"] = list(full["params"])
+            self.param_groups.append(full)
+        self.state = {}  # id(param) -> {"step": int, "exp_avg": array, "exp_avg_sq": array}
+
+    def _params(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    def zero_grad(self):
+        for _, p in self._params():
+            p.grad = None
+
+    def step(self):
+        """Update every parameter that has a gradient."""
+        for group, p in self._params():
+            if p.grad is None:
+                continue
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            xp = backend.get_array_module(p.data)
+            state = self.state.get(id(p))
+            if state is None:
+                state = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
+                self.state[id(p)] = state
+            state["step"] += 1
+            t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+
+            if decay != 0:
+                p.data *= 1 - lr * decay
+            m *= beta1
+            m += (1 - beta1) * g
+            v *= beta2
+            v += (1 - beta2) * (g * g)
+            step_size = lr / (1 - beta1 ** t)
+            denom = xp.sqrt(v)
+            denom /= math.sqrt(1 - beta2 ** t)
+            denom += eps
+            p.data -= step_size * (m / denom)
+
+    # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
+    def state_dict(self):
+        """{'step': [...], 'exp_avg': [...], 'exp_avg_sq': [...]} in parameter order (None if never stepped)."""
+        out = {"step": [], "exp_avg": [], "exp_avg_sq": [], "lr": [g["lr"] for g in self.param_groups]}
+        for _, p in self._params():
+            state = self.state.get(id(p))
+            out["step"].append(state["step"] if state else 0)
+            out["exp_avg"].append(state["exp_avg"] if state else None)
+            out["exp_avg_sq"].append(state["exp_avg_sq"] if state else None)
+        return out
+
+    def load_state_dict(self, saved):
+        params = [p for _, p in self._params()]
+        if len(saved["step"]) != len(params):
+            raise ValueError(f"AdamW.load_state_dict: the saved state has {len(saved['step'])} parameters, "
+                             f"this optimizer {len(params)}; it comes from a different model")
+        for p, step, m, v in zip(params, saved["step"], saved["exp_avg"], saved["exp_avg_sq"]):
+            if step == 0 or m is None:
+                self.state.pop(id(p), None)
+                continue
+            if tuple(m.shape) != p.shape:
+                raise ValueError(f"AdamW.load_state_dict: saved moments of shape {tuple(m.shape)} for a "
+                                 f"parameter of shape {p.shape}; it comes from a different model")
+            xp = backend.get_array_module(p.data)
+            self.state[id(p)] = {"step": int(step),
+                                 "exp_avg": xp.asarray(backend.to_device(m, p.device), dtype=p.dtype),
+                                 "exp_avg_sq": xp.asarray(backend.to_device(v, p.device), dtype=p.dtype)}
+        for group, lr in zip(self.param_groups, saved.get("lr", [])):
+            group["lr"] = float(lr)
+
+
+def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
+    """Linear warmup from 0 to max_lr over warmup_iters steps, then cosine decay to min_lr at max_iters."""
+    if step < warmup_iters:
+        return max_lr * (step + 1) / warmup_iters
+    if step >= max_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm_(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
+
+    The norm stays an array on the device (a 0-d array), so clipping on the GPU needs no host round trip.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = backend.get_array_module(grads[0])
+    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
+    if max_norm > 0:
+        factor = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(grads[0].dtype)
+        for g in grads:
+            g *= factor
+    return total

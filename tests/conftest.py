@@ -1,0 +1,52 @@
+"""Shared fixtures: every backend test runs on NumPy and on CuPy (skipped with a reason without a GPU)."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from npgpt import backend
+
+_shared = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=20, derandomize=True, **_shared)
+settings.register_profile("thorough", max_examples=200, **_shared)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _gpu_unavailable_reason():
+    try:
+        backend.module_for("gpu")
+    except backend.DeviceError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def device(request):
+    """Run the test with new arrays made on this device; restores the previous device afterwards."""
+    if request.param == "gpu":
+        reason = _gpu_unavailable_reason()
+        if reason:
+            pytest.skip(f"CuPy backend unavailable: {reason}")
+    previous = backend.get_device()
+    backend.set_device(request.param)
+    yield request.param
+    backend.set_device(previous)
+
+
+@pytest.fixture
+def xp(device):
+    """The array module of the test's device."""
+    return backend.current()
+
+
+@pytest.fixture
+def torch():
+    """PyTorch, or a skip with the reason (CI installs the CPU build, so the parity tests run there)."""
+    return pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'npgpt[torch]' "
+                                               "to run the parity tests")
+
+
+def as_numpy(a):
+    return backend.to_numpy(a.data if hasattr(a, "data") and not isinstance(a, np.ndarray) else a)
