@@ -44,7 +44,7 @@ class MultiHeadAttention(nn.Module):
         q = self.W_q(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
         k = self.W_k(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
         v = self.W_v(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
-        attn_mask = None if mask is None else ~(mask.data if hasattr(mask, "data") else mask)
+        attn_mask = None if mask is None else ~(mask.data if isinstance(mask, Tensor) else mask)
         if kv_cache is not None:
             k, v, attn_mask = kv_cache.extend(k, v)           # (B, H, S, D), S = earlier + T
             is_causal = False
@@ -130,7 +130,7 @@ class GPT(nn.Module):
 
         kv_cache: a KVCache from new_kv_cache(); the T new positions follow the ones it already holds.
         """
-        token_ids = token_ids.data if hasattr(token_ids, "data") else token_ids
+        token_ids = token_ids.data if isinstance(token_ids, Tensor) else token_ids
         xp = backend.get_array_module(self.token_embedding.weight.data)
         token_ids = xp.asarray(token_ids)
         if token_ids.ndim != 2:
