@@ -1,0 +1,117 @@
+"""Tokenizers (round trips, BPE equal to a naive recount) and the data pipeline."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from npgpt.data import DataError, bundled_corpus_path, get_batch, read_text, split_tokens
+from npgpt.tokenizer import (BPETokenizer, CharTokenizer, TokenizerError, _PIECE, _merge_pair, build_tokenizer,
+                             tokenizer_from_dict)
+
+SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+          "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
+          "Ünïcödé — naïve café, 東京 2024's test_case!\n") * 3
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train(SAMPLE, 400)
+
+
+def naive_bpe_merges(text, vocab_size):
+    """The textbook algorithm: recount every pair over every word before each merge."""
+    words = Counter(_PIECE.findall(text))
+    seqs = {w: list(w.encode("utf-8")) for w in words}
+    merges = []
+    while len(merges) < vocab_size - 256:
+        counts = Counter()
+        for w, f in words.items():
+            for pair in zip(seqs[w], seqs[w][1:]):
+                counts[pair] += f
+        if not counts:
+            break
+        best_count = max(counts.values())
+        if best_count < 2:
+            break
+        best = min(p for p, c in counts.items() if c == best_count)   # ties: the smallest pair
+        merges.append(best)
+        for w in seqs:
+            seqs[w] = _merge_pair(seqs[w], best, 255 + len(merges))
+    return merges
+
+
+def test_incremental_bpe_equals_naive_recount():
+    assert BPETokenizer.train(SAMPLE, 330).merges == naive_bpe_merges(SAMPLE, 330)
+
+
+def test_bpe_learns_the_obvious_first_merge():
+    tok = BPETokenizer.train("aaab aaab aaab", 258)
+    assert tok.merges[0] == (ord("a"), ord("a"))
+    assert tok.decode(tok.encode("aaab")) == "aaab"
+
+
+@given(text=st.text())
+def test_bpe_round_trips_any_string(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+@given(text=st.text(alphabet=sorted(set(SAMPLE))))
+def test_char_round_trips_its_alphabet(text):
+    tok = CharTokenizer.train(SAMPLE)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_compresses_and_serialises(bpe):
+    ids = bpe.encode(SAMPLE)
+    assert len(ids) < len(SAMPLE.encode("utf-8")) / 2
+    assert ids.max() < bpe.vocab_size
+    again = tokenizer_from_dict(bpe.to_dict())
+    np.testing.assert_array_equal(again.encode(SAMPLE), ids)
+
+
+def test_char_tokenizer_names_unknown_characters():
+    tok = CharTokenizer.train("abc")
+    with pytest.raises(TokenizerError, match="'z' is not in this character vocabulary"):
+        tok.encode("abz")
+
+
+def test_bpe_cache_is_written_and_reused(tmp_path):
+    first = build_tokenizer("bpe", SAMPLE, 300, cache_dir=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].endswith("-300.json")
+    second = build_tokenizer("bpe", SAMPLE, 300, cache_dir=str(tmp_path))
+    assert second.merges == first.merges
+
+
+def test_bundled_corpus_is_installed():
+    text = read_text()
+    assert os.path.getsize(bundled_corpus_path()) == 1115394
+    assert text.startswith("First Citizen:")
+
+
+def test_split_and_batches():
+    ids = np.arange(1000)
+    train, val = split_tokens(ids, seq_len=8)
+    assert len(train) == 900 and len(val) == 100 and val[0] == 900
+    x, y = get_batch(train, 4, 8, np.random.default_rng(0))
+    assert x.shape == y.shape == (4, 8)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])          # targets are inputs shifted by one
+    assert y.max() < 900
+    x2, _ = get_batch(train, 4, 8, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, x2)                        # seeded
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="is a directory"):
+        read_text(str(tmp_path))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8.*offset 3"):
+        read_text(str(bad))
+    with pytest.raises(DataError, match="corpus too short"):
+        split_tokens(np.arange(50), seq_len=8)
