@@ -1,0 +1,72 @@
+"""npgpt against PyTorch eager on this machine: training step, forward, generation, MFU, memory, quality.
+
+    python -m benchmarks                    # the speed suite: three shapes of the tutorial GPT, CPU
+    python -m benchmarks --quick            # the smallest shape, few repetitions (under a minute)
+    python -m benchmarks --suite quality    # same wall-clock budget, shakespeare-char: validation losses
+    python -m benchmarks --device gpu       # npgpt on CuPy against PyTorch on CUDA
+    python -m benchmarks --json results.json
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks.suite import ROOT, child_env, format_speed, machine_description, run_speed
+
+
+def run_quality(budget, device, threads, log=print):
+    env = child_env(threads)
+    results = {}
+    for impl in ("npgpt", "torch"):
+        log(f"[quality] training {impl} for {budget:.0f} s")
+        out = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--budget", str(budget),
+                              "--device", device, "--threads", str(threads)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"budget_s": budget, "preset": "shakespeare-char", "results": results}
+
+
+def format_quality(q):
+    lines = [f"Time to quality: shakespeare-char preset, {q['budget_s']:.0f} s of training each, same data order "
+             "and seed (nanoGPT reports ~1.88 after the full 2000 iterations).", "",
+             "| implementation | steps done | validation loss |", "|---|---|---|"]
+    for impl, name in (("npgpt", "npgpt"), ("torch", "PyTorch eager")):
+        r = q["results"][impl]
+        lines.append(f"| {name} | {r['steps']} | {r['val_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark npgpt against the PyTorch reference.")
+    p.add_argument("--suite", choices=("speed", "quality", "all"), default="speed")
+    p.add_argument("--quick", action="store_true", help="smallest case, few repetitions (a smoke test)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for each implementation")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds of training per side (quality suite)")
+    p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
+    args = p.parse_args(argv)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    report = {"machine": machine_description(args.threads)}
+    if args.suite in ("speed", "all"):
+        speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, log=log)
+        report["speed"] = speed
+        print(format_speed(speed))
+    if args.suite in ("quality", "all"):
+        budget = min(args.budget, 10.0) if args.quick else args.budget
+        quality = run_quality(budget, args.device, args.threads, log=log)
+        report["quality"] = quality
+        print()
+        print(format_quality(quality))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

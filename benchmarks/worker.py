@@ -1,0 +1,224 @@
+"""A benchmark child process: one implementation (npgpt or torch), one shape, driven over stdin/stdout.
+
+The parent (benchmarks/suite.py) starts one worker per implementation and alternates its commands between
+them, so npgpt and PyTorch never share a process (their thread pools would slow each other) and machine
+noise falls on both alike. Protocol: one JSON command per line on stdin, one JSON reply per line on stdout.
+
+    {"op": "setup", "impl": "npgpt"|"torch", "device": "cpu"|"gpu", "batch": B, "seq": T, ...}
+    {"op": "train"}       one timed training step (zero_grad, forward, loss, backward, AdamW step) -> ms
+    {"op": "forward"}     one timed inference forward pass (no graph) -> ms
+    {"op": "generate", "prompt": 16, "new_tokens": 200}  -> tokens/s
+    {"op": "sgemm", "n": 2048}                           -> GFLOP/s of one n x n float32 matmul
+    {"op": "info"}        versions, threads, BLAS; {"op": "memory"} peak RSS; {"op": "quit"}
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+
+
+class NpgptImpl:
+    def __init__(self, cfg):
+        import npgpt
+        from npgpt import backend
+        self.npgpt, self.backend = npgpt, backend
+        backend.set_device(cfg["device"])
+        self.xp = backend.current()
+        backend.manual_seed(0)
+        self.model = npgpt.GPT(**cfg["model"], dropout=cfg["dropout"])
+        self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.vocab = cfg["model"]["vocab_size"]
+        self.rng = np.random.default_rng(0)
+        self.batch, self.seq = cfg["batch"], cfg["seq"]
+
+    def _ids(self, batch, length):
+        return self.xp.asarray(self.rng.integers(0, self.vocab, (batch, length)))
+
+    def sync(self):
+        self.backend.synchronize()
+
+    def train(self):
+        F = self.npgpt.functional
+        ids = self._ids(self.batch, self.seq + 1)
+        self.sync()
+        start = time.perf_counter()
+        self.model.train()
+        self.opt.zero_grad()
+        logits = self.model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.sync()
+        return (time.perf_counter() - start) * 1000
+
+    def forward(self):
+        ids = self._ids(self.batch, self.seq)
+        self.sync()
+        start = time.perf_counter()
+        self.model.eval()
+        with self.npgpt.no_grad():
+            self.model(ids)
+        self.sync()
+        return (time.perf_counter() - start) * 1000
+
+    def generate(self, prompt, new_tokens):
+        from npgpt.generate import generate
+        ids = self.rng.integers(0, self.vocab, (1, prompt))
+        self.sync()
+        start = time.perf_counter()
+        generate(self.model, ids, new_tokens, temperature=0.0)
+        self.sync()
+        return new_tokens / (time.perf_counter() - start)
+
+    def sgemm(self, n):
+        a = self.xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+        best = 0.0
+        for _ in range(6):
+            self.sync()
+            start = time.perf_counter()
+            a @ a
+            self.sync()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        return best
+
+    def info(self):
+        out = {"numpy": np.__version__, "npgpt": self.npgpt.__version__, "device": self.backend.get_device()}
+        try:
+            from threadpoolctl import threadpool_info
+            pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+            out["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads",
+                                                  "threading_layer")} for p in pools]
+        except ImportError:
+            out["blas"] = "threadpoolctl not installed"
+        if self.backend.get_device() == "gpu":
+            import cupy
+            out["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            out["cupy"] = cupy.__version__
+        return out
+
+
+class TorchImpl:
+    def __init__(self, cfg):
+        import torch
+        from benchmarks.reference import GPT
+        self.torch = torch
+        torch.set_num_threads(cfg["threads"])
+        self.device = "cuda" if cfg["device"] == "gpu" else "cpu"
+        torch.manual_seed(0)
+        self.model = GPT(**cfg["model"], dropout=cfg["dropout"]).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.vocab = cfg["model"]["vocab_size"]
+        self.gen = torch.Generator().manual_seed(0)
+        self.batch, self.seq = cfg["batch"], cfg["seq"]
+
+    def _ids(self, batch, length):
+        return self.torch.randint(0, self.vocab, (batch, length), generator=self.gen).to(self.device)
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def train(self):
+        F = self.torch.nn.functional
+        ids = self._ids(self.batch, self.seq + 1)
+        self.sync()
+        start = time.perf_counter()
+        self.model.train()
+        self.opt.zero_grad()
+        logits = self.model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.sync()
+        return (time.perf_counter() - start) * 1000
+
+    def forward(self):
+        ids = self._ids(self.batch, self.seq)
+        self.sync()
+        start = time.perf_counter()
+        self.model.eval()
+        with self.torch.no_grad():
+            self.model(ids)
+        self.sync()
+        return (time.perf_counter() - start) * 1000
+
+    def generate(self, prompt, new_tokens):
+        # The tutorial's model has no cache: every token re-runs the whole (cropped) context
+        torch = self.torch
+        ids = self._ids(1, prompt)
+        self.model.eval()
+        self.sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                logits = self.model(ids[:, -self.model.position_embedding.num_embeddings:])
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        self.sync()
+        return new_tokens / (time.perf_counter() - start)
+
+    def sgemm(self, n):
+        torch = self.torch
+        a = torch.randn(n, n, device=self.device)
+        best = 0.0
+        for _ in range(6):
+            self.sync()
+            start = time.perf_counter()
+            a @ a
+            self.sync()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        return best
+
+    def info(self):
+        torch = self.torch
+        out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        if self.device == "cuda":
+            out["gpu"] = torch.cuda.get_device_name(0)
+        return out
+
+
+def main():
+    impl = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "setup":
+                if cmd["impl"] == "npgpt":
+                    import npgpt  # noqa: F401  (imports first, so the baseline below excludes the model)
+                else:
+                    import torch  # noqa: F401
+                baseline = _rss_mb()
+                impl = (NpgptImpl if cmd["impl"] == "npgpt" else TorchImpl)(cmd)
+                reply = {"ok": True}
+            elif op == "train":
+                reply = {"ms": impl.train()}
+            elif op == "forward":
+                reply = {"ms": impl.forward()}
+            elif op == "generate":
+                reply = {"tokens_per_s": impl.generate(cmd["prompt"], cmd["new_tokens"])}
+            elif op == "sgemm":
+                reply = {"gflops": impl.sgemm(cmd["n"])}
+            elif op == "info":
+                reply = impl.info()
+            elif op == "memory":
+                reply = {"max_rss_mb": _rss_mb(), "after_import_mb": baseline}
+            elif op == "quit":
+                break
+            else:
+                reply = {"error": f"unknown op {op}"}
+        except Exception as exc:   # reported to the parent, which stops with the message
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
