@@ -14,7 +14,7 @@ from . import nn
 from . import optim
 from .backend import manual_seed, set_device, get_device
 from .checks import GradcheckError, gradcheck
-from .tensor import Tensor, is_grad_enabled, no_grad, tensor
+from .engine import Tensor, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"
 

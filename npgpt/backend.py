@@ -5,7 +5,7 @@ existing array) or ``xp = current()`` (the module new arrays are made with), so 
 and the GPU. NumPy is the default; CuPy is chosen with the environment variable ``NPGPT_DEVICE=gpu`` or with
 ``npgpt.backend.set_device("gpu")``.
 
-Next to read: ``npgpt/tensor.py``, the Tensor and its autograd engine.
+Next to read: ``npgpt/engine.py``, the Tensor and its autograd engine.
 """
 
 import os

@@ -11,7 +11,7 @@ Every element is probed, or a seeded random sample of `max_probes` of them for l
 import numpy as np
 
 from . import backend
-from .tensor import Tensor, no_grad
+from .engine import Tensor, no_grad
 
 
 class GradcheckError(AssertionError):

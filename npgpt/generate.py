@@ -12,7 +12,7 @@ Next to read: ``npgpt/train.py``.
 import numpy as np
 
 from . import backend
-from .tensor import no_grad
+from .engine import no_grad
 
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):

@@ -16,7 +16,7 @@ import math
 from . import backend
 from . import functional as F
 from . import nn
-from .tensor import Tensor
+from .engine import Tensor
 
 
 class MultiHeadAttention(nn.Module):

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .tensor import Tensor
+from .engine import Tensor
 
 DEFAULT_DTYPE = np.float32
 

@@ -29,7 +29,7 @@ from .data import DataError, get_batch, read_text, split_tokens
 from .generate import generate
 from .model import GPT
 from .optim import AdamW, clip_grad_norm_, cosine_lr
-from .tensor import no_grad
+from .engine import no_grad
 from .tokenizer import TokenizerError, build_tokenizer, tokenizer_from_dict
 
 

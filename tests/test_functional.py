@@ -184,3 +184,16 @@ def test_attention_masks_dropout_and_cross_lengths(device):
     assert out.shape == (2, 3, 2)
     with pytest.raises(ValueError, match="not both"):
         sdpa(q, k, v, attn_mask=bool_mask, is_causal=True)
+
+
+def test_float32_erf_and_gelu_are_float32_accurate():
+    grid = np.linspace(-9, 9, 40001)
+    exact = np.array([math.erf(v) for v in grid])
+    got = F.erf(grid.astype(np.float32))
+    assert got.dtype == np.float32
+    assert np.abs(got - exact).max() < 4e-7                 # a few float32 ulp of 1
+    x = np.random.default_rng(0).standard_normal(100000).astype(np.float32) * 3
+    exact_gelu = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    got_gelu = F.gelu(npgpt.Tensor(x)).data
+    assert got_gelu.dtype == np.float32
+    assert np.abs(got_gelu - exact_gelu).max() < 1e-6 * np.abs(exact_gelu).max()

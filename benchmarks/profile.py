@@ -1,0 +1,111 @@
+"""Where a training step's time goes, op by op: forward, backward, and the optimizer.
+
+    python -m benchmarks.profile                  # the tutorial GPT at (8, 128), dropout 0.1
+    python -m benchmarks.profile --batch 16 --seq 256 --steps 5
+
+Forward time of an op is the time from the previous op's result to this op's result (ops run one after
+another, so the gaps tile the forward pass); backward time is measured around each op's backward closure.
+"""
+
+import argparse
+import collections
+import os
+import time
+
+import numpy as np
+
+
+def profile(batch, seq, steps, dropout, threads):
+    import npgpt
+    import npgpt.engine as tensor_module
+    from npgpt import backend
+    from npgpt.train import train_step, make_optimizer
+    from npgpt.config import TrainConfig
+
+    forward = collections.defaultdict(float)
+    backward = collections.defaultdict(float)
+    counts = collections.Counter()
+    clock = {"last": time.perf_counter(), "on": False}
+    real_make = tensor_module._make
+
+    def timed_make(data, parents, backward_fn, op):
+        now = time.perf_counter()
+        if clock["on"]:
+            forward[op] += now - clock["last"]
+            counts[op] += 1
+
+        def timed_backward(grad):
+            start = time.perf_counter()
+            out = backward_fn(grad)
+            backward[op] += time.perf_counter() - start
+            return out
+        out = real_make(data, parents, timed_backward, op)
+        clock["last"] = time.perf_counter()
+        return out
+
+    tensor_module._make = timed_make
+    for module in list(__import__("sys").modules.values()):
+        if getattr(module, "__name__", "").startswith("npgpt") and getattr(module, "_make", None) is real_make:
+            module._make = timed_make
+
+    backend.manual_seed(0)
+    config = TrainConfig(dropout=dropout, grad_clip=0.0, weight_decay=0.01)
+    model = npgpt.GPT(10000, dropout=dropout)
+    opt = make_optimizer(model, config)
+    rng = np.random.default_rng(0)
+    total, optim_time = 0.0, 0.0
+    real_step = opt.step
+
+    def timed_step():
+        start = time.perf_counter()
+        real_step()
+        backend.synchronize()
+        timed_step.seconds += time.perf_counter() - start
+    timed_step.seconds = 0.0
+    opt.step = timed_step
+    for i in range(steps + 1):
+        ids = rng.integers(0, 10000, (batch, seq + 1))
+        if i == 1:   # the first step warms up; reset the tallies after it
+            forward.clear(), backward.clear(), counts.clear()
+            timed_step.seconds = 0.0
+            clock["on"] = True
+        start = time.perf_counter()
+        clock["last"] = start
+        train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0)
+        backend.synchronize()
+        if i >= 1:
+            total += time.perf_counter() - start
+    tensor_module._make = real_make
+    return forward, backward, counts, timed_step.seconds, total, steps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args(argv)
+    forward, backward, counts, optim_s, total, steps = profile(args.batch, args.seq, args.steps, args.dropout,
+                                                                args.threads)
+    ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
+    per = 1000.0 / steps
+    print(f"training step ({args.batch}, {args.seq}), dropout {args.dropout}: {total * per:.1f} ms per step "
+          f"(mean of {steps})\n")
+    print("| op | calls/step | forward ms | backward ms | total ms | share |")
+    print("|---|---|---|---|---|---|")
+    accounted = 0.0
+    for op in ops:
+        t = forward[op] + backward[op]
+        accounted += t
+        print(f"| {op} | {counts[op] // steps} | {forward[op] * per:.1f} | {backward[op] * per:.1f} | "
+              f"{t * per:.1f} | {t / total * 100:.0f}% |")
+    accounted += optim_s
+    print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
+    rest = total - accounted
+    print(f"| engine, zero_grad, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
