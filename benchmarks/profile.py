@@ -48,10 +48,13 @@ def profile(batch, seq, steps, dropout, threads):
         if getattr(module, "__name__", "").startswith("npgpt") and getattr(module, "_make", None) is real_make:
             module._make = timed_make
 
+    from npgpt.parallel import tune_allocator
+    tune_allocator()
+    workers = threads
     backend.manual_seed(0)
     config = TrainConfig(dropout=dropout, grad_clip=0.0, weight_decay=0.01)
     model = npgpt.GPT(10000, dropout=dropout)
-    opt = make_optimizer(model, config)
+    opt = make_optimizer(model, config, workers)
     rng = np.random.default_rng(0)
     total, optim_time = 0.0, 0.0
     real_step = opt.step
@@ -71,7 +74,7 @@ def profile(batch, seq, steps, dropout, threads):
             clock["on"] = True
         start = time.perf_counter()
         clock["last"] = start
-        train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0)
+        train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, workers)
         backend.synchronize()
         if i >= 1:
             total += time.perf_counter() - start

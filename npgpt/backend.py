@@ -9,6 +9,8 @@ Next to read: ``npgpt/engine.py``, the Tensor and its autograd engine.
 """
 
 import os
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -134,11 +136,50 @@ def manual_seed(seed):
     return seed
 
 
+_thread_rng = threading.local()
+
+
+@contextmanager
+def using_rng(rng):
+    """Within the block, this thread's global_rng() is `rng` (data-parallel workers draw their own)."""
+    previous = getattr(_thread_rng, "rng", None)
+    _thread_rng.rng = rng
+    try:
+        yield rng
+    finally:
+        _thread_rng.rng = previous
+
+
 def global_rng():
-    """The global generator of the current device (created from the manual_seed seed on first use)."""
+    """The generator used by init and dropout: this thread's (see using_rng), else the device's global one."""
+    local = getattr(_thread_rng, "rng", None)
+    if local is not None:
+        return local
     if _device not in _global_rngs:
         _global_rngs[_device] = default_rng(_global_rngs.get("seed"))
     return _global_rngs[_device]
+
+
+def keep_mask(rng, shape, p):
+    """(bool mask keeping each element with probability ~1-p, the scale that makes its mean exactly 1).
+
+    On the CPU the mask comes from 16-bit random integers (2 bytes an element instead of 4), so p is
+    rounded to a multiple of 1/65536, and the scale 65536 / (65536 - threshold) matches that rounding.
+    """
+    if isinstance(rng, np.random.Generator):
+        threshold = int(round(p * 65536))
+        keep = rng.integers(0, 65536, size=shape, dtype=np.uint16) >= threshold
+        return keep, 65536.0 / (65536 - threshold)
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep, 1.0 / (1.0 - p)
+
+
+def rows_per_block(array, block_bytes=512 * 1024):
+    """Rows of a 2-D array to process at a time: an L2-cache-sized block on the CPU, all rows on the GPU
+    (where one large launch beats many small ones)."""
+    if is_gpu_array(array):
+        return max(1, array.shape[0])
+    return max(1, block_bytes // max(1, array.shape[-1] * array.itemsize))
 
 
 def rng_state(rng):

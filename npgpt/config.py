@@ -49,6 +49,7 @@ class TrainConfig:
     # machine
     device: str = _f("auto", "'cpu', 'gpu' (CuPy) or 'auto' (the GPU when one answers)", ("cpu", "gpu", "auto"))
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
+    workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
 
     def model_kwargs(self, vocab_size):

@@ -138,8 +138,12 @@ class Tensor:
 
     # ----------------------------------------------------------------------------------------------------
     # Backward: reverse topological order, each node once
-    def backward(self, grad=None, retain_graph=False):
-        """Add d(self)/d(leaf) * grad into the .grad of every leaf that requires a gradient."""
+    def backward(self, grad=None, retain_graph=False, into=None):
+        """Add d(self)/d(leaf) * grad into the .grad of every leaf that requires a gradient.
+
+        into: a dict that receives {id(leaf): gradient} instead of .grad being touched (data-parallel
+        workers use it, so two threads never add into the same .grad).
+        """
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require grad: "
                                "no input of the computation had requires_grad=True")
@@ -160,6 +164,9 @@ class Tensor:
         for node in reversed(_topological_order(self)):
             node_grad = pending.pop(id(node), None)
             if node_grad is None:
+                continue
+            if node.is_leaf and into is not None:
+                into[id(node)] = node_grad
                 continue
             if node.is_leaf or node._retain_grad:
                 _accumulate(node, node_grad)

@@ -255,6 +255,27 @@ def log_softmax(input, dim):
 # ========================================================================================================
 # cross_entropy
 
+def _softmax_rows(z):
+    """Row-wise softmax of z (N, C) and logsumexp (N,), stable (the max is subtracted first).
+
+    Worked through in blocks of rows small enough to stay in cache: each block is read from memory once
+    and all five steps run on it there (on the GPU, one block of all rows).
+    """
+    xp = _xp(z)
+    probs = xp.empty_like(z)
+    logsumexp = xp.empty(z.shape[0], dtype=z.dtype)
+    step = backend.rows_per_block(z)
+    for lo in range(0, z.shape[0], step):
+        block, out = z[lo:lo + step], probs[lo:lo + step]
+        peak = block.max(axis=1, keepdims=True)             # (n, 1)
+        xp.subtract(block, peak, out=out)
+        xp.exp(out, out=out)
+        sum_exp = out.sum(axis=1, keepdims=True)            # (n, 1)
+        out /= sum_exp
+        logsumexp[lo:lo + step] = (xp.log(sum_exp) + peak)[:, 0]
+    return probs, logsumexp
+
+
 def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     """Softmax cross-entropy of logits `input` (N, C) (or (C,), or (N, C, d...)) against class ids `target`.
 
@@ -289,11 +310,7 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     rows = xp.arange(z.shape[0])
     safe_t = xp.where(valid, t, 0)
 
-    peak = z.max(axis=1, keepdims=True)                     # (N, 1)
-    probs = xp.exp(z - peak)                                # (N, C), normalized below
-    sum_exp = probs.sum(axis=1, keepdims=True)
-    probs /= sum_exp
-    logsumexp = (xp.log(sum_exp) + peak)[:, 0]              # (N,)
+    probs, logsumexp = _softmax_rows(z)                     # (N, C), (N,)
     losses = (logsumexp - z[rows, safe_t]) * valid          # (N,), 0 where ignored
     count = valid.sum()
     if reduction == "mean":
@@ -358,27 +375,31 @@ def dropout(input, p=0.5, training=True, generator=None):
     if not training or p == 0.0:
         return input
     x = input.data
-    keep_scaled = _dropout_mask(x.shape, p, x.dtype, generator)   # 0 or 1/(1-p)
+    if p == 1.0:
+        return _make(x * 0, (input,), lambda grad: (grad * 0,), "dropout")
+    keep, scale = _keep_mask(x.shape, p, x.dtype, generator)   # bool mask m, scale 1/(1-p)
 
     # y = x * m / (1-p)  =>  dx = dy * m / (1-p)
     def backward(grad):
-        return (grad * keep_scaled,)
-    return _make(x * keep_scaled, (input,), backward, "dropout")
+        grad_x = grad * keep
+        grad_x *= scale
+        return (grad_x,)
+    out = x * keep
+    out *= scale
+    return _make(out, (input,), backward, "dropout")
 
 
-def _dropout_mask(shape, p, dtype, generator):
-    """A mask of 0 (probability p) and 1/(1-p) (probability 1-p) in `dtype`."""
+def _keep_mask(shape, p, dtype, generator):
+    """A bool mask, True with probability 1-p, and the dtype scale 1/(1-p) that keeps the mean."""
     rng = generator if generator is not None else backend.global_rng()
-    if p == 1.0:
-        return rng.random(shape).astype(dtype) * 0
-    keep = rng.random(shape, dtype=np.float32) >= p
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
+    keep, scale = backend.keep_mask(rng, shape, p)
+    return keep, np.dtype(dtype).type(scale)
 
 
 # ========================================================================================================
 # scaled_dot_product_attention
 
-_causal_cache = {}
+_mask_cache = {}
 
 
 def causal_mask(xp, num_queries, num_keys, offset=0):
@@ -387,10 +408,21 @@ def causal_mask(xp, num_queries, num_keys, offset=0):
     offset 0 is PyTorch's is_causal; with a KV cache holding `offset` earlier positions, the new queries
     sit at positions offset, offset + 1, ...
     """
-    key = (xp.__name__, num_queries, num_keys, offset)
-    if key not in _causal_cache:
-        _causal_cache[key] = xp.tril(xp.ones((num_queries, num_keys), dtype=bool), k=offset)
-    return _causal_cache[key]
+    key = ("bool", xp.__name__, num_queries, num_keys, offset)
+    if key not in _mask_cache:
+        _mask_cache[key] = xp.tril(xp.ones((num_queries, num_keys), dtype=bool), k=offset)
+    return _mask_cache[key]
+
+
+def _additive_mask(mask, dtype, cache_key=None):
+    """A bool mask (True = attend) as 0 / -inf to add to the scores (cached for the causal mask)."""
+    if cache_key is not None and cache_key + (np.dtype(dtype).name,) in _mask_cache:
+        return _mask_cache[cache_key + (np.dtype(dtype).name,)]
+    xp = _xp(mask)
+    additive = xp.where(mask, dtype.type(0), dtype.type(-np.inf)).astype(dtype)
+    if cache_key is not None:
+        _mask_cache[cache_key + (np.dtype(dtype).name,)] = additive
+    return additive
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -408,38 +440,43 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape} and value {v.shape} "
                          "must agree: (..., L, D), (..., S, D), (..., S, Dv)")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scale = q.dtype.type(scale)
+    L, S = q.shape[-2], k.shape[-2]
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
-    scores = (q @ k.swapaxes(-1, -2)) * scale               # (..., L, S)
+    q_scaled = q * scale                                    # (..., L, D): cheaper to scale than the scores
+    scores = q_scaled @ k.swapaxes(-1, -2)                  # (..., L, S)
     if is_causal:
-        attn_mask = causal_mask(xp, q.shape[-2], k.shape[-2])
-    if attn_mask is not None:
+        scores += _additive_mask(causal_mask(xp, L, S), q.dtype, ("causal", xp.__name__, L, S))
+    elif attn_mask is not None:
         attn_mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
-        if attn_mask.dtype == bool:
-            scores = xp.where(attn_mask, scores, q.dtype.type(-np.inf))
-        else:
-            scores = scores + attn_mask
-    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))   # (..., L, S)
+        scores += _additive_mask(attn_mask, q.dtype) if attn_mask.dtype == bool else attn_mask
+    # softmax along the keys, in place: the scores array becomes the probabilities P
+    probs = scores
+    probs -= probs.max(axis=-1, keepdims=True)
+    xp.exp(probs, out=probs)
     probs /= probs.sum(axis=-1, keepdims=True)
-    keep_scaled = None
     if dropout_p > 0.0:
-        keep_scaled = _dropout_mask(probs.shape, dropout_p, q.dtype, generator)
-    attn = probs * keep_scaled if keep_scaled is not None else probs   # (..., L, S) after dropout
+        keep, keep_scale = _keep_mask(probs.shape, dropout_p, q.dtype, generator)
+        attn = probs * keep                                  # A = dropout(P)
+        attn *= keep_scale
+    else:
+        attn = probs
     out = attn @ v                                          # (..., L, Dv)
 
-    # O = A V, A = dropout(P), P = softmax(S), S = Q K^T * scale
+    # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
     #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
-    #   dQ = dS K * scale           dK = dS^T Q * scale
+    #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
         grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
-        grad_probs = grad @ v.swapaxes(-1, -2)              # (..., L, S)
-        if keep_scaled is not None:
-            grad_probs *= keep_scaled
-        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
-        grad_scores *= scale
+        grad_scores = grad @ v.swapaxes(-1, -2)             # (..., L, S): dA, turned into dS in place
+        if dropout_p > 0.0:
+            grad_scores *= keep
+            grad_scores *= keep_scale
+        grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
+        grad_scores *= probs
         grad_q = grad_scores @ k                            # (..., L, D)
-        grad_k = grad_scores.swapaxes(-1, -2) @ q           # (..., S, D)
+        grad_q *= scale
+        grad_k = grad_scores.swapaxes(-1, -2) @ q_scaled    # (..., S, D)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

@@ -18,10 +18,12 @@ class AdamW:
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)   bias-corrected step
 
     `params` is an iterable of Parameters, or of dicts {'params': [...], 'weight_decay': ...} (param groups
-    with their own settings, as in PyTorch).
+    with their own settings, as in PyTorch). `workers` > 1 shares the update among CPU threads.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    piece_size = 262144
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, workers=1):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW: invalid settings lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
@@ -37,6 +39,7 @@ class AdamW:
             full["params"] = list(full["params"])
             self.param_groups.append(full)
         self.state = {}  # id(param) -> {"step": int, "exp_avg": array, "exp_avg_sq": array}
+        self.workers = workers
 
     def _params(self):
         for group in self.param_groups:
@@ -49,29 +52,32 @@ class AdamW:
 
     def step(self):
         """Update every parameter that has a gradient."""
+        pieces = []   # (param, grad, m, v, settings): whole small parameters, pieces of big ones
         for group, p in self._params():
             if p.grad is None:
                 continue
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             xp = backend.get_array_module(p.data)
             state = self.state.get(id(p))
             if state is None:
                 state = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 self.state[id(p)] = state
             state["step"] += 1
-            t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
-
-            if decay != 0:
-                p.data *= 1 - lr * decay
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * (g * g)
-            step_size = lr / (1 - beta1 ** t)
-            denom = xp.sqrt(v)
-            denom /= math.sqrt(1 - beta2 ** t)
-            denom += eps
-            p.data -= step_size * (m / denom)
+            settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], state["step"])
+            arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if backend.device_of(p.data) == "gpu" or not all(a.flags.c_contiguous for a in arrays):
+                pieces.append(arrays + (settings,))
+                continue
+            # The update is elementwise, so any cut is exact: pieces of 256K elements let CPU threads share
+            # even the largest parameter (the update is bound by memory bandwidth, ~28 bytes an element).
+            flat = [a.reshape(-1) for a in arrays]
+            for lo in range(0, p.size, self.piece_size):
+                pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
+        if self.workers > 1 and len(pieces) > 1:
+            from .parallel import run_in_parallel
+            run_in_parallel(lambda piece: adamw_update(*piece), pieces, self.workers)
+        else:
+            for piece in pieces:
+                adamw_update(*piece)
 
     # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
     def state_dict(self):
@@ -102,6 +108,28 @@ class AdamW:
                                  "exp_avg_sq": xp.asarray(backend.to_device(v, p.device), dtype=p.dtype)}
         for group, lr in zip(self.param_groups, saved.get("lr", [])):
             group["lr"] = float(lr)
+
+
+def adamw_update(param, grad, m, v, settings):
+    """One AdamW step, in place, on arrays (a whole parameter or a piece of one). See AdamW for the maths."""
+    lr, beta1, beta2, eps, decay, t = settings
+    xp = backend.get_array_module(param)
+    scratch = xp.empty_like(param)
+    if decay != 0:
+        param *= 1 - lr * decay                             # decoupled weight decay
+    m *= beta1                                              # m = beta1 m + (1 - beta1) g
+    xp.multiply(grad, 1 - beta1, out=scratch)
+    m += scratch
+    v *= beta2                                              # v = beta2 v + (1 - beta2) g^2
+    xp.multiply(grad, grad, out=scratch)
+    scratch *= 1 - beta2
+    v += scratch
+    xp.sqrt(v, out=scratch)                                 # denominator: sqrt(v / (1 - beta2^t)) + eps
+    scratch *= 1 / math.sqrt(1 - beta2 ** t)
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)                      # step: lr / (1 - beta1^t) * m / denominator
+    scratch *= lr / (1 - beta1 ** t)
+    param -= scratch
 
 
 def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):

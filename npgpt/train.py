@@ -29,6 +29,7 @@ from .data import DataError, get_batch, read_text, split_tokens
 from .generate import generate
 from .model import GPT
 from .optim import AdamW, clip_grad_norm_, cosine_lr
+from .parallel import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
 from .engine import no_grad
 from .tokenizer import TokenizerError, build_tokenizer, tokenizer_from_dict
 
@@ -46,23 +47,35 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def train_step(model, optimizer, micro_batches, grad_clip):
+def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
     """One optimizer step over micro-batches [(inputs, targets)]; returns the mean loss (a device array).
 
     Each micro-batch's loss is scaled by 1/k, so the summed gradients equal those of one k-times larger batch.
+    With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
+    loss weighted by its share of the rows (npgpt/parallel.py).
     """
     xp = backend.get_array_module(model.token_embedding.weight.data)
     optimizer.zero_grad()
-    total = None
+    params = model.parameters()
+    losses = []
     k = len(micro_batches)
     for inputs, targets in micro_batches:
-        loss = lm_loss(model, xp.asarray(inputs), xp.asarray(targets))
-        (loss * (1.0 / k)).backward()
-        total = loss.data if total is None else total + loss.data
+        if workers > 1 and len(inputs) > 1:
+            rows = len(inputs)
+
+            def shard_loss(shard):
+                shard_inputs, shard_targets = shard
+                weight = len(shard_inputs) / (rows * k)
+                return lm_loss(model, xp.asarray(shard_inputs), xp.asarray(shard_targets)) * weight
+            losses += sharded_backward(params, split_rows((inputs, targets), workers), shard_loss)
+        else:
+            loss = lm_loss(model, xp.asarray(inputs), xp.asarray(targets)) * (1.0 / k)
+            loss.backward()
+            losses.append(loss.data)
     if grad_clip > 0:
-        clip_grad_norm_(model.parameters(), grad_clip)
+        clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    return total / k
+    return sum(losses[1:], losses[0])
 
 
 @no_grad()
@@ -80,14 +93,14 @@ def estimate_loss(model, tokens, config, seed):
     return float(sum(losses) / len(losses))
 
 
-def make_optimizer(model, config):
+def make_optimizer(model, config, workers=1):
     """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
     params = model.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return AdamW([{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}],
-                 lr=config.lr, betas=(config.beta1, config.beta2))
+                 lr=config.lr, betas=(config.beta1, config.beta2), workers=workers)
 
 
 def format_duration(seconds):
@@ -134,6 +147,11 @@ class Run:
         except backend.DeviceError as exc:
             raise TrainingError(str(exc)) from None
         self.dtype = np.dtype(config.dtype)
+        if backend.get_device() == "gpu":
+            self.workers = 1
+        else:
+            tune_allocator()
+            self.workers = config.workers or (default_workers() if can_control_blas() else 1)
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
@@ -156,7 +174,7 @@ class Run:
         self.model = GPT(**config.model_kwargs(self.tokenizer.vocab_size))
         if self.dtype != np.float32:
             self.model.to(self.dtype)
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config, self.workers)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
         if resumed is not None:
@@ -249,7 +267,7 @@ def train(run, log=print):
         while run.step < c.max_iters:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr_at(run.step)
-            loss = train_step(run.model, run.optimizer, run.next_micro_batches(), c.grad_clip)
+            loss = train_step(run.model, run.optimizer, run.next_micro_batches(), c.grad_clip, run.workers)
             run.step += 1
             window_steps += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss

@@ -1,0 +1,136 @@
+"""CPU speed: data parallelism across threads inside one process, and the settings that make it pay.
+
+NumPy releases the GIL inside BLAS calls and inside its loops over large arrays, so two Python threads really
+compute at the same time. ``sharded_backward`` splits a batch into one shard per thread; each thread runs
+forward and backward on its shard with its own dropout generator and collects its gradients in a dict of its
+own (the engine's ``backward(into=...)``); the calling thread then adds the shards' gradients into ``.grad``
+in shard order. BLAS runs one thread per worker meanwhile. That keeps every core busy through the elementwise
+work (GELU, softmax, LayerNorm, dropout, ...) that NumPy would otherwise run on one core, and spares the many
+small attention GEMMs BLAS's thread synchronisation. The result never depends on timing: the shards, their
+seeds and the order of the sums are fixed.
+
+``tune_allocator`` keeps freed memory in the process (glibc's mallopt), so the large temporaries of one step
+reuse the pages of the last instead of faulting fresh ones in every time.
+
+Next to read: ``npgpt/train.py``, which uses both.
+"""
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import backend
+from .engine import _accumulate
+
+_pool = None
+_blas = None  # (set_num_threads, get_num_threads) of the loaded OpenBLAS, or () when not found
+
+
+def default_workers():
+    """Threads for data parallelism on the CPU: one per core, at most 4 (the GIL limits more)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _find_blas_controls():
+    """openblas_set/get_num_threads of the OpenBLAS that NumPy loaded (any symbol suffix), or ()."""
+    global _blas
+    if _blas is not None:
+        return _blas
+    _blas = ()
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line and ".so" in line}
+    except OSError:
+        return _blas
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("openblas", "scipy_openblas"):
+            for suffix in ("", "64_", "_64"):
+                try:
+                    setter = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                    getter = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                except AttributeError:
+                    continue
+                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
+                _blas = (setter, getter)
+                return _blas
+    return _blas
+
+
+def can_control_blas():
+    return bool(_find_blas_controls())
+
+
+@contextmanager
+def blas_threads(count):
+    """Run the block with OpenBLAS limited to `count` threads (a no-op where OpenBLAS is not found)."""
+    controls = _find_blas_controls()
+    if not controls:
+        yield
+        return
+    setter, getter = controls
+    previous = getter()
+    setter(count)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+def tune_allocator():
+    """Keep freed memory for reuse: no unmapping of large blocks, no trimming of the heap (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)        # blocks up to 32 MiB come from the heap (the maximum)
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)        # and freed ones stay there
+    ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
+    return bool(ok)
+
+
+def _get_pool(workers):
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npgpt-worker")
+    return _pool
+
+
+def run_in_parallel(fn, items, workers):
+    """fn(item) for every item, spread over `workers` threads (BLAS at one thread meanwhile)."""
+    with blas_threads(1):
+        list(_get_pool(workers).map(fn, items))
+
+
+def split_rows(batch, parts):
+    """Split arrays of the same leading length into `parts` row blocks: [(a0, b0), (a1, b1), ...]."""
+    bounds = np.linspace(0, len(batch[0]), parts + 1).astype(int)
+    return [tuple(a[lo:hi] for a in batch) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def sharded_backward(params, shards, loss_of_shard):
+    """For each shard on its own thread: loss = loss_of_shard(shard), then backward. The shards' gradients
+    are added into each parameter's .grad in shard order; returns the shards' losses (arrays)."""
+    seeds = backend.global_rng().integers(0, 2**63 - 1, size=len(shards))
+
+    def work(i):
+        with backend.using_rng(backend.default_rng(int(seeds[i]))):
+            loss = loss_of_shard(shards[i])
+            grads = {}
+            loss.backward(into=grads)
+            return loss.data, grads
+
+    with blas_threads(1):
+        results = list(_get_pool(len(shards)).map(work, range(len(shards))))
+    for p in params:
+        for _, grads in results:
+            if id(p) in grads:
+                _accumulate(p, grads[id(p)])
+    return [loss for loss, _ in results]
