@@ -30,11 +30,17 @@ class NpgptImpl:
         import npgpt
         from npgpt import backend
         self.npgpt, self.backend = npgpt, backend
+        from npgpt.parallel import can_control_blas, tune_allocator
         backend.set_device(cfg["device"])
         self.xp = backend.current()
+        on_cpu = cfg["device"] == "cpu"
+        if on_cpu:
+            tune_allocator()
+        # the training loop's own setting: data-parallel threads on the CPU (npgpt/parallel.py)
+        self.workers = cfg["threads"] if on_cpu and can_control_blas() else 1
         backend.manual_seed(0)
         self.model = npgpt.GPT(**cfg["model"], dropout=cfg["dropout"])
-        self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4, workers=self.workers)
         self.vocab = cfg["model"]["vocab_size"]
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
@@ -46,16 +52,13 @@ class NpgptImpl:
         self.backend.synchronize()
 
     def train(self):
-        F = self.npgpt.functional
+        from npgpt.train import train_step
         ids = self._ids(self.batch, self.seq + 1)
         self.sync()
         start = time.perf_counter()
         self.model.train()
-        self.opt.zero_grad()
-        logits = self.model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
-        loss.backward()
-        self.opt.step()
+        # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function
+        train_step(self.model, self.opt, [(ids[:, :-1], ids[:, 1:])], grad_clip=0.0, workers=self.workers)
         self.sync()
         return (time.perf_counter() - start) * 1000
 
@@ -90,7 +93,8 @@ class NpgptImpl:
         return best
 
     def info(self):
-        out = {"numpy": np.__version__, "npgpt": self.npgpt.__version__, "device": self.backend.get_device()}
+        out = {"numpy": np.__version__, "npgpt": self.npgpt.__version__, "device": self.backend.get_device(),
+               "data_parallel_threads": self.workers}
         try:
             from threadpoolctl import threadpool_info
             pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
