@@ -81,29 +81,33 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     xp = _xp(x)
 
     mean = x.mean(axis=axes, keepdims=True)                 # (..., 1)
-    centered = x - mean
-    var = (centered * centered).mean(axis=axes, keepdims=True)
+    xhat = x - mean                                         # centred now, normalized below
+    var = (xhat * xhat).mean(axis=axes, keepdims=True)      # (..., 1) biased variance, as PyTorch
     rstd = 1.0 / xp.sqrt(var + xp.asarray(eps, dtype=x.dtype))   # (..., 1) reciprocal standard deviation
-    xhat = centered * rstd                                  # (..., C) zero mean, unit variance
-    out = xhat
+    xhat *= rstd                                            # (..., C) zero mean, unit variance
     if weight is not None:
         weight = _t(weight)
-        out = out * weight.data
+        out = xhat * weight.data
+    else:
+        out = xhat.copy()
     if bias is not None:
         bias = _t(bias)
-        out = out + bias.data
+        out += bias.data
 
     # y = xhat * w + b, xhat = (x - mean) * rstd. With g = dL/dxhat = dy * w (over the C normalized values):
     #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
     #        term 1: direct path; term 2: through the mean; term 3: through the variance
     #   dw = dy * xhat,  db = dy   (per position; the engine sums them to the parameter shape)
     def backward(grad):
-        grad_xhat = grad * weight.data if weight is not None else grad
+        grad_xhat = grad * weight.data if weight is not None else grad.copy()
         grad_x = None
         if input.requires_grad:
-            term2 = grad_xhat.mean(axis=axes, keepdims=True)
-            term3 = xhat * (grad_xhat * xhat).mean(axis=axes, keepdims=True)
-            grad_x = rstd * (grad_xhat - term2 - term3)
+            term3 = grad_xhat * xhat
+            term3 = xhat * term3.mean(axis=axes, keepdims=True)
+            grad_x = grad_xhat                              # built in place: term 1 ...
+            grad_x -= grad_xhat.mean(axis=axes, keepdims=True)   # ... minus term 2
+            grad_x -= term3                                 # ... minus term 3
+            grad_x *= rstd
         grads = [grad_x]
         if weight is not None:
             grads.append(grad * xhat if weight.requires_grad else None)
