@@ -21,7 +21,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
+GPT2_SMALL = dict(vocab_size=50304, d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024)
 SHAPES = [(8, 128), (16, 256), (4, 512)]
+# Nominal dense peaks (TFLOP/s) of GPUs the suite knows, for MFU against the bf16 peak
+GPU_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def train_flops(model, batch, seq):
@@ -104,22 +107,29 @@ def machine_description(threads):
 
 
 def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, log=print):
+    """The speed suite; on the GPU it adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024)."""
     threads = threads or os.cpu_count()
     model = model or TUTORIAL
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
+    cases = [(model, batch, seq) for batch, seq in shapes]
+    if device == "gpu" and not quick:
+        cases.append((GPT2_SMALL, 8, 1024))
     warmup, repeats = (1, 3) if quick else (2, 7)
     env = child_env(threads)
     report = {"machine": machine_description(threads), "device": device, "model": model, "dropout": dropout,
               "warmup": warmup, "repeats": repeats, "cases": []}
-    for index, (batch, seq) in enumerate(shapes):
-        setup = dict(device=device, batch=batch, seq=seq, model=model, dropout=dropout, threads=threads)
+    for index, (case_model, batch, seq) in enumerate(cases):
+        setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=dropout, threads=threads)
         log(f"[{batch}x{seq}] starting workers")
         workers = [Worker("npgpt", env, setup), Worker("torch", env, setup)]
         try:
             if index == 0:
                 report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers}
-                report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": 2048})["gflops"] for w in workers}
-            case = {"batch": batch, "seq": seq}
+                n = 8192 if device == "gpu" else 2048
+                report["sgemm_n"] = n
+                report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"] for w in workers}
+            case = {"batch": batch, "seq": seq, "model": case_model,
+                    "name": "GPT-2 small" if case_model is GPT2_SMALL else "tutorial"}
             fwd = alternate(workers, "forward", warmup, repeats)
             case["forward_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers}
             log(f"[{batch}x{seq}] forward done")
@@ -142,10 +152,15 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                 w.close()
     peak = max(report["sgemm_gflops"].values())
     report["sgemm_peak_gflops"] = peak
+    gpu_name = report.get("versions", {}).get("torch", {}).get("gpu", "")
+    bf16 = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in gpu_name), None)
+    report["bf16_peak_tflops"] = bf16
     for case in report["cases"]:
-        flops = train_flops(model, case["batch"], case["seq"])
+        flops = train_flops(case["model"], case["batch"], case["seq"])
         case["train_flops"] = flops
         case["mfu"] = {k: flops / (ms / 1000) / (peak * 1e9) for k, ms in case["train_ms"].items()}
+        if bf16:
+            case["mfu_bf16"] = {k: flops / (ms / 1000) / (bf16 * 1e12) for k, ms in case["train_ms"].items()}
         case["train_ratio"] = case["train_ms"]["npgpt"] / case["train_ms"]["torch"]
         case["forward_ratio"] = case["forward_ms"]["npgpt"] / case["forward_ms"]["torch"]
     return report
@@ -170,27 +185,38 @@ def format_speed(report):
              + (f" ({v['npgpt'].get('gpu')})" if v.get("npgpt", {}).get("gpu") else "") + ".",
              "OPENBLAS_CORETYPE={}, OPENBLAS_L2_SIZE={} in this shell; unset for the benchmark workers.".format(
                  m["OPENBLAS_CORETYPE"] or "(not set)", m["OPENBLAS_L2_SIZE"] or "(not set)"),
-             f"float32 GEMM peak (2048^3): NumPy {report['sgemm_gflops']['npgpt']:.0f} GFLOP/s, PyTorch "
-             f"{report['sgemm_gflops']['torch']:.0f} GFLOP/s; MFU below is against "
-             f"{report['sgemm_peak_gflops']:.0f}.",
+             f"float32 GEMM peak ({report['sgemm_n']}^3): npgpt's array library "
+             f"{report['sgemm_gflops']['npgpt']:.0f} GFLOP/s, PyTorch {report['sgemm_gflops']['torch']:.0f} "
+             f"GFLOP/s; MFU below is against {report['sgemm_peak_gflops']:.0f}"
+             + (f" (and, in brackets, against the nominal bf16 peak of {report['bf16_peak_tflops']:.0f} TFLOP/s)"
+                if report.get("bf16_peak_tflops") else "") + ".",
              "",
              f"Tutorial GPT (vocab {report['model']['vocab_size']}, d_model {report['model']['d_model']}, "
              f"{report['model']['num_heads']} heads, {report['model']['num_layers']} layers, d_ff "
-             f"{report['model']['d_ff']}), float32, dropout {report['dropout']}:",
+             f"{report['model']['d_ff']})" + (", and GPT-2 small (vocab 50304, 12 x 768, d_ff 3072)"
+                                             if any(c.get("name") == "GPT-2 small" for c in report["cases"]) else "")
+             + f", float32, dropout {report['dropout']}:",
              "",
              "| case (B, T) | npgpt | PyTorch eager | npgpt / PyTorch time | MFU npgpt | MFU PyTorch |",
              "|---|---|---|---|---|---|"]
+    def mfu(c, impl):
+        text = f"{c['mfu'][impl] * 100:.0f}%"
+        return text + (f" ({c['mfu_bf16'][impl] * 100:.1f}%)" if "mfu_bf16" in c else "")
+
+    def label(c):
+        return f"({c['batch']}, {c['seq']})" + (f" {c['name']}" if c.get("name", "tutorial") != "tutorial" else "")
+
     for c in report["cases"]:
         tokens = c["batch"] * c["seq"]
         n, t = c["train_ms"]["npgpt"], c["train_ms"]["torch"]
-        lines.append(f"| train step ({c['batch']}, {c['seq']}) | {n:.0f} ms ({tokens / n:.1f}k tok/s) | "
-                     f"{t:.0f} ms ({tokens / t:.1f}k tok/s) | **{c['train_ratio']:.2f}x** | "
-                     f"{c['mfu']['npgpt'] * 100:.0f}% | {c['mfu']['torch'] * 100:.0f}% |")
+        lines.append(f"| train step {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
+                     f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | **{c['train_ratio']:.2f}x** | "
+                     f"{mfu(c, 'npgpt')} | {mfu(c, 'torch')} |")
     for c in report["cases"]:
         tokens = c["batch"] * c["seq"]
         n, t = c["forward_ms"]["npgpt"], c["forward_ms"]["torch"]
-        lines.append(f"| forward only ({c['batch']}, {c['seq']}) | {n:.0f} ms ({tokens / n:.1f}k tok/s) | "
-                     f"{t:.0f} ms ({tokens / t:.1f}k tok/s) | {c['forward_ratio']:.2f}x | | |")
+        lines.append(f"| forward only {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
+                     f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | {c['forward_ratio']:.2f}x | | |")
     g = report.get("generate")
     if g:
         n, t = g["tokens_per_s"]["npgpt"], g["tokens_per_s"]["torch"]
@@ -198,7 +224,11 @@ def format_speed(report):
                      f"{t:.0f} tok/s (recomputes context) | {t / n:.2f}x | | |")
     for c in report["cases"]:
         n, t = c["train_mem"]["npgpt"], c["train_mem"]["torch"]
-        lines.append(f"| peak RSS, training ({c['batch']}, {c['seq']}) | {n['max_rss_mb']:.0f} MB "
+        if "gpu_mb" in n:
+            lines.append(f"| GPU memory held, training {label(c)} | {n['gpu_mb']:.0f} MB (CuPy pool) | "
+                         f"{t['gpu_mb']:.0f} MB (max reserved) | | | |")
+            continue
+        lines.append(f"| peak RSS, training {label(c)} | {n['max_rss_mb']:.0f} MB "
                      f"(+{n['max_rss_mb'] - n['after_import_mb']:.0f} over import) | {t['max_rss_mb']:.0f} MB "
                      f"(+{t['max_rss_mb'] - t['after_import_mb']:.0f} over import) | | | |")
     return "\n".join(lines)

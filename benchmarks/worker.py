@@ -25,6 +25,15 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
 
 
+def _gpu_mb(impl):
+    """Device memory the implementation's caching allocator holds (its high-water mark for PyTorch)."""
+    if impl == "npgpt":
+        from npgpt import backend
+        return backend.module_for("gpu").get_default_memory_pool().total_bytes() / 2**20
+    import torch
+    return torch.cuda.max_memory_reserved() / 2**20
+
+
 class NpgptImpl:
     def __init__(self, cfg):
         import npgpt
@@ -200,7 +209,8 @@ def main():
                 else:
                     import torch  # noqa: F401
                 baseline = _rss_mb()
-                impl = (NpgptImpl if cmd["impl"] == "npgpt" else TorchImpl)(cmd)
+                kind, device = cmd["impl"], cmd["device"]
+                impl = (NpgptImpl if kind == "npgpt" else TorchImpl)(cmd)
                 reply = {"ok": True}
             elif op == "train":
                 reply = {"ms": impl.train()}
@@ -214,6 +224,8 @@ def main():
                 reply = impl.info()
             elif op == "memory":
                 reply = {"max_rss_mb": _rss_mb(), "after_import_mb": baseline}
+                if device == "gpu":
+                    reply["gpu_mb"] = _gpu_mb(kind)
             elif op == "quit":
                 break
             else:

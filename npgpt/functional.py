@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from .engine import Tensor, _make
 
 __all__ = ["linear", "layer_norm", "gelu", "softmax", "log_softmax", "cross_entropy", "embedding", "dropout",
@@ -79,19 +79,19 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
                          f"dimensions of the input of shape {x.shape}")
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     xp = _xp(x)
+    weight = _t(weight) if weight is not None else None
+    bias = _t(bias) if bias is not None else None
+    parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
+    if len(axes) == 1 and kernels.available(x):
+        return _layer_norm_fused(input, weight, bias, eps, parents)
 
     mean = x.mean(axis=axes, keepdims=True)                 # (..., 1)
     xhat = x - mean                                         # centred now, normalized below
     var = (xhat * xhat).mean(axis=axes, keepdims=True)      # (..., 1) biased variance, as PyTorch
     rstd = 1.0 / xp.sqrt(var + xp.asarray(eps, dtype=x.dtype))   # (..., 1) reciprocal standard deviation
     xhat *= rstd                                            # (..., C) zero mean, unit variance
-    if weight is not None:
-        weight = _t(weight)
-        out = xhat * weight.data
-    else:
-        out = xhat.copy()
+    out = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
-        bias = _t(bias)
         out += bias.data
 
     # y = xhat * w + b, xhat = (x - mean) * rstd. With g = dL/dxhat = dy * w (over the C normalized values):
@@ -115,7 +115,21 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
             grads.append(grad)
         return tuple(grads)
 
-    parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
+    return _make(out, parents, backward, "layer_norm")
+
+
+def _layer_norm_fused(input, weight, bias, eps, parents):
+    """layer_norm over the last dimension with the GPU kernels: the same maths, one pass each way."""
+    w = weight.data if weight is not None else None
+    out, xhat, rstd = kernels.layer_norm_forward(input.data, w, bias.data if bias is not None else None, eps)
+
+    def backward(grad):
+        grads = [kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None]
+        if weight is not None:
+            grads.append(grad * xhat if weight.requires_grad else None)
+        if bias is not None:
+            grads.append(grad)
+        return tuple(grads)
     return _make(out, parents, backward, "layer_norm")
 
 
@@ -201,6 +215,9 @@ def gelu(input, approximate="none"):
     input = _t(input)
     x = input.data
     xp = _xp(x)
+    if approximate == "none" and kernels.available(x):     # GPU: one fused kernel each way
+        out, cdf = kernels.gelu_forward(x)
+        return _make(out, (input,), lambda grad: (kernels.gelu_backward(grad, x, cdf),), "gelu")
     if approximate == "none":
         cdf = _normal_cdf(x)                                # Phi(x)
         out = x * cdf
@@ -289,7 +306,8 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     input = _t(input)
     logits = input.data
     xp = _xp(logits)
-    labels = target.data if isinstance(target, Tensor) else xp.asarray(target)
+    labels = target.data if isinstance(target, Tensor) else target
+    labels = labels if hasattr(labels, "dtype") else np.asarray(labels)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     if labels.dtype.kind not in "iu":
@@ -305,18 +323,23 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
                          f"{expected_target}, got {labels.shape}")
     num_classes = z.shape[-1]
     z = z.reshape(-1, num_classes)                          # (N, C)
-    t = labels.reshape(-1)                                  # (N,)
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= num_classes))
+    # Checked where the ids are: NumPy ids (the training loop's) are checked on the host, for free
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal ignore_index="
-                         f"{ignore_index}; found {int(t[bad][0])}")
+                         f"{ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
+    t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
+    valid = t != ignore_index
     rows = xp.arange(z.shape[0])
     safe_t = xp.where(valid, t, 0)
-
-    probs, logsumexp = _softmax_rows(z)                     # (N, C), (N,)
-    losses = (logsumexp - z[rows, safe_t]) * valid          # (N,), 0 where ignored
     count = valid.sum()
+
+    fused = kernels.available(z)
+    if fused:                                               # GPU: logsumexp and loss in one kernel
+        logsumexp, losses = kernels.cross_entropy_forward(z, t, ignore_index)
+    else:
+        probs, logsumexp = _softmax_rows(z)                 # (N, C), (N,)
+        losses = (logsumexp - z[rows, safe_t]) * valid      # (N,), 0 where ignored
     if reduction == "mean":
         out = losses.sum() / count.astype(z.dtype)
     elif reduction == "sum":
@@ -332,8 +355,11 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
         else:
             scale = grad / count.astype(z.dtype) if reduction == "mean" else grad
             row_scale = scale * valid                       # (N,)
-        grad_z = probs * row_scale[:, None]                 # (N, C)
-        grad_z[rows, safe_t] -= row_scale
+        if fused:
+            grad_z = kernels.cross_entropy_backward(z, t, logsumexp, row_scale)
+        else:
+            grad_z = probs * row_scale[:, None]             # (N, C)
+            grad_z[rows, safe_t] -= row_scale
         if logits.ndim == 1:
             return (grad_z[0],)
         grad_z = grad_z.reshape(z_shape_moved)
@@ -351,13 +377,16 @@ def embedding(input, weight):
     weight = _t(weight)
     W = weight.data
     xp = _xp(W)
-    ids = input.data if isinstance(input, Tensor) else xp.asarray(input)
+    ids = input.data if isinstance(input, Tensor) else input
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
     num_embeddings = W.shape[0]
+    # checked where the ids are (NumPy ids on the host, for free), then moved to W's device
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
+    ids = xp.asarray(ids)
     out = W[ids]                                            # (..., C)
 
     # out[n] = W[ids[n]]  =>  dW[v] = sum of dout[n] over every n with ids[n] == v
@@ -449,16 +478,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     q_scaled = q * scale                                    # (..., L, D): cheaper to scale than the scores
     scores = q_scaled @ k.swapaxes(-1, -2)                  # (..., L, S)
-    if is_causal:
+    fused = kernels.available(scores) and attn_mask is None
+    if fused:                                               # GPU: masked softmax in one kernel, in place
+        probs = kernels.softmax_forward(scores, causal=is_causal)
+    elif is_causal:
         scores += _additive_mask(causal_mask(xp, L, S), q.dtype, ("causal", xp.__name__, L, S))
     elif attn_mask is not None:
-        attn_mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        attn_mask = xp.asarray(attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask)
         scores += _additive_mask(attn_mask, q.dtype) if attn_mask.dtype == bool else attn_mask
-    # softmax along the keys, in place: the scores array becomes the probabilities P
-    probs = scores
-    probs -= probs.max(axis=-1, keepdims=True)
-    xp.exp(probs, out=probs)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    if not fused:
+        # softmax along the keys, in place: the scores array becomes the probabilities P
+        probs = scores
+        probs -= probs.max(axis=-1, keepdims=True)
+        xp.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
     if dropout_p > 0.0:
         keep, keep_scale = _keep_mask(probs.shape, dropout_p, q.dtype, generator)
         attn = probs * keep                                  # A = dropout(P)
@@ -477,8 +510,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if dropout_p > 0.0:
             grad_scores *= keep
             grad_scores *= keep_scale
-        grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
-        grad_scores *= probs
+        if fused:
+            grad_scores = kernels.softmax_backward(grad_scores, probs)
+        else:
+            grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
+            grad_scores *= probs
         grad_q = grad_scores @ k                            # (..., L, D)
         grad_q *= scale
         grad_k = grad_scores.swapaxes(-1, -2) @ q_scaled    # (..., S, D)

@@ -54,7 +54,6 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     ids = np.atleast_2d(np.asarray(prompt_ids, dtype=np.int64))
     if ids.shape[1] == 0:
         raise ValueError("generate: the prompt is empty; give at least one token")
-    xp = backend.get_array_module(model.token_embedding.weight.data)
     was_training = model.training
     model.eval()
     limit = model.max_seq_len
@@ -62,12 +61,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(xp.asarray(ids[:, -limit:]))
+                logits = model(ids[:, -limit:])
             elif cache is None or cache.length >= limit:
                 cache = model.new_kv_cache(ids.shape[0])              # (re)fill with the last window
-                logits = model(xp.asarray(ids[:, -limit:]), kv_cache=cache)
+                logits = model(ids[:, -limit:], kv_cache=cache)
             else:
-                logits = model(xp.asarray(ids[:, -1:]), kv_cache=cache)   # one new position
+                logits = model(ids[:, -1:], kv_cache=cache)               # one new position
             next_ids = sample_next(logits.data[:, -1, :], rng, temperature, top_k, top_p)
             ids = np.concatenate([ids, next_ids[:, None].astype(np.int64)], axis=1)
     finally:

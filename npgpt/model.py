@@ -11,7 +11,7 @@ tutorial's defaults). Shapes: B batch, T time, C = d_model, H heads, D = d_k hea
 Next to read: ``npgpt/generate.py`` (sampling with a KV cache), then ``npgpt/train.py``.
 """
 
-import math
+import numpy as np
 
 from . import backend
 from . import functional as F
@@ -131,8 +131,7 @@ class GPT(nn.Module):
         kv_cache: a KVCache from new_kv_cache(); the T new positions follow the ones it already holds.
         """
         token_ids = token_ids.data if isinstance(token_ids, Tensor) else token_ids
-        xp = backend.get_array_module(self.token_embedding.weight.data)
-        token_ids = xp.asarray(token_ids)
+        token_ids = token_ids if hasattr(token_ids, "ndim") else np.asarray(token_ids)
         if token_ids.ndim != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, seq_len), got {token_ids.shape}")
         B, T = token_ids.shape
@@ -140,7 +139,7 @@ class GPT(nn.Module):
         if start + T > self.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.max_seq_len}; "
                              "use shorter sequences or a model with a larger max_seq_len")
-        positions = xp.arange(start, start + T)
+        positions = np.arange(start, start + T)          # ids stay on the host until embedding() moves them
         x = self.token_embedding(token_ids) + self.position_embedding(positions)   # (B, T, C)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):

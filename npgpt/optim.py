@@ -5,7 +5,7 @@ Next to read: ``npgpt/model.py``, the GPT these update.
 
 import math
 
-from . import backend
+from . import backend, kernels
 
 
 class AdamW:
@@ -72,6 +72,10 @@ class AdamW:
             flat = [a.reshape(-1) for a in arrays]
             for lo in range(0, p.size, self.piece_size):
                 pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
+        if pieces and kernels.available(pieces[0][0]):    # GPU: one fused kernel per parameter
+            for piece in pieces:
+                kernels.adamw_update(*piece)
+            return
         if self.workers > 1 and len(pieces) > 1:
             from .parallel import run_in_parallel
             run_in_parallel(lambda piece: adamw_update(*piece), pieces, self.workers)

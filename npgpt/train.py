@@ -54,8 +54,7 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
     With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
     loss weighted by its share of the rows (npgpt/parallel.py).
     """
-    xp = backend.get_array_module(model.token_embedding.weight.data)
-    optimizer.zero_grad()
+    optimizer.zero_grad()       # batches stay NumPy arrays: ids are checked on the host, then moved
     params = model.parameters()
     losses = []
     k = len(micro_batches)
@@ -66,10 +65,10 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
             def shard_loss(shard):
                 shard_inputs, shard_targets = shard
                 weight = len(shard_inputs) / (rows * k)
-                return lm_loss(model, xp.asarray(shard_inputs), xp.asarray(shard_targets)) * weight
+                return lm_loss(model, shard_inputs, shard_targets) * weight
             losses += sharded_backward(params, split_rows((inputs, targets), workers), shard_loss)
         else:
-            loss = lm_loss(model, xp.asarray(inputs), xp.asarray(targets)) * (1.0 / k)
+            loss = lm_loss(model, inputs, targets) * (1.0 / k)
             loss.backward()
             losses.append(loss.data)
     if grad_clip > 0:
@@ -81,14 +80,13 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
 @no_grad()
 def estimate_loss(model, tokens, config, seed):
     """Mean loss over eval_iters batches drawn from a fixed generator: the same batches at every evaluation."""
-    xp = backend.get_array_module(model.token_embedding.weight.data)
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
     losses = []
     for _ in range(config.eval_iters):
         inputs, targets = get_batch(tokens, config.batch_size, config.seq_len, rng)
-        losses.append(lm_loss(model, xp.asarray(inputs), xp.asarray(targets)).data)
+        losses.append(lm_loss(model, inputs, targets).data)
     model.train(was_training)
     return float(sum(losses) / len(losses))
 

@@ -89,8 +89,9 @@ def test_whole_model_gradcheck():
     npgpt.manual_seed(2)
     model = GPT(vocab_size=11, d_model=8, num_heads=2, num_layers=2, d_ff=12, max_seq_len=8, dropout=0.0)
     model.to(np.float64)
+    xp = backend.get_array_module(model.ln_f.weight.data)
     for p in model.parameters():   # larger weights than the 0.02 init, so every path matters
-        p.data[...] = np.random.default_rng(p.size).standard_normal(p.shape) * 0.5
+        p.data[...] = xp.asarray(np.random.default_rng(p.size).standard_normal(p.shape) * 0.5)
     ids = np.random.default_rng(3).integers(0, 11, (2, 6))   # T = 5 after the shift
     params = model.parameters()
     npgpt.gradcheck(lambda *ps: lm_loss(model, ids), params, max_probes=60)
@@ -155,6 +156,7 @@ def make_pair(torch, reference, config, dtype_np, dtype_torch, seed=0):
 
 
 def rel_err(a, b):
+    a, b = backend.to_numpy(a), backend.to_numpy(b)
     return np.abs(a - b).max() / np.abs(b).max()
 
 

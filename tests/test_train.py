@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_a_larger_batch():
         model = GPT(20, d_model=16, num_heads=2, num_layers=2, d_ff=24, max_seq_len=10, dropout=0.0).to(np.float64)
         opt = make_optimizer(model, config)
         loss = train_step(model, opt, micro, config.grad_clip)
-        results.append((float(loss), [p.data.copy() for p in model.parameters()]))
+        results.append((float(loss), [backend.to_numpy(p.data).copy() for p in model.parameters()]))
     (loss_big, params_big), (loss_acc, params_acc) = results
     assert loss_acc == pytest.approx(loss_big, rel=1e-12)
     for a, b in zip(params_big, params_acc):
@@ -215,10 +215,10 @@ def test_kv_cache_equals_full_recomputation():
     model.eval()
     ids = np.random.default_rng(0).integers(0, 30, (2, 9))
     cache = model.new_kv_cache(2)
-    cached = [model(ids[:, :4], kv_cache=cache).data]
+    cached = [model(ids[:, :4], kv_cache=cache).numpy()]
     for t in range(4, 9):
-        cached.append(model(ids[:, t:t + 1], kv_cache=cache).data)
-    full = model(ids).data
+        cached.append(model(ids[:, t:t + 1], kv_cache=cache).numpy())
+    full = model(ids).numpy()
     np.testing.assert_allclose(np.concatenate(cached, axis=1), full, rtol=1e-12, atol=1e-14)
     # whole generations, sliding past max_seq_len, greedy and sampled, agree token for token
     for temperature in (0.0, 0.9):

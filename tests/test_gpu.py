@@ -1,0 +1,153 @@
+"""CuPy end to end: fused kernels equal their plain versions, and NumPy and CuPy train the same model alike.
+
+Skipped with the reason where CuPy or a GPU is missing (the rest of the suite runs every backend test on
+CuPy too, through the `device` fixture).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import npgpt
+import npgpt.functional as F
+from npgpt import backend, kernels
+from npgpt.model import GPT
+from npgpt.train import main as train_main, make_optimizer, train_step
+from npgpt.config import TrainConfig
+from npgpt.checkpoint import load_checkpoint
+
+
+def _gpu_reason():
+    try:
+        backend.module_for("gpu")
+    except backend.DeviceError as exc:
+        return str(exc)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=f"no GPU backend: {_gpu_reason()}")
+
+
+@pytest.fixture
+def cp():
+    return backend.module_for("gpu")
+
+
+def run_both(fn, arrays, cp, seed=0):
+    """fn on NumPy float arrays (plain path) and on CuPy copies (fused path): outputs and input gradients."""
+    results = []
+    for to_device in (lambda a: a, cp.asarray):
+        tensors = [npgpt.Tensor(to_device(a.copy()), requires_grad=True) for a in arrays]
+        out = fn(*tensors)
+        cot = np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype)
+        (out * npgpt.Tensor(to_device(cot))).sum().backward()
+        results.append([backend.to_numpy(out.data)] + [backend.to_numpy(t.grad) for t in tensors])
+    return results
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 2e-5)])
+def test_fused_kernels_equal_the_plain_ops(cp, dtype, tol):
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    target = rng.integers(0, 37, size=24)
+    target[5] = -100
+    cases = {
+        "gelu": (lambda x: F.gelu(x), [3 * r(4, 6, 33)]),
+        "layer_norm": (lambda x, w, b: F.layer_norm(x, 48, w, b), [r(3, 5, 48), r(48), r(48)]),
+        "layer_norm no affine": (lambda x: F.layer_norm(x, 48), [r(3, 5, 48)]),
+        "attention causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                             [r(2, 3, 9, 8), r(2, 3, 9, 8), r(2, 3, 9, 8)]),
+        "attention full": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                           [r(2, 3, 9, 8), r(2, 3, 11, 8), r(2, 3, 11, 5)]),
+        "cross_entropy": (lambda z: F.cross_entropy(z, target), [4 * r(24, 37)]),
+        "cross_entropy sum": (lambda z: F.cross_entropy(z, target, reduction="sum"), [r(24, 37)]),
+    }
+    for name, (fn, arrays) in cases.items():
+        plain, fused = run_both(fn, arrays, cp)
+        for i, (a, b) in enumerate(zip(plain, fused)):
+            scale = max(np.abs(a).max(), 1e-30)
+            assert np.abs(a - b).max() <= tol * scale, f"{name}: output {i} differs by {np.abs(a - b).max() / scale:.2e}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_fused_adamw_equals_the_plain_update(cp, dtype, tol):
+    rng = np.random.default_rng(1)
+    start = [rng.standard_normal(s).astype(dtype) for s in [(50, 30), (30,)]]
+    results = []
+    for to_device in (lambda a: a, cp.asarray):
+        params = [npgpt.nn.Parameter(to_device(a.copy())) for a in start]
+        opt = npgpt.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        for step in range(5):
+            for p in params:
+                p.grad = to_device(np.random.default_rng(step).standard_normal(p.shape).astype(dtype))
+            opt.step()
+        results.append([backend.to_numpy(p.data) for p in params])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
+def test_numpy_and_cupy_train_alike_for_20_steps(dtype, tol):
+    config = TrainConfig(dropout=0.0)
+    rng = np.random.default_rng(2)
+    batches = [(rng.integers(0, 61, (4, 17))) for _ in range(20)]
+    losses = {}
+    backend.manual_seed(0)
+    reference = GPT(61, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=32, dropout=0.0)
+    start = {k: v.copy() for k, v in reference.state_dict().items()}
+    previous = backend.get_device()
+    try:
+        for device in ("cpu", "gpu"):
+            backend.set_device(device)
+            model = GPT(61, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=32, dropout=0.0)
+            model.to(np.dtype(dtype))
+            model.load_state_dict(start)
+            opt = make_optimizer(model, config)
+            losses[device] = [float(train_step(model, opt, [(b[:, :-1], b[:, 1:])], config.grad_clip))
+                              for b in batches]
+    finally:
+        backend.set_device(previous)
+    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=tol)
+    assert losses["cpu"][-1] < losses["cpu"][0]
+
+
+def test_gpu_checkpoint_resumes_on_cpu_and_back(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text(open(npgpt.data.bundled_corpus_path(), encoding="utf-8").read()[:20000], encoding="utf-8")
+    common = ["--data", str(data), "--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers",
+              "1", "--d-ff", "32", "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4",
+              "--eval-interval", "4", "--sample-tokens", "10", "--out-dir", str(tmp_path / "run")]
+    previous = backend.get_device()
+    try:
+        assert train_main(common + ["--device", "gpu", "--max-iters", "4"]) == 0
+        assert train_main(common + ["--device", "cpu", "--max-iters", "8", "--resume"]) == 0
+        assert train_main(common + ["--device", "gpu", "--max-iters", "12", "--resume"]) == 0
+    finally:
+        backend.set_device(previous)
+    out = capsys.readouterr().out
+    assert "on gpu" in out and "on cpu" in out and "resuming from step 8" in out
+    arrays, meta = load_checkpoint(str(tmp_path / "run" / "ckpt.npz"))
+    assert meta["step"] == 12 and all(isinstance(a, np.ndarray) for a in arrays.values())
+
+
+def test_training_step_makes_no_host_round_trip(cp):
+    cupyx = pytest.importorskip("cupyx")
+    if not hasattr(cupyx, "allow_synchronize"):
+        pytest.skip("this CuPy has no cupyx.allow_synchronize to detect synchronisation")
+    previous = backend.get_device()
+    try:
+        backend.set_device("gpu")
+        model = GPT(61, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=32, dropout=0.1)
+        opt = make_optimizer(model, TrainConfig())
+        batch = np.random.default_rng(0).integers(0, 61, (4, 17))
+        train_step(model, opt, [(batch[:, :-1], batch[:, 1:])], 1.0)        # warm-up: kernels compile
+        cp.cuda.get_current_stream().synchronize()
+        with cupyx.allow_synchronize(False):
+            loss = train_step(model, opt, [(batch[:, :-1], batch[:, 1:])], 1.0)
+        assert backend.is_gpu_array(loss)
+    finally:
+        backend.set_device(previous)
