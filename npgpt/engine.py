@@ -348,7 +348,7 @@ class Tensor:
     def permute(self, *axes):
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
         axes = tuple(a % self.ndim for a in axes)
-        inverse = tuple(np.argsort(axes))
+        inverse = tuple(int(i) for i in np.argsort(axes))
 
         def backward(grad):
             return (grad.transpose(inverse),)

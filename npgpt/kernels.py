@@ -303,4 +303,5 @@ def adamw_update(param, grad, m, v, settings):
         "m = (T)beta1 * m + (T)(1.0 - beta1) * g;"
         "v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;"
         "p = p - (T)step_size * m / (sqrt(v) * (T)bc2_rsqrt + (T)eps);")
-    kernel(grad, lr, beta1, beta2, eps, decay, lr / (1 - beta1 ** t), 1 / (1 - beta2 ** t) ** 0.5, param, m, v)
+    kernel(grad, float(lr), float(beta1), float(beta2), float(eps), float(decay), lr / (1 - beta1 ** t),
+           1 / (1 - beta2 ** t) ** 0.5, param, m, v)
