@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 
-def profile(batch, seq, steps, dropout, threads):
+def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None):
     import npgpt
     import npgpt.engine as tensor_module
     from npgpt import backend
@@ -28,15 +28,20 @@ def profile(batch, seq, steps, dropout, threads):
     clock = {"last": time.perf_counter(), "on": False}
     real_make = tensor_module._make
 
+    sync = backend.synchronize   # on the GPU, each op is timed to its completion
+
     def timed_make(data, parents, backward_fn, op):
+        sync()
         now = time.perf_counter()
         if clock["on"]:
             forward[op] += now - clock["last"]
             counts[op] += 1
 
         def timed_backward(grad):
+            sync()
             start = time.perf_counter()
             out = backward_fn(grad)
+            sync()
             backward[op] += time.perf_counter() - start
             return out
         out = real_make(data, parents, timed_backward, op)
@@ -49,11 +54,15 @@ def profile(batch, seq, steps, dropout, threads):
             module._make = timed_make
 
     from npgpt.parallel import tune_allocator
-    tune_allocator()
-    workers = threads
+    backend.set_device(device)
+    if device == "cpu":
+        tune_allocator()
+    workers = threads if device == "cpu" else 1
     backend.manual_seed(0)
     config = TrainConfig(dropout=dropout, grad_clip=0.0, weight_decay=0.01)
-    model = npgpt.GPT(10000, dropout=dropout)
+    model_config = model_config or dict(vocab_size=10000)
+    model = npgpt.GPT(**model_config, dropout=dropout)
+    vocab = model.vocab_size
     opt = make_optimizer(model, config, workers)
     rng = np.random.default_rng(0)
     total, optim_time = 0.0, 0.0
@@ -67,7 +76,7 @@ def profile(batch, seq, steps, dropout, threads):
     timed_step.seconds = 0.0
     opt.step = timed_step
     for i in range(steps + 1):
-        ids = rng.integers(0, 10000, (batch, seq + 1))
+        ids = rng.integers(0, vocab, (batch, seq + 1))
         if i == 1:   # the first step warms up; reset the tallies after it
             forward.clear(), backward.clear(), counts.clear()
             timed_step.seconds = 0.0
@@ -89,13 +98,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--model", choices=("tutorial", "gpt2-small"), default="tutorial")
     args = p.parse_args(argv)
-    forward, backward, counts, optim_s, total, steps = profile(args.batch, args.seq, args.steps, args.dropout,
-                                                                args.threads)
+    from benchmarks.suite import GPT2_SMALL, TUTORIAL
+    forward, backward, counts, optim_s, total, steps = profile(
+        args.batch, args.seq, args.steps, args.dropout, args.threads, args.device,
+        GPT2_SMALL if args.model == "gpt2-small" else TUTORIAL)
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
-    print(f"training step ({args.batch}, {args.seq}), dropout {args.dropout}: {total * per:.1f} ms per step "
-          f"(mean of {steps})\n")
+    print(f"{args.model} training step ({args.batch}, {args.seq}), dropout {args.dropout}, {args.device}: "
+          f"{total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
     print("| op | calls/step | forward ms | backward ms | total ms | share |")
     print("|---|---|---|---|---|---|")
     accounted = 0.0

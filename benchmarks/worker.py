@@ -53,9 +53,14 @@ class NpgptImpl:
         self.vocab = cfg["model"]["vocab_size"]
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
+        from npgpt.train import train_step
+        self.graph_step = None
+        if not on_cpu and cfg.get("cuda_graph", True):   # the training loop's own setting on the GPU
+            from npgpt.graphs import CudaGraphStep
+            self.graph_step = CudaGraphStep(train_step, self.model, self.opt, 0.0)
 
     def _ids(self, batch, length):
-        return self.xp.asarray(self.rng.integers(0, self.vocab, (batch, length)))
+        return self.rng.integers(0, self.vocab, (batch, length))     # NumPy: the model moves them
 
     def sync(self):
         self.backend.synchronize()
@@ -63,13 +68,23 @@ class NpgptImpl:
     def train(self):
         from npgpt.train import train_step
         ids = self._ids(self.batch, self.seq + 1)
+        batch = [(ids[:, :-1], ids[:, 1:])]
         self.sync()
         start = time.perf_counter()
         self.model.train()
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function
-        train_step(self.model, self.opt, [(ids[:, :-1], ids[:, 1:])], grad_clip=0.0, workers=self.workers)
+        if self.graph_step is not None:
+            self.graph_step(batch)
+        else:
+            train_step(self.model, self.opt, batch, grad_clip=0.0, workers=self.workers)
         self.sync()
         return (time.perf_counter() - start) * 1000
+
+    def status(self):
+        g = self.graph_step
+        if g is None:
+            return {"cuda_graph": "off", "data_parallel_threads": self.workers}
+        return {"cuda_graph": "failed: " + g.failed if g.failed else f"{g.replays} replays"}
 
     def forward(self):
         ids = self._ids(self.batch, self.seq)
@@ -224,6 +239,8 @@ def main():
                 reply = impl.info()
             elif op == "memory":
                 reply = {"max_rss_mb": _rss_mb(), "after_import_mb": baseline}
+                if kind == "npgpt":
+                    reply["status"] = impl.status()
                 if device == "gpu":
                     reply["gpu_mb"] = _gpu_mb(kind)
             elif op == "quit":

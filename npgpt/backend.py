@@ -112,12 +112,13 @@ def to_device(array, device):
 
 
 def scatter_add(target, indices, values):
-    """target[indices] += values, adding repeated indices up (np.add.at; cupyx.scatter_add on the GPU)."""
-    if is_gpu_array(target):
-        import cupyx
-        cupyx.scatter_add(target, indices, values)
-    else:
-        np.add.at(target, indices, values)
+    """target[indices] += values, adding repeated indices up (ufunc.at, on the CPU and the GPU alike)."""
+    get_array_module(target).add.at(target, indices, values)
+
+
+def is_capturing():
+    """True while the current GPU stream is being recorded into a CUDA graph (nothing may sync then)."""
+    return _cupy is not None and _cupy.cuda.get_current_stream().is_capturing()
 
 
 def default_rng(seed=None, device=None):

@@ -208,9 +208,9 @@ class Tensor:
         other = _lift(other, self)
         a, b = self.data, other.data
 
-        # d(a * b)/da = b, d(a * b)/db = a
+        # d(a * b)/da = b, d(a * b)/db = a   (only the gradients some input needs are computed)
         def backward(grad):
-            return grad * b, grad * a
+            return (grad * b if self.requires_grad else None), (grad * a if other.requires_grad else None)
         return _make(a * b, (self, other), backward, "mul")
 
     def __truediv__(self, other):
@@ -220,7 +220,7 @@ class Tensor:
         # d(a / b)/da = 1/b, d(a / b)/db = -a/b^2
         def backward(grad):
             grad_a = grad / b
-            return grad_a, -grad_a * (a / b)
+            return grad_a, (-grad_a * (a / b) if other.requires_grad else None)
         return _make(a / b, (self, other), backward, "div")
 
     def __pow__(self, exponent):
@@ -489,10 +489,11 @@ def _lift(value, like):
 
 
 def _scalar_like(value, array):
-    """A 0-d array of `value` in `array`'s dtype (a float scalar never upcasts float32)."""
-    xp = backend.get_array_module(array)
-    dtype = array.dtype if array.dtype.kind == "f" else None
-    return xp.asarray(value, dtype=dtype)
+    """`value` as a NumPy scalar of `array`'s float dtype: a float never upcasts float32, and on the GPU a
+    scalar travels as a kernel argument rather than as a copy to device memory."""
+    if array.dtype.kind == "f":
+        return array.dtype.type(value)
+    return np.asarray(value)[()]
 
 
 def _normalize_axes(axis, ndim):

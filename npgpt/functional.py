@@ -323,9 +323,10 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
                          f"{expected_target}, got {labels.shape}")
     num_classes = z.shape[-1]
     z = z.reshape(-1, num_classes)                          # (N, C)
-    # Checked where the ids are: NumPy ids (the training loop's) are checked on the host, for free
+    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free; GPU ids not while a
+    # CUDA graph is recorded (its driver checks the batch on the host before copying it in)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
+    if not backend.is_capturing() and bool(bad.any()):
         raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal ignore_index="
                          f"{ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
     t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
@@ -382,8 +383,9 @@ def embedding(input, weight):
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
     num_embeddings = W.shape[0]
-    # checked where the ids are (NumPy ids on the host, for free), then moved to W's device
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+    # checked where the ids are (NumPy ids on the host, for free; GPU ids not while a CUDA graph is recorded,
+    # see cross_entropy), then moved to W's device
+    if ids.size and not backend.is_capturing() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
     ids = xp.asarray(ids)

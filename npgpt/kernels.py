@@ -294,14 +294,15 @@ def cross_entropy_backward(z, target, logsumexp, row_scale):
 # ---- AdamW ------------------------------------------------------------------------------------------------
 
 def adamw_update(param, grad, m, v, settings):
-    """One fused AdamW step over whole arrays (see optim.AdamW for the maths), in place."""
-    lr, beta1, beta2, eps, decay, t = settings
+    """One fused AdamW step over whole arrays, in place (see optim.AdamW for the maths).
+
+    settings: a device array [lr, beta1, beta2, eps, weight_decay, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)],
+    read by the kernel, so a recorded CUDA graph replays the update with the current step's numbers.
+    """
     kernel = _elementwise(
-        "adamw", "T g, float64 lr, float64 beta1, float64 beta2, float64 eps, float64 decay, "
-                 "float64 step_size, float64 bc2_rsqrt", "T p, T m, T v",
-        "p = p * (T)(1.0 - lr * decay);"
-        "m = (T)beta1 * m + (T)(1.0 - beta1) * g;"
-        "v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;"
-        "p = p - (T)step_size * m / (sqrt(v) * (T)bc2_rsqrt + (T)eps);")
-    kernel(grad, float(lr), float(beta1), float(beta2), float(eps), float(decay), lr / (1 - beta1 ** t),
-           1 / (1 - beta2 ** t) ** 0.5, param, m, v)
+        "adamw", "T g, raw float64 s", "T p, T m, T v",
+        "p = p * (T)(1.0 - s[0] * s[4]);"
+        "m = (T)s[1] * m + (T)(1.0 - s[1]) * g;"
+        "v = (T)s[2] * v + (T)(1.0 - s[2]) * g * g;"
+        "p = p - (T)s[5] * m / (sqrt(v) * (T)s[6] + (T)s[3]);")
+    kernel(grad, settings, param, m, v)

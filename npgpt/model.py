@@ -139,8 +139,9 @@ class GPT(nn.Module):
         if start + T > self.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.max_seq_len}; "
                              "use shorter sequences or a model with a larger max_seq_len")
-        positions = np.arange(start, start + T)          # ids stay on the host until embedding() moves them
-        x = self.token_embedding(token_ids) + self.position_embedding(positions)   # (B, T, C)
+        # position_embedding(arange(start, start + T)) is exactly the slice of rows start..start+T-1
+        positions = self.position_embedding.weight[start:start + T]               # (T, C)
+        x = self.token_embedding(token_ids) + positions                           # (B, T, C)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache.layers[i] if kv_cache is not None else None
