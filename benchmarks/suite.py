@@ -217,9 +217,6 @@ def format_speed(report):
         n, t = c["forward_ms"]["npgpt"], c["forward_ms"]["torch"]
         lines.append(f"| forward only {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
                      f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | {c['forward_ratio']:.2f}x | | |")
-    status = [c["train_mem"]["npgpt"].get("status", {}).get("cuda_graph") for c in report["cases"]]
-    if any(s and s != "off" for s in status):
-        lines.append(f"| npgpt's CUDA graph | {'; '.join(str(s) for s in status)} | | | | |")
     g = report.get("generate")
     if g:
         n, t = g["tokens_per_s"]["npgpt"], g["tokens_per_s"]["torch"]

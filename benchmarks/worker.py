@@ -53,11 +53,6 @@ class NpgptImpl:
         self.vocab = cfg["model"]["vocab_size"]
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
-        from npgpt.train import train_step
-        self.graph_step = None
-        if not on_cpu and cfg.get("cuda_graph", True):   # the training loop's own setting on the GPU
-            from npgpt.graphs import CudaGraphStep
-            self.graph_step = CudaGraphStep(train_step, self.model, self.opt, 0.0)
 
     def _ids(self, batch, length):
         return self.rng.integers(0, self.vocab, (batch, length))     # NumPy: the model moves them
@@ -73,18 +68,12 @@ class NpgptImpl:
         start = time.perf_counter()
         self.model.train()
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function
-        if self.graph_step is not None:
-            self.graph_step(batch)
-        else:
-            train_step(self.model, self.opt, batch, grad_clip=0.0, workers=self.workers)
+        train_step(self.model, self.opt, batch, grad_clip=0.0, workers=self.workers)
         self.sync()
         return (time.perf_counter() - start) * 1000
 
     def status(self):
-        g = self.graph_step
-        if g is None:
-            return {"cuda_graph": "off", "data_parallel_threads": self.workers}
-        return {"cuda_graph": "failed: " + g.failed if g.failed else f"{g.replays} replays"}
+        return {"data_parallel_threads": self.workers}
 
     def forward(self):
         ids = self._ids(self.batch, self.seq)

@@ -116,10 +116,6 @@ def scatter_add(target, indices, values):
     get_array_module(target).add.at(target, indices, values)
 
 
-def is_capturing():
-    """True while the current GPU stream is being recorded into a CUDA graph (nothing may sync then)."""
-    return _cupy is not None and _cupy.cuda.get_current_stream().is_capturing()
-
 
 def default_rng(seed=None, device=None):
     """A random generator for the given (or current) device; NumPy's PCG64 on the CPU."""
@@ -132,9 +128,20 @@ _global_rngs = {}  # device -> the generator used by init and dropout when none 
 
 def manual_seed(seed):
     """Seed the global generators (parameter init, dropout) on every device, as torch.manual_seed."""
+    global _seed_source
     _global_rngs.clear()
     _global_rngs["seed"] = seed
+    _seed_source = np.random.default_rng(seed)
     return seed
+
+
+_seed_source = np.random.default_rng()
+
+
+def next_seed():
+    """A fresh 63-bit seed, drawn on the host (seeded by manual_seed). GPU dropout kernels hash it with each
+    element's index, so their random numbers need no device generator and no copy back to the host."""
+    return int(_seed_source.integers(0, 2**63 - 1))
 
 
 _thread_rng = threading.local()
@@ -181,6 +188,21 @@ def rows_per_block(array, block_bytes=512 * 1024):
     if is_gpu_array(array):
         return max(1, array.shape[0])
     return max(1, block_bytes // max(1, array.shape[-1] * array.itemsize))
+
+
+def sum_leading(array, count):
+    """Sum over the first `count` axes (a bias or LayerNorm gradient summed over every position).
+
+    On the GPU as a vector-matrix product, whose reads are coalesced; a reduction over leading axes
+    reads with a stride there. On the CPU, NumPy's sum over axis 0 adds whole rows.
+    """
+    rest = array.shape[count:]
+    flat = array.reshape(-1, int(np.prod(rest, dtype=np.int64)))
+    if is_gpu_array(array):
+        summed = get_array_module(array).ones(flat.shape[0], dtype=array.dtype) @ flat
+    else:
+        summed = flat.sum(axis=0)
+    return summed.reshape(rest)
 
 
 def rng_state(rng):

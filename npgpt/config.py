@@ -50,7 +50,6 @@ class TrainConfig:
     device: str = _f("auto", "'cpu', 'gpu' (CuPy) or 'auto' (the GPU when one answers)", ("cpu", "gpu", "auto"))
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
     workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
-    cuda_graph: bool = _f(True, "on the GPU, record the training step once as a CUDA graph and replay it")
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
 
     def model_kwargs(self, vocab_size):
@@ -80,10 +79,7 @@ def build_parser(description):
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if f.type in (bool, "bool") and f.default:
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=f"do not: {help_text}")
-        elif f.type in (bool, "bool"):
+        if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         elif f.name == "preset":
             parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS,

@@ -463,6 +463,8 @@ def _sum_to_shape(grad, shape):
     if grad.shape == shape:
         return grad
     extra = grad.ndim - len(shape)
+    if extra > 0 and grad.shape[extra:] == shape:       # only leading axes were added: a bias, a LN weight
+        return backend.sum_leading(grad, extra)
     stretched = tuple(range(extra)) + tuple(
         extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
     return grad.sum(axis=stretched, keepdims=True).reshape(shape)

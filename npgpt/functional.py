@@ -323,10 +323,9 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
                          f"{expected_target}, got {labels.shape}")
     num_classes = z.shape[-1]
     z = z.reshape(-1, num_classes)                          # (N, C)
-    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free; GPU ids not while a
-    # CUDA graph is recorded (its driver checks the batch on the host before copying it in)
+    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if not backend.is_capturing() and bool(bad.any()):
+    if bool(bad.any()):
         raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal ignore_index="
                          f"{ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
     t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
@@ -383,9 +382,8 @@ def embedding(input, weight):
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
     num_embeddings = W.shape[0]
-    # checked where the ids are (NumPy ids on the host, for free; GPU ids not while a CUDA graph is recorded,
-    # see cross_entropy), then moved to W's device
-    if ids.size and not backend.is_capturing() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+    # checked where the ids are (NumPy ids on the host, for free), then moved to W's device
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
     ids = xp.asarray(ids)
@@ -412,6 +410,10 @@ def dropout(input, p=0.5, training=True, generator=None):
     x = input.data
     if p == 1.0:
         return _make(x * 0, (input,), lambda grad: (grad * 0,), "dropout")
+    if generator is None and kernels.available(x):          # GPU: one kernel each way, no stored mask
+        seed = backend.next_seed()
+        return _make(kernels.dropout_forward(x, p, seed), (input,),
+                     lambda grad: (kernels.dropout_backward(grad, p, seed),), "dropout")
     keep, scale = _keep_mask(x.shape, p, x.dtype, generator)   # bool mask m, scale 1/(1-p)
 
     # y = x * m / (1-p)  =>  dx = dy * m / (1-p)
@@ -480,9 +482,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     q_scaled = q * scale                                    # (..., L, D): cheaper to scale than the scores
     scores = q_scaled @ k.swapaxes(-1, -2)                  # (..., L, S)
-    fused = kernels.available(scores) and attn_mask is None
-    if fused:                                               # GPU: masked softmax in one kernel, in place
-        probs = kernels.softmax_forward(scores, causal=is_causal)
+    fused = kernels.available(scores) and attn_mask is None and (dropout_p == 0.0 or generator is None)
+    if fused:                                               # GPU: masked softmax + dropout in one kernel
+        seed = backend.next_seed() if dropout_p > 0.0 else 0
+        probs, attn = kernels.softmax_dropout_forward(scores, is_causal, dropout_p, seed)
     elif is_causal:
         scores += _additive_mask(causal_mask(xp, L, S), q.dtype, ("causal", xp.__name__, L, S))
     elif attn_mask is not None:
@@ -494,7 +497,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         probs -= probs.max(axis=-1, keepdims=True)
         xp.exp(probs, out=probs)
         probs /= probs.sum(axis=-1, keepdims=True)
-    if dropout_p > 0.0:
+    if fused:
+        pass                                                # attn = dropout(probs) came from the kernel
+    elif dropout_p > 0.0:
         keep, keep_scale = _keep_mask(probs.shape, dropout_p, q.dtype, generator)
         attn = probs * keep                                  # A = dropout(P)
         attn *= keep_scale
@@ -509,12 +514,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     def backward(grad):
         grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
         grad_scores = grad @ v.swapaxes(-1, -2)             # (..., L, S): dA, turned into dS in place
-        if dropout_p > 0.0:
-            grad_scores *= keep
-            grad_scores *= keep_scale
         if fused:
-            grad_scores = kernels.softmax_backward(grad_scores, probs)
+            grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, dropout_p, seed)
         else:
+            if dropout_p > 0.0:
+                grad_scores *= keep
+                grad_scores *= keep_scale
             grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
             grad_scores *= probs
         grad_q = grad_scores @ k                            # (..., L, D)

@@ -6,8 +6,9 @@ stays the readable reference; ``functional`` asks ``kernels.available(x)`` and t
 CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
 
     GELU forward/backward          elementwise, erf from CUDA's math library
+    dropout                        elementwise; the mask is a hash of (seed, index), regenerated in backward
     LayerNorm forward/backward     one thread block per row: mean, variance, normalise in one pass
-    causal softmax forward/backward  one block per row of scores; the mask is computed from the indices
+    causal softmax + dropout       one block per row of scores; the causal mask comes from the indices
     cross-entropy forward/backward   one block per row of logits: logsumexp, loss, and (p - onehot) * scale
     AdamW                          one elementwise kernel over a whole parameter group at once
 
@@ -18,7 +19,19 @@ import numpy as np
 
 from . import backend
 
-_ROW_KERNELS = r"""
+_HASH = r"""
+// splitmix64 of (seed, element index): counter-based random bits, so a backward pass regenerates the
+// forward pass's dropout mask exactly and no mask is ever stored
+__device__ unsigned int dropout_bits(unsigned long long seed, unsigned long long index) {
+    unsigned long long z = seed + (index + 1ULL) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return (unsigned int)(z >> 32);
+}
+"""
+
+_ROW_KERNELS = _HASH + r"""
 template <typename T> __device__ T negative_infinity();
 template <> __device__ float negative_infinity<float>() { return -__int_as_float(0x7f800000); }
 template <> __device__ double negative_infinity<double>() { return -__longlong_as_double(0x7ff0000000000000LL); }
@@ -93,9 +106,12 @@ __global__ void layer_norm_backward(const T* dy, const T* w, const T* xhat, cons
     }
 }
 
-// Softmax over each row of S scores; with causal != 0, row r is query i = r % L, which sees keys j <= i + offset
+// Softmax over each row of S scores, then dropout: P = softmax(S), A = P * keep / (1 - p).
+// With causal != 0, row r is query i = r % L, which sees keys j <= i + offset.
 template <typename T>
-__global__ void softmax_forward(const T* scores, T* probs, int S, int L, int offset, int causal) {
+__global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, int S, int L, int offset, int causal,
+                                        unsigned long long seed, unsigned int threshold, T keep_scale,
+                                        int dropout) {
     extern __shared__ unsigned char smem[];
     T* shared = reinterpret_cast<T*>(smem);
     long long row = blockIdx.x;
@@ -107,21 +123,34 @@ __global__ void softmax_forward(const T* scores, T* probs, int S, int L, int off
     T s = 0;
     for (int j = threadIdx.x; j <= last; j += blockDim.x) s += exp(in[j] - m);
     s = block_sum(s, shared);
-    for (int j = threadIdx.x; j < S; j += blockDim.x)
-        probs[row * S + j] = j <= last ? exp(in[j] - m) / s : T(0);
+    for (int j = threadIdx.x; j < S; j += blockDim.x) {
+        long long idx = row * S + j;
+        T p = j <= last ? exp(in[j] - m) / s : T(0);
+        probs[idx] = p;
+        if (dropout) attn[idx] = dropout_bits(seed, idx) >= threshold ? p * keep_scale : T(0);
+    }
 }
 
-// dS = P * (dP - sum_j dP * P), row by row
+// dP = dA * keep / (1 - p), then dS = P * (dP - sum_j dP * P), row by row
 template <typename T>
-__global__ void softmax_backward(const T* dprobs, const T* probs, T* dscores, int S) {
+__global__ void softmax_dropout_backward(const T* dattn, const T* probs, T* dscores, int S,
+                                         unsigned long long seed, unsigned int threshold, T keep_scale,
+                                         int dropout) {
     extern __shared__ unsigned char smem[];
     T* shared = reinterpret_cast<T*>(smem);
     long long row = blockIdx.x;
     T s = 0;
-    for (int j = threadIdx.x; j < S; j += blockDim.x) s += dprobs[row * S + j] * probs[row * S + j];
+    for (int j = threadIdx.x; j < S; j += blockDim.x) {
+        long long idx = row * S + j;
+        T dp = dropout ? (dropout_bits(seed, idx) >= threshold ? dattn[idx] * keep_scale : T(0)) : dattn[idx];
+        s += dp * probs[idx];
+    }
     s = block_sum(s, shared);
-    for (int j = threadIdx.x; j < S; j += blockDim.x)
-        dscores[row * S + j] = probs[row * S + j] * (dprobs[row * S + j] - s);
+    for (int j = threadIdx.x; j < S; j += blockDim.x) {
+        long long idx = row * S + j;
+        T dp = dropout ? (dropout_bits(seed, idx) >= threshold ? dattn[idx] * keep_scale : T(0)) : dattn[idx];
+        dscores[idx] = probs[idx] * (dp - s);
+    }
 }
 
 // Cross-entropy of each row of C logits: logsumexp and loss = logsumexp - z[target] (0 where ignored)
@@ -160,7 +189,7 @@ __global__ void cross_entropy_backward(const T* z, const long long* target, cons
 }
 """
 
-_NAMES = ["layer_norm_forward", "layer_norm_backward", "softmax_forward", "softmax_backward",
+_NAMES = ["layer_norm_forward", "layer_norm_backward", "softmax_dropout_forward", "softmax_dropout_backward",
           "cross_entropy_forward", "cross_entropy_backward"]
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
@@ -198,9 +227,9 @@ def _scalar(value, dtype):
 
 # ---- GELU ----------------------------------------------------------------------------------------------
 
-def _elementwise(name, in_params, out_params, body):
+def _elementwise(name, in_params, out_params, body, preamble=""):
     if name not in _cache:
-        _cache[name] = _cupy().ElementwiseKernel(in_params, out_params, body, f"npgpt_{name}")
+        _cache[name] = _cupy().ElementwiseKernel(in_params, out_params, body, f"npgpt_{name}", preamble=preamble)
     return _cache[name]
 
 
@@ -247,23 +276,53 @@ def layer_norm_backward(grad, weight, xhat, rstd):
     return dx
 
 
-# ---- softmax over attention scores ---------------------------------------------------------------------
+# ---- dropout and the softmax over attention scores --------------------------------------------------------
 
-def softmax_forward(scores, causal=False, offset=0):
-    """Softmax along the last axis of (..., L, S) scores, in place; causal rows see keys j <= i + offset."""
+def dropout_threshold(p):
+    """(uint32 threshold, keep scale): an element is kept when its 32 random bits are >= the threshold, so p
+    is rounded to a multiple of 2^-32, and the scale matches that rounding exactly."""
+    threshold = min(int(round(p * 2.0 ** 32)), 2 ** 32 - 1)
+    return threshold, 2.0 ** 32 / (2.0 ** 32 - threshold)
+
+
+def dropout_forward(x, p, seed):
+    """x * keep / (1 - p) with keep drawn from (seed, element index): nothing stored for backward."""
+    threshold, scale = dropout_threshold(p)
+    kernel = _elementwise("dropout", "T x, uint64 seed, uint32 threshold, T scale", "T y",
+                          "y = dropout_bits(seed, i) >= threshold ? x * scale : (T)0;", preamble=_HASH)
+    return kernel(x, np.uint64(seed), np.uint32(threshold), x.dtype.type(scale))
+
+
+def dropout_backward(grad, p, seed):
+    """dx = dy * keep / (1 - p), the same keep regenerated from the seed (i is the element's index)."""
+    return dropout_forward(grad, p, seed)
+
+
+def softmax_dropout_forward(scores, causal, p, seed):
+    """(P, A): P = softmax of (..., L, S) scores along the last axis (causal rows see keys j <= i), and
+    A = dropout(P) (A is P itself when p == 0). One pass over the scores."""
+    cp = _cupy()
     L, S = scores.shape[-2], scores.shape[-1]
-    _launch("softmax_forward", scores.dtype, scores.size // S,
-            (scores, scores, np.int32(S), np.int32(L), np.int32(offset), np.int32(causal)))
-    return scores
+    probs = cp.empty_like(scores)
+    attn = cp.empty_like(scores) if p > 0 else probs
+    threshold, scale = dropout_threshold(p)
+    _launch("softmax_dropout_forward", scores.dtype, scores.size // S,
+            (cp.ascontiguousarray(scores), probs, attn, np.int32(S), np.int32(L), np.int32(0), np.int32(causal),
+             np.uint64(seed), np.uint32(threshold), _scalar(scale, scores.dtype), np.int32(p > 0)))
+    return probs, attn
 
 
-def softmax_backward(grad_probs, probs):
-    """dS = P * (dP - sum(dP * P)) along the last axis; written over grad_probs."""
+def softmax_dropout_backward(grad_attn, probs, p, seed):
+    """dS from dA: undo the dropout (same mask, from the seed), then the softmax backward."""
     cp = _cupy()
     S = probs.shape[-1]
-    grad_probs = cp.ascontiguousarray(grad_probs)
-    _launch("softmax_backward", probs.dtype, probs.size // S, (grad_probs, probs, grad_probs, np.int32(S)))
-    return grad_probs
+    grad_attn = cp.ascontiguousarray(grad_attn)
+    grad_scores = cp.empty_like(probs)
+    threshold, scale = dropout_threshold(p)
+    _launch("softmax_dropout_backward", probs.dtype, probs.size // S,
+            (grad_attn, probs, grad_scores, np.int32(S), np.uint64(seed), np.uint32(threshold),
+             _scalar(scale, probs.dtype), np.int32(p > 0)))
+    return grad_scores
 
 
 # ---- cross-entropy --------------------------------------------------------------------------------------
@@ -294,15 +353,14 @@ def cross_entropy_backward(z, target, logsumexp, row_scale):
 # ---- AdamW ------------------------------------------------------------------------------------------------
 
 def adamw_update(param, grad, m, v, settings):
-    """One fused AdamW step over whole arrays, in place (see optim.AdamW for the maths).
-
-    settings: a device array [lr, beta1, beta2, eps, weight_decay, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)],
-    read by the kernel, so a recorded CUDA graph replays the update with the current step's numbers.
-    """
+    """One fused AdamW step over whole arrays, in place (see optim.AdamW for the maths)."""
+    lr, beta1, beta2, eps, decay, t = settings
     kernel = _elementwise(
-        "adamw", "T g, raw float64 s", "T p, T m, T v",
-        "p = p * (T)(1.0 - s[0] * s[4]);"
-        "m = (T)s[1] * m + (T)(1.0 - s[1]) * g;"
-        "v = (T)s[2] * v + (T)(1.0 - s[2]) * g * g;"
-        "p = p - (T)s[5] * m / (sqrt(v) * (T)s[6] + (T)s[3]);")
-    kernel(grad, settings, param, m, v)
+        "adamw", "T g, float64 lr, float64 beta1, float64 beta2, float64 eps, float64 decay, "
+                 "float64 step_size, float64 bc2_rsqrt", "T p, T m, T v",
+        "p = p * (T)(1.0 - lr * decay);"
+        "m = (T)beta1 * m + (T)(1.0 - beta1) * g;"
+        "v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;"
+        "p = p - (T)step_size * m / (sqrt(v) * (T)bc2_rsqrt + (T)eps);")
+    kernel(grad, float(lr), float(beta1), float(beta2), float(eps), float(decay), lr / (1 - beta1 ** t),
+           1 / (1 - beta2 ** t) ** 0.5, param, m, v)

@@ -5,8 +5,6 @@ Next to read: ``npgpt/model.py``, the GPT these update.
 
 import math
 
-import numpy as np
-
 from . import backend, kernels
 
 
@@ -75,7 +73,8 @@ class AdamW:
             for lo in range(0, p.size, self.piece_size):
                 pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
         if pieces and kernels.available(pieces[0][0]):    # GPU: one fused kernel per parameter
-            self._gpu_step(pieces)
+            for piece in pieces:
+                kernels.adamw_update(*piece)
             return
         if self.workers > 1 and len(pieces) > 1:
             from .parallel import run_in_parallel
@@ -83,37 +82,6 @@ class AdamW:
         else:
             for piece in pieces:
                 adamw_update(*piece)
-
-    def _gpu_step(self, pieces):
-        """The fused update; its per-step numbers (lr, bias corrections) sit in a small device array, so a
-        CUDA graph that recorded this step can replay it with new numbers (see npgpt/graphs.py)."""
-        if not backend.is_capturing():
-            self._write_device_settings([piece[4] for piece in pieces])
-        for row, (param, grad, m, v, _) in enumerate(pieces):
-            kernels.adamw_update(param, grad, m, v, self._device_settings[row])
-
-    def _write_device_settings(self, settings):
-        rows = []
-        for lr, beta1, beta2, eps, decay, t in settings:
-            rows.append([lr, beta1, beta2, eps, decay, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)])
-        host = np.asarray(rows, dtype=np.float64)
-        device = getattr(self, "_device_settings", None)
-        if device is None or device.shape != host.shape:
-            device = backend.to_device(host, "gpu")
-            self._device_settings = device
-        else:
-            device.set(host)
-
-    def advance_for_replay(self, count=True):
-        """What step() does on the host, for a replay of a recorded step: count the step (unless the
-        recording already did), then refresh the device settings."""
-        settings = []
-        for group, p in self._params():
-            state = self.state.get(id(p))
-            if state is not None:
-                state["step"] += 1 if count else 0
-                settings.append((group["lr"], *group["betas"], group["eps"], group["weight_decay"], state["step"]))
-        self._write_device_settings(settings)
 
     # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
     def state_dict(self):

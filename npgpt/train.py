@@ -173,10 +173,6 @@ class Run:
         if self.dtype != np.float32:
             self.model.to(self.dtype)
         self.optimizer = make_optimizer(self.model, config, self.workers)
-        self.graph_step = None
-        if backend.get_device() == "gpu" and config.cuda_graph:
-            from .graphs import CudaGraphStep
-            self.graph_step = CudaGraphStep(train_step, self.model, self.optimizer, config.grad_clip)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
         if resumed is not None:
@@ -269,10 +265,7 @@ def train(run, log=print):
         while run.step < c.max_iters:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr_at(run.step)
-            if run.graph_step is not None:
-                loss = run.graph_step(run.next_micro_batches())
-            else:
-                loss = train_step(run.model, run.optimizer, run.next_micro_batches(), c.grad_clip, run.workers)
+            loss = train_step(run.model, run.optimizer, run.next_micro_batches(), c.grad_clip, run.workers)
             run.step += 1
             window_steps += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss
