@@ -5,6 +5,9 @@ existing array) or ``xp = current()`` (the module new arrays are made with), so 
 and the GPU. NumPy is the default; CuPy is chosen with the environment variable ``NPGPT_DEVICE=gpu`` or with
 ``npgpt.backend.set_device("gpu")``.
 
+Shapes: this module is shape-agnostic; the rest of npgpt uses B batch, T time, C channels, H heads,
+D head size, V vocabulary.
+
 Next to read: ``npgpt/engine.py``, the Tensor and its autograd engine.
 """
 

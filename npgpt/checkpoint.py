@@ -6,6 +6,10 @@ best validation loss, the random generators' states and the tokenizer. Arrays ar
 whatever the device, so a GPU checkpoint resumes on the CPU and back.
 
 A save writes ``<path>.tmp`` then renames it over ``<path>``: an interruption leaves the previous good file.
+
+Shapes: each parameter and moment as saved from the model, (V, C), (C,), ...
+
+Next to read: ``npgpt/train.py``, which writes and reads these.
 """
 
 import json

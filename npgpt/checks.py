@@ -6,6 +6,10 @@ non-scalar output is checked in every direction at once) is compared element by 
     dL/dx_i  ~=  (L(x + eps e_i) - L(x - eps e_i)) / (2 eps)       error O(eps^2)
 
 Every element is probed, or a seeded random sample of `max_probes` of them for large inputs.
+
+Shapes: any; every input that requires a gradient is probed element by element.
+
+Next to read: ``npgpt/nn.py``, the modules that hold parameters.
 """
 
 import numpy as np

@@ -1,6 +1,10 @@
 """The training configuration: one dataclass, every field a command-line flag with its help text.
 
 Precedence: the field defaults, then the chosen --preset, then the flags given on the command line.
+
+Shapes: batch_size is B, seq_len is T, d_model is C, num_heads is H, vocab_size is V.
+
+Next to read: ``npgpt/checkpoint.py``.
 """
 
 import argparse

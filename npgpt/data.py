@@ -1,6 +1,10 @@
 """The training text: loading it, splitting it 90/10, and drawing batches of random windows.
 
 The default corpus is Tiny Shakespeare (public domain), installed inside the package.
+
+Shapes: the corpus as ids (N,); a batch as inputs and targets (B, T).
+
+Next to read: ``npgpt/config.py`` and ``npgpt/checkpoint.py``, then ``npgpt/train.py``.
 """
 
 import os

@@ -10,8 +10,8 @@ exactly one place, ``_sum_to_shape``: an op may return a gradient of its broadca
 engine sums it back to the input's shape. Afterwards the graph is released, so memory does not grow from one
 training step to the next.
 
-Rule for closures: a backward returns fresh arrays or views of the incoming gradient, never an array saved
-from the forward pass, so the engine may add into what it receives.
+Rules for closures: a backward never writes into the incoming gradient, and returns fresh arrays or views of
+that gradient, never an array saved from the forward pass, so the engine may add into what it receives.
 
 Shape legend used across npgpt: B batch, T time, C channels, H heads, D head size, V vocabulary.
 

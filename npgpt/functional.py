@@ -10,7 +10,7 @@ output's shape; the engine sums them back to the parameter's shape (``engine._su
 Shapes: B batch, T time (query length), S key length, C channels, H heads, D head size, V vocabulary,
 N rows (B*T flattened).
 
-Next to read: ``npgpt/nn.py``, the modules that hold parameters and call these ops.
+Next to read: ``npgpt/checks.py`` (gradcheck, which proves each backward here), then ``npgpt/nn.py``.
 """
 
 import math

@@ -6,7 +6,9 @@ context's. The result equals running the whole context every time (``use_cache=F
 When the context outgrows max_seq_len the window slides: the model is run afresh on the last max_seq_len
 tokens, exactly as the no-cache computation does.
 
-Next to read: ``npgpt/train.py``.
+Shapes: prompt ids (B, T) -> logits (B, T, V); the KV cache holds (B, H, max_seq_len, D) per block.
+
+Next to read: ``npgpt/tokenizer.py`` and ``npgpt/data.py``, where the token ids come from.
 """
 
 import numpy as np

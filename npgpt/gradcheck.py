@@ -5,6 +5,10 @@
 Prints one row per op: the shapes checked, the largest absolute and relative error between backprop's
 gradient and the finite-difference one, and PASS or FAIL. Exits 1 if anything fails. (The function itself is
 ``npgpt.gradcheck``, defined in ``npgpt/checks.py``.)
+
+Shapes: small ones, listed per row of the table.
+
+Next to read: ``npgpt/checks.py``, the check itself.
 """
 
 import sys

@@ -13,6 +13,10 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
     AdamW                          one elementwise kernel over a whole parameter group at once
 
 CuPy itself is reached through ``npgpt.backend`` (which alone imports it); kernels compile on first use.
+
+Shapes: rows are the last axis: (N, C) for LayerNorm and cross-entropy, (B, H, T, S) scores.
+
+Next to read: ``npgpt/functional.py``, where each kernel's plain counterpart lives.
 """
 
 import numpy as np

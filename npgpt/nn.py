@@ -4,6 +4,9 @@
 ``named_parameters()`` yields PyTorch-style dotted names (``blocks.0.attention.W_q.weight``) and
 ``state_dict()`` / ``load_state_dict()`` use the same keys as the PyTorch model.
 
+Shapes: Linear maps (..., in) to (..., out); LayerNorm keeps (..., C); Embedding maps ids (B, T) to
+(B, T, C).
+
 Next to read: ``npgpt/optim.py`` (AdamW), then ``npgpt/model.py`` (the GPT built from these modules).
 """
 

@@ -1,5 +1,7 @@
 """AdamW (as torch.optim.AdamW) and the learning-rate schedule used for training.
 
+Shapes: each moment has its parameter's shape; the update is elementwise.
+
 Next to read: ``npgpt/model.py``, the GPT these update.
 """
 

@@ -12,6 +12,8 @@ seeds and the order of the sums are fixed.
 ``tune_allocator`` keeps freed memory in the process (glibc's mallopt), so the large temporaries of one step
 reuse the pages of the last instead of faulting fresh ones in every time.
 
+Shapes: a batch (B, T) is split into row shards (B / workers, T).
+
 Next to read: ``npgpt/train.py``, which uses both.
 """
 

@@ -5,6 +5,10 @@
 
 --temperature 0 is greedy decoding. Generation uses a KV cache (--no-cache recomputes the whole context per
 token, for comparison); contexts longer than the model's max_seq_len slide.
+
+Shapes: the prompt as ids (1, T), extended one token at a time.
+
+Next to read: ``npgpt/viz.py`` and ``python -m npgpt.gradcheck``, the windows onto the engine.
 """
 
 import argparse

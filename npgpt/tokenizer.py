@@ -9,6 +9,10 @@ the words that contain the merged pair, so it never recounts the corpus. Any str
 ``decode(encode(text)) == text``.
 
 Both serialise to a JSON-able dict (``to_dict`` / ``tokenizer_from_dict``) saved inside every checkpoint.
+
+Shapes: text -> ids (N,) int64 -> text.
+
+Next to read: ``npgpt/data.py``.
 """
 
 import hashlib

@@ -10,6 +10,10 @@ Each step: grad_accum micro-batches of (batch_size, seq_len) tokens -> forward, 
 warmup + cosine learning rate. Every eval_interval steps: validation loss, then ``ckpt.npz`` (latest) and
 ``best.npz`` (lowest validation loss) in --out-dir. Log lines go to stdout and ``metrics.jsonl``.
 Ctrl-C saves a checkpoint and exits; --resume continues bit for bit where it stopped (on the CPU).
+
+Shapes: micro-batches of (B, T) ids; logits (B, T, V); the loss a scalar.
+
+Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU) and ``npgpt/kernels.py`` (GPU).
 """
 
 import json

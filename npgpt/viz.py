@@ -9,6 +9,8 @@ In code:
     loss.backward()
     print(graph.to_dot())      # ops as boxes, tensors as ellipses with shape, dtype and, now, |gradient|
 
+Shapes: each tensor node is labelled with its own shape.
+
 Next to read: ``npgpt/checks.py`` (gradcheck), and ``python -m npgpt.gradcheck`` for the proof on screen.
 """
 
