@@ -200,3 +200,30 @@ def test_float32_erf_and_gelu_are_float32_accurate():
     got_gelu = F.gelu(npgpt.Tensor(x)).data
     assert got_gelu.dtype == np.float32
     assert np.abs(got_gelu - exact_gelu).max() < 1e-6 * np.abs(exact_gelu).max()
+
+
+@pytest.mark.parametrize("length", [128, 300])
+def test_blocked_causal_attention_equals_the_plain_path(device, length):
+    """Long causal sequences take the CPU's block-by-block path; it must equal the one-shot computation."""
+    xp = backend.current()
+    rng = np.random.default_rng(length)
+    q, k, v = (npgpt.Tensor(xp.asarray(rng.standard_normal((2, 3, length, 8))), requires_grad=True)
+               for _ in range(3))
+    cot = xp.asarray(rng.standard_normal((2, 3, length, 8)))
+    results = []
+    for explicit_mask in (False, True):     # a bool mask takes the plain path
+        for t in (q, k, v):
+            t.grad = None
+        if explicit_mask:
+            mask = xp.asarray(np.tril(np.ones((length, length), dtype=bool)))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (out * npgpt.Tensor(cot)).sum().backward()
+        results.append([backend.to_numpy(a) for a in (out.data, q.grad, k.grad, v.grad)])
+    for blocked, plain in zip(*results):
+        np.testing.assert_allclose(blocked, plain, rtol=1e-10, atol=1e-12)
+    small = [npgpt.Tensor(t.data[:, :1, :130, :4].copy(), requires_grad=True) for t in (q, k, v)]
+    npgpt.gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.2,
+                                                                   generator=backend.default_rng(3)),
+                    small, max_probes=40)
