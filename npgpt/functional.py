@@ -340,6 +340,7 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     else:
         probs, logsumexp = _softmax_rows(z)                 # (N, C), (N,)
         losses = (logsumexp - z[rows, safe_t]) * valid      # (N,), 0 where ignored
+        saved = {"probs": probs}                            # the first backward turns it into dz in place
     if reduction == "mean":
         out = losses.sum() / count.astype(z.dtype)
     elif reduction == "sum":
@@ -358,7 +359,12 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
         if fused:
             grad_z = kernels.cross_entropy_backward(z, t, logsumexp, row_scale)
         else:
-            grad_z = probs * row_scale[:, None]             # (N, C)
+            # probs is needed by no one else: scaled in place it becomes dz (a second backward, with
+            # retain_graph, recomputes it)
+            grad_z = saved.pop("probs", None)
+            if grad_z is None:
+                grad_z = _softmax_rows(z)[0]
+            grad_z *= row_scale[:, None].astype(z.dtype, copy=False)   # (N, C)
             grad_z[rows, safe_t] -= row_scale
         if logits.ndim == 1:
             return (grad_z[0],)

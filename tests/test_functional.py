@@ -227,3 +227,13 @@ def test_blocked_causal_attention_equals_the_plain_path(device, length):
     npgpt.gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.2,
                                                                    generator=backend.default_rng(3)),
                     small, max_probes=40)
+
+
+def test_cross_entropy_backward_twice_with_retain_graph(device):
+    xp = backend.current()
+    z = rand((4, 5), 0)
+    loss = F.cross_entropy(z, xp.asarray([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    first = backend.to_numpy(z.grad).copy()
+    loss.backward()
+    np.testing.assert_allclose(backend.to_numpy(z.grad), 2 * first, rtol=1e-12)
