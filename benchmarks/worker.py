@@ -21,6 +21,20 @@ import time
 import numpy as np
 
 
+def _timed_ms(sync, fn):
+    """Milliseconds of fn(), the device synchronised before and after (a no-op on the CPU)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - start) * 1000
+
+
+def _best_gemm_gflops(sync, a, n):
+    """The best of six n x n float32 products, in GFLOP/s: this machine's GEMM peak, as the library sees it."""
+    return max(2 * n ** 3 / _timed_ms(sync, lambda: a @ a) * 1e3 / 1e9 for _ in range(6))
+
+
 def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
 
@@ -63,27 +77,19 @@ class NpgptImpl:
     def train(self):
         from npgpt.train import train_step
         ids = self._ids(self.batch, self.seq + 1)
-        batch = [(ids[:, :-1], ids[:, 1:])]
-        self.sync()
-        start = time.perf_counter()
         self.model.train()
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function
-        train_step(self.model, self.opt, batch, grad_clip=0.0, workers=self.workers)
-        self.sync()
-        return (time.perf_counter() - start) * 1000
+        return _timed_ms(self.sync, lambda: train_step(self.model, self.opt, [(ids[:, :-1], ids[:, 1:])],
+                                                       grad_clip=0.0, workers=self.workers))
 
     def status(self):
         return {"data_parallel_threads": self.workers}
 
     def forward(self):
         ids = self._ids(self.batch, self.seq)
-        self.sync()
-        start = time.perf_counter()
         self.model.eval()
         with self.npgpt.no_grad():
-            self.model(ids)
-        self.sync()
-        return (time.perf_counter() - start) * 1000
+            return _timed_ms(self.sync, lambda: self.model(ids))
 
     def generate(self, prompt, new_tokens):
         from npgpt.generate import generate
@@ -96,14 +102,7 @@ class NpgptImpl:
 
     def sgemm(self, n):
         a = self.xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-        best = 0.0
-        for _ in range(6):
-            self.sync()
-            start = time.perf_counter()
-            a @ a
-            self.sync()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-        return best
+        return _best_gemm_gflops(self.sync, a, n)
 
     def info(self):
         out = {"numpy": np.__version__, "npgpt": self.npgpt.__version__, "device": self.backend.get_device(),
@@ -146,26 +145,20 @@ class TorchImpl:
     def train(self):
         F = self.torch.nn.functional
         ids = self._ids(self.batch, self.seq + 1)
-        self.sync()
-        start = time.perf_counter()
         self.model.train()
-        self.opt.zero_grad()
-        logits = self.model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
-        loss.backward()
-        self.opt.step()
-        self.sync()
-        return (time.perf_counter() - start) * 1000
+
+        def step():
+            self.opt.zero_grad()
+            logits = self.model(ids[:, :-1])
+            F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1)).backward()
+            self.opt.step()
+        return _timed_ms(self.sync, step)
 
     def forward(self):
         ids = self._ids(self.batch, self.seq)
-        self.sync()
-        start = time.perf_counter()
         self.model.eval()
         with self.torch.no_grad():
-            self.model(ids)
-        self.sync()
-        return (time.perf_counter() - start) * 1000
+            return _timed_ms(self.sync, lambda: self.model(ids))
 
     def generate(self, prompt, new_tokens):
         # The tutorial's model has no cache: every token re-runs the whole (cropped) context
@@ -182,16 +175,7 @@ class TorchImpl:
         return new_tokens / (time.perf_counter() - start)
 
     def sgemm(self, n):
-        torch = self.torch
-        a = torch.randn(n, n, device=self.device)
-        best = 0.0
-        for _ in range(6):
-            self.sync()
-            start = time.perf_counter()
-            a @ a
-            self.sync()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-        return best
+        return _best_gemm_gflops(self.sync, self.torch.randn(n, n, device=self.device), n)
 
     def info(self):
         torch = self.torch

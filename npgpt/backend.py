@@ -47,6 +47,15 @@ def _import_cupy():
     return cupy
 
 
+def gpu_unavailable_reason():
+    """None when the GPU backend works here, else the reason it does not (for skips and messages)."""
+    try:
+        _import_cupy()
+    except DeviceError as exc:
+        return str(exc)
+    return None
+
+
 def set_device(name):
     """Choose where new arrays live: 'cpu' (NumPy), 'gpu' (CuPy) or 'auto' (the GPU if one answers)."""
     global _device

@@ -108,14 +108,19 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
             grad_x -= grad_xhat.mean(axis=axes, keepdims=True)   # ... minus term 2
             grad_x -= term3                                 # ... minus term 3
             grad_x *= rstd
-        grads = [grad_x]
-        if weight is not None:
-            grads.append(grad * xhat if weight.requires_grad else None)
-        if bias is not None:
-            grads.append(grad)
-        return tuple(grads)
+        return (grad_x,) + _layer_norm_param_grads(grad, xhat, weight, bias)
 
     return _make(out, parents, backward, "layer_norm")
+
+
+def _layer_norm_param_grads(grad, xhat, weight, bias):
+    """(dw, db) as there are parameters: dw = dy * xhat, db = dy, per position (the engine sums them)."""
+    grads = ()
+    if weight is not None:
+        grads += (grad * xhat if weight.requires_grad else None,)
+    if bias is not None:
+        grads += (grad,)
+    return grads
 
 
 def _layer_norm_fused(input, weight, bias, eps, parents):
@@ -124,12 +129,8 @@ def _layer_norm_fused(input, weight, bias, eps, parents):
     out, xhat, rstd = kernels.layer_norm_forward(input.data, w, bias.data if bias is not None else None, eps)
 
     def backward(grad):
-        grads = [kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None]
-        if weight is not None:
-            grads.append(grad * xhat if weight.requires_grad else None)
-        if bias is not None:
-            grads.append(grad)
-        return tuple(grads)
+        grad_x = kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None
+        return (grad_x,) + _layer_norm_param_grads(grad, xhat, weight, bias)
     return _make(out, parents, backward, "layer_norm")
 
 

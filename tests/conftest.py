@@ -14,19 +14,11 @@ settings.register_profile("thorough", max_examples=200, **_shared)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def _gpu_unavailable_reason():
-    try:
-        backend.module_for("gpu")
-    except backend.DeviceError as exc:
-        return str(exc)
-    return None
-
-
 @pytest.fixture(params=["cpu", "gpu"])
 def device(request):
     """Run the test with new arrays made on this device; restores the previous device afterwards."""
     if request.param == "gpu":
-        reason = _gpu_unavailable_reason()
+        reason = backend.gpu_unavailable_reason()
         if reason:
             pytest.skip(f"CuPy backend unavailable: {reason}")
     previous = backend.get_device()

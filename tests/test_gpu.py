@@ -18,15 +18,8 @@ from npgpt.config import TrainConfig
 from npgpt.checkpoint import load_checkpoint
 
 
-def _gpu_reason():
-    try:
-        backend.module_for("gpu")
-    except backend.DeviceError as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=f"no GPU backend: {_gpu_reason()}")
+pytestmark = pytest.mark.skipif(backend.gpu_unavailable_reason() is not None,
+                                reason=f"no GPU backend: {backend.gpu_unavailable_reason()}")
 
 
 @pytest.fixture
