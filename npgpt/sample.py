@@ -72,7 +72,7 @@ def main(argv=None):
             elapsed = time.perf_counter() - started
             if i:
                 print("-" * 60)
-            print(tokenizer.decode(out[0]))
+            print(tokenizer.decode(out[0]), flush=True)
             print(f"[{args.max_new_tokens} tokens in {elapsed:.2f}s, "
                   f"{args.max_new_tokens / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
         return 0
