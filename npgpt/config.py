@@ -17,7 +17,8 @@ def _f(default, help, choices=None):
 
 @dataclass
 class TrainConfig:
-    preset: str = _f("seed", "named starting point: 'seed' (the tutorial's GPT) or 'shakespeare-char'")
+    preset: str = _f("seed", "named starting point: 'seed' (the tutorial's GPT), 'shakespeare-char' (nanoGPT's "
+                             "CPU baseline) or 'gpt2-small' (GPT-2 small's shape, for a GPU)")
     # data
     data: str = _f("", "UTF-8 text file to train on (default: the bundled Tiny Shakespeare)")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained on the data) or 'char'", ("bpe", "char"))
@@ -72,6 +73,10 @@ PRESETS = {
     "shakespeare-char": dict(tokenizer="char", d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=64,
                              dropout=0.0, seq_len=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4,
                              warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20),
+    # GPT-2 small's shape (12 layers, 12 heads, d_model 768, context 1024) for a GPU; BPE on the corpus.
+    "gpt2-small": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024, seq_len=1024,
+                       batch_size=8, max_iters=2000, lr=6e-4, min_lr=6e-5, warmup_iters=100, eval_interval=200,
+                       eval_iters=20),
 }
 
 # Fields that fix the model's shape: a resumed run must agree with its checkpoint on these.

@@ -252,3 +252,16 @@ def test_sample_cli(corpus, tmp_path, capsys):
     assert sample.main(args + ["--top-k", "5", "--top-p", "0.9", "--no-cache"]) == 0
     assert sample.main(["--out-dir", str(tmp_path / "none")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_presets_and_flags():
+    from npgpt.config import config_from_args
+    config, given = config_from_args(["--preset", "gpt2-small", "--lr", "3e-4"])
+    assert (config.d_model, config.num_heads, config.num_layers, config.max_seq_len) == (768, 12, 12, 1024)
+    assert config.lr == 3e-4 and given == {"preset", "lr"}          # a flag beats the preset
+    config, _ = config_from_args(["--preset", "shakespeare-char"])
+    assert (config.tokenizer, config.d_model, config.seq_len, config.batch_size, config.max_iters) == \
+        ("char", 128, 64, 12, 2000)
+    config, _ = config_from_args([])
+    assert (config.d_model, config.num_heads, config.num_layers, config.d_ff, config.vocab_size) == \
+        (256, 4, 4, 1024, 10000)                                     # the tutorial's GPT by default
