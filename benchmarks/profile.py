@@ -109,6 +109,9 @@ def main(argv=None):
     per = 1000.0 / steps
     print(f"{args.model} training step ({args.batch}, {args.seq}), dropout {args.dropout}, {args.device}: "
           f"{total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
+    if args.device == "cpu" and args.threads > 1:
+        print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
+              "than the step; --threads 1 gives a breakdown that adds up)\n")
     print("| op | calls/step | forward ms | backward ms | total ms | share |")
     print("|---|---|---|---|---|---|")
     accounted = 0.0
@@ -120,7 +123,8 @@ def main(argv=None):
     accounted += optim_s
     print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
     rest = total - accounted
-    print(f"| engine, zero_grad, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
+    if rest > 0:
+        print(f"| engine, zero_grad, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
 
 
 if __name__ == "__main__":
