@@ -88,7 +88,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     mean = x.mean(axis=axes, keepdims=True)                 # (..., 1)
     xhat = x - mean                                         # centred now, normalized below
     var = (xhat * xhat).mean(axis=axes, keepdims=True)      # (..., 1) biased variance, as PyTorch
-    rstd = 1.0 / xp.sqrt(var + xp.asarray(eps, dtype=x.dtype))   # (..., 1) reciprocal standard deviation
+    rstd = 1.0 / xp.sqrt(var + x.dtype.type(eps))          # (..., 1) reciprocal standard deviation
     xhat *= rstd                                            # (..., C) zero mean, unit variance
     out = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
