@@ -33,7 +33,7 @@ def train_npgpt(budget, device):
     while time.perf_counter() - start < budget and steps < config.max_iters:
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(steps)
-        train_step(run.model, run.optimizer, run.next_micro_batches(), config.grad_clip)
+        train_step(run.model, run.optimizer, run.next_micro_batches(), config.grad_clip, run.workers)
         backend.synchronize()
         steps += 1
     elapsed = time.perf_counter() - start
