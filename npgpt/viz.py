@@ -76,7 +76,12 @@ class Graph:
             if id(t) in self.ops:
                 lines.append(f'  op{id(t)} [shape=box, style=rounded, label="{self.ops[id(t)]}"];')
         for source, target in self.edges():
-            lines.append(f"  {source} -> {target};")
+            label = ""
+            if target.startswith("op"):          # an op with several inputs numbers them: 0 = first argument
+                parents = [f"t{id(p)}" for p in self.parents[int(target[2:])]]
+                if len(parents) > 1:
+                    label = f' [label="{parents.index(source)}"]'
+            lines.append(f"  {source} -> {target}{label};")
         lines.append("}")
         return "\n".join(lines)
 

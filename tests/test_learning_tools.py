@@ -29,7 +29,8 @@ def test_dot_of_a_known_expression_has_exactly_its_ops_and_edges():
                 (t[product], op[total]), (t[c], op[total]), (op[total], t[total]),
                 (t[total], op[loss]), (op[loss], t[loss])}
     assert set(graph.edges()) == expected
-    assert set(re.findall(r"(\w+) -> (\w+);", dot)) == expected
+    assert set(re.findall(r"(\w+) -> (\w+)[ ;]", dot)) == expected
+    assert f'{t[a]} -> {op[product]} [label="0"];' in dot and f'{t[b]} -> {op[product]} [label="1"];' in dot
     # shapes, names and (after backward) gradient norms are in the labels
     assert 'label="a\\n(2, 3) float64\\n|grad| ' in dot
     assert "|grad| 4.899" in dot          # d(sum(a*b + c))/da = b = 2 everywhere: norm sqrt(6 * 4)
