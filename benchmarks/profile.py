@@ -65,7 +65,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     vocab = model.vocab_size
     opt = make_optimizer(model, config, workers)
     rng = np.random.default_rng(0)
-    total, optim_time = 0.0, 0.0
+    total = 0.0
     real_step = opt.step
 
     def timed_step():

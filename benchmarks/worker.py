@@ -13,7 +13,6 @@ noise falls on both alike. Protocol: one JSON command per line on stdin, one JSO
 """
 
 import json
-import os
 import resource
 import sys
 import time

@@ -4,14 +4,13 @@ Skipped with the reason where CuPy or a GPU is missing (the rest of the suite ru
 CuPy too, through the `device` fixture).
 """
 
-import os
 
 import numpy as np
 import pytest
 
 import npgpt
 import npgpt.functional as F
-from npgpt import backend, kernels
+from npgpt import backend
 from npgpt.model import GPT
 from npgpt.train import main as train_main, make_optimizer, train_step
 from npgpt.config import TrainConfig
