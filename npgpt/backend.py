@@ -80,7 +80,9 @@ def get_device():
 
 def current():
     """The array module new arrays are made with: numpy, or cupy on the GPU."""
-    return _cupy if _device == "gpu" else np
+    if _device == "gpu":
+        return _cupy if _cupy is not None else _import_cupy()
+    return np
 
 
 def module_for(device):
@@ -236,4 +238,7 @@ def synchronize():
 
 
 if os.environ.get("NPGPT_DEVICE"):
-    set_device(os.environ["NPGPT_DEVICE"])
+    try:
+        set_device(os.environ["NPGPT_DEVICE"])
+    except DeviceError:
+        _device = "gpu"   # as asked; the first array made raises the DeviceError, where it can be reported

@@ -8,6 +8,7 @@ Next to read: ``npgpt/checkpoint.py``.
 """
 
 import argparse
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -52,7 +53,8 @@ class TrainConfig:
     sample_tokens: int = _f(200, "tokens to generate at the end of training (0: none)")
     sample_prompt: str = _f("\n", "prompt for the sample printed at the end")
     # machine
-    device: str = _f("auto", "'cpu', 'gpu' (CuPy) or 'auto' (the GPU when one answers)", ("cpu", "gpu", "auto"))
+    device: str = _f("auto", "'cpu', 'gpu' (CuPy) or 'auto' (the GPU when one answers); NPGPT_DEVICE sets it too",
+                     ("cpu", "gpu", "auto"))
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
     workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
@@ -108,6 +110,8 @@ def config_from_args(argv=None):
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", "seed")
     values = dict(PRESETS[preset])
+    if os.environ.get("NPGPT_DEVICE"):          # the environment's device, unless --device says otherwise
+        values["device"] = os.environ["NPGPT_DEVICE"]
     values.update(given)
     values["preset"] = preset
     return TrainConfig(**values), set(given)

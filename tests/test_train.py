@@ -183,6 +183,12 @@ def test_gpu_without_cupy_is_a_clear_error(corpus, tmp_path, capsys):
         pass
     code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--device", "gpu"], capsys)
     assert code == 2 and "CuPy" in err and len(err.strip().splitlines()) == 1
+    # the environment variable asks for the GPU just as clearly
+    args = [a for a in TINY if a not in ("--device", "cpu")]
+    proc = subprocess.run([sys.executable, "-m", "npgpt.train"] + args + ["--data", corpus, "--out-dir",
+                                                                        str(tmp_path / "o")],
+                          env=dict(os.environ, NPGPT_DEVICE="gpu"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CuPy" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
