@@ -270,3 +270,20 @@ def test_presets_and_flags():
     config, _ = config_from_args([])
     assert (config.d_model, config.num_heads, config.num_layers, config.d_ff, config.vocab_size) == \
         (256, 4, 4, 1024, 10000)                                     # the tutorial's GPT by default
+
+
+def test_data_parallel_step_equals_the_single_thread_step():
+    """Shards on threads, gradients added in shard order: the same update as one thread, in float64."""
+    rng = np.random.default_rng(5)
+    inputs, targets = rng.integers(0, 20, (5, 9)), rng.integers(0, 20, (5, 9))   # 5 rows: uneven shards
+    results = []
+    for workers in (1, 2, 3):
+        backend.manual_seed(0)
+        model = GPT(20, d_model=16, num_heads=2, num_layers=2, d_ff=24, max_seq_len=9, dropout=0.0).to(np.float64)
+        opt = make_optimizer(model, TrainConfig(), workers)
+        loss = train_step(model, opt, [(inputs, targets)], 1.0, workers)
+        results.append((float(loss), [backend.to_numpy(p.data).copy() for p in model.parameters()]))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-12)
+        for a, b in zip(params, results[0][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
