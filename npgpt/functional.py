@@ -331,14 +331,14 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
                          f"{ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
     t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
     valid = t != ignore_index
-    rows = xp.arange(z.shape[0])
-    safe_t = xp.where(valid, t, 0)
     count = valid.sum()
 
     fused = kernels.available(z)
     if fused:                                               # GPU: logsumexp and loss in one kernel
         logsumexp, losses = kernels.cross_entropy_forward(z, t, ignore_index)
     else:
+        rows = xp.arange(z.shape[0])                        # (N,) with safe_t: each row's target column
+        safe_t = xp.where(valid, t, 0)
         probs, logsumexp = _softmax_rows(z)                 # (N, C), (N,)
         losses = (logsumexp - z[rows, safe_t]) * valid      # (N,), 0 where ignored
         saved = {"probs": probs}                            # the first backward turns it into dz in place

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -39,6 +38,3 @@ def torch():
     return pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'npgpt[torch]' "
                                                "to run the parity tests")
 
-
-def as_numpy(a):
-    return backend.to_numpy(a.data if hasattr(a, "data") and not isinstance(a, np.ndarray) else a)
