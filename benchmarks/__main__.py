@@ -3,7 +3,8 @@
     python -m benchmarks                    # the speed suite: three shapes of the tutorial GPT, CPU
     python -m benchmarks --quick            # the smallest shape, few repetitions (under a minute)
     python -m benchmarks --suite quality    # same wall-clock budget, shakespeare-char: validation losses
-    python -m benchmarks --device gpu       # npgpt on CuPy against PyTorch on CUDA
+    python -m benchmarks --device gpu       # npgpt on CuPy against PyTorch on CUDA (adds GPT-2 small)
+    python -m benchmarks --shapes 16x256    # only these (batch x length) shapes
     python -m benchmarks --json results.json
 """
 
@@ -45,15 +46,26 @@ def main(argv=None):
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for each implementation")
     p.add_argument("--budget", type=float, default=120.0, help="seconds of training per side (quality suite)")
+    p.add_argument("--shapes", metavar="BxT,...", help="training shapes of the tutorial GPT to time, e.g. "
+                   "16x256,4x512 (default: 8x128,16x256,4x512)")
+    p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     args = p.parse_args(argv)
+    shapes = None
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in item.split("x")) for item in args.shapes.split(",")]
+            assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            p.error(f"--shapes {args.shapes!r}: give batch x length pairs, e.g. 16x256,4x512")
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
     report = {"machine": machine_description(args.threads)}
     if args.suite in ("speed", "all"):
-        speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, log=log)
+        speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, shapes=shapes,
+                          gpt2_small=not args.no_gpt2_small, log=log)
         report["speed"] = speed
         print(format_speed(speed))
     if args.suite in ("quality", "all"):

@@ -27,13 +27,13 @@ def _setup(device):
 
 def train_npgpt(budget, device):
     from npgpt import backend
-    from npgpt.train import estimate_loss, train_step
+    from npgpt.train import estimate_loss
     config, run = _setup(device)
     start, steps = time.perf_counter(), 0
     while time.perf_counter() - start < budget and steps < config.max_iters:
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(steps)
-        train_step(run.model, run.optimizer, run.next_micro_batches(), config.grad_clip, run.workers)
+        run.train_step(run.next_micro_batches())
         backend.synchronize()
         steps += 1
     elapsed = time.perf_counter() - start

@@ -40,8 +40,8 @@ def forward_flops(model, batch, seq):
 class Worker:
     """A child process running benchmarks/worker.py for one implementation."""
 
-    def __init__(self, impl, env, setup):
-        self.impl = impl
+    def __init__(self, impl, env, setup, label=None):
+        self.impl = label or impl        # the name its figures go under
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker"], cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ask(dict(setup, op="setup", impl=impl))
@@ -106,15 +106,18 @@ def machine_description(threads):
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
 
 
-def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, log=print):
+def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, gpt2_small=True,
+              log=print):
     """The speed suite; on the GPU it adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024)."""
     threads = threads or os.cpu_count()
     model = model or TUTORIAL
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
     cases = [(model, batch, seq) for batch, seq in shapes]
-    if device == "gpu" and not quick:
+    if device == "gpu" and not quick and gpt2_small:
         cases.append((GPT2_SMALL, 8, 1024))
     warmup, repeats = (1, 3) if quick else (2, 7)
+    if device == "gpu":
+        warmup = max(warmup, 2)     # npgpt's first step runs eagerly and its second records the CUDA graph
     env = child_env(threads)
     report = {"machine": machine_description(threads), "device": device, "model": model, "dropout": dropout,
               "warmup": warmup, "repeats": repeats, "cases": []}
@@ -122,6 +125,9 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
         setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=dropout, threads=threads)
         log(f"[{batch}x{seq}] starting workers")
         workers = [Worker("npgpt", env, setup), Worker("torch", env, setup)]
+        # on the GPU, also npgpt launching every kernel from Python: what the CUDA graph is worth
+        eager = ([Worker("npgpt", env, dict(setup, cuda_graph=False), label="npgpt_eager")]
+                 if device == "gpu" else [])
         try:
             if index == 0:
                 report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers}
@@ -133,7 +139,7 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
             fwd = alternate(workers, "forward", warmup, repeats)
             case["forward_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers}
             log(f"[{batch}x{seq}] forward done")
-            trn = alternate(workers, "train", warmup, repeats)
+            trn = alternate(workers + eager, "train", warmup, repeats)
             case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers}
             log(f"[{batch}x{seq}] train done")
             case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
@@ -148,7 +154,7 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                 log(f"[{batch}x{seq}] generation done")
             report["cases"].append(case)
         finally:
-            for w in workers:
+            for w in workers + eager:
                 w.close()
     peak = max(report["sgemm_gflops"].values())
     report["sgemm_peak_gflops"] = peak
@@ -213,6 +219,12 @@ def format_speed(report):
                      f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | **{c['train_ratio']:.2f}x** | "
                      f"{mfu(c, 'npgpt')} | {mfu(c, 'torch')} |")
     for c in report["cases"]:
+        if "npgpt_eager" in c["train_ms"]:
+            tokens = c["batch"] * c["seq"]
+            n, t = c["train_ms"]["npgpt_eager"], c["train_ms"]["torch"]
+            lines.append(f"| train step {label(c)}, npgpt without the CUDA graph | {n:.1f} ms "
+                         f"({tokens / n:.1f}k tok/s) | {t:.1f} ms | {n / t:.2f}x | {mfu(c, 'npgpt_eager')} | |")
+    for c in report["cases"]:
         tokens = c["batch"] * c["seq"]
         n, t = c["forward_ms"]["npgpt"], c["forward_ms"]["torch"]
         lines.append(f"| forward only {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
@@ -231,4 +243,13 @@ def format_speed(report):
         lines.append(f"| peak RSS, training {label(c)} | {n['max_rss_mb']:.0f} MB "
                      f"(+{n['max_rss_mb'] - n['after_import_mb']:.0f} over import) | {t['max_rss_mb']:.0f} MB "
                      f"(+{t['max_rss_mb'] - t['after_import_mb']:.0f} over import) | | | |")
+    graphs = []
+    for c in report["cases"]:
+        status = c["train_mem"]["npgpt"].get("status", {})
+        if "cuda_graph_replays" in status:
+            graphs.append(f"{label(c)}: " + (f"fell back to eager ({status['cuda_graph_fallback']})"
+                                             if status["cuda_graph_fallback"] else
+                                             f"{status['cuda_graph_replays']} replays"))
+    if graphs:
+        lines += ["", "npgpt's training step as a CUDA graph: " + "; ".join(graphs) + "."]
     return "\n".join(lines)

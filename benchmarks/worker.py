@@ -5,6 +5,7 @@ them, so npgpt and PyTorch never share a process (their thread pools would slow 
 noise falls on both alike. Protocol: one JSON command per line on stdin, one JSON reply per line on stdout.
 
     {"op": "setup", "impl": "npgpt"|"torch", "device": "cpu"|"gpu", "batch": B, "seq": T, ...}
+                          (npgpt on the GPU: "cuda_graph": false launches every kernel from Python)
     {"op": "train"}       one timed training step (zero_grad, forward, loss, backward, AdamW step) -> ms
     {"op": "forward"}     one timed inference forward pass (no graph) -> ms
     {"op": "generate", "prompt": 16, "new_tokens": 200}  -> tokens/s
@@ -66,6 +67,14 @@ class NpgptImpl:
         self.vocab = cfg["model"]["vocab_size"]
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
+        # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function,
+        # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.train` does
+        from npgpt.graph import GraphStep
+        from npgpt.train import train_step
+        self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=self.workers)
+        self.graph = None
+        if not on_cpu and cfg.get("cuda_graph", True):
+            self.graph = GraphStep(self.step, self.opt, self.vocab)
 
     def _ids(self, batch, length):
         return self.rng.integers(0, self.vocab, (batch, length))     # NumPy: the model moves them
@@ -74,15 +83,17 @@ class NpgptImpl:
         self.backend.synchronize()
 
     def train(self):
-        from npgpt.train import train_step
         ids = self._ids(self.batch, self.seq + 1)
         self.model.train()
-        # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function
-        return _timed_ms(self.sync, lambda: train_step(self.model, self.opt, [(ids[:, :-1], ids[:, 1:])],
-                                                       grad_clip=0.0, workers=self.workers))
+        step = self.graph or self.step
+        return _timed_ms(self.sync, lambda: step([(ids[:, :-1], ids[:, 1:])]))
 
     def status(self):
-        return {"data_parallel_threads": self.workers}
+        out = {"data_parallel_threads": self.workers}
+        if self.graph is not None:
+            out["cuda_graph_replays"] = self.graph.replays
+            out["cuda_graph_fallback"] = self.graph.fallback_reason
+        return out
 
     def forward(self):
         ids = self._ids(self.batch, self.seq)

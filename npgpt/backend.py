@@ -204,19 +204,44 @@ def rows_per_block(array, block_bytes=512 * 1024):
     return max(1, block_bytes // max(1, array.shape[-1] * array.itemsize))
 
 
+def matmul(a, b):
+    """a @ b. On the GPU through npgpt.cublas, which calls cuBLAS itself so that a CUDA graph can record
+    the product (CuPy's own @ refuses to run during capture); NumPy's matmul on the CPU."""
+    if is_gpu_array(a) or is_gpu_array(b):
+        from . import cublas
+        return cublas.matmul(a, b)
+    return np.matmul(a, b)
+
+
 def sum_leading(array, count):
     """Sum over the first `count` axes (a bias or LayerNorm gradient summed over every position).
 
-    On the GPU as a vector-matrix product, whose reads are coalesced; a reduction over leading axes
+    On the GPU as a (1, N) @ (N, C) product, whose reads are coalesced; a reduction over leading axes
     reads with a stride there. On the CPU, NumPy's sum over axis 0 adds whole rows.
     """
     rest = array.shape[count:]
     flat = array.reshape(-1, int(np.prod(rest, dtype=np.int64)))
     if is_gpu_array(array):
-        summed = get_array_module(array).ones(flat.shape[0], dtype=array.dtype) @ flat
+        ones = get_array_module(array).ones((1, flat.shape[0]), dtype=array.dtype)
+        summed = matmul(ones, flat)
     else:
         summed = flat.sum(axis=0)
     return summed.reshape(rest)
+
+
+def copy_into(target, source):
+    """target[...] = source, a host array; on the GPU an asynchronous copy in the current stream's order."""
+    if is_gpu_array(target):
+        target.set(np.ascontiguousarray(source, dtype=target.dtype),
+                   stream=_cupy.cuda.get_current_stream())
+    else:
+        target[...] = source
+
+
+def capturing():
+    """True while this thread's current GPU stream is being recorded into a CUDA graph (npgpt/graph.py):
+    then nothing may wait for the device or copy from the host, so checks that read device values skip."""
+    return _cupy is not None and _cupy.cuda.get_current_stream().is_capturing()
 
 
 def rng_state(rng):
@@ -232,9 +257,9 @@ def set_rng_state(rng, state):
 
 
 def synchronize():
-    """Wait for queued GPU work (a no-op on the CPU): timings on the GPU need it."""
+    """Wait for all queued GPU work, on every stream (a no-op on the CPU): timings on the GPU need it."""
     if _cupy is not None:
-        _cupy.cuda.get_current_stream().synchronize()
+        _cupy.cuda.Device().synchronize()
 
 
 if os.environ.get("NPGPT_DEVICE"):

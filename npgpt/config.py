@@ -57,6 +57,8 @@ class TrainConfig:
                      ("cpu", "gpu", "auto"))
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
     workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
+    cuda_graph: str = _f("on", "on the GPU, record the training step once as a CUDA graph and replay it "
+                               "(npgpt/graph.py); 'off' launches every kernel from Python", ("on", "off"))
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
 
     def model_kwargs(self, vocab_size):

@@ -392,14 +392,14 @@ def matmul(a, b):
             g2 = g2[..., None]
         if x.ndim == 1:
             g2 = g2[..., None, :]
-        grad_a = g2 @ b2.swapaxes(-1, -2)
-        grad_b = a2.swapaxes(-1, -2) @ g2
+        grad_a = backend.matmul(g2, b2.swapaxes(-1, -2))
+        grad_b = backend.matmul(a2.swapaxes(-1, -2), g2)
         if x.ndim == 1:
             grad_a = grad_a[..., 0, :]
         if w.ndim == 1:
             grad_b = grad_b[..., 0]
         return grad_a, grad_b
-    return _make(x @ w, (a, b), backward, "matmul")
+    return _make(backend.matmul(x, w), (a, b), backward, "matmul")
 
 
 def _pow_tensor(a, b):

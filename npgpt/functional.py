@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from . import backend, kernels
+from .backend import matmul     # a @ b; on the GPU through cuBLAS directly, so a CUDA graph can record it
 from .engine import Tensor, _make
 
 __all__ = ["linear", "layer_norm", "gelu", "softmax", "log_softmax", "cross_entropy", "embedding", "dropout",
@@ -33,6 +34,11 @@ def _xp(x):
     return backend.get_array_module(x)
 
 
+def _recording(array):
+    """True for a GPU array while a CUDA graph records: its values cannot be read back then."""
+    return backend.is_gpu_array(array) and backend.capturing()
+
+
 # ========================================================================================================
 # linear
 
@@ -45,7 +51,7 @@ def linear(input, weight, bias=None):
                          f"(out, in): the input's last dimension must be {W.shape[1]}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, W.shape[1])                         # (N, in): one GEMM for all positions
-    out = x2d @ W.T                                         # (N, out)
+    out = matmul(x2d, W.T)                                  # (N, out)
     if bias is not None:
         bias = _t(bias)
         out += bias.data
@@ -56,8 +62,8 @@ def linear(input, weight, bias=None):
     # db = dy          returned per position; the engine sums it to (out,)
     def backward(grad):
         grad2d = grad.reshape(-1, W.shape[0])               # (N, out)
-        grad_x = (grad2d @ W).reshape(x.shape) if input.requires_grad else None
-        grad_W = grad2d.T @ x2d if weight.requires_grad else None
+        grad_x = matmul(grad2d, W).reshape(x.shape) if input.requires_grad else None
+        grad_W = matmul(grad2d.T, x2d) if weight.requires_grad else None
         return (grad_x, grad_W, grad) if bias is not None else (grad_x, grad_W)
 
     parents = (input, weight, bias) if bias is not None else (input, weight)
@@ -324,11 +330,13 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
                          f"{expected_target}, got {labels.shape}")
     num_classes = z.shape[-1]
     z = z.reshape(-1, num_classes)                          # (N, C)
-    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal ignore_index="
-                         f"{ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
+    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free; device ids cost a
+    # wait for the GPU, and are not checked while a CUDA graph records (npgpt/graph.py checks its batches)
+    if not _recording(labels):
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal "
+                             f"ignore_index={ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
     t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
     valid = t != ignore_index
     count = valid.sum()
@@ -389,8 +397,8 @@ def embedding(input, weight):
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
     num_embeddings = W.shape[0]
-    # checked where the ids are (NumPy ids on the host, for free), then moved to W's device
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+    # checked where the ids are (NumPy ids on the host, for free; see cross_entropy), then moved to W's device
+    if ids.size and not _recording(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
         raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
     ids = xp.asarray(ids)
@@ -469,6 +477,12 @@ def _additive_mask(mask, dtype, cache_key=None):
     return additive
 
 
+# Long causal sequences are scored block by block (see _causal_attention_blocked): from 128 positions on the
+# CPU; on the GPU only once the (..., L, L) scores reach this many elements, below which the extra kernels
+# of the blocks cost more than the skipped work saves.
+GPU_BLOCKED_ATTENTION_SCORES = 2**25
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, generator=None):
     """softmax(Q K^T * scale + mask) V, with Q (..., L, D), K (..., S, D), V (..., S, Dv).
@@ -486,11 +500,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          "must agree: (..., L, D), (..., S, D), (..., S, Dv)")
     L, S = q.shape[-2], k.shape[-2]
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if is_causal and L == S and L >= 128 and not kernels.available(q):
+    if is_causal and L == S and L >= 128 and (not kernels.available(q) or
+                                              q.size // q.shape[-1] * L >= GPU_BLOCKED_ATTENTION_SCORES):
         return _causal_attention_blocked(query, key, value, scale, dropout_p, generator)
 
     q_scaled = q * scale                                    # (..., L, D): cheaper to scale than the scores
-    scores = q_scaled @ k.swapaxes(-1, -2)                  # (..., L, S)
+    scores = matmul(q_scaled, k.swapaxes(-1, -2))           # (..., L, S)
     fused = kernels.available(scores) and attn_mask is None and (dropout_p == 0.0 or generator is None)
     if fused:                                               # GPU: masked softmax + dropout in one kernel
         seed = backend.next_seed() if dropout_p > 0.0 else 0
@@ -514,15 +529,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn *= keep_scale
     else:
         attn = probs
-    out = attn @ v                                          # (..., L, Dv)
+    out = matmul(attn, v)                                   # (..., L, Dv)
 
     # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
     #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
     #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
-        grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
-        grad_scores = grad @ v.swapaxes(-1, -2)             # (..., L, S): dA, turned into dS in place
+        grad_v = matmul(attn.swapaxes(-1, -2), grad)        # (..., S, Dv)
+        grad_scores = matmul(grad, v.swapaxes(-1, -2))      # (..., L, S): dA, turned into dS in place
         if fused:
             grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, dropout_p, seed)
         else:
@@ -531,9 +546,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 grad_scores *= keep_scale
             grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
             grad_scores *= probs
-        grad_q = grad_scores @ k                            # (..., L, D)
+        grad_q = matmul(grad_scores, k)                     # (..., L, D)
         grad_q *= scale
-        grad_k = grad_scores.swapaxes(-1, -2) @ q_scaled    # (..., S, D)
+        grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled)   # (..., S, D)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
@@ -541,34 +556,41 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
     """Causal attention computed block by block of queries, skipping the keys no query of the block sees.
 
-    The CPU's fast path for long sequences: the same maths as scaled_dot_product_attention (tests hold them
+    The fast path for long sequences: the same maths as scaled_dot_product_attention (tests hold them
     equal), but queries i0..i1-1 are only scored against keys 0..i1-1. With 4 blocks that is 10 of the
     16 score tiles, so ~37% of the attention's multiplies, exponentials and dropout draws are never done.
+    On the GPU each block's causal softmax and dropout is one fused kernel (query r of the block sees keys
+    j <= i0 + r).
     """
     q, k, v = query.data, key.data, value.data
     xp = _xp(q)
+    k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)     # read by every block: laid out once
     L = q.shape[-2]
     block = max(64, L // 4)
+    fused = kernels.available(q) and generator is None
     q_scaled = q * scale                                    # (..., L, D)
     out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)   # (..., L, Dv)
-    saved = []                                              # per block: (i0, i1, P, A, keep, keep_scale)
+    saved = []                                              # per block: (i0, i1, P, A, dropout mask)
     for i0 in range(0, L, block):
         i1 = min(L, i0 + block)
-        scores = q_scaled[..., i0:i1, :] @ k[..., :i1, :].swapaxes(-1, -2)   # (..., b, i1)
-        scores += _additive_mask(causal_mask(xp, i1 - i0, i1, offset=i0), q.dtype,
-                                 ("causal", xp.__name__, i1 - i0, i1, i0))
-        probs = scores                                      # softmax in place, as in the plain path
-        probs -= probs.max(axis=-1, keepdims=True)
-        xp.exp(probs, out=probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        keep = keep_scale = None
-        attn = probs
-        if dropout_p > 0.0:
-            keep, keep_scale = _keep_mask(probs.shape, dropout_p, q.dtype, generator)
-            attn = probs * keep
-            attn *= keep_scale
-        out[..., i0:i1, :] = attn @ v[..., :i1, :]
-        saved.append((i0, i1, probs, attn, keep, keep_scale))
+        scores = matmul(q_scaled[..., i0:i1, :], k[..., :i1, :].swapaxes(-1, -2))   # (..., b, i1)
+        if fused:                                           # the mask is a seed: regenerated in backward
+            mask = backend.next_seed() if dropout_p > 0.0 else 0
+            probs, attn = kernels.softmax_dropout_forward(scores, True, dropout_p, mask, offset=i0)
+        else:
+            scores += _additive_mask(causal_mask(xp, i1 - i0, i1, offset=i0), q.dtype,
+                                     ("causal", xp.__name__, i1 - i0, i1, i0))
+            probs = scores                                  # softmax in place, as in the plain path
+            probs -= probs.max(axis=-1, keepdims=True)
+            xp.exp(probs, out=probs)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            mask, attn = None, probs
+            if dropout_p > 0.0:
+                mask = _keep_mask(probs.shape, dropout_p, q.dtype, generator)    # (keep, keep_scale)
+                attn = probs * mask[0]
+                attn *= mask[1]
+        out[..., i0:i1, :] = matmul(attn, v[..., :i1, :])
+        saved.append((i0, i1, probs, attn, mask))
 
     # Per block, with P, A of shape (..., b, i1): the plain path's backward restricted to the visible keys;
     # keys and values collect their gradients from every block that sees them.
@@ -576,17 +598,20 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
         grad_q = xp.empty_like(q)
         grad_k = xp.zeros_like(k)
         grad_v = xp.zeros_like(v)
-        for i0, i1, probs, attn, keep, keep_scale in saved:
+        for i0, i1, probs, attn, mask in saved:
             grad_block = grad[..., i0:i1, :]                # (..., b, Dv)
-            grad_v[..., :i1, :] += attn.swapaxes(-1, -2) @ grad_block
-            grad_scores = grad_block @ v[..., :i1, :].swapaxes(-1, -2)      # dA, then dS in place
-            if keep is not None:
-                grad_scores *= keep
-                grad_scores *= keep_scale
-            grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
-            grad_scores *= probs
-            grad_q[..., i0:i1, :] = grad_scores @ k[..., :i1, :]
-            grad_k[..., :i1, :] += grad_scores.swapaxes(-1, -2) @ q_scaled[..., i0:i1, :]
+            grad_v[..., :i1, :] += matmul(attn.swapaxes(-1, -2), grad_block)
+            grad_scores = matmul(grad_block, v[..., :i1, :].swapaxes(-1, -2))     # dA, then dS
+            if fused:
+                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, dropout_p, mask)
+            else:
+                if mask is not None:
+                    grad_scores *= mask[0]
+                    grad_scores *= mask[1]
+                grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
+                grad_scores *= probs
+            grad_q[..., i0:i1, :] = matmul(grad_scores, k[..., :i1, :])
+            grad_k[..., :i1, :] += matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :])
         grad_q *= scale
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

@@ -33,6 +33,13 @@ __device__ unsigned int dropout_bits(unsigned long long seed, unsigned long long
     z = z ^ (z >> 31);
     return (unsigned int)(z >> 32);
 }
+
+// The seed a kernel hashes with: its own (drawn on the host when the op ran) moved along by the device's
+// replay counter, which stays 0 in eager training and counts the replays of a recorded CUDA graph, whose
+// host seeds are frozen into it (npgpt/graph.py). So each replay draws fresh dropout masks.
+__device__ unsigned long long replay_seed(unsigned long long seed, const unsigned long long* replay) {
+    return seed + replay[0] * 0xD1B54A32D192ED03ULL;
+}
 """
 
 _ROW_KERNELS = _HASH + r"""
@@ -114,11 +121,12 @@ __global__ void layer_norm_backward(const T* dy, const T* w, const T* xhat, cons
 // With causal != 0, row r is query i = r % L, which sees keys j <= i + offset.
 template <typename T>
 __global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, int S, int L, int offset, int causal,
-                                        unsigned long long seed, unsigned int threshold, T keep_scale,
-                                        int dropout) {
+                                        unsigned long long seed, const unsigned long long* replay,
+                                        unsigned int threshold, T keep_scale, int dropout) {
     extern __shared__ unsigned char smem[];
     T* shared = reinterpret_cast<T*>(smem);
     long long row = blockIdx.x;
+    seed = replay_seed(seed, replay);
     int last = causal ? min(S - 1, (int)(row % L) + offset) : S - 1;   // last visible key
     const T* in = scores + row * S;
     T m = negative_infinity<T>();
@@ -138,11 +146,12 @@ __global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, int 
 // dP = dA * keep / (1 - p), then dS = P * (dP - sum_j dP * P), row by row
 template <typename T>
 __global__ void softmax_dropout_backward(const T* dattn, const T* probs, T* dscores, int S,
-                                         unsigned long long seed, unsigned int threshold, T keep_scale,
-                                         int dropout) {
+                                         unsigned long long seed, const unsigned long long* replay,
+                                         unsigned int threshold, T keep_scale, int dropout) {
     extern __shared__ unsigned char smem[];
     T* shared = reinterpret_cast<T*>(smem);
     long long row = blockIdx.x;
+    seed = replay_seed(seed, replay);
     T s = 0;
     for (int j = threadIdx.x; j < S; j += blockDim.x) {
         long long idx = row * S + j;
@@ -292,9 +301,10 @@ def dropout_threshold(p):
 def dropout_forward(x, p, seed):
     """x * keep / (1 - p) with keep drawn from (seed, element index): nothing stored for backward."""
     threshold, scale = dropout_threshold(p)
-    kernel = _elementwise("dropout", "T x, uint64 seed, uint32 threshold, T scale", "T y",
-                          "y = dropout_bits(seed, i) >= threshold ? x * scale : (T)0;", preamble=_HASH)
-    return kernel(x, np.uint64(seed), np.uint32(threshold), x.dtype.type(scale))
+    kernel = _elementwise("dropout", "T x, raw uint64 replay, uint64 seed, uint32 threshold, T scale", "T y",
+                          "y = dropout_bits(replay_seed(seed, &replay[0]), i) >= threshold ? x * scale : (T)0;",
+                          preamble=_HASH)
+    return kernel(x, replay_counter(), np.uint64(seed), np.uint32(threshold), x.dtype.type(scale))
 
 
 def dropout_backward(grad, p, seed):
@@ -302,17 +312,18 @@ def dropout_backward(grad, p, seed):
     return dropout_forward(grad, p, seed)
 
 
-def softmax_dropout_forward(scores, causal, p, seed):
-    """(P, A): P = softmax of (..., L, S) scores along the last axis (causal rows see keys j <= i), and
-    A = dropout(P) (A is P itself when p == 0). One pass over the scores."""
+def softmax_dropout_forward(scores, causal, p, seed, offset=0):
+    """(P, A): P = softmax of (..., L, S) scores along the last axis (causal rows see keys j <= i + offset),
+    and A = dropout(P) (A is P itself when p == 0). One pass over the scores."""
     cp = _cupy()
     L, S = scores.shape[-2], scores.shape[-1]
     probs = cp.empty_like(scores)
     attn = cp.empty_like(scores) if p > 0 else probs
     threshold, scale = dropout_threshold(p)
     _launch("softmax_dropout_forward", scores.dtype, scores.size // S,
-            (cp.ascontiguousarray(scores), probs, attn, np.int32(S), np.int32(L), np.int32(0), np.int32(causal),
-             np.uint64(seed), np.uint32(threshold), _scalar(scale, scores.dtype), np.int32(p > 0)))
+            (cp.ascontiguousarray(scores), probs, attn, np.int32(S), np.int32(L), np.int32(offset), np.int32(causal),
+             np.uint64(seed), replay_counter(), np.uint32(threshold), _scalar(scale, scores.dtype),
+             np.int32(p > 0)))
     return probs, attn
 
 
@@ -324,7 +335,7 @@ def softmax_dropout_backward(grad_attn, probs, p, seed):
     grad_scores = cp.empty_like(probs)
     threshold, scale = dropout_threshold(p)
     _launch("softmax_dropout_backward", probs.dtype, probs.size // S,
-            (grad_attn, probs, grad_scores, np.int32(S), np.uint64(seed), np.uint32(threshold),
+            (grad_attn, probs, grad_scores, np.int32(S), np.uint64(seed), replay_counter(), np.uint32(threshold),
              _scalar(scale, probs.dtype), np.int32(p > 0)))
     return grad_scores
 
@@ -356,15 +367,45 @@ def cross_entropy_backward(z, target, logsumexp, row_scale):
 
 # ---- AdamW ------------------------------------------------------------------------------------------------
 
-def adamw_update(param, grad, m, v, settings):
-    """One fused AdamW step over whole arrays, in place (see optim.AdamW for the maths)."""
-    lr, beta1, beta2, eps, decay, t = settings
+def adamw_update(param, grad, m, v, betas, eps, decay, schedule):
+    """One fused AdamW step over whole arrays, in place (see optim.AdamW for the maths).
+
+    The numbers that change every step come from `schedule`, a device array (lr, lr / (1 - beta1^t),
+    1 / sqrt(1 - beta2^t)), not from kernel arguments: a recorded CUDA graph keeps its arguments, and this
+    way its replays still follow the learning-rate schedule and the step count.
+    """
     kernel = _elementwise(
-        "adamw", "T g, float64 lr, float64 beta1, float64 beta2, float64 eps, float64 decay, "
-                 "float64 step_size, float64 bc2_rsqrt", "T p, T m, T v",
+        "adamw", "T g, raw float64 schedule, float64 beta1, float64 beta2, float64 eps, float64 decay",
+        "T p, T m, T v",
+        "const double lr = schedule[0], step_size = schedule[1], bc2_rsqrt = schedule[2];"
         "p = p * (T)(1.0 - lr * decay);"
         "m = (T)beta1 * m + (T)(1.0 - beta1) * g;"
         "v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;"
         "p = p - (T)step_size * m / (sqrt(v) * (T)bc2_rsqrt + (T)eps);")
-    kernel(grad, float(lr), float(beta1), float(beta2), float(eps), float(decay), lr / (1 - beta1 ** t),
-           1 / (1 - beta2 ** t) ** 0.5, param, m, v)
+    beta1, beta2 = betas
+    kernel(grad, schedule, float(beta1), float(beta2), float(eps), float(decay), param, m, v)
+
+
+def sum_of_squares(x):
+    """sum(x * x) as a 0-d array, in one reduction (the gradient norm; no cuBLAS, so a graph can record it)."""
+    if "sum_of_squares" not in _cache:
+        _cache["sum_of_squares"] = _cupy().ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0",
+                                                           "npgpt_sum_of_squares")
+    return _cache["sum_of_squares"](x)
+
+
+# ---- the replay counter ---------------------------------------------------------------------------------
+
+def replay_counter():
+    """This device's (1,) uint64 counter that the dropout kernels add to their seeds (see replay_seed)."""
+    cp = _cupy()
+    key = ("replay", cp.cuda.runtime.getDevice())
+    if key not in _cache:
+        _cache[key] = cp.zeros(1, dtype=cp.uint64)
+    return _cache[key]
+
+
+def advance_replay_counter():
+    """counter += 1, on the device: the last kernel of a recorded training step."""
+    counter = replay_counter()
+    counter += np.uint64(1)

@@ -7,6 +7,8 @@ Next to read: ``npgpt/model.py``, the GPT these update.
 
 import math
 
+import numpy as np
+
 from . import backend, kernels
 
 
@@ -42,6 +44,7 @@ class AdamW:
             self.param_groups.append(full)
         self.state = {}  # id(param) -> {"step": int, "exp_avg": array, "exp_avg_sq": array}
         self.workers = workers
+        self._fused_updates, self._schedule = [], None    # the GPU's last step (see _step_fused)
 
     def _params(self):
         for group in self.param_groups:
@@ -54,7 +57,7 @@ class AdamW:
 
     def step(self):
         """Update every parameter that has a gradient."""
-        pieces = []   # (param, grad, m, v, settings): whole small parameters, pieces of big ones
+        updates = []    # (group, param, state) of every parameter with a gradient, its step counted
         for group, p in self._params():
             if p.grad is None:
                 continue
@@ -64,9 +67,15 @@ class AdamW:
                 state = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 self.state[id(p)] = state
             state["step"] += 1
+            updates.append((group, p, state))
+        if updates and kernels.available(updates[0][1].data):
+            self._step_fused(updates)
+            return
+        pieces = []   # (param, grad, m, v, settings): whole small parameters, pieces of big ones
+        for group, p, state in updates:
             settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], state["step"])
             arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
-            if backend.device_of(p.data) == "gpu" or not all(a.flags.c_contiguous for a in arrays):
+            if not all(a.flags.c_contiguous for a in arrays):
                 pieces.append(arrays + (settings,))
                 continue
             # The update is elementwise, so any cut is exact: pieces of 256K elements let CPU threads share
@@ -74,16 +83,43 @@ class AdamW:
             flat = [a.reshape(-1) for a in arrays]
             for lo in range(0, p.size, self.piece_size):
                 pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
-        if pieces and kernels.available(pieces[0][0]):    # GPU: one fused kernel per parameter
-            for piece in pieces:
-                kernels.adamw_update(*piece)
-            return
         if self.workers > 1 and len(pieces) > 1:
             from .parallel import run_in_parallel
             run_in_parallel(lambda piece: adamw_update(*piece), pieces, self.workers)
         else:
             for piece in pieces:
                 adamw_update(*piece)
+
+    # ---- the GPU: one fused kernel per parameter, the per-step numbers in device memory ------------------
+    def _step_fused(self, updates):
+        """Each kernel reads its learning rate and bias corrections from a row of a small device array (see
+        kernels.adamw_update), so that a CUDA graph recording this step can replay it with the numbers of
+        later steps: npgpt/graph.py calls replay_step before each replay."""
+        self._fused_updates = updates
+        xp = backend.get_array_module(updates[0][1].data)
+        if self._schedule is None or self._schedule.shape[0] != len(updates):
+            self._schedule = xp.zeros((len(updates), 3), dtype=np.float64)   # (parameters, 3)
+        if not backend.capturing():       # while a graph records, the copy waits for replay_step
+            backend.copy_into(self._schedule, self._schedule_rows())
+        for (group, p, state), schedule in zip(updates, self._schedule):
+            kernels.adamw_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], group["betas"],
+                                 group["eps"], group["weight_decay"], schedule)
+
+    def _schedule_rows(self):
+        """(parameters, 3) float64 on the host: lr, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t) per update."""
+        rows = []
+        for group, _, state in self._fused_updates:
+            lr, (beta1, beta2), t = group["lr"], group["betas"], state["step"]
+            rows.append((lr, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)))
+        return np.array(rows, dtype=np.float64)
+
+    def replay_step(self, count=True):
+        """Before a recorded GPU step replays: count the step for the parameters it updates (count=False for
+        the launch right after recording, whose step() already counted) and write the numbers it reads."""
+        if count:
+            for _, _, state in self._fused_updates:
+                state["step"] += 1
+        backend.copy_into(self._schedule, self._schedule_rows())
 
     # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
     def state_dict(self):
@@ -157,7 +193,9 @@ def clip_grad_norm_(params, max_norm):
     if not grads:
         return 0.0
     xp = backend.get_array_module(grads[0])
-    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
+    squares = [kernels.sum_of_squares(g) if kernels.available(g) else xp.vdot(g.ravel(), g.ravel())
+               for g in grads]
+    total = xp.sqrt(sum(squares[1:], squares[0]))
     if max_norm > 0:
         factor = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(grads[0].dtype)
         for g in grads:

@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_model, restore
 from .config import ARCHITECTURE_FIELDS, TrainConfig, config_from_args
 from .data import DataError, get_batch, read_text, split_tokens
 from .generate import generate
+from .graph import GraphStep
 from .model import GPT
 from .optim import AdamW, clip_grad_norm_, cosine_lr
 from .parallel import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
@@ -181,6 +182,17 @@ class Run:
         self.step, self.best_val = 0, math.inf
         if resumed is not None:
             self._restore(resumed)
+        self.graph_step = None      # on the GPU: the step recorded once as a CUDA graph, then replayed
+        if backend.get_device() == "gpu" and self.config.cuda_graph == "on":
+            self.graph_step = GraphStep(lambda batches: train_step(self.model, self.optimizer, batches,
+                                                                   self.config.grad_clip),
+                                        self.optimizer, self.tokenizer.vocab_size)
+
+    def train_step(self, micro_batches):
+        """One optimizer step on these micro-batches: replayed from the CUDA graph where there is one."""
+        if self.graph_step is not None:
+            return self.graph_step(micro_batches)
+        return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers)
 
     def _load_resume_state(self, given):
         try:
@@ -269,7 +281,7 @@ def train(run, log=print):
         while run.step < c.max_iters:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr_at(run.step)
-            loss = train_step(run.model, run.optimizer, run.next_micro_batches(), c.grad_clip, run.workers)
+            loss = run.train_step(run.next_micro_batches())
             run.step += 1
             window_steps += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -325,6 +337,9 @@ def main(argv=None):
         print(f"npgpt: {c.preset} preset on {backend.get_device()} ({c.dtype}), {run.model.num_parameters():,} "
               f"parameters, {c.tokenizer} tokenizer with {run.tokenizer.vocab_size:,} tokens, "
               f"{len(run.train_tokens):,} training / {len(run.val_tokens):,} validation tokens")
+        if run.graph_step is not None:
+            print("the training step is recorded as a CUDA graph and replayed (--cuda-graph off to launch "
+                  "kernels one by one)")
         if run.step:
             print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
         train(run)

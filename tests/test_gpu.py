@@ -15,6 +15,8 @@ from npgpt.model import GPT
 from npgpt.train import main as train_main, make_optimizer, train_step
 from npgpt.config import TrainConfig
 from npgpt.checkpoint import load_checkpoint
+from npgpt.graph import GraphStep
+from npgpt.optim import cosine_lr
 
 
 pytestmark = pytest.mark.skipif(backend.gpu_unavailable_reason() is not None,
@@ -146,7 +148,7 @@ def test_training_step_makes_no_host_round_trip(cp):
         backend.set_device(previous)
 
 
-def test_fused_dropout_kernels(cp):
+def test_fused_dropout_kernels(cp, monkeypatch):
     x = npgpt.Tensor(cp.ones((200, 500), dtype=cp.float32), requires_grad=True)
     backend.manual_seed(0)
     y = F.dropout(x, 0.3)
@@ -167,3 +169,91 @@ def test_fused_dropout_kernels(cp):
         backend.manual_seed(5)           # the same mask at every evaluation of the finite differences
         return F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.3)
     npgpt.gradcheck(attention, [q, k, v])
+    # the block-by-block path: a fused kernel per block, each with its own seed
+    monkeypatch.setattr(F, "GPU_BLOCKED_ATTENTION_SCORES", 0)
+    q, k, v = (npgpt.Tensor(cp.asarray(rng.standard_normal((1, 2, 130, 4))), requires_grad=True) for _ in range(3))
+    npgpt.gradcheck(attention, [q, k, v], max_probes=30)
+
+
+def _tiny_gpt(dtype, dropout):
+    backend.manual_seed(0)
+    model = GPT(61, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=32, dropout=dropout)
+    model.to(np.dtype(dtype))
+    return model
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_cuda_graph_replays_equal_eager_steps(dtype, tol):
+    """Eight steps with a changing learning rate and gradient clipping: replaying the recorded step gives
+    the losses and the parameters of launching every kernel from Python."""
+    config = TrainConfig(dropout=0.0, grad_clip=0.5)
+    rng = np.random.default_rng(3)
+    distinct = [rng.integers(0, 61, (4, 17)) for _ in range(2)]
+    batches = [distinct[i % 2] for i in range(8)]           # seen again and again: the loss must fall
+    previous = backend.get_device()
+    results = {}
+    try:
+        backend.set_device("gpu")
+        for mode in ("eager", "graph"):
+            model = _tiny_gpt(dtype, 0.0)
+            opt = make_optimizer(model, config)
+            graph = GraphStep(lambda b: train_step(model, opt, b, config.grad_clip), opt, 61)
+            losses = []
+            for i, b in enumerate(batches):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(i, 1e-2, 1e-3, 2, 8)
+                micro = [(b[:, :-1], b[:, 1:])]
+                loss = graph(micro) if mode == "graph" else train_step(model, opt, micro, config.grad_clip)
+                losses.append(float(loss))
+            if mode == "graph":
+                assert graph.fallback_reason is None, graph.fallback_reason
+                assert graph.replays == 7            # the first step runs eagerly, the second records
+            results[mode] = (losses, [backend.to_numpy(p.data) for p in model.parameters()],
+                             [s["step"] for s in opt.state.values()])
+    finally:
+        backend.set_device(previous)
+    (eager_losses, eager_params, eager_steps), (graph_losses, graph_params, graph_steps) = results.values()
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=tol)
+    for a, b in zip(eager_params, graph_params):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    assert graph_steps == eager_steps == [8] * len(eager_steps)
+    assert eager_losses[-1] < eager_losses[0]
+
+
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    previous = backend.get_device()
+    try:
+        backend.set_device("gpu")
+        model = _tiny_gpt("float32", 0.2)
+        opt = make_optimizer(model, TrainConfig())
+        for group in opt.param_groups:
+            group["lr"] = 0.0                      # nothing changes but the dropout masks
+        graph = GraphStep(lambda b: train_step(model, opt, b, 1.0), opt, 61)
+        batch = np.random.default_rng(4).integers(0, 61, (4, 17))
+        losses = [float(graph([(batch[:, :-1], batch[:, 1:])])) for _ in range(5)]
+        assert graph.fallback_reason is None and graph.replays == 4
+        assert len(set(losses)) == 5, losses
+    finally:
+        backend.set_device(previous)
+
+
+def test_cuda_graph_falls_back_to_eager_when_recording_fails(capsys):
+    previous = backend.get_device()
+    try:
+        backend.set_device("gpu")
+        model = _tiny_gpt("float64", 0.0)
+        opt = make_optimizer(model, TrainConfig())
+
+        def step_that_reads_the_loss(batches):      # a host round trip: a graph cannot record it
+            loss = train_step(model, opt, batches, 1.0)
+            backend.to_numpy(loss)
+            return loss
+        graph = GraphStep(step_that_reads_the_loss, opt, 61)
+        batch = np.random.default_rng(5).integers(0, 61, (4, 17))
+        losses = [float(graph([(batch[:, :-1], batch[:, 1:])])) for _ in range(4)]
+        assert graph.fallback_reason is not None and graph.replays == 0
+        assert "runs eagerly" in capsys.readouterr().out
+        assert [s["step"] for s in opt.state.values()] == [4] * len(opt.state)   # each step counted once
+        assert losses[-1] < losses[0]
+    finally:
+        backend.set_device(previous)

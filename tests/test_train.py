@@ -287,3 +287,16 @@ def test_data_parallel_step_equals_the_single_thread_step():
         assert loss == pytest.approx(results[0][0], rel=1e-12)
         for a, b in zip(params, results[0][1]):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_graph_step_checks_each_batch_on_the_host():
+    """The recorded GPU step reads ids from its own buffers, unchecked: GraphStep checks them first."""
+    from npgpt.graph import GraphStep
+    step = GraphStep(lambda batches: pytest.fail("a bad batch must not reach the step"), None, vocab_size=10)
+    good = np.array([[1, 2, 3]])
+    with pytest.raises(IndexError, match=r"must lie in \[0, 10\), found 1\.\.12"):
+        step([(np.array([[1, 12, 3]]), good)])
+    with pytest.raises(IndexError, match=r"found -1\.\.3"):
+        step([(good, np.array([[-1, 2, 3]]))])
+    with pytest.raises(TypeError, match="integer token ids"):
+        step([(good.astype(np.float32), good)])

@@ -1,0 +1,196 @@
+"""Matrix products of CuPy arrays through cuBLAS, called directly: products a CUDA graph can record.
+
+CuPy's own ``a @ b`` refuses to run while a stream is being captured into a CUDA graph (its cuBLAS wrapper
+raises NotImplementedError), although cuBLAS itself supports capture. So on the GPU every product of the
+training step comes here instead (``backend.matmul``): this module loads the cuBLAS library CuPy already
+loaded, keeps a handle of its own, and calls the float32/float64 GEMM (strided-batched for stacks of
+matrices) with ctypes. Eager code takes the same path, so a graph replays exactly the kernels eager
+training runs.
+
+cuBLAS is column-major and NumPy row-major. A row-major (M, K) matrix with row stride ld is, read
+column-major, its transpose (K, M) with leading dimension ld. So C = A B (row-major, all contiguous) is
+computed as C^T = B^T A^T: cuBLAS gets B first and A second, with m = N, n = M, k = K, and writes C^T
+column-major, which is C row-major. An operand that is itself a transposed view (``W.T``,
+``k.swapaxes(-1, -2)``) is passed with the transpose flag instead of being copied.
+
+Shapes: a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast as in NumPy.
+
+Next to read: ``npgpt/graph.py``, which records the training step.
+"""
+
+import ctypes
+import ctypes.util
+import math
+
+import numpy as np
+
+from . import backend
+
+_OP_N, _OP_T = 0, 1
+_WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it
+_state = {}                       # device id -> _Blas
+
+
+class CublasError(RuntimeError):
+    """cuBLAS could not be loaded or returned an error status."""
+
+
+def _library_path():
+    """The cuBLAS shared library CuPy loaded into this process (not cuBLASLt), else a name dlopen can find."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = sorted({line.split()[-1] for line in f
+                            if "libcublas.so" in line and "libcublasLt" not in line})
+        if paths:
+            return paths[0]
+    except OSError:
+        pass
+    return ctypes.util.find_library("cublas") or "libcublas.so"
+
+
+class _Blas:
+    """The cuBLAS functions npgpt calls, one handle, and the stream and workspace last given to it."""
+
+    def __init__(self, cp):
+        cp.cuda.device.get_cublas_handle()       # makes CuPy load cuBLAS, so the library below is its own
+        path = _library_path()
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as exc:
+            raise CublasError(f"cannot load cuBLAS ({path}): {exc}") from exc
+        P, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        self.functions = {}
+        for dtype, prefix, scalar in ((np.float32, "S", ctypes.c_float), (np.float64, "D", ctypes.c_double)):
+            gemm = getattr(lib, f"cublas{prefix}gemm_v2")
+            gemm.argtypes = [P, i, i, i, i, i, P, P, i, P, i, P, P, i]
+            batched = getattr(lib, f"cublas{prefix}gemmStridedBatched")
+            batched.argtypes = [P, i, i, i, i, i, P, P, i, ll, P, i, ll, P, P, i, ll, i]
+            one, zero = scalar(1.0), scalar(0.0)
+            self.functions[np.dtype(dtype)] = (gemm, batched, ctypes.addressof(one), ctypes.addressof(zero),
+                                               (one, zero))
+        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(P)]
+        lib.cublasSetStream_v2.argtypes = [P, P]
+        self.set_stream = lib.cublasSetStream_v2
+        self.set_workspace = getattr(lib, "cublasSetWorkspace_v2", None)
+        if self.set_workspace is not None:
+            self.set_workspace.argtypes = [P, P, ctypes.c_size_t]
+            self.workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)
+        handle = P()
+        _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self.handle = handle.value
+        self.stream = None
+
+    def use_stream(self, stream_ptr):
+        """Point the handle at the current stream (and our fixed workspace, which setStream resets)."""
+        if stream_ptr == self.stream:
+            return
+        _check(self.set_stream(self.handle, stream_ptr), "cublasSetStream")
+        if self.set_workspace is not None:
+            _check(self.set_workspace(self.handle, self.workspace.data.ptr, _WORKSPACE_BYTES),
+                   "cublasSetWorkspace")
+        self.stream = stream_ptr
+
+
+def _check(status, name):
+    if status != 0:
+        raise CublasError(f"{name} failed with cuBLAS status {status}")
+
+
+def _blas(cp):
+    device = cp.cuda.runtime.getDevice()
+    if device not in _state:
+        _state[device] = _Blas(cp)
+    return _state[device]
+
+
+def _layout(x):
+    """(op, ld) for the last two axes of x as the row-major matrix they are: op N for a row-major matrix
+    with row stride ld, op T for a transposed view of one (column stride ld); None when neither fits."""
+    rows, cols = x.shape[-2], x.shape[-1]
+    s_row, s_col = x.strides[-2], x.strides[-1]
+    size = x.itemsize
+    if (cols == 1 or s_col == size) and (rows == 1 or (s_row % size == 0 and s_row >= cols * size)):
+        return _OP_N, (s_row // size if rows > 1 else cols)
+    if (rows == 1 or s_row == size) and (cols == 1 or (s_col % size == 0 and s_col >= rows * size)):
+        return _OP_T, (s_col // size if cols > 1 else rows)
+    return None
+
+
+def _batch_stride(x, batch_shape):
+    """Elements between consecutive matrices of x over the flattened batch: 0 when x is one matrix for the
+    whole batch, None when its batch axes cannot be walked with one stride (then x is copied)."""
+    lead = x.shape[:-2]
+    if math.prod(lead) == 1:
+        return 0
+    if tuple(lead) != tuple(batch_shape[len(batch_shape) - len(lead):]) or len(lead) != len(batch_shape):
+        return None
+    axes = [(n, s) for n, s in zip(lead, x.strides[:-2]) if n != 1]
+    for (_, outer), (inner_n, inner_s) in zip(axes, axes[1:]):
+        if outer != inner_n * inner_s:
+            return None
+    stride = axes[-1][1]
+    return stride // x.itemsize if stride % x.itemsize == 0 and stride > 0 else None
+
+
+def _prepare(cp, x, batch_shape):
+    """x as cuBLAS takes it: (array, op, ld, batch stride), copied to a contiguous stack only if needed."""
+    layout, stride = _layout(x), _batch_stride(x, batch_shape)
+    if layout is None or stride is None:
+        x = cp.ascontiguousarray(cp.broadcast_to(x, tuple(batch_shape) + x.shape[-2:]))
+        layout, stride = _layout(x), _batch_stride(x, batch_shape)
+    return x, layout[0], layout[1], stride
+
+
+def supports(a, b):
+    """True when matmul below takes a @ b: two float32 or two float64 arrays of 2 or more axes."""
+    return (a.dtype == b.dtype and a.dtype in (np.float32, np.float64) and a.ndim >= 2 and b.ndim >= 2
+            and a.shape[-1] == b.shape[-2] and min(a.shape[-2], a.shape[-1], b.shape[-1]) > 0
+            and max(a.shape[-2], a.shape[-1], b.shape[-1]) < 2**31)
+
+
+def _batch_shape(a, b):
+    """The broadcast batch axes of a and b (the common cases without NumPy's general rule)."""
+    if b.ndim == 2 or a.shape[:-2] == b.shape[:-2]:
+        return tuple(a.shape[:-2])
+    if a.ndim == 2:
+        return tuple(b.shape[:-2])
+    return tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+
+
+def plan(xp, a, b):
+    """The GEMM call for a @ b: {m, n, k, batch, out_shape, first, second}, first and second each
+    (array, op, ld, batch stride) in cuBLAS's order (B, then A). Pure bookkeeping on shapes and strides,
+    so the tests check it with NumPy arrays on any machine (tests/test_tensor_ops.py)."""
+    K, N = a.shape[-1], b.shape[-1]
+    batch_shape = _batch_shape(a, b)
+    if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # (..., M, K) @ (K, N): one (... * M, K) GEMM
+        a, batch_shape = a.reshape(-1, K), ()
+    M = a.shape[-2]
+    # C^T (N, M) = op(B) op(A), column-major: B is the first operand, A the second (see the docstring)
+    return dict(m=N, n=M, k=K, batch=math.prod(batch_shape), out_shape=batch_shape + (M, N),
+                first=_prepare(xp, b, batch_shape), second=_prepare(xp, a, batch_shape))
+
+
+def matmul(a, b):
+    """a @ b for CuPy arrays (..., M, K) and (..., K, N), on the current stream; other cases go to CuPy."""
+    cp = backend.module_for("gpu")
+    if not supports(a, b):
+        return cp.matmul(a, b)
+    shape = _batch_shape(a, b) + (a.shape[-2], b.shape[-1])
+    if 0 in shape:
+        return cp.empty(shape, dtype=a.dtype)
+    call = plan(cp, a, b)
+    out = cp.empty(call["out_shape"], dtype=a.dtype)
+    blas = _blas(cp)
+    blas.use_stream(cp.cuda.get_current_stream().ptr)
+    gemm, batched, one, zero, _ = blas.functions[np.dtype(a.dtype)]
+    (B, op_b, ld_b, stride_b), (A, op_a, ld_a, stride_a) = call["first"], call["second"]
+    m, n, k = call["m"], call["n"], call["k"]
+    if call["batch"] == 1:
+        status = gemm(blas.handle, op_b, op_a, m, n, k, one, B.data.ptr, ld_b, A.data.ptr, ld_a,
+                      zero, out.data.ptr, m)
+    else:
+        status = batched(blas.handle, op_b, op_a, m, n, k, one, B.data.ptr, ld_b, stride_b,
+                         A.data.ptr, ld_a, stride_a, zero, out.data.ptr, m, m * n, call["batch"])
+    _check(status, "gemm")
+    return out.reshape(shape)
