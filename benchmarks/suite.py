@@ -237,7 +237,7 @@ def format_speed(report):
     for c in report["cases"]:
         n, t = c["train_mem"]["npgpt"], c["train_mem"]["torch"]
         if "gpu_mb" in n:
-            lines.append(f"| GPU memory held, training {label(c)} | {n['gpu_mb']:.0f} MB (CuPy pool) | "
+            lines.append(f"| GPU memory held, training {label(c)} | {n['gpu_mb']:.0f} MB (CuPy pools) | "
                          f"{t['gpu_mb']:.0f} MB (max reserved) | | | |")
             continue
         lines.append(f"| peak RSS, training {label(c)} | {n['max_rss_mb']:.0f} MB "

@@ -39,11 +39,13 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
 
 
-def _gpu_mb(impl):
-    """Device memory the implementation's caching allocator holds (its high-water mark for PyTorch)."""
-    if impl == "npgpt":
+def _gpu_mb(kind, impl):
+    """Device memory the implementation's caching allocators hold (its high-water mark for PyTorch); for
+    npgpt, CuPy's pool plus the CUDA graph's own pool (npgpt/graph.py)."""
+    if kind == "npgpt":
         from npgpt import backend
-        return backend.module_for("gpu").get_default_memory_pool().total_bytes() / 2**20
+        held = backend.module_for("gpu").get_default_memory_pool().total_bytes()
+        return (held + (impl.graph.pool_bytes() if impl.graph is not None else 0)) / 2**20
     import torch
     return torch.cuda.max_memory_reserved() / 2**20
 
@@ -225,7 +227,7 @@ def main():
                 if kind == "npgpt":
                     reply["status"] = impl.status()
                 if device == "gpu":
-                    reply["gpu_mb"] = _gpu_mb(kind)
+                    reply["gpu_mb"] = _gpu_mb(kind, impl)
             elif op == "quit":
                 break
             else:

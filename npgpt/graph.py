@@ -75,6 +75,10 @@ class GraphStep:
             self.replays += 1
             return self._loss.copy()        # the graph rewrites its own loss buffer at the next replay
 
+    def pool_bytes(self):
+        """Device memory held by the graph's own pool (its activations and gradients), in bytes."""
+        return self._pool.total_bytes() if self._pool is not None else 0
+
     def _check_ids(self, ids):
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
