@@ -10,7 +10,11 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
     LayerNorm forward/backward     one thread block per row: mean, variance, normalise in one pass
     causal softmax + dropout       one block per row of scores; the causal mask comes from the indices
     cross-entropy forward/backward   one block per row of logits: logsumexp, loss, and (p - onehot) * scale
-    AdamW                          one elementwise kernel over a whole parameter group at once
+    AdamW                          one elementwise kernel per parameter; the step's numbers from device memory
+    sum of squares                 one reduction per gradient, for the global gradient norm
+
+Everything here can be recorded into a CUDA graph (npgpt/graph.py): what changes between replays is read
+from device memory (AdamW's schedule, the dropout replay counter), never baked into a kernel argument.
 
 CuPy itself is reached through ``npgpt.backend`` (which alone imports it); kernels compile on first use.
 

@@ -13,7 +13,11 @@ Ctrl-C saves a checkpoint and exits; --resume continues bit for bit where it sto
 
 Shapes: micro-batches of (B, T) ids; logits (B, T, V); the loss a scalar.
 
-Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU) and ``npgpt/kernels.py`` (GPU).
+On the GPU the step is recorded once as a CUDA graph and replayed (``npgpt/graph.py``; --cuda-graph off to
+launch every kernel from Python).
+
+Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU), ``npgpt/kernels.py`` and
+``npgpt/graph.py`` (GPU).
 """
 
 import json
