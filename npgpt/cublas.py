@@ -193,4 +193,5 @@ def matmul(a, b):
         status = batched(blas.handle, op_b, op_a, m, n, k, one, B.data.ptr, ld_b, stride_b,
                          A.data.ptr, ld_a, stride_a, zero, out.data.ptr, m, m * n, call["batch"])
     _check(status, "gemm")
-    return out.reshape(shape)
+    # a fresh array, not a view: the engine keeps a gradient it owns instead of copying it
+    return out if out.shape == shape else out.reshape(shape)

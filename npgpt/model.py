@@ -172,6 +172,8 @@ class LayerKV:
         self.values[:, :, start:start + T] = v.data
         keys = Tensor(self.keys[:, :, :start + T])                # (B, H, S, D)
         values = Tensor(self.values[:, :, :start + T])
+        if T == 1:                                                # one new query sees every key: no mask
+            return keys, values, None
         mask = F.causal_mask(xp, T, start + T, offset=start)          # new query i sees keys <= start + i
         return keys, values, mask
 
