@@ -55,8 +55,9 @@ def main(argv=None):
     if args.shapes:
         try:
             shapes = [tuple(int(n) for n in item.split("x")) for item in args.shapes.split(",")]
-            assert all(len(s) == 2 and min(s) > 0 for s in shapes)
-        except (ValueError, AssertionError):
+        except ValueError:
+            shapes = []
+        if not shapes or not all(len(s) == 2 and min(s) > 0 for s in shapes):
             p.error(f"--shapes {args.shapes!r}: give batch x length pairs, e.g. 16x256,4x512")
 
     def log(message):

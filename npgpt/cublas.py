@@ -59,15 +59,16 @@ class _Blas:
         except OSError as exc:
             raise CublasError(f"cannot load cuBLAS ({path}): {exc}") from exc
         P, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-        self.functions = {}
+        self.functions = {}      # dtype -> (gemm, strided-batched gemm, &alpha = 1, &beta = 0)
+        self.scalars = []        # the host alpha and beta those addresses point to, kept alive here
         for dtype, prefix, scalar in ((np.float32, "S", ctypes.c_float), (np.float64, "D", ctypes.c_double)):
             gemm = getattr(lib, f"cublas{prefix}gemm_v2")
             gemm.argtypes = [P, i, i, i, i, i, P, P, i, P, i, P, P, i]
             batched = getattr(lib, f"cublas{prefix}gemmStridedBatched")
             batched.argtypes = [P, i, i, i, i, i, P, P, i, ll, P, i, ll, P, P, i, ll, i]
             one, zero = scalar(1.0), scalar(0.0)
-            self.functions[np.dtype(dtype)] = (gemm, batched, ctypes.addressof(one), ctypes.addressof(zero),
-                                               (one, zero))
+            self.scalars += [one, zero]
+            self.functions[np.dtype(dtype)] = (gemm, batched, ctypes.addressof(one), ctypes.addressof(zero))
         lib.cublasCreate_v2.argtypes = [ctypes.POINTER(P)]
         lib.cublasSetStream_v2.argtypes = [P, P]
         self.set_stream = lib.cublasSetStream_v2
@@ -183,7 +184,7 @@ def matmul(a, b):
     out = cp.empty(call["out_shape"], dtype=a.dtype)
     blas = _blas(cp)
     blas.use_stream(cp.cuda.get_current_stream().ptr)
-    gemm, batched, one, zero, _ = blas.functions[np.dtype(a.dtype)]
+    gemm, batched, one, zero = blas.functions[np.dtype(a.dtype)]
     (B, op_b, ld_b, stride_b), (A, op_a, ld_a, stride_a) = call["first"], call["second"]
     m, n, k = call["m"], call["n"], call["k"]
     if call["batch"] == 1:
