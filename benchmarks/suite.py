@@ -252,4 +252,15 @@ def format_speed(report):
                                              f"{status['cuda_graph_replays']} replays"))
     if graphs:
         lines += ["", "npgpt's training step as a CUDA graph: " + "; ".join(graphs) + "."]
+    tunings = []
+    for c in report["cases"]:
+        tuning = c["train_mem"]["npgpt"].get("status", {}).get("gemm_tuning")
+        if tuning and tuning["disabled"]:
+            tunings.append(f"{label(c)}: off ({tuning['disabled']})")
+        elif tuning:
+            tunings.append(f"{label(c)}: cuBLASLt beat cuBLAS's pick on {tuning['cublaslt_faster']} of "
+                           f"{tuning['problems']} float32 GEMM problems ({tuning['cublas_ms']:.2f} -> "
+                           f"{tuning['chosen_ms']:.2f} ms, one call of each)")
+    if tunings:
+        lines += ["", "GEMM algorithms timed once per problem (npgpt/gemm_tuning.py): " + "; ".join(tunings) + "."]
     return "\n".join(lines)

@@ -58,7 +58,7 @@ class NpgptImpl:
         from npgpt.parallel import can_control_blas, tune_allocator
         backend.set_device(cfg["device"])
         self.xp = backend.current()
-        on_cpu = cfg["device"] == "cpu"
+        self.on_cpu = on_cpu = cfg["device"] == "cpu"
         if on_cpu:
             tune_allocator()
         # the training loop's own setting: data-parallel threads on the CPU (npgpt/parallel.py)
@@ -95,6 +95,12 @@ class NpgptImpl:
         if self.graph is not None:
             out["cuda_graph_replays"] = self.graph.replays
             out["cuda_graph_fallback"] = self.graph.fallback_reason
+        if not self.on_cpu:
+            from npgpt import gemm_tuning
+            tuned = [v for v in gemm_tuning.choices().values() if v[1] is not None]
+            out["gemm_tuning"] = {"problems": len(tuned), "cublaslt_faster": sum(v[0] != "cuBLAS" for v in tuned),
+                                  "chosen_ms": sum(v[1] for v in tuned), "cublas_ms": sum(v[2] for v in tuned),
+                                  "disabled": gemm_tuning.disabled_reason}
         return out
 
     def forward(self):

@@ -204,13 +204,25 @@ def rows_per_block(array, block_bytes=512 * 1024):
     return max(1, block_bytes // max(1, array.shape[-1] * array.itemsize))
 
 
-def matmul(a, b):
-    """a @ b. On the GPU through npgpt.cublas, which calls cuBLAS itself so that a CUDA graph can record
-    the product (CuPy's own @ refuses to run during capture); NumPy's matmul on the CPU."""
+def matmul(a, b, out=None, alpha=1.0, accumulate=False):
+    """alpha * (a @ b), returned, or written into `out` (added to it when accumulate).
+
+    On the GPU through npgpt.cublas, which calls cuBLAS itself so that a CUDA graph can record the product
+    (CuPy's own @ refuses to run during capture), and which scales and accumulates inside the GEMM. On the
+    CPU, NumPy's matmul and then the scaling or the sum.
+    """
+    if accumulate and out is None:
+        raise ValueError("matmul: accumulate=True adds the product to out; pass out")
     if is_gpu_array(a) or is_gpu_array(b):
         from . import cublas
-        return cublas.matmul(a, b)
-    return np.matmul(a, b)
+        return cublas.matmul(a, b, out=out, alpha=alpha, accumulate=accumulate)
+    product = np.matmul(a, b, out=None if accumulate else out)
+    if alpha != 1.0:
+        product *= product.dtype.type(alpha)
+    if accumulate:
+        out += product
+        return out
+    return product
 
 
 def sum_leading(array, count):

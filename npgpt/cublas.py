@@ -13,7 +13,11 @@ computed as C^T = B^T A^T: cuBLAS gets B first and A second, with m = N, n = M, 
 column-major, which is C row-major. An operand that is itself a transposed view (``W.T``,
 ``k.swapaxes(-1, -2)``) is passed with the transpose flag instead of being copied.
 
-Shapes: a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast as in NumPy.
+Shapes: a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast as in NumPy. The result can go
+straight into a slice of a larger array (``out=``), scaled (cuBLAS's alpha) or added to it (beta = 1): the
+blocked causal attention writes and accumulates its per-block products that way, with no extra pass.
+
+Which GEMM algorithm runs a float32 product is chosen by timing, once per problem: ``npgpt/gemm_tuning.py``.
 
 Next to read: ``npgpt/graph.py``, which records the training step.
 """
@@ -24,7 +28,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, gemm_tuning
 
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it
@@ -59,23 +63,20 @@ class _Blas:
         except OSError as exc:
             raise CublasError(f"cannot load cuBLAS ({path}): {exc}") from exc
         P, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-        self.functions = {}      # dtype -> (gemm, strided-batched gemm, &alpha = 1, &beta = 0)
-        self.scalars = []        # the host alpha and beta those addresses point to, kept alive here
+        self.functions = {}      # dtype -> (gemm, strided-batched gemm, the ctypes type of alpha and beta)
         for dtype, prefix, scalar in ((np.float32, "S", ctypes.c_float), (np.float64, "D", ctypes.c_double)):
             gemm = getattr(lib, f"cublas{prefix}gemm_v2")
             gemm.argtypes = [P, i, i, i, i, i, P, P, i, P, i, P, P, i]
             batched = getattr(lib, f"cublas{prefix}gemmStridedBatched")
             batched.argtypes = [P, i, i, i, i, i, P, P, i, ll, P, i, ll, P, P, i, ll, i]
-            one, zero = scalar(1.0), scalar(0.0)
-            self.scalars += [one, zero]
-            self.functions[np.dtype(dtype)] = (gemm, batched, ctypes.addressof(one), ctypes.addressof(zero))
+            self.functions[np.dtype(dtype)] = (gemm, batched, scalar)
         lib.cublasCreate_v2.argtypes = [ctypes.POINTER(P)]
         lib.cublasSetStream_v2.argtypes = [P, P]
         self.set_stream = lib.cublasSetStream_v2
         self.set_workspace = getattr(lib, "cublasSetWorkspace_v2", None)
         if self.set_workspace is not None:
             self.set_workspace.argtypes = [P, P, ctypes.c_size_t]
-            self.workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)
+        self.workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)    # cuBLAS's, and cuBLASLt's (same stream)
         handle = P()
         _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self.handle = handle.value
@@ -158,10 +159,24 @@ def _batch_shape(a, b):
     return tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
 
 
-def plan(xp, a, b):
-    """The GEMM call for a @ b: {m, n, k, batch, out_shape, first, second}, first and second each
-    (array, op, ld, batch stride) in cuBLAS's order (B, then A). Pure bookkeeping on shapes and strides,
-    so the tests check it with NumPy arrays on any machine (tests/test_tensor_ops.py)."""
+def _target(out, batch_shape, M, N):
+    """(out as the (batch, M, N) result cuBLAS writes, ldc, batch stride), or None when out's layout does not
+    let cuBLAS write into it directly (then the product goes to a fresh array first)."""
+    if batch_shape == () and out.ndim > 2:           # the (... * M, K) @ (K, N) case: one (... * M, N) matrix
+        if not out.flags.c_contiguous:
+            return None
+        out = out.reshape(-1, N)
+    layout, stride = _layout(out), _batch_stride(out, batch_shape)
+    if layout is None or layout[0] != _OP_N or stride is None or out.shape[-2:] != (M, N):
+        return None
+    return out, layout[1], stride
+
+
+def plan(xp, a, b, out=None):
+    """The GEMM call for a @ b: {m, n, k, batch, out_shape, first, second, target}, first and second each
+    (array, op, ld, batch stride) in cuBLAS's order (B, then A); target is (out, ldc, batch stride) when the
+    result can be written straight into `out`, else None. Pure bookkeeping on shapes and strides, so the
+    tests check it with NumPy arrays on any machine (tests/test_cublas.py)."""
     K, N = a.shape[-1], b.shape[-1]
     batch_shape = _batch_shape(a, b)
     if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # (..., M, K) @ (K, N): one (... * M, K) GEMM
@@ -169,30 +184,54 @@ def plan(xp, a, b):
     M = a.shape[-2]
     # C^T (N, M) = op(B) op(A), column-major: B is the first operand, A the second (see the docstring)
     return dict(m=N, n=M, k=K, batch=math.prod(batch_shape), out_shape=batch_shape + (M, N),
-                first=_prepare(xp, b, batch_shape), second=_prepare(xp, a, batch_shape))
+                first=_prepare(xp, b, batch_shape), second=_prepare(xp, a, batch_shape),
+                target=None if out is None else _target(out, batch_shape, M, N))
 
 
-def matmul(a, b):
-    """a @ b for CuPy arrays (..., M, K) and (..., K, N), on the current stream; other cases go to CuPy."""
+def matmul(a, b, out=None, alpha=1.0, accumulate=False):
+    """alpha * (a @ b) for CuPy arrays (..., M, K) and (..., K, N), on the current stream, as a fresh array,
+    or written into `out` (added to it when accumulate): cuBLAS's alpha and beta, with no extra pass when
+    out's matrices are row-major slices. Other cases go to CuPy."""
     cp = backend.module_for("gpu")
     if not supports(a, b):
-        return cp.matmul(a, b)
+        return _store(cp.matmul(a, b), out, alpha, accumulate)
     shape = _batch_shape(a, b) + (a.shape[-2], b.shape[-1])
+    if out is not None and out.shape != shape:
+        raise ValueError(f"matmul: out has shape {out.shape}, the product {shape}")
     if 0 in shape:
-        return cp.empty(shape, dtype=a.dtype)
-    call = plan(cp, a, b)
-    out = cp.empty(call["out_shape"], dtype=a.dtype)
+        return _store(cp.zeros(shape, dtype=a.dtype), out, alpha, accumulate)
+    call = plan(cp, a, b, out)
+    if call["target"] is None:                       # C = alpha A B into a fresh array
+        result, ldc, stride_c = cp.empty(call["out_shape"], dtype=a.dtype), call["m"], call["m"] * call["n"]
+        beta = 0.0
+    else:                                            # C = alpha A B + beta C, in out itself
+        result, ldc, stride_c = call["target"]
+        beta = 1.0 if accumulate else 0.0
     blas = _blas(cp)
     blas.use_stream(cp.cuda.get_current_stream().ptr)
-    gemm, batched, one, zero = blas.functions[np.dtype(a.dtype)]
+    scalar = blas.functions[np.dtype(a.dtype)][2]
+    # host scalars: cuBLAS reads them during the call (a graph being recorded keeps their values)
+    alpha_host, beta_host = scalar(alpha), scalar(beta)
     (B, op_b, ld_b, stride_b), (A, op_a, ld_a, stride_a) = call["first"], call["second"]
-    m, n, k = call["m"], call["n"], call["k"]
-    if call["batch"] == 1:
-        status = gemm(blas.handle, op_b, op_a, m, n, k, one, B.data.ptr, ld_b, A.data.ptr, ld_a,
-                      zero, out.data.ptr, m)
-    else:
-        status = batched(blas.handle, op_b, op_a, m, n, k, one, B.data.ptr, ld_b, stride_b,
-                         A.data.ptr, ld_a, stride_a, zero, out.data.ptr, m, m * n, call["batch"])
-    _check(status, "gemm")
+    problem = (op_b, op_a, call["m"], call["n"], call["k"], ld_b, ld_a, ldc, call["batch"], stride_b, stride_a,
+               stride_c)
+    run = gemm_tuning.runner(cp, blas, a.dtype, problem, blas.workspace, (B.data.ptr, A.data.ptr))
+    _check(run(ctypes.addressof(alpha_host), B.data.ptr, A.data.ptr, ctypes.addressof(beta_host),
+               result.data.ptr), "gemm")
+    if call["target"] is not None:
+        return out
     # a fresh array, not a view: the engine keeps a gradient it owns instead of copying it
-    return out if out.shape == shape else out.reshape(shape)
+    return _store(result if result.shape == shape else result.reshape(shape), out, 1.0, accumulate)
+
+
+def _store(product, out, alpha, accumulate):
+    """The product as matmul returns it, when cuBLAS could not apply alpha or write into out itself."""
+    if alpha != 1.0:
+        product *= product.dtype.type(alpha)
+    if out is None:
+        return product
+    if accumulate:
+        out += product
+    else:
+        out[...] = product
+    return out

@@ -223,8 +223,8 @@ def gelu(input, approximate="none"):
     x = input.data
     xp = _xp(x)
     if approximate == "none" and kernels.available(x):     # GPU: one fused kernel each way
-        out, cdf = kernels.gelu_forward(x)
-        return _make(out, (input,), lambda grad: (kernels.gelu_backward(grad, x, cdf),), "gelu")
+        out = kernels.gelu_forward(x)                       # Phi(x) is recomputed in backward, not stored
+        return _make(out, (input,), lambda grad: (kernels.gelu_backward(grad, x),), "gelu")
     if approximate == "none":
         cdf = _normal_cdf(x)                                # Phi(x)
         out = x * cdf
@@ -481,6 +481,7 @@ def _additive_mask(mask, dtype, cache_key=None):
 # CPU; on the GPU only once the (..., L, L) scores reach this many elements, below which the extra kernels
 # of the blocks cost more than the skipped work saves.
 GPU_BLOCKED_ATTENTION_SCORES = 2**25
+CAUSAL_ATTENTION_BLOCKS = 4     # query blocks of the blocked path: n blocks score (n + 1) / 2n of the tiles
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -533,13 +534,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
-    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
+    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row;
+    #                                    on the GPU sum_j(dP * P) is taken as dO . O, which equals it)
     #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
         grad_v = matmul(attn.swapaxes(-1, -2), grad)        # (..., S, Dv)
         grad_scores = matmul(grad, v.swapaxes(-1, -2))      # (..., L, S): dA, turned into dS in place
         if fused:
-            grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, dropout_p, seed)
+            row_dot = (grad * out).sum(axis=-1)             # (..., L): sum_j dP * P, see the kernel
+            grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot, dropout_p, seed,
+                                                           is_causal)
         else:
             if dropout_p > 0.0:
                 grad_scores *= keep
@@ -566,9 +570,9 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
     xp = _xp(q)
     k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)     # read by every block: laid out once
     L = q.shape[-2]
-    block = max(64, L // 4)
+    block = max(64, -(-L // CAUSAL_ATTENTION_BLOCKS))
     fused = kernels.available(q) and generator is None
-    q_scaled = q * scale                                    # (..., L, D)
+    q_scaled = xp.multiply(q, scale, out=xp.empty(q.shape, dtype=q.dtype))    # (..., L, D), contiguous
     out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)   # (..., L, Dv)
     saved = []                                              # per block: (i0, i1, P, A, dropout mask)
     for i0 in range(0, L, block):
@@ -589,29 +593,33 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
                 mask = _keep_mask(probs.shape, dropout_p, q.dtype, generator)    # (keep, keep_scale)
                 attn = probs * mask[0]
                 attn *= mask[1]
-        out[..., i0:i1, :] = matmul(attn, v[..., :i1, :])
+        matmul(attn, v[..., :i1, :], out=out[..., i0:i1, :])   # the block's rows of O, written in place
         saved.append((i0, i1, probs, attn, mask))
 
-    # Per block, with P, A of shape (..., b, i1): the plain path's backward restricted to the visible keys;
-    # keys and values collect their gradients from every block that sees them.
+    # Per block, with P, A of shape (..., b, i1): the plain path's backward restricted to the visible keys.
+    # Keys and values collect their gradients from every block that sees them; the products write (and add)
+    # straight into the gradients' slices, and dQ's scale rides along in the product.
     def backward(grad):
-        grad_q = xp.empty_like(q)
+        grad = xp.ascontiguousarray(grad)                   # (..., L, Dv), sliced by every block
+        row_dot = (grad * out).sum(axis=-1) if fused else None     # (..., L): the kernel's sum_j dP * P
+        grad_q = xp.empty(q.shape, dtype=q.dtype)
         grad_k = xp.zeros_like(k)
         grad_v = xp.zeros_like(v)
         for i0, i1, probs, attn, mask in saved:
             grad_block = grad[..., i0:i1, :]                # (..., b, Dv)
-            grad_v[..., :i1, :] += matmul(attn.swapaxes(-1, -2), grad_block)
+            matmul(attn.swapaxes(-1, -2), grad_block, out=grad_v[..., :i1, :], accumulate=True)
             grad_scores = matmul(grad_block, v[..., :i1, :].swapaxes(-1, -2))     # dA, then dS
             if fused:
-                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, dropout_p, mask)
+                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot[..., i0:i1],
+                                                               dropout_p, mask, True, i0)
             else:
                 if mask is not None:
                     grad_scores *= mask[0]
                     grad_scores *= mask[1]
                 grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
                 grad_scores *= probs
-            grad_q[..., i0:i1, :] = matmul(grad_scores, k[..., :i1, :])
-            grad_k[..., :i1, :] += matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :])
-        grad_q *= scale
+            matmul(grad_scores, k[..., :i1, :], out=grad_q[..., i0:i1, :], alpha=scale)
+            matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :], out=grad_k[..., :i1, :],
+                   accumulate=True)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

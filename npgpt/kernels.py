@@ -7,8 +7,8 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
 
     GELU forward/backward          elementwise, erf from CUDA's math library
     dropout                        elementwise; the mask is a hash of (seed, index), regenerated in backward
-    LayerNorm forward/backward     one thread block per row: mean, variance, normalise in one pass
-    causal softmax + dropout       one block per row of scores; the causal mask comes from the indices
+    LayerNorm forward/backward     one warp per row: mean, variance, normalise in one pass
+    causal softmax + dropout       one warp per row of scores; the causal mask comes from the indices
     cross-entropy forward/backward   one block per row of logits: logsumexp, loss, and (p - onehot) * scale
     AdamW                          one elementwise kernel per parameter; the step's numbers from device memory
     sum of squares                 one reduction per gradient, for the global gradient norm
@@ -76,22 +76,41 @@ template <typename T> __device__ T block_max(T value, T* shared) {
     return total;
 }
 
+// Rows of up to a few thousand values (LayerNorm's C, attention's keys) get one warp each: 32 lanes stride
+// along the row, and the row's sum or max is combined with warp shuffles, without shared memory or
+// __syncthreads. (A whole block per row spends more time synchronising than reading such a row.)
+template <typename T> __device__ T warp_sum(T value) {
+    for (int lanes = 16; lanes > 0; lanes >>= 1) value += __shfl_xor_sync(0xffffffffu, value, lanes);
+    return value;                                   // every lane ends with the sum of all 32
+}
+
+template <typename T> __device__ T warp_max(T value) {
+    for (int lanes = 16; lanes > 0; lanes >>= 1) value = max(value, __shfl_xor_sync(0xffffffffu, value, lanes));
+    return value;
+}
+
+// The row this lane's warp owns, or -1 past the last row (a whole warp returns together)
+__device__ long long warp_row(long long rows) {
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    return row < rows ? row : -1;
+}
+
 // LayerNorm over rows of C values: xhat = (x - mean) * rstd, y = xhat * w + b
 template <typename T>
 __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* y, T* xhat, T* rstd,
-                                   int C, T eps, int has_w, int has_b) {
-    extern __shared__ unsigned char smem[];
-    T* shared = reinterpret_cast<T*>(smem);
-    long long row = blockIdx.x;
+                                   long long rows, int C, T eps, int has_w, int has_b) {
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    int lane = threadIdx.x % 32;
     const T* xr = x + row * C;
     T s = 0;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) s += xr[j];
-    T mean = block_sum(s, shared) / C;
+    for (int j = lane; j < C; j += 32) s += xr[j];
+    T mean = warp_sum(s) / C;
     T v = 0;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) { T d = xr[j] - mean; v += d * d; }
-    T r = rsqrt(block_sum(v, shared) / C + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+    for (int j = lane; j < C; j += 32) { T d = xr[j] - mean; v += d * d; }
+    T r = rsqrt(warp_sum(v) / C + eps);
+    if (lane == 0) rstd[row] = r;
+    for (int j = lane; j < C; j += 32) {
         T h = (xr[j] - mean) * r;
         xhat[row * C + j] = h;
         T out = has_w ? h * w[j] : h;
@@ -102,71 +121,80 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* y, T* 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w
 template <typename T>
 __global__ void layer_norm_backward(const T* dy, const T* w, const T* xhat, const T* rstd, T* dx,
-                                    int C, int has_w) {
-    extern __shared__ unsigned char smem[];
-    T* shared = reinterpret_cast<T*>(smem);
-    long long row = blockIdx.x;
+                                    long long rows, int C, int has_w) {
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    int lane = threadIdx.x % 32;
     T s1 = 0, s2 = 0;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+    for (int j = lane; j < C; j += 32) {
         T g = has_w ? dy[row * C + j] * w[j] : dy[row * C + j];
         s1 += g;
         s2 += g * xhat[row * C + j];
     }
-    T mean_g = block_sum(s1, shared) / C;
-    T mean_gx = block_sum(s2, shared) / C;
+    T mean_g = warp_sum(s1) / C;
+    T mean_gx = warp_sum(s2) / C;
     T r = rstd[row];
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+    for (int j = lane; j < C; j += 32) {
         T g = has_w ? dy[row * C + j] * w[j] : dy[row * C + j];
         dx[row * C + j] = r * (g - mean_g - xhat[row * C + j] * mean_gx);
     }
 }
 
+// The last key row r of (..., L, S) scores sees: causal row r is query i = r % L, which sees j <= i + offset
+__device__ int last_visible_key(long long row, int S, int L, int offset, int causal) {
+    return causal ? min(S - 1, (int)(row % L) + offset) : S - 1;
+}
+
 // Softmax over each row of S scores, then dropout: P = softmax(S), A = P * keep / (1 - p).
-// With causal != 0, row r is query i = r % L, which sees keys j <= i + offset.
+// Keys past the last visible one get P = A = 0 and are never read.
 template <typename T>
-__global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, int S, int L, int offset, int causal,
-                                        unsigned long long seed, const unsigned long long* replay,
-                                        unsigned int threshold, T keep_scale, int dropout) {
-    extern __shared__ unsigned char smem[];
-    T* shared = reinterpret_cast<T*>(smem);
-    long long row = blockIdx.x;
+__global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, long long rows, int S, int L,
+                                        int offset, int causal, unsigned long long seed,
+                                        const unsigned long long* replay, unsigned int threshold, T keep_scale,
+                                        int dropout) {
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    int lane = threadIdx.x % 32;
     seed = replay_seed(seed, replay);
-    int last = causal ? min(S - 1, (int)(row % L) + offset) : S - 1;   // last visible key
+    int last = last_visible_key(row, S, L, offset, causal);
     const T* in = scores + row * S;
     T m = negative_infinity<T>();
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = max(m, in[j]);
-    m = block_max(m, shared);
+    for (int j = lane; j <= last; j += 32) m = max(m, in[j]);
+    m = warp_max(m);
     T s = 0;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) s += exp(in[j] - m);
-    s = block_sum(s, shared);
-    for (int j = threadIdx.x; j < S; j += blockDim.x) {
+    for (int j = lane; j <= last; j += 32) s += exp(in[j] - m);
+    T inv = T(1) / warp_sum(s);
+    for (int j = lane; j < S; j += 32) {
         long long idx = row * S + j;
-        T p = j <= last ? exp(in[j] - m) / s : T(0);
+        T p = j <= last ? exp(in[j] - m) * inv : T(0);
         probs[idx] = p;
         if (dropout) attn[idx] = dropout_bits(seed, idx) >= threshold ? p * keep_scale : T(0);
     }
 }
 
-// dP = dA * keep / (1 - p), then dS = P * (dP - sum_j dP * P), row by row
+// dP = dA * keep / (1 - p), then dS = P * (dP - D) with D = sum_j dP_j P_j, the row's softmax backward.
+// D arrives precomputed: sum_j dP_j P_j = sum_j dA_j A_j = sum_j (dO . V_j) A_j = dO . O, a dot product of
+// two (Dv,) rows of the output and its gradient, so this is one pass over dA and P. Keys a row never saw
+// (P = 0, so dS = 0) are not read.
 template <typename T>
-__global__ void softmax_dropout_backward(const T* dattn, const T* probs, T* dscores, int S,
+__global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T* row_dot, T* dscores,
+                                         long long rows, int S, int L, int offset, int causal,
                                          unsigned long long seed, const unsigned long long* replay,
                                          unsigned int threshold, T keep_scale, int dropout) {
-    extern __shared__ unsigned char smem[];
-    T* shared = reinterpret_cast<T*>(smem);
-    long long row = blockIdx.x;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    int lane = threadIdx.x % 32;
     seed = replay_seed(seed, replay);
-    T s = 0;
-    for (int j = threadIdx.x; j < S; j += blockDim.x) {
+    int last = last_visible_key(row, S, L, offset, causal);
+    T d = row_dot[row];
+    for (int j = lane; j < S; j += 32) {
         long long idx = row * S + j;
-        T dp = dropout ? (dropout_bits(seed, idx) >= threshold ? dattn[idx] * keep_scale : T(0)) : dattn[idx];
-        s += dp * probs[idx];
-    }
-    s = block_sum(s, shared);
-    for (int j = threadIdx.x; j < S; j += blockDim.x) {
-        long long idx = row * S + j;
-        T dp = dropout ? (dropout_bits(seed, idx) >= threshold ? dattn[idx] * keep_scale : T(0)) : dattn[idx];
-        dscores[idx] = probs[idx] * (dp - s);
+        T ds = T(0);
+        if (j <= last) {
+            T dp = dropout ? (dropout_bits(seed, idx) >= threshold ? dattn[idx] * keep_scale : T(0)) : dattn[idx];
+            ds = probs[idx] * (dp - d);
+        }
+        dscores[idx] = ds;
     }
 }
 
@@ -234,8 +262,17 @@ def _row_kernel(name, dtype):
 
 
 def _launch(name, dtype, rows, args):
+    """One thread block per row (rows of tens of thousands of values: the logits)."""
     kernel = _row_kernel(name, dtype)
     kernel((int(rows),), (_THREADS,), args, shared_mem=_THREADS * np.dtype(dtype).itemsize)
+
+
+def _launch_warps(name, dtype, rows, args):
+    """One warp per row (rows of up to a few thousand values); the kernel takes the row count, and the warps
+    of the last block past it return."""
+    kernel = _row_kernel(name, dtype)
+    warps = _THREADS // 32
+    kernel(((int(rows) + warps - 1) // warps,), (_THREADS,), args)
 
 
 def _scalar(value, dtype):
@@ -251,17 +288,18 @@ def _elementwise(name, in_params, out_params, body, preamble=""):
 
 
 def gelu_forward(x):
-    """(y, cdf) with cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2 and y = x * cdf."""
-    kernel = _elementwise("gelu_forward", "T x", "T y, T cdf",
-                          "cdf = (T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440)); y = x * cdf;")
+    """y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    kernel = _elementwise("gelu_forward", "T x", "T y",
+                          "y = x * ((T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440)));")
     return kernel(x)
 
 
-def gelu_backward(grad, x, cdf):
-    """dx = dy * (Phi(x) + x phi(x))."""
-    kernel = _elementwise("gelu_backward", "T g, T x, T cdf", "T dx",
-                          "dx = g * (cdf + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794);")
-    return kernel(grad, x, cdf)
+def gelu_backward(grad, x):
+    """dx = dy * (Phi(x) + x phi(x)), Phi recomputed: an erf costs less than storing Phi and reading it back."""
+    kernel = _elementwise("gelu_backward", "T g, T x", "T dx",
+                          "dx = g * ((T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440))"
+                          " + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794);")
+    return kernel(grad, x)
 
 
 # ---- LayerNorm -------------------------------------------------------------------------------------------
@@ -276,8 +314,8 @@ def layer_norm_forward(x, weight, bias, eps):
     rstd = cp.empty((rows,), dtype=x.dtype)
     w = weight if weight is not None else x      # any pointer: unused when has_w is 0
     b = bias if bias is not None else x
-    _launch("layer_norm_forward", x.dtype, rows,
-            (x, cp.ascontiguousarray(w), cp.ascontiguousarray(b), y, xhat, rstd, np.int32(C),
+    _launch_warps("layer_norm_forward", x.dtype, rows,
+            (x, cp.ascontiguousarray(w), cp.ascontiguousarray(b), y, xhat, rstd, np.int64(rows), np.int32(C),
              _scalar(eps, x.dtype), np.int32(weight is not None), np.int32(bias is not None)))
     return y, xhat, rstd
 
@@ -288,8 +326,10 @@ def layer_norm_backward(grad, weight, xhat, rstd):
     grad = cp.ascontiguousarray(grad)
     dx = cp.empty_like(xhat)
     w = weight if weight is not None else grad
-    _launch("layer_norm_backward", xhat.dtype, xhat.size // C,
-            (grad, cp.ascontiguousarray(w), xhat, rstd, dx, np.int32(C), np.int32(weight is not None)))
+    rows = xhat.size // C
+    _launch_warps("layer_norm_backward", xhat.dtype, rows,
+                  (grad, cp.ascontiguousarray(w), xhat, rstd, dx, np.int64(rows), np.int32(C),
+                   np.int32(weight is not None)))
     return dx
 
 
@@ -324,23 +364,29 @@ def softmax_dropout_forward(scores, causal, p, seed, offset=0):
     probs = cp.empty_like(scores)
     attn = cp.empty_like(scores) if p > 0 else probs
     threshold, scale = dropout_threshold(p)
-    _launch("softmax_dropout_forward", scores.dtype, scores.size // S,
-            (cp.ascontiguousarray(scores), probs, attn, np.int32(S), np.int32(L), np.int32(offset), np.int32(causal),
-             np.uint64(seed), replay_counter(), np.uint32(threshold), _scalar(scale, scores.dtype),
-             np.int32(p > 0)))
+    rows = scores.size // S
+    _launch_warps("softmax_dropout_forward", scores.dtype, rows,
+                  (cp.ascontiguousarray(scores), probs, attn, np.int64(rows), np.int32(S), np.int32(L),
+                   np.int32(offset), np.int32(causal), np.uint64(seed), replay_counter(), np.uint32(threshold),
+                   _scalar(scale, scores.dtype), np.int32(p > 0)))
     return probs, attn
 
 
-def softmax_dropout_backward(grad_attn, probs, p, seed):
-    """dS from dA: undo the dropout (same mask, from the seed), then the softmax backward."""
+def softmax_dropout_backward(grad_attn, probs, row_dot, p, seed, causal=False, offset=0):
+    """dS from dA: undo the dropout (same mask, from the seed), then the softmax backward, given row_dot
+    (..., L) = dO . O for each query (see the kernel). With the forward pass's causal and offset, the keys a
+    row never saw (P = 0, so dS = 0) are not read."""
     cp = _cupy()
-    S = probs.shape[-1]
+    L, S = probs.shape[-2], probs.shape[-1]
     grad_attn = cp.ascontiguousarray(grad_attn)
     grad_scores = cp.empty_like(probs)
     threshold, scale = dropout_threshold(p)
-    _launch("softmax_dropout_backward", probs.dtype, probs.size // S,
-            (grad_attn, probs, grad_scores, np.int32(S), np.uint64(seed), replay_counter(), np.uint32(threshold),
-             _scalar(scale, probs.dtype), np.int32(p > 0)))
+    rows = probs.size // S
+    _launch_warps("softmax_dropout_backward", probs.dtype, rows,
+                  (grad_attn, probs, cp.ascontiguousarray(row_dot), grad_scores, np.int64(rows), np.int32(S),
+                   np.int32(L), np.int32(offset),
+                   np.int32(causal), np.uint64(seed), replay_counter(), np.uint32(threshold),
+                   _scalar(scale, probs.dtype), np.int32(p > 0)))
     return grad_scores
 
 

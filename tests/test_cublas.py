@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from npgpt import backend, cublas
+from npgpt import backend, cublas, gemm_tuning
 
 
 def emulate(call):
@@ -28,6 +28,17 @@ def emulate(call):
     second = operand(*call["second"], k, n)     # (k, n) = (K, M)
     product = first @ second                    # column-major C^T: (batch, N, M)
     return product.swapaxes(-1, -2).reshape(call["out_shape"])
+
+
+def emulate_into(call, alpha, accumulate):
+    """Run a call planned with out= as cuBLAS would: C = alpha A B + beta C, written through (ldc, stride)."""
+    target, ldc, stride = call["target"]
+    assert ldc >= call["m"], "cuBLAS needs ldc >= the rows of C^T"
+    size = target.itemsize
+    written = as_strided(target, shape=(call["batch"], call["m"], call["n"]),
+                         strides=(stride * size, size, ldc * size))          # C^T, column-major
+    product = emulate(call).reshape(call["batch"], call["n"], call["m"]).swapaxes(-1, -2)
+    written[...] = alpha * product + (written if accumulate else 0)
 
 
 def layouts(rng, dtype):
@@ -64,6 +75,45 @@ def test_planned_gemm_calls_compute_the_product(dtype):
                                                      + (a.shape[-2], b.shape[-1]))
         np.testing.assert_allclose(got, a @ b, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_products_are_written_into_slices_of_out(accumulate):
+    """The blocked attention's writes: a block's rows of O, and dK, dV summed over blocks, in place."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((2, 3, 8, 4))
+    attn, g = rng.standard_normal((2, 3, 3, 6)), rng.standard_normal((2, 3, 3, 4))
+    W, X = rng.standard_normal((5, 4)), rng.standard_normal((2, 6, 4))
+    cases = [(attn, k[..., :6, :], rng.standard_normal((2, 3, 8, 4)), (Ellipsis, slice(2, 5), slice(None))),
+             (attn.swapaxes(-1, -2), g, rng.standard_normal((2, 3, 8, 4)), (Ellipsis, slice(0, 6), slice(None))),
+             (X, W.T, rng.standard_normal((2, 6, 5)), (Ellipsis,)),
+             (g, k.swapaxes(-1, -2), rng.standard_normal((2, 3, 3, 9)), (Ellipsis, slice(0, 8)))]
+    for a, b, big, where in cases:
+        expected = big.copy()
+        expected[where] = 0.5 * (a @ b) + (expected[where] if accumulate else 0)
+        call = cublas.plan(np, a, b, out=big[where])
+        assert call["target"] is not None, "a row-major slice is written in place, not copied"
+        emulate_into(call, 0.5, accumulate)
+        np.testing.assert_allclose(big, expected, rtol=1e-12, err_msg=str(where))
+
+
+def test_out_of_another_layout_is_not_written_directly():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+    assert cublas.plan(np, a, b, out=np.empty((5, 3)).T)["target"] is None      # column-major out
+    assert cublas.plan(np, a, b, out=np.empty((3, 10))[:, ::2])["target"] is None   # strided columns
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backend_matmul_scales_and_accumulates_on_the_cpu(accumulate):
+    rng = np.random.default_rng(5)
+    a, b, out = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 3, 5))
+    expected = 0.25 * (a @ b) + (out if accumulate else 0)
+    got = backend.matmul(a, b, out=out, alpha=0.25, accumulate=accumulate)
+    assert got is out
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="pass out"):
+        backend.matmul(a, b, accumulate=True)
 
 
 def test_views_are_read_in_place_not_copied():
@@ -103,6 +153,24 @@ def test_cublas_matmul_equals_cupy_matmul(dtype):
     assert empty.shape == (0, 2)
 
 
+@gpu
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cublas_matmul_writes_into_out_slices(accumulate):
+    cp = backend.module_for("gpu")
+    rng = np.random.default_rng(6)
+    attn, k = rng.standard_normal((2, 3, 3, 6)), rng.standard_normal((2, 3, 8, 4))
+    big = rng.standard_normal((2, 3, 8, 4))
+    expected = big.copy()
+    expected[..., 2:5, :] = 0.5 * (attn @ k[..., :6, :]) + (expected[..., 2:5, :] if accumulate else 0)
+    out = cp.asarray(big)
+    cublas.matmul(cp.asarray(attn), cp.asarray(k)[..., :6, :], out=out[..., 2:5, :], alpha=0.5,
+                  accumulate=accumulate)
+    np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=1e-12)
+    column_major = cp.zeros((4, 3)).T                  # not writable in place: the product goes through a copy
+    cublas.matmul(cp.asarray(attn[0, 0, :, :4]), cp.asarray(k[0, 0, :4]), out=column_major)
+    np.testing.assert_allclose(backend.to_numpy(column_major), attn[0, 0, :, :4] @ k[0, 0, :4], rtol=1e-12)
+
+
 def _like(cp, host, device):
     """A device array with host's strides pattern (so views stay views): transposed views are rebuilt."""
     if host.flags.c_contiguous:
@@ -110,3 +178,22 @@ def _like(cp, host, device):
     order = np.argsort(host.strides)[::-1]          # axes from the largest stride to the smallest
     base = cp.ascontiguousarray(device.transpose(order))
     return base.transpose(np.argsort(order))
+
+
+@gpu
+def test_tuned_products_equal_the_product(monkeypatch):
+    """Every layout tuned (the size threshold lowered to 0): whichever algorithm wins computes a @ b, and on
+    a large product cuBLASLt's candidates really ran against plain cuBLAS."""
+    cp = backend.module_for("gpu")
+    monkeypatch.setattr(gemm_tuning, "MIN_TUNED_FLOPS", 0)
+    monkeypatch.setattr(gemm_tuning, "_tuned", {})
+    rng = np.random.default_rng(7)
+    for name, a, b in layouts(rng, np.float32) + [("large", rng.standard_normal((512, 384), np.float32),
+                                                    rng.standard_normal((384, 640), np.float32))]:
+        ga, gb = _like(cp, a, cp.asarray(np.ascontiguousarray(a))), _like(cp, b, cp.asarray(np.ascontiguousarray(b)))
+        for _ in range(2):                              # the first call tunes, the second uses the choice
+            got = cublas.matmul(ga, gb)
+            np.testing.assert_allclose(backend.to_numpy(got), a @ b, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert gemm_tuning.disabled_reason is None
+    large = [c for key, c in gemm_tuning.choices().items() if key[3:6] == (640, 512, 384)]
+    assert large and large[0][3] > 0 and large[0][2] is not None, large
