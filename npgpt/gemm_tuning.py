@@ -1,9 +1,9 @@
 """Autotuned float32 GEMMs: cuBLASLt's candidate algorithms for a product, each timed once, the fastest kept.
 
-cuBLAS picks one algorithm per call from a heuristic, and for some of the model's products the pick is
-slow. A weight gradient (768, 8192) @ (8192, 768) has only a few dozen output tiles for 132 multiprocessors,
-so how the long K axis is split across them decides its speed. cuBLASLt, the library under cuBLAS, lists
-several candidate algorithms for the same call. The first time npgpt meets a float32 problem (its shapes,
+cuBLAS picks one algorithm per call from a heuristic, and the pick is not always the fastest. On GPT-2
+small, the output layer's input gradient (8192, 50304) @ (50304, 768) takes 12.9 ms with cuBLAS's pick and
+12.0 ms with another algorithm (H200). cuBLASLt, the library under cuBLAS, lists several candidate
+algorithms for the same call (tile shapes, how the K axis is split across the multiprocessors). The first time npgpt meets a float32 problem (its shapes,
 transposes, leading dimensions and batch strides), it runs plain cuBLAS and each candidate a few times on
 the real operands, checks that every candidate computes the same product, and keeps the fastest for the
 rest of the process. Later calls of that problem, and the CUDA graph that records them, use the choice.
