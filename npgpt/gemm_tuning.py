@@ -3,10 +3,11 @@
 cuBLAS picks one algorithm per call from a heuristic, and the pick is not always the fastest. On GPT-2
 small, the output layer's input gradient (8192, 50304) @ (50304, 768) takes 12.9 ms with cuBLAS's pick and
 12.0 ms with another algorithm (H200). cuBLASLt, the library under cuBLAS, lists several candidate
-algorithms for the same call (tile shapes, how the K axis is split across the multiprocessors). The first time npgpt meets a float32 problem (its shapes,
-transposes, leading dimensions and batch strides), it runs plain cuBLAS and each candidate a few times on
-the real operands, checks that every candidate computes the same product, and keeps the fastest for the
-rest of the process. Later calls of that problem, and the CUDA graph that records them, use the choice.
+algorithms for the same call (tile shapes, how the K axis is split across the multiprocessors). The first
+time npgpt meets a float32 problem (its shapes, transposes, leading dimensions and batch strides), it runs
+plain cuBLAS and each candidate a few times on the real operands, checks that every candidate computes the
+same product, and keeps the fastest for the rest of the process. Later calls of that problem, and the CUDA
+graph that records them, use the choice.
 
 Tuning waits for the GPU, so it happens in eager steps only: the first eager step of a GraphStep meets
 every problem the graph then records. A problem first met while a graph records (nothing may wait then),
@@ -39,14 +40,15 @@ class _HeuristicResult(ctypes.Structure):
                 ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-_tuned = {}        # problem -> (runner, choice, its ms, plain cuBLAS's ms, cuBLASLt candidates that ran)
+# (device's cuBLAS, dtype, problem) -> (runner, choice, its ms, plain cuBLAS's ms, candidates that ran)
+_tuned = {}
 _lt = {}                       # device id -> _Lt
 disabled_reason = None         # set when cuBLASLt could not be loaded: every product then runs plain cuBLAS
 
 
 def choices():
-    """{problem: (choice, its ms, plain cuBLAS's ms, cuBLASLt candidates that ran)} for every problem tuned
-    so far (the ms are None where nothing could be timed)."""
+    """{problem: (choice, its ms, plain cuBLAS's ms, cuBLASLt candidates that ran)} for every problem met so
+    far (the ms are None where nothing was timed: small, float64 or broadcast products)."""
     return {key: value[1:] for key, value in _tuned.items()}
 
 
@@ -57,16 +59,19 @@ def runner(cp, blas, dtype, problem, workspace, operands):
     column-major terms, as npgpt/cublas.py plans it; blas holds the plain cuBLAS functions and handle;
     operands = (b_ptr, a_ptr), the call's inputs, which a first meeting times the candidates on.
     """
-    key = (np.dtype(dtype).str,) + problem
+    key = (id(blas), np.dtype(dtype).str) + problem            # blas: one cuBLAS handle per device
     if key in _tuned:
         return _tuned[key][0]
     plain = _plain_runner(blas, dtype, problem)
     m, n, k, batch, stride_b, stride_a = problem[2], problem[3], problem[4], problem[8], problem[9], problem[10]
     worth = 2.0 * m * n * k * batch >= MIN_TUNED_FLOPS and np.dtype(dtype) == np.float32
     broadcast = batch > 1 and 0 in (stride_b, stride_a)          # one operand shared by the whole batch
-    if not worth or broadcast or backend.capturing() or disabled_reason is not None:
+    if not worth or broadcast:                                     # never tuned: remembered as plain cuBLAS
+        _tuned[key] = (plain, "cuBLAS", None, None, 0)
+    elif backend.capturing() or disabled_reason is not None:      # not now: a later eager call may tune it
         return plain
-    _tuned[key] = _tune(cp, problem, plain, workspace, operands)
+    else:
+        _tuned[key] = _tune(cp, problem, plain, workspace, operands)
     return _tuned[key][0]
 
 
@@ -196,7 +201,7 @@ class _Lt:
             return matmul(handle, desc, alpha, b, first, a, second, beta, c, result, c, result,
                           ctypes.addressof(algo), workspace.data.ptr, workspace.nbytes,
                           cp.cuda.get_current_stream().ptr)
-        run.descriptors = keep                  # the closure holds desc and the layouts; the preference too
+        run.descriptors = keep                  # the descriptors (the preference too) live as long as run
         return run
 
 

@@ -287,18 +287,23 @@ def _elementwise(name, in_params, out_params, body, preamble=""):
     return _cache[name]
 
 
+_NORMAL = r"""
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF, and phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+template <typename F> __device__ F normal_cdf(F x) { return (F)0.5 * ((F)1 + erf(x * (F)0.70710678118654752440)); }
+template <typename F> __device__ F normal_pdf(F x) { return exp((F)-0.5 * x * x) * (F)0.39894228040143267794; }
+"""
+
+
 def gelu_forward(x):
-    """y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
-    kernel = _elementwise("gelu_forward", "T x", "T y",
-                          "y = x * ((T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440)));")
+    """y = x Phi(x)."""
+    kernel = _elementwise("gelu_forward", "T x", "T y", "y = x * normal_cdf(x);", preamble=_NORMAL)
     return kernel(x)
 
 
 def gelu_backward(grad, x):
     """dx = dy * (Phi(x) + x phi(x)), Phi recomputed: an erf costs less than storing Phi and reading it back."""
-    kernel = _elementwise("gelu_backward", "T g, T x", "T dx",
-                          "dx = g * ((T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440))"
-                          " + x * exp((T)-0.5 * x * x) * (T)0.39894228040143267794);")
+    kernel = _elementwise("gelu_backward", "T g, T x", "T dx", "dx = g * (normal_cdf(x) + x * normal_pdf(x));",
+                          preamble=_NORMAL)
     return kernel(grad, x)
 
 
@@ -315,8 +320,8 @@ def layer_norm_forward(x, weight, bias, eps):
     w = weight if weight is not None else x      # any pointer: unused when has_w is 0
     b = bias if bias is not None else x
     _launch_warps("layer_norm_forward", x.dtype, rows,
-            (x, cp.ascontiguousarray(w), cp.ascontiguousarray(b), y, xhat, rstd, np.int64(rows), np.int32(C),
-             _scalar(eps, x.dtype), np.int32(weight is not None), np.int32(bias is not None)))
+                  (x, cp.ascontiguousarray(w), cp.ascontiguousarray(b), y, xhat, rstd, np.int64(rows),
+                   np.int32(C), _scalar(eps, x.dtype), np.int32(weight is not None), np.int32(bias is not None)))
     return y, xhat, rstd
 
 
