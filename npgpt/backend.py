@@ -225,6 +225,23 @@ def matmul(a, b, out=None, alpha=1.0, accumulate=False):
     return product
 
 
+def add(a, b):
+    """a + b. On the GPU, two contiguous float arrays of one shape take npgpt's add kernel, which keeps several
+    loads in flight per thread (CuPy's generic one reaches about half the memory bandwidth)."""
+    if (is_gpu_array(a) and is_gpu_array(b) and a.shape == b.shape and a.dtype == b.dtype
+            and a.dtype in (np.float32, np.float64) and a.flags.c_contiguous and b.flags.c_contiguous):
+        from . import kernels
+        return kernels.add(a, b)
+    return a + b
+
+
+def products_in_place(array):
+    """True when matmul on `array` runs through cuBLAS (the GPU): it reads and writes strided views (the
+    attention's heads) where they lie, and its alpha and accumulate cost nothing. NumPy's matmul copies such
+    views and scales in a second pass, so CPU code lays its operands out and scales the smaller array first."""
+    return is_gpu_array(array)
+
+
 def sum_leading(array, count):
     """Sum over the first `count` axes (a bias or LayerNorm gradient summed over every position).
 

@@ -17,6 +17,11 @@ Shapes: a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast as in
 straight into a slice of a larger array (``out=``), scaled (cuBLAS's alpha) or added to it (beta = 1): the
 blocked causal attention writes and accumulates its per-block products that way, with no extra pass.
 
+A stack of matrices is walked with one batch stride when it can be (strided-batched GEMM). The attention's
+heads cannot: q viewed as (B, H, T, D) inside a (B, T, H, D) array steps D elements from head to head but
+T * H * D from batch to batch. Such stacks are not copied; cuBLAS's pointer-array GEMM takes one address per
+matrix, which a small kernel computes on the device from the batch axes' strides (so a graph records it).
+
 Which GEMM algorithm runs a float32 product is chosen by timing, once per problem: ``npgpt/gemm_tuning.py``.
 
 Next to read: ``npgpt/graph.py``, which records the training step.
@@ -33,6 +38,7 @@ from . import backend, gemm_tuning
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it
 _state = {}                       # device id -> _Blas
+_kernels = {}
 
 
 class CublasError(RuntimeError):
@@ -64,12 +70,16 @@ class _Blas:
             raise CublasError(f"cannot load cuBLAS ({path}): {exc}") from exc
         P, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
         self.functions = {}      # dtype -> (gemm, strided-batched gemm, the ctypes type of alpha and beta)
+        self.pointer_batched = {}    # dtype -> pointer-array batched gemm
         for dtype, prefix, scalar in ((np.float32, "S", ctypes.c_float), (np.float64, "D", ctypes.c_double)):
             gemm = getattr(lib, f"cublas{prefix}gemm_v2")
             gemm.argtypes = [P, i, i, i, i, i, P, P, i, P, i, P, P, i]
             batched = getattr(lib, f"cublas{prefix}gemmStridedBatched")
             batched.argtypes = [P, i, i, i, i, i, P, P, i, ll, P, i, ll, P, P, i, ll, i]
+            pointers = getattr(lib, f"cublas{prefix}gemmBatched")
+            pointers.argtypes = [P, i, i, i, i, i, P, P, i, P, i, P, P, i, i]
             self.functions[np.dtype(dtype)] = (gemm, batched, scalar)
+            self.pointer_batched[np.dtype(dtype)] = pointers
         lib.cublasCreate_v2.argtypes = [ctypes.POINTER(P)]
         lib.cublasSetStream_v2.argtypes = [P, P]
         self.set_stream = lib.cublasSetStream_v2
@@ -118,29 +128,47 @@ def _layout(x):
     return None
 
 
-def _batch_stride(x, batch_shape):
-    """Elements between consecutive matrices of x over the flattened batch: 0 when x is one matrix for the
-    whole batch, None when its batch axes cannot be walked with one stride (then x is copied)."""
+def _batch_strides(x, batch_shape):
+    """x's stride (elements) along each batch axis, 0 where x is broadcast over it; None when x's axes do not
+    broadcast to batch_shape or a stride is negative or not a whole number of elements."""
     lead = x.shape[:-2]
-    if math.prod(lead) == 1:
-        return 0
-    if tuple(lead) != tuple(batch_shape[len(batch_shape) - len(lead):]) or len(lead) != len(batch_shape):
+    if len(lead) > len(batch_shape):
         return None
-    axes = [(n, s) for n, s in zip(lead, x.strides[:-2]) if n != 1]
-    for (_, outer), (inner_n, inner_s) in zip(axes, axes[1:]):
-        if outer != inner_n * inner_s:
+    pad = len(batch_shape) - len(lead)
+    strides = [0] * pad
+    for n, s, want in zip(lead, x.strides[:-2], batch_shape[pad:]):
+        if n == 1:
+            strides.append(0)
+        elif n != want or s < 0 or s % x.itemsize:
             return None
-    stride = axes[-1][1]
-    return stride // x.itemsize if stride % x.itemsize == 0 and stride > 0 else None
+        else:
+            strides.append(s // x.itemsize)
+    return tuple(strides)
+
+
+def _batch_walk(x, batch_shape):
+    """How cuBLAS steps from matrix to matrix of x over the flattened batch: one stride (0 when x is one matrix
+    for the whole batch) when the batch axes allow it, else the per-axis strides (a pointer-array call), or
+    None when x's batch axes cannot be walked at all (then x is copied)."""
+    strides = _batch_strides(x, batch_shape)
+    if strides is None:
+        return None
+    axes = [(n, s) for n, s in zip(batch_shape, strides) if n != 1]
+    if not axes or all(s == 0 for _, s in axes):
+        return 0
+    if all(s != 0 for _, s in axes) and all(outer == inner_n * inner_s
+                                            for (_, outer), (inner_n, inner_s) in zip(axes, axes[1:])):
+        return axes[-1][1]
+    return strides
 
 
 def _prepare(cp, x, batch_shape):
-    """x as cuBLAS takes it: (array, op, ld, batch stride), copied to a contiguous stack only if needed."""
-    layout, stride = _layout(x), _batch_stride(x, batch_shape)
-    if layout is None or stride is None:
+    """x as cuBLAS takes it: (array, op, ld, batch walk), copied to a contiguous stack only if needed."""
+    layout, walk = _layout(x), _batch_walk(x, batch_shape)
+    if layout is None or walk is None:
         x = cp.ascontiguousarray(cp.broadcast_to(x, tuple(batch_shape) + x.shape[-2:]))
-        layout, stride = _layout(x), _batch_stride(x, batch_shape)
-    return x, layout[0], layout[1], stride
+        layout, walk = _layout(x), _batch_walk(x, batch_shape)
+    return x, layout[0], layout[1], walk
 
 
 def supports(a, b):
@@ -166,24 +194,27 @@ def _target(out, batch_shape, M, N):
         if not out.flags.c_contiguous:
             return None
         out = out.reshape(-1, N)
-    layout, stride = _layout(out), _batch_stride(out, batch_shape)
-    if layout is None or layout[0] != _OP_N or stride is None or out.shape[-2:] != (M, N):
+    layout, walk = _layout(out), _batch_walk(out, batch_shape)
+    if (layout is None or layout[0] != _OP_N or walk is None or out.shape[-2:] != (M, N)
+            or (walk == 0 and math.prod(batch_shape) > 1)):     # every product into one matrix: no
         return None
-    return out, layout[1], stride
+    return out, layout[1], walk
 
 
 def plan(xp, a, b, out=None):
-    """The GEMM call for a @ b: {m, n, k, batch, out_shape, first, second, target}, first and second each
-    (array, op, ld, batch stride) in cuBLAS's order (B, then A); target is (out, ldc, batch stride) when the
-    result can be written straight into `out`, else None. Pure bookkeeping on shapes and strides, so the
-    tests check it with NumPy arrays on any machine (tests/test_cublas.py)."""
+    """The GEMM call for a @ b: {m, n, k, batch, batch_shape, out_shape, first, second, target}, first and
+    second each (array, op, ld, batch walk) in cuBLAS's order (B, then A); target is (out, ldc, batch walk)
+    when the result can be written straight into `out`, else None. A batch walk is one stride, or a tuple of
+    strides per batch axis (see _batch_walk). Pure bookkeeping on shapes and strides, so the tests check it
+    with NumPy arrays on any machine (tests/test_cublas.py)."""
     K, N = a.shape[-1], b.shape[-1]
     batch_shape = _batch_shape(a, b)
     if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # (..., M, K) @ (K, N): one (... * M, K) GEMM
         a, batch_shape = a.reshape(-1, K), ()
     M = a.shape[-2]
     # C^T (N, M) = op(B) op(A), column-major: B is the first operand, A the second (see the docstring)
-    return dict(m=N, n=M, k=K, batch=math.prod(batch_shape), out_shape=batch_shape + (M, N),
+    return dict(m=N, n=M, k=K, batch=math.prod(batch_shape), batch_shape=batch_shape,
+                out_shape=batch_shape + (M, N),
                 first=_prepare(xp, b, batch_shape), second=_prepare(xp, a, batch_shape),
                 target=None if out is None else _target(out, batch_shape, M, N))
 
@@ -212,16 +243,77 @@ def matmul(a, b, out=None, alpha=1.0, accumulate=False):
     scalar = blas.functions[np.dtype(a.dtype)][2]
     # host scalars: cuBLAS reads them during the call (a graph being recorded keeps their values)
     alpha_host, beta_host = scalar(alpha), scalar(beta)
-    (B, op_b, ld_b, stride_b), (A, op_a, ld_a, stride_a) = call["first"], call["second"]
-    problem = (op_b, op_a, call["m"], call["n"], call["k"], ld_b, ld_a, ldc, call["batch"], stride_b, stride_a,
-               stride_c)
-    run = gemm_tuning.runner(cp, blas, a.dtype, problem, blas.workspace, (B.data.ptr, A.data.ptr))
-    _check(run(ctypes.addressof(alpha_host), B.data.ptr, A.data.ptr, ctypes.addressof(beta_host),
-               result.data.ptr), "gemm")
+    (B, op_b, ld_b, walk_b), (A, op_a, ld_a, walk_a) = call["first"], call["second"]
+    if any(isinstance(walk, tuple) for walk in (walk_b, walk_a, stride_c)):
+        pointers = _matrix_pointers(cp, call["batch_shape"], ((B, walk_b), (A, walk_a), (result, stride_c)))
+        gemm = blas.pointer_batched[np.dtype(a.dtype)]
+        step = pointers.itemsize * call["batch"]
+        _check(gemm(blas.handle, op_b, op_a, call["m"], call["n"], call["k"], ctypes.addressof(alpha_host),
+                    pointers.data.ptr, ld_b, pointers.data.ptr + step, ld_a, ctypes.addressof(beta_host),
+                    pointers.data.ptr + 2 * step, ldc, call["batch"]), "gemmBatched")
+    else:
+        problem = (op_b, op_a, call["m"], call["n"], call["k"], ld_b, ld_a, ldc, call["batch"], walk_b, walk_a,
+                   stride_c)
+        run = gemm_tuning.runner(cp, blas, a.dtype, problem, blas.workspace, (B.data.ptr, A.data.ptr))
+        _check(run(ctypes.addressof(alpha_host), B.data.ptr, A.data.ptr, ctypes.addressof(beta_host),
+                   result.data.ptr), "gemm")
     if call["target"] is not None:
         return out
     # a fresh array, not a view: the engine keeps a gradient it owns instead of copying it
     return _store(result if result.shape == shape else result.reshape(shape), out, 1.0, accumulate)
+
+
+def axis_strides(batch_shape, walk):
+    """A batch walk as per-axis strides: one stride steps along the flattened batch."""
+    if isinstance(walk, tuple):
+        return walk
+    inner = np.cumprod((1,) + tuple(batch_shape[:0:-1]))[::-1]     # matrices per step of each axis
+    return tuple(int(walk * n) for n in inner)
+
+
+def matrix_offsets(batch_shape, walk):
+    """The element offset of each matrix of a stack over the flattened batch, from its batch walk: what the
+    pointer kernel below computes on the device (the tests emulate cuBLAS with it)."""
+    index = np.indices(batch_shape).reshape(len(batch_shape), -1)          # (axes, batch)
+    return (np.asarray(axis_strides(batch_shape, walk), dtype=np.int64)[:, None] * index).sum(axis=0)
+
+
+_MAX_BATCH_AXES = 4
+_POINTERS = r"""
+// pointers[o * batch + i] = address of matrix i of operand o: base_o + sum over batch axes of index * stride
+const long long o = i / batch;
+long long rest = i % batch, offset = 0;
+const long long dims[4] = {n0, n1, n2, n3};
+const long long strides[3][4] = {{b0, b1, b2, b3}, {a0, a1, a2, a3}, {c0, c1, c2, c3}};
+for (int axis = 3; axis >= 0; --axis) {
+    offset += (rest % dims[axis]) * strides[o][axis];
+    rest /= dims[axis];
+}
+pointers = (o == 0 ? base_b : o == 1 ? base_a : base_c) + (unsigned long long)(offset * itemsize);
+"""
+
+
+def _matrix_pointers(cp, batch_shape, operands):
+    """(3 * batch,) uint64 device addresses of every matrix of B, A and C for a pointer-array GEMM, computed by
+    one kernel from the base addresses and batch strides (no host-to-device copy, so a graph can record it)."""
+    if len(batch_shape) > _MAX_BATCH_AXES:
+        raise ValueError(f"matmul: at most {_MAX_BATCH_AXES} batch axes, got {len(batch_shape)}")
+    key = "pointers"
+    if key not in _kernels:
+        scalars = ", ".join(f"int64 {p}{j}" for p in "nbac" for j in range(_MAX_BATCH_AXES))
+        _kernels[key] = cp.ElementwiseKernel(
+            f"uint64 base_b, uint64 base_a, uint64 base_c, int64 batch, int64 itemsize, {scalars}",
+            "uint64 pointers", _POINTERS, "npgpt_matrix_pointers")
+    pad = _MAX_BATCH_AXES - len(batch_shape)
+    dims = (1,) * pad + tuple(batch_shape)
+    args = [np.uint64(array.data.ptr) for array, _ in operands]
+    batch = math.prod(batch_shape)
+    args += [np.int64(batch), np.int64(operands[0][0].itemsize)] + [np.int64(n) for n in dims]
+    for _, walk in operands:
+        args += [np.int64(s) for s in (0,) * pad + axis_strides(batch_shape, walk)]
+    pointers = cp.empty(3 * batch, dtype=cp.uint64)
+    _kernels[key](*args, pointers)
+    return pointers
 
 
 def _store(product, out, alpha, accumulate):

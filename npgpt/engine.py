@@ -161,15 +161,22 @@ class Tensor:
                                  f"{self.shape}; pass a gradient of the tensor's shape")
 
         pending = {id(self): grad}      # node id -> dL/d(node), summed over its uses so far
+        # Backward functions never write into the gradient they are given, so one array may flow to several
+        # nodes (a + b hands grad to both). Only a kept .grad must be its own array, or adding into one
+        # leaf's .grad later would change another's: arrays seen going two ways are copied there, not before.
+        shared = set()
         for node in reversed(_topological_order(self)):
             node_grad = pending.pop(id(node), None)
             if node_grad is None:
                 continue
+            if (node.is_leaf or node._retain_grad) and id(node_grad) in shared:
+                node_grad = node_grad.copy()
             if node.is_leaf and into is not None:
                 into[id(node)] = node_grad
                 continue
             if node.is_leaf or node._retain_grad:
                 _accumulate(node, node_grad)
+                shared.add(id(node_grad))       # now node.grad: whatever it flows on to must not alias it
             if node.is_leaf:
                 continue
             parent_grads = node._backward(node_grad)
@@ -178,11 +185,11 @@ class Tensor:
                 if parent_grad is None or not parent.requires_grad:
                     continue
                 if id(parent_grad) in seen:  # the same array handed to two parents (e.g. a + b)
-                    parent_grad = parent_grad.copy()
+                    shared.add(id(parent_grad))
                 seen.add(id(parent_grad))
                 parent_grad = _sum_to_shape(parent_grad, parent.shape)
                 key = id(parent)
-                pending[key] = parent_grad if key not in pending else pending[key] + parent_grad
+                pending[key] = parent_grad if key not in pending else backend.add(pending[key], parent_grad)
             if not retain_graph:  # release the graph: intermediates can now be freed
                 node._parents, node._backward = (), None
 
@@ -194,7 +201,7 @@ class Tensor:
         # d(a + b)/da = 1, d(a + b)/db = 1
         def backward(grad):
             return grad, grad
-        return _make(self.data + other.data, (self, other), backward, "add")
+        return _make(backend.add(self.data, other.data), (self, other), backward, "add")
 
     def __sub__(self, other):
         other = _lift(other, self)

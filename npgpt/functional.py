@@ -51,9 +51,18 @@ def linear(input, weight, bias=None):
                          f"(out, in): the input's last dimension must be {W.shape[1]}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, W.shape[1])                         # (N, in): one GEMM for all positions
-    out = matmul(x2d, W.T)                                  # (N, out)
-    if bias is not None:
+    if bias is None:
+        out = matmul(x2d, W.T)                              # (N, out)
+    elif backend.products_in_place(x):
+        # GPU: the bias is written first and the GEMM adds the product onto it (cuBLAS's beta = 1), so the
+        # bias costs one write of the output instead of a separate read-modify-write pass over it
         bias = _t(bias)
+        out = _xp(x).empty((x2d.shape[0], W.shape[0]), dtype=np.result_type(x.dtype, W.dtype))
+        out[...] = bias.data
+        matmul(x2d, W.T, out=out, accumulate=True)          # (N, out)
+    else:
+        bias = _t(bias)
+        out = matmul(x2d, W.T)                              # (N, out)
         out += bias.data
     out = out.reshape(*lead, W.shape[0])                    # (..., out)
 
@@ -477,6 +486,31 @@ def _additive_mask(mask, dtype, cache_key=None):
     return additive
 
 
+def _scaled_queries(q, scale, in_place):
+    """(Q', s) with Q' K^T * s = Q K^T * scale. On the GPU the scale rides in the product (cuBLAS's alpha,
+    free) and Q is read where it lies; on the CPU Q (L, D) is scaled once, which is cheaper than scaling the
+    (L, S) scores, into a contiguous array that every product then reads fast."""
+    if in_place:
+        return q, scale
+    return _xp(q).multiply(q, scale, out=_xp(q).empty(q.shape, dtype=q.dtype)), q.dtype.type(1)
+
+
+def _empty_in_layout(like, shape, in_place):
+    """An empty array of `shape`; on the GPU with its axes in memory in the same order as `like`'s. The heads
+    arrive as (B, H, T, D) views of (B, T, H, D) projections; outputs and gradients laid out the same way make
+    the heads' merge back to (B, T, C) a view, not a copy (cuBLAS writes the heads where they lie). On the CPU,
+    row-major, which NumPy's matmul writes fastest."""
+    xp = _xp(like)
+    if not in_place or like.ndim != len(shape):
+        return xp.empty(shape, dtype=like.dtype)
+    return xp.empty_like(like, shape=shape)
+
+
+def matmul_shape(a, b):
+    """The shape of a @ b for stacks of matrices (batch axes broadcast)."""
+    return tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2])) + (a.shape[-2], b.shape[-1])
+
+
 # Long causal sequences are scored block by block (see _causal_attention_blocked): from 128 positions on the
 # CPU; on the GPU only once the (..., L, L) scores reach this many elements, below which the extra kernels
 # of the blocks cost more than the skipped work saves.
@@ -505,8 +539,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                               q.size // q.shape[-1] * L >= GPU_BLOCKED_ATTENTION_SCORES):
         return _causal_attention_blocked(query, key, value, scale, dropout_p, generator)
 
-    q_scaled = q * scale                                    # (..., L, D): cheaper to scale than the scores
-    scores = matmul(q_scaled, k.swapaxes(-1, -2))           # (..., L, S)
+    in_place = backend.products_in_place(q)
+    q_scaled, score_scale = _scaled_queries(q, scale, in_place)
+    scores = matmul(q_scaled, k.swapaxes(-1, -2), alpha=score_scale)   # (..., L, S), scaled
     fused = kernels.available(scores) and attn_mask is None and (dropout_p == 0.0 or generator is None)
     if fused:                                               # GPU: masked softmax + dropout in one kernel
         seed = backend.next_seed() if dropout_p > 0.0 else 0
@@ -530,7 +565,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn *= keep_scale
     else:
         attn = probs
-    out = matmul(attn, v)                                   # (..., L, Dv)
+    out = matmul(attn, v, out=_empty_in_layout(q, matmul_shape(attn, v), in_place))   # (..., L, Dv)
 
     # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
@@ -538,7 +573,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     #                                    on the GPU sum_j(dP * P) is taken as dO . O, which equals it)
     #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
-        grad_v = matmul(attn.swapaxes(-1, -2), grad)        # (..., S, Dv)
+        attn_t = attn.swapaxes(-1, -2)
+        grad_v = matmul(attn_t, grad, out=_empty_in_layout(v, matmul_shape(attn_t, grad), in_place))  # (..., S, Dv)
         grad_scores = matmul(grad, v.swapaxes(-1, -2))      # (..., L, S): dA, turned into dS in place
         if fused:
             row_dot = (grad * out).sum(axis=-1)             # (..., L): sum_j dP * P, see the kernel
@@ -550,9 +586,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 grad_scores *= keep_scale
             grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
             grad_scores *= probs
-        grad_q = matmul(grad_scores, k)                     # (..., L, D)
-        grad_q *= scale
-        grad_k = matmul(grad_scores.swapaxes(-1, -2), q_scaled)   # (..., S, D)
+        grad_q = matmul(grad_scores, k, alpha=scale,                                          # (..., L, D)
+                        out=_empty_in_layout(q, matmul_shape(grad_scores, k), in_place))
+        grad_scores_t = grad_scores.swapaxes(-1, -2)
+        grad_k = matmul(grad_scores_t, q_scaled, alpha=score_scale,                           # (..., S, D)
+                        out=_empty_in_layout(k, matmul_shape(grad_scores_t, q_scaled), in_place))
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
@@ -568,16 +606,19 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
     """
     q, k, v = query.data, key.data, value.data
     xp = _xp(q)
-    k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)     # read by every block: laid out once
+    in_place = backend.products_in_place(q)
+    if not in_place:                                        # read by every block: laid out once
+        k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
     L = q.shape[-2]
     block = max(64, -(-L // CAUSAL_ATTENTION_BLOCKS))
     fused = kernels.available(q) and generator is None
-    q_scaled = xp.multiply(q, scale, out=xp.empty(q.shape, dtype=q.dtype))    # (..., L, D), contiguous
-    out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)   # (..., L, Dv)
+    q_scaled, score_scale = _scaled_queries(q, scale, in_place)
+    out = _empty_in_layout(q, q.shape[:-1] + v.shape[-1:], in_place)     # (..., L, Dv)
     saved = []                                              # per block: (i0, i1, P, A, dropout mask)
     for i0 in range(0, L, block):
         i1 = min(L, i0 + block)
-        scores = matmul(q_scaled[..., i0:i1, :], k[..., :i1, :].swapaxes(-1, -2))   # (..., b, i1)
+        scores = matmul(q_scaled[..., i0:i1, :], k[..., :i1, :].swapaxes(-1, -2),      # (..., b, i1), scaled
+                        alpha=score_scale)
         if fused:                                           # the mask is a seed: regenerated in backward
             mask = backend.next_seed() if dropout_p > 0.0 else 0
             probs, attn = kernels.softmax_dropout_forward(scores, True, dropout_p, mask, offset=i0)
@@ -600,11 +641,11 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
     # Keys and values collect their gradients from every block that sees them; the products write (and add)
     # straight into the gradients' slices, and dQ's scale rides along in the product.
     def backward(grad):
-        grad = xp.ascontiguousarray(grad)                   # (..., L, Dv), sliced by every block
+        if not in_place:
+            grad = xp.ascontiguousarray(grad)               # (..., L, Dv), sliced by every block
         row_dot = (grad * out).sum(axis=-1) if fused else None     # (..., L): the kernel's sum_j dP * P
-        grad_q = xp.empty(q.shape, dtype=q.dtype)
-        grad_k = xp.zeros_like(k)
-        grad_v = xp.zeros_like(v)
+        grad_q = _empty_in_layout(q, q.shape, in_place)
+        grad_k, grad_v = xp.zeros_like(k), xp.zeros_like(v)
         for i0, i1, probs, attn, mask in saved:
             grad_block = grad[..., i0:i1, :]                # (..., b, Dv)
             matmul(attn.swapaxes(-1, -2), grad_block, out=grad_v[..., :i1, :], accumulate=True)
@@ -620,6 +661,6 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
                 grad_scores *= probs
             matmul(grad_scores, k[..., :i1, :], out=grad_q[..., i0:i1, :], alpha=scale)
             matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :], out=grad_k[..., :i1, :],
-                   accumulate=True)
+                   alpha=score_scale, accumulate=True)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

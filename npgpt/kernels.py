@@ -7,6 +7,7 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
 
     GELU forward/backward          elementwise, erf from CUDA's math library
     dropout                        elementwise; the mask is a hash of (seed, index), regenerated in backward
+    add                            the residual stream's sums, and gradients meeting at its forks
     LayerNorm forward/backward     one warp per row: mean, variance, normalise in one pass
     causal softmax + dropout       one warp per row of scores; the causal mask comes from the indices
     cross-entropy forward/backward   one block per row of logits: logsumexp, loss, and (p - onehot) * scale
@@ -198,7 +199,9 @@ __global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T
     }
 }
 
-// Cross-entropy of each row of C logits: logsumexp and loss = logsumexp - z[target] (0 where ignored)
+// Cross-entropy of each row of C logits: logsumexp and loss = logsumexp - z[target] (0 where ignored).
+// One read of the row: each thread keeps a running max m and sum s of exp(z - m), rescaling s when m grows
+// (s exp(m_old - m_new)); the block then rescales every thread's sum to the row's max and adds them.
 template <typename T>
 __global__ void cross_entropy_forward(const T* z, const long long* target, T* logsumexp, T* loss, int C,
                                       long long ignore_index) {
@@ -206,14 +209,18 @@ __global__ void cross_entropy_forward(const T* z, const long long* target, T* lo
     T* shared = reinterpret_cast<T*>(smem);
     long long row = blockIdx.x;
     const T* zr = z + row * C;
-    T m = negative_infinity<T>();
-    for (int j = threadIdx.x; j < C; j += blockDim.x) m = max(m, zr[j]);
-    m = block_max(m, shared);
-    T s = 0;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) s += exp(zr[j] - m);
+    const T lowest = negative_infinity<T>();
+    T m = lowest, s = 0;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        T v = zr[j];
+        if (v > m) { s = s * exp(m - v) + T(1); m = v; }
+        else if (m != lowest) s += exp(v - m);        // (v = m = -inf adds nothing)
+    }
+    T row_max = block_max(m, shared);
+    s = m == lowest ? T(0) : s * exp(m - row_max);
     s = block_sum(s, shared);
     if (threadIdx.x == 0) {
-        T lse = log(s) + m;
+        T lse = log(s) + row_max;
         logsumexp[row] = lse;
         long long t = target[row];
         loss[row] = t == ignore_index ? T(0) : lse - zr[t];
@@ -234,8 +241,90 @@ __global__ void cross_entropy_backward(const T* z, const long long* target, cons
 }
 """
 
+_NORMAL = r"""
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF, and phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+template <typename F> __device__ F normal_cdf(F x) { return (F)0.5 * ((F)1 + erf(x * (F)0.70710678118654752440)); }
+template <typename F> __device__ F normal_pdf(F x) { return exp((F)-0.5 * x * x) * (F)0.39894228040143267794; }
+"""
+
+_ELEMENTWISE_KERNELS = _NORMAL + r"""
+// Elementwise kernels over n contiguous values. Each thread first loads UNROLL values spaced a block apart,
+// then computes and stores them: several independent loads in flight per thread are what keeps the memory
+// busy (with one 4-byte load per thread at a time, a GPU reaches only about a third of its bandwidth).
+#define UNROLL 4
+
+__device__ long long first_index() { return (long long)blockIdx.x * blockDim.x * UNROLL + threadIdx.x; }
+
+// y = x Phi(x)
+template <typename T> __global__ void gelu_forward(const T* __restrict__ x, T* __restrict__ y, long long n) {
+    long long i0 = first_index();
+    T v[UNROLL];
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) { long long i = i0 + u * blockDim.x; v[u] = i < n ? x[i] : T(0); }
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i < n) y[i] = v[u] * normal_cdf(v[u]);
+    }
+}
+
+// dx = dy (Phi(x) + x phi(x))
+template <typename T>
+__global__ void gelu_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, long long n) {
+    long long i0 = first_index();
+    T g[UNROLL], v[UNROLL];
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        g[u] = i < n ? dy[i] : T(0);
+        v[u] = i < n ? x[i] : T(0);
+    }
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i < n) dx[i] = g[u] * (normal_cdf(v[u]) + v[u] * normal_pdf(v[u]));
+    }
+}
+
+// c = a + b (the residual stream's sums, and gradients meeting where it forks)
+template <typename T>
+__global__ void add_arrays(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
+    long long i0 = first_index();
+    T u_a[UNROLL], u_b[UNROLL];
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        u_a[u] = i < n ? a[i] : T(0);
+        u_b[u] = i < n ? b[i] : T(0);
+    }
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i < n) c[i] = u_a[u] + u_b[u];
+    }
+}
+
+// y = x * keep / (1 - p), keep = (random bits of element i >= threshold); the same call undoes it backward
+template <typename T>
+__global__ void dropout(const T* __restrict__ x, T* __restrict__ y, long long n, unsigned long long seed,
+                        const unsigned long long* replay, unsigned int threshold, T keep_scale) {
+    long long i0 = first_index();
+    seed = replay_seed(seed, replay);
+    T v[UNROLL];
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) { long long i = i0 + u * blockDim.x; v[u] = i < n ? x[i] : T(0); }
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i < n) y[i] = dropout_bits(seed, i) >= threshold ? v[u] * keep_scale : T(0);
+    }
+}
+"""
+_UNROLL = 4
+
 _NAMES = ["layer_norm_forward", "layer_norm_backward", "softmax_dropout_forward", "softmax_dropout_backward",
-          "cross_entropy_forward", "cross_entropy_backward"]
+          "cross_entropy_forward", "cross_entropy_backward", "gelu_forward", "gelu_backward", "dropout",
+          "add_arrays"]
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _cache = {}
@@ -250,12 +339,12 @@ def _cupy():
     return backend.module_for("gpu")
 
 
-def _row_kernel(name, dtype):
-    key = ("rows", np.dtype(dtype))
+def _kernel(name, dtype):
+    key = ("kernels", np.dtype(dtype))
     if key not in _cache:
         cp = _cupy()
         ctype = _CTYPES[np.dtype(dtype)]
-        module = cp.RawModule(code=_ROW_KERNELS, options=("-std=c++14",),
+        module = cp.RawModule(code=_ROW_KERNELS + _ELEMENTWISE_KERNELS, options=("-std=c++14",),
                               name_expressions=[f"{n}<{ctype}>" for n in _NAMES])
         _cache[key] = {n: module.get_function(f"{n}<{ctype}>") for n in _NAMES}
     return _cache[key][name]
@@ -263,16 +352,27 @@ def _row_kernel(name, dtype):
 
 def _launch(name, dtype, rows, args):
     """One thread block per row (rows of tens of thousands of values: the logits)."""
-    kernel = _row_kernel(name, dtype)
+    kernel = _kernel(name, dtype)
     kernel((int(rows),), (_THREADS,), args, shared_mem=_THREADS * np.dtype(dtype).itemsize)
 
 
 def _launch_warps(name, dtype, rows, args):
     """One warp per row (rows of up to a few thousand values); the kernel takes the row count, and the warps
     of the last block past it return."""
-    kernel = _row_kernel(name, dtype)
+    kernel = _kernel(name, dtype)
     warps = _THREADS // 32
     kernel(((int(rows) + warps - 1) // warps,), (_THREADS,), args)
+
+
+def _launch_elementwise(name, x, args):
+    """Enough blocks for x.size values, _UNROLL per thread; returns a new array of x's shape (the output)."""
+    cp = _cupy()
+    out = cp.empty(x.shape, dtype=x.dtype)
+    n = x.size
+    per_block = _THREADS * _UNROLL
+    if n:
+        _kernel(name, x.dtype)(((n + per_block - 1) // per_block,), (_THREADS,), args(out, np.int64(n)))
+    return out
 
 
 def _scalar(value, dtype):
@@ -287,24 +387,24 @@ def _elementwise(name, in_params, out_params, body, preamble=""):
     return _cache[name]
 
 
-_NORMAL = r"""
-// Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF, and phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-template <typename F> __device__ F normal_cdf(F x) { return (F)0.5 * ((F)1 + erf(x * (F)0.70710678118654752440)); }
-template <typename F> __device__ F normal_pdf(F x) { return exp((F)-0.5 * x * x) * (F)0.39894228040143267794; }
-"""
 
 
 def gelu_forward(x):
     """y = x Phi(x)."""
-    kernel = _elementwise("gelu_forward", "T x", "T y", "y = x * normal_cdf(x);", preamble=_NORMAL)
-    return kernel(x)
+    x = _cupy().ascontiguousarray(x)
+    return _launch_elementwise("gelu_forward", x, lambda y, n: (x, y, n))
 
 
 def gelu_backward(grad, x):
     """dx = dy * (Phi(x) + x phi(x)), Phi recomputed: an erf costs less than storing Phi and reading it back."""
-    kernel = _elementwise("gelu_backward", "T g, T x", "T dx", "dx = g * (normal_cdf(x) + x * normal_pdf(x));",
-                          preamble=_NORMAL)
-    return kernel(grad, x)
+    cp = _cupy()
+    grad, x = cp.ascontiguousarray(grad), cp.ascontiguousarray(x)
+    return _launch_elementwise("gelu_backward", x, lambda dx, n: (grad, x, dx, n))
+
+
+def add(a, b):
+    """a + b for two contiguous arrays of one shape and dtype (the caller checks: see backend.add)."""
+    return _launch_elementwise("add_arrays", a, lambda c, n: (a, b, c, n))
 
 
 # ---- LayerNorm -------------------------------------------------------------------------------------------
@@ -350,10 +450,9 @@ def dropout_threshold(p):
 def dropout_forward(x, p, seed):
     """x * keep / (1 - p) with keep drawn from (seed, element index): nothing stored for backward."""
     threshold, scale = dropout_threshold(p)
-    kernel = _elementwise("dropout", "T x, raw uint64 replay, uint64 seed, uint32 threshold, T scale", "T y",
-                          "y = dropout_bits(replay_seed(seed, &replay[0]), i) >= threshold ? x * scale : (T)0;",
-                          preamble=_HASH)
-    return kernel(x, replay_counter(), np.uint64(seed), np.uint32(threshold), x.dtype.type(scale))
+    x = _cupy().ascontiguousarray(x)
+    return _launch_elementwise("dropout", x, lambda y, n: (x, y, n, np.uint64(seed), replay_counter(),
+                                                             np.uint32(threshold), x.dtype.type(scale)))
 
 
 def dropout_backward(grad, p, seed):

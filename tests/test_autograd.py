@@ -31,6 +31,22 @@ def test_two_backward_calls_accumulate(device):
     np.testing.assert_allclose(backend.to_numpy(x.grad), [3 + 2 * 1.0, 3 + 2 * -2.0])
 
 
+def test_a_gradient_that_flows_two_ways_is_never_shared_by_two_grads(device):
+    """a + b hands the same gradient array to both; each .grad kept must still be an array of its own."""
+    x, y = (npgpt.Tensor(arr([1.0, 2.0]), requires_grad=True) for _ in range(2))
+    z = (x + y).retain_grad()
+    w = z + 0.0                    # the pass-through reaches z, then x and y, as one array
+    w.backward(arr([1.0, 1.0]))
+    grads = [x.grad, y.grad, z.grad]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not backend.get_array_module(grads[i]).shares_memory(grads[i], grads[j]), (i, j)
+    (x * 2.0).sum().backward()     # accumulating into x.grad leaves y.grad and z.grad alone
+    np.testing.assert_allclose(backend.to_numpy(x.grad), [3.0, 3.0])
+    np.testing.assert_allclose(backend.to_numpy(y.grad), [1.0, 1.0])
+    np.testing.assert_allclose(backend.to_numpy(z.grad), [1.0, 1.0])
+
+
 def test_a_100k_op_chain_backpropagates(device):
     x = npgpt.Tensor(arr([1.0]), requires_grad=True)
     y = x

@@ -13,15 +13,24 @@ from numpy.lib.stride_tricks import as_strided
 from npgpt import backend, cublas, gemm_tuning
 
 
-def emulate(call):
-    """Run a planned call the way cuBLAS reads memory: column-major, op N or T, leading dimension, stride."""
-    m, n, k, batch = call["m"], call["n"], call["k"], call["batch"]
+def matrices(array, batch_shape, walk, stored, ld):
+    """The (batch, rows, cols) column-major matrices cuBLAS reads from (or writes to) array's memory: each at
+    its offset (one batch stride, or a pointer per matrix), with leading dimension ld."""
+    size = array.itemsize
+    offsets = cublas.matrix_offsets(batch_shape, walk) if batch_shape else np.zeros(1, np.int64)
+    extent = int(offsets.max()) + (stored[1] - 1) * ld + stored[0]
+    memory = as_strided(array, shape=(extent,), strides=(size,))      # array's memory from its first element
+    return [as_strided(memory[offset:], shape=stored, strides=(size, ld * size)) for offset in offsets]
 
-    def operand(array, op, ld, stride, rows, cols):   # op(X) is rows x cols
+
+def emulate(call):
+    """Run a planned call the way cuBLAS reads memory: column-major, op N or T, leading dimension, batch walk."""
+    m, n, k = call["m"], call["n"], call["k"]
+
+    def operand(array, op, ld, walk, rows, cols):     # op(X) is rows x cols
         stored = (rows, cols) if op == cublas._OP_N else (cols, rows)
         assert ld >= max(1, stored[0]), "cuBLAS needs the leading dimension >= the stored matrix's rows"
-        size = array.itemsize
-        view = as_strided(array, shape=(batch,) + stored, strides=(stride * size, size, ld * size))
+        view = np.stack(matrices(array, call["batch_shape"], walk, stored, ld))
         return view if op == cublas._OP_N else view.swapaxes(-1, -2)
 
     first = operand(*call["first"], m, k)       # op(B^T-as-stored): (m, k) = (N, K)
@@ -32,13 +41,12 @@ def emulate(call):
 
 def emulate_into(call, alpha, accumulate):
     """Run a call planned with out= as cuBLAS would: C = alpha A B + beta C, written through (ldc, stride)."""
-    target, ldc, stride = call["target"]
+    target, ldc, walk = call["target"]
     assert ldc >= call["m"], "cuBLAS needs ldc >= the rows of C^T"
-    size = target.itemsize
-    written = as_strided(target, shape=(call["batch"], call["m"], call["n"]),
-                         strides=(stride * size, size, ldc * size))          # C^T, column-major
+    written = matrices(target, call["batch_shape"], walk, (call["m"], call["n"]), ldc)   # C^T, column-major
     product = emulate(call).reshape(call["batch"], call["n"], call["m"]).swapaxes(-1, -2)
-    written[...] = alpha * product + (written if accumulate else 0)
+    for c, p in zip(written, product):
+        c[...] = alpha * p + (c if accumulate else 0)
 
 
 def layouts(rng, dtype):
@@ -87,7 +95,10 @@ def test_products_are_written_into_slices_of_out(accumulate):
     cases = [(attn, k[..., :6, :], rng.standard_normal((2, 3, 8, 4)), (Ellipsis, slice(2, 5), slice(None))),
              (attn.swapaxes(-1, -2), g, rng.standard_normal((2, 3, 8, 4)), (Ellipsis, slice(0, 6), slice(None))),
              (X, W.T, rng.standard_normal((2, 6, 5)), (Ellipsis,)),
-             (g, k.swapaxes(-1, -2), rng.standard_normal((2, 3, 3, 9)), (Ellipsis, slice(0, 8)))]
+             (g, k.swapaxes(-1, -2), rng.standard_normal((2, 3, 3, 9)), (Ellipsis, slice(0, 8))),
+             # into the rows of a (B, H, T, D) view of a (B, T, H, D) array: a pointer per matrix
+             (attn, k[..., :6, :], rng.standard_normal((2, 8, 3, 4)).swapaxes(1, 2),
+              (Ellipsis, slice(2, 5), slice(None)))]
     for a, b, big, where in cases:
         expected = big.copy()
         expected[where] = 0.5 * (a @ b) + (expected[where] if accumulate else 0)
@@ -126,6 +137,12 @@ def test_views_are_read_in_place_not_copied():
     k = rng.standard_normal((2, 3, 6, 4))
     call = cublas.plan(np, rng.standard_normal((2, 3, 5, 4)), k.swapaxes(-1, -2))
     assert call["first"][0].base is k and call["first"][3] == 6 * 4 and call["batch"] == 6
+    # heads: (B, H, T, D) views of (B, T, H, D) arrays step D from head to head, T * H * D from batch to batch
+    projection = rng.standard_normal((2, 6, 3, 4))
+    heads = projection.swapaxes(1, 2)
+    call = cublas.plan(np, rng.standard_normal((2, 3, 5, 6)), heads, out=np.empty((2, 5, 3, 4)).swapaxes(1, 2))
+    assert call["first"][0].base is projection, "the heads are read where they lie, not copied"
+    assert call["first"][3] == (6 * 3 * 4, 4) and call["target"][2] == (5 * 3 * 4, 4)   # per-axis strides
 
 
 def test_unsupported_operands_are_refused():
@@ -166,6 +183,10 @@ def test_cublas_matmul_writes_into_out_slices(accumulate):
     cublas.matmul(cp.asarray(attn), cp.asarray(k)[..., :6, :], out=out[..., 2:5, :], alpha=0.5,
                   accumulate=accumulate)
     np.testing.assert_allclose(backend.to_numpy(out), expected, rtol=1e-12)
+    heads = cp.asarray(big).swapaxes(1, 2).copy().swapaxes(1, 2)     # (B, H, T, D) view of (B, T, H, D)
+    cublas.matmul(cp.asarray(attn), _like(cp, k.swapaxes(1, 2).copy().swapaxes(1, 2), cp.asarray(k))[..., :6, :],
+                  out=heads[..., 2:5, :], alpha=0.5, accumulate=accumulate)         # a pointer per matrix
+    np.testing.assert_allclose(backend.to_numpy(heads), expected, rtol=1e-12)
     column_major = cp.zeros((4, 3)).T                  # not writable in place: the product goes through a copy
     cublas.matmul(cp.asarray(attn[0, 0, :, :4]), cp.asarray(k[0, 0, :4]), out=column_major)
     np.testing.assert_allclose(backend.to_numpy(column_major), attn[0, 0, :, :4] @ k[0, 0, :4], rtol=1e-12)

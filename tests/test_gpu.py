@@ -51,6 +51,7 @@ def test_fused_kernels_equal_the_plain_ops(cp, dtype, tol):
     target[5] = -100
     cases = {
         "gelu": (lambda x: F.gelu(x), [3 * r(4, 6, 33)]),
+        "residual fork (add kernel both ways)": (lambda x: x + F.gelu(x), [r(3, 1100)]),
         "layer_norm": (lambda x, w, b: F.layer_norm(x, 48, w, b), [r(3, 5, 48), r(48), r(48)]),
         "layer_norm no affine": (lambda x: F.layer_norm(x, 48), [r(3, 5, 48)]),
         "attention causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
