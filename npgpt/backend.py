@@ -250,12 +250,26 @@ def sum_leading(array, count):
     """
     rest = array.shape[count:]
     flat = array.reshape(-1, int(np.prod(rest, dtype=np.int64)))
-    if is_gpu_array(array):
-        ones = get_array_module(array).ones((1, flat.shape[0]), dtype=array.dtype)
-        summed = matmul(ones, flat)
-    else:
-        summed = flat.sum(axis=0)
-    return summed.reshape(rest)
+    if not is_gpu_array(array):
+        return flat.sum(axis=0).reshape(rest)
+    summed = get_array_module(array).empty(rest, dtype=array.dtype)     # its own array: a .grad keeps it
+    matmul(_ones_row(array, flat.shape[0]), flat, out=summed.reshape(1, -1))
+    return summed
+
+
+_ones = {}
+
+
+def _ones_row(like, n):
+    """A (1, n) row of ones on like's device, kept for reuse (not while a graph records: the fill would only
+    run at replay)."""
+    key = (get_array_module(like).cuda.runtime.getDevice(), n, like.dtype.str)
+    if key in _ones:
+        return _ones[key]
+    ones = get_array_module(like).ones((1, n), dtype=like.dtype)
+    if not capturing():
+        _ones[key] = ones
+    return ones
 
 
 def copy_into(target, source):

@@ -145,7 +145,11 @@ def _layer_norm_fused(input, weight, bias, eps, parents):
 
     def backward(grad):
         grad_x = kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None
-        return (grad_x,) + _layer_norm_param_grads(grad, xhat, weight, bias)
+        if weight is None and bias is None:
+            return (grad_x,)
+        grad_w, grad_b = kernels.layer_norm_param_grads(grad, xhat)    # (C,) each: already summed
+        return ((grad_x,) + ((grad_w if weight.requires_grad else None,) if weight is not None else ())
+                + ((grad_b,) if bias is not None else ()))
     return _make(out, parents, backward, "layer_norm")
 
 
@@ -645,14 +649,16 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
             grad = xp.ascontiguousarray(grad)               # (..., L, Dv), sliced by every block
         row_dot = (grad * out).sum(axis=-1) if fused else None     # (..., L): the kernel's sum_j dP * P
         grad_q = _empty_in_layout(q, q.shape, in_place)
-        grad_k, grad_v = xp.zeros_like(k), xp.zeros_like(v)
-        for i0, i1, probs, attn, mask in saved:
+        # the last block sees every key: going backwards, it writes dK and dV whole, and the others add
+        grad_k, grad_v = xp.empty_like(k), xp.empty_like(v)
+        for i0, i1, probs, attn, mask in reversed(saved):
+            first = i1 == L
             grad_block = grad[..., i0:i1, :]                # (..., b, Dv)
-            matmul(attn.swapaxes(-1, -2), grad_block, out=grad_v[..., :i1, :], accumulate=True)
+            matmul(attn.swapaxes(-1, -2), grad_block, out=grad_v[..., :i1, :], accumulate=not first)
             grad_scores = matmul(grad_block, v[..., :i1, :].swapaxes(-1, -2))     # dA, then dS
             if fused:
-                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot[..., i0:i1],
-                                                               dropout_p, mask, True, i0)
+                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot, dropout_p, mask, True,
+                                                               i0, row_dot_first=i0)
             else:
                 if mask is not None:
                     grad_scores *= mask[0]
@@ -661,6 +667,6 @@ def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
                 grad_scores *= probs
             matmul(grad_scores, k[..., :i1, :], out=grad_q[..., i0:i1, :], alpha=scale)
             matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :], out=grad_k[..., :i1, :],
-                   alpha=score_scale, accumulate=True)
+                   alpha=score_scale, accumulate=not first)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

@@ -8,7 +8,8 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
     GELU forward/backward          elementwise, erf from CUDA's math library
     dropout                        elementwise; the mask is a hash of (seed, index), regenerated in backward
     add                            the residual stream's sums, and gradients meeting at its forks
-    LayerNorm forward/backward     one warp per row: mean, variance, normalise in one pass
+    LayerNorm forward/backward     one warp per row: mean, variance, normalise in one pass; the weight and
+                                   bias gradients as column sums in one more
     causal softmax + dropout       one warp per row of scores; the causal mask comes from the indices
     cross-entropy forward/backward   one block per row of logits: logsumexp, loss, and (p - onehot) * scale
     AdamW                          one elementwise kernel per parameter; the step's numbers from device memory
@@ -141,6 +142,36 @@ __global__ void layer_norm_backward(const T* dy, const T* w, const T* xhat, cons
     }
 }
 
+// dw_j = sum over rows of dy * xhat, db_j = sum over rows of dy: column sums of (rows, C), in one read of dy
+// and xhat. A block takes 32 columns of a band of rows: lane j of each warp reads column j (32 neighbouring
+// values per row) down every 8th row of the band; the warps' sums meet in shared memory, and each band
+// writes one row of partial sums (the caller adds the bands).
+template <typename T>
+__global__ void layer_norm_param_grads(const T* dy, const T* xhat, T* partial_w, T* partial_b, long long rows,
+                                       int C, int rows_per_band) {
+    __shared__ T shared_w[8][32], shared_b[8][32];          // [warp][lane]: blockDim.x is 256
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int j = blockIdx.x * 32 + lane;
+    long long first = (long long)blockIdx.y * rows_per_band;
+    long long last = min(rows, first + rows_per_band);
+    T sw = 0, sb = 0;
+    if (j < C) {
+        for (long long r = first + warp; r < last; r += 8) {
+            T g = dy[r * C + j];
+            sw += g * xhat[r * C + j];
+            sb += g;
+        }
+    }
+    shared_w[warp][lane] = sw;
+    shared_b[warp][lane] = sb;
+    __syncthreads();
+    if (warp == 0 && j < C) {
+        for (int k = 1; k < 8; ++k) { sw += shared_w[k][lane]; sb += shared_b[k][lane]; }
+        partial_w[blockIdx.y * C + j] = sw;
+        partial_b[blockIdx.y * C + j] = sb;
+    }
+}
+
 // The last key row r of (..., L, S) scores sees: causal row r is query i = r % L, which sees j <= i + offset
 __device__ int last_visible_key(long long row, int S, int L, int offset, int causal) {
     return causal ? min(S - 1, (int)(row % L) + offset) : S - 1;
@@ -176,10 +207,12 @@ __global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, long
 // dP = dA * keep / (1 - p), then dS = P * (dP - D) with D = sum_j dP_j P_j, the row's softmax backward.
 // D arrives precomputed: sum_j dP_j P_j = sum_j dA_j A_j = sum_j (dO . V_j) A_j = dO . O, a dot product of
 // two (Dv,) rows of the output and its gradient, so this is one pass over dA and P. Keys a row never saw
-// (P = 0, so dS = 0) are not read.
+// (P = 0, so dS = 0) are not read. row_dot holds D for row_dot_len queries per (batch, head); a block of
+// queries reads its own, from row_dot_first on.
 template <typename T>
-__global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T* row_dot, T* dscores,
-                                         long long rows, int S, int L, int offset, int causal,
+__global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T* row_dot, int row_dot_len,
+                                         int row_dot_first, T* dscores, long long rows, int S, int L, int offset,
+                                         int causal,
                                          unsigned long long seed, const unsigned long long* replay,
                                          unsigned int threshold, T keep_scale, int dropout) {
     long long row = warp_row(rows);
@@ -187,7 +220,7 @@ __global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T
     int lane = threadIdx.x % 32;
     seed = replay_seed(seed, replay);
     int last = last_visible_key(row, S, L, offset, causal);
-    T d = row_dot[row];
+    T d = row_dot[(row / L) * row_dot_len + row_dot_first + row % L];   // this query's entry of (..., len)
     for (int j = lane; j < S; j += 32) {
         long long idx = row * S + j;
         T ds = T(0);
@@ -286,6 +319,33 @@ __global__ void gelu_backward(const T* __restrict__ dy, const T* __restrict__ x,
     }
 }
 
+// AdamW on n values in place (see optim.AdamW): decay, then the moving averages m of g and v of g^2, then
+// the step. schedule = (lr, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)) comes from device memory, so a
+// recorded CUDA graph's replays follow the learning-rate schedule.
+template <typename T>
+__global__ void adamw(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
+                      const double* schedule, double beta1, double beta2, double eps, double decay) {
+    long long i0 = first_index();
+    const double lr = schedule[0], step_size = schedule[1], bc2_rsqrt = schedule[2];
+    T pu[UNROLL], gu[UNROLL], mu[UNROLL], vu[UNROLL];
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i < n) { pu[u] = p[i]; gu[u] = g[i]; mu[u] = m[i]; vu[u] = v[i]; }
+    }
+    #pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        long long i = i0 + u * blockDim.x;
+        if (i >= n) continue;
+        T pi = pu[u] * (T)(1.0 - lr * decay);
+        T mi = (T)beta1 * mu[u] + (T)(1.0 - beta1) * gu[u];
+        T vi = (T)beta2 * vu[u] + (T)(1.0 - beta2) * gu[u] * gu[u];
+        p[i] = pi - (T)step_size * mi / (sqrt(vi) * (T)bc2_rsqrt + (T)eps);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
 // c = a + b (the residual stream's sums, and gradients meeting where it forks)
 template <typename T>
 __global__ void add_arrays(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
@@ -324,7 +384,7 @@ _UNROLL = 4
 
 _NAMES = ["layer_norm_forward", "layer_norm_backward", "softmax_dropout_forward", "softmax_dropout_backward",
           "cross_entropy_forward", "cross_entropy_backward", "gelu_forward", "gelu_backward", "dropout",
-          "add_arrays"]
+          "add_arrays", "adamw", "layer_norm_param_grads"]
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _cache = {}
@@ -381,12 +441,6 @@ def _scalar(value, dtype):
 
 # ---- GELU ----------------------------------------------------------------------------------------------
 
-def _elementwise(name, in_params, out_params, body, preamble=""):
-    if name not in _cache:
-        _cache[name] = _cupy().ElementwiseKernel(in_params, out_params, body, f"npgpt_{name}", preamble=preamble)
-    return _cache[name]
-
-
 
 
 def gelu_forward(x):
@@ -438,6 +492,24 @@ def layer_norm_backward(grad, weight, xhat, rstd):
     return dx
 
 
+_ROWS_PER_BAND = 256
+
+
+def layer_norm_param_grads(grad, xhat):
+    """(dw, db), each (C,): the column sums of dy * xhat and of dy over every row, in one pass."""
+    cp = _cupy()
+    C = xhat.shape[-1]
+    rows = xhat.size // C
+    grad = cp.ascontiguousarray(grad)
+    bands = max(1, (rows + _ROWS_PER_BAND - 1) // _ROWS_PER_BAND)
+    partial_w = cp.empty((bands, C), dtype=xhat.dtype)
+    partial_b = cp.empty((bands, C), dtype=xhat.dtype)
+    _kernel("layer_norm_param_grads", xhat.dtype)(((C + 31) // 32, bands), (_THREADS,),
+                                                  (grad, xhat, partial_w, partial_b, np.int64(rows), np.int32(C),
+                                                   np.int32(_ROWS_PER_BAND)))
+    return partial_w.sum(axis=0), partial_b.sum(axis=0)
+
+
 # ---- dropout and the softmax over attention scores --------------------------------------------------------
 
 def dropout_threshold(p):
@@ -476,10 +548,11 @@ def softmax_dropout_forward(scores, causal, p, seed, offset=0):
     return probs, attn
 
 
-def softmax_dropout_backward(grad_attn, probs, row_dot, p, seed, causal=False, offset=0):
+def softmax_dropout_backward(grad_attn, probs, row_dot, p, seed, causal=False, offset=0, row_dot_first=0):
     """dS from dA: undo the dropout (same mask, from the seed), then the softmax backward, given row_dot
-    (..., L) = dO . O for each query (see the kernel). With the forward pass's causal and offset, the keys a
-    row never saw (P = 0, so dS = 0) are not read."""
+    = dO . O for each query (see the kernel): (..., L), or (..., n) for all n queries when these L are
+    queries row_dot_first.. of them. With the forward pass's causal and offset, the keys a row never saw
+    (P = 0, so dS = 0) are not read."""
     cp = _cupy()
     L, S = probs.shape[-2], probs.shape[-1]
     grad_attn = cp.ascontiguousarray(grad_attn)
@@ -487,8 +560,8 @@ def softmax_dropout_backward(grad_attn, probs, row_dot, p, seed, causal=False, o
     threshold, scale = dropout_threshold(p)
     rows = probs.size // S
     _launch_warps("softmax_dropout_backward", probs.dtype, rows,
-                  (grad_attn, probs, cp.ascontiguousarray(row_dot), grad_scores, np.int64(rows), np.int32(S),
-                   np.int32(L), np.int32(offset),
+                  (grad_attn, probs, cp.ascontiguousarray(row_dot), np.int32(row_dot.shape[-1]),
+                   np.int32(row_dot_first), grad_scores, np.int64(rows), np.int32(S), np.int32(L), np.int32(offset),
                    np.int32(causal), np.uint64(seed), replay_counter(), np.uint32(threshold),
                    _scalar(scale, probs.dtype), np.int32(p > 0)))
     return grad_scores
@@ -528,16 +601,17 @@ def adamw_update(param, grad, m, v, betas, eps, decay, schedule):
     1 / sqrt(1 - beta2^t)), not from kernel arguments: a recorded CUDA graph keeps its arguments, and this
     way its replays still follow the learning-rate schedule and the step count.
     """
-    kernel = _elementwise(
-        "adamw", "T g, raw float64 schedule, float64 beta1, float64 beta2, float64 eps, float64 decay",
-        "T p, T m, T v",
-        "const double lr = schedule[0], step_size = schedule[1], bc2_rsqrt = schedule[2];"
-        "p = p * (T)(1.0 - lr * decay);"
-        "m = (T)beta1 * m + (T)(1.0 - beta1) * g;"
-        "v = (T)beta2 * v + (T)(1.0 - beta2) * g * g;"
-        "p = p - (T)step_size * m / (sqrt(v) * (T)bc2_rsqrt + (T)eps);")
+    if not (param.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("AdamW on the GPU updates parameters in place and needs them contiguous; "
+                         "make the parameter's array contiguous (cupy.ascontiguousarray) before the optimizer")
+    grad = _cupy().ascontiguousarray(grad, dtype=param.dtype)
     beta1, beta2 = betas
-    kernel(grad, schedule, float(beta1), float(beta2), float(eps), float(decay), param, m, v)
+    n = param.size
+    per_block = _THREADS * _UNROLL
+    if n:
+        _kernel("adamw", param.dtype)(((n + per_block - 1) // per_block,), (_THREADS,),
+                                      (param, grad, m, v, np.int64(n), schedule, np.float64(beta1),
+                                       np.float64(beta2), np.float64(eps), np.float64(decay)))
 
 
 def sum_of_squares(x):
