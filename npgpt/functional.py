@@ -57,8 +57,12 @@ def linear(input, weight, bias=None):
         # GPU: the bias is written first and the GEMM adds the product onto it (cuBLAS's beta = 1), so the
         # bias costs one write of the output instead of a separate read-modify-write pass over it
         bias = _t(bias)
-        out = _xp(x).empty((x2d.shape[0], W.shape[0]), dtype=np.result_type(x.dtype, W.dtype))
-        out[...] = bias.data
+        dtype = np.result_type(x.dtype, W.dtype)
+        if kernels.available(bias.data) and bias.data.ndim == 1 and bias.dtype == dtype:
+            out = kernels.fill_rows(bias.data, x2d.shape[0])
+        else:
+            out = _xp(x).empty((x2d.shape[0], W.shape[0]), dtype=dtype)
+            out[...] = bias.data
         matmul(x2d, W.T, out=out, accumulate=True)          # (N, out)
     else:
         bias = _t(bias)

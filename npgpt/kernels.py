@@ -8,6 +8,7 @@ CuPy arrays, and ``tests/test_gpu.py`` holds the two equal.
     GELU forward/backward          elementwise, erf from CUDA's math library
     dropout                        elementwise; the mask is a hash of (seed, index), regenerated in backward
     add                            the residual stream's sums, and gradients meeting at its forks
+    bias rows                      a linear layer's bias written row after row, for the GEMM to add onto
     LayerNorm forward/backward     one warp per row: mean, variance, normalise in one pass; the weight and
                                    bias gradients as column sums in one more
     causal softmax + dropout       one warp per row of scores; the causal mask comes from the indices
@@ -191,11 +192,14 @@ __global__ void softmax_dropout_forward(const T* scores, T* probs, T* attn, long
     int last = last_visible_key(row, S, L, offset, causal);
     const T* in = scores + row * S;
     T m = negative_infinity<T>();
-    for (int j = lane; j <= last; j += 32) m = max(m, in[j]);
+    #pragma unroll 4
+    for (int j = lane; j <= last; j += 32) m = max(m, in[j]);      // (unrolled: several loads in flight)
     m = warp_max(m);
     T s = 0;
+    #pragma unroll 4
     for (int j = lane; j <= last; j += 32) s += exp(in[j] - m);
     T inv = T(1) / warp_sum(s);
+    #pragma unroll 4
     for (int j = lane; j < S; j += 32) {
         long long idx = row * S + j;
         T p = j <= last ? exp(in[j] - m) * inv : T(0);
@@ -221,6 +225,7 @@ __global__ void softmax_dropout_backward(const T* dattn, const T* probs, const T
     seed = replay_seed(seed, replay);
     int last = last_visible_key(row, S, L, offset, causal);
     T d = row_dot[(row / L) * row_dot_len + row_dot_first + row % L];   // this query's entry of (..., len)
+    #pragma unroll 4
     for (int j = lane; j < S; j += 32) {
         long long idx = row * S + j;
         T ds = T(0);
@@ -244,7 +249,8 @@ __global__ void cross_entropy_forward(const T* z, const long long* target, T* lo
     const T* zr = z + row * C;
     const T lowest = negative_infinity<T>();
     T m = lowest, s = 0;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+    #pragma unroll 4
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {     // (unrolled: several loads in flight)
         T v = zr[j];
         if (v > m) { s = s * exp(m - v) + T(1); m = v; }
         else if (m != lowest) s += exp(v - m);        // (v = m = -inf adds nothing)
@@ -267,6 +273,7 @@ __global__ void cross_entropy_backward(const T* z, const long long* target, cons
     long long row = blockIdx.x;
     long long t = target[row];
     T lse = logsumexp[row], scale = row_scale[row];
+    #pragma unroll 4
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
         T p = exp(z[row * C + j] - lse);
         dz[row * C + j] = (p - (j == t ? T(1) : T(0))) * scale;
@@ -346,6 +353,17 @@ __global__ void adamw(T* __restrict__ p, const T* __restrict__ g, T* __restrict_
     }
 }
 
+// out (rows, C) = the row b repeated: a linear layer's bias, written before the GEMM adds x W^T onto it.
+// Thread j holds b_j and writes column j down a band of rows (a warp writes 32 neighbouring values per row).
+template <typename T>
+__global__ void fill_rows(const T* __restrict__ b, T* __restrict__ out, long long rows, int C, int rows_per_band) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= C) return;
+    T value = b[j];
+    long long first = (long long)blockIdx.y * rows_per_band, last = min(rows, first + rows_per_band);
+    for (long long r = first; r < last; ++r) out[r * C + j] = value;
+}
+
 // c = a + b (the residual stream's sums, and gradients meeting where it forks)
 template <typename T>
 __global__ void add_arrays(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
@@ -384,7 +402,7 @@ _UNROLL = 4
 
 _NAMES = ["layer_norm_forward", "layer_norm_backward", "softmax_dropout_forward", "softmax_dropout_backward",
           "cross_entropy_forward", "cross_entropy_backward", "gelu_forward", "gelu_backward", "dropout",
-          "add_arrays", "adamw", "layer_norm_param_grads"]
+          "add_arrays", "adamw", "layer_norm_param_grads", "fill_rows"]
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _cache = {}
@@ -454,6 +472,21 @@ def gelu_backward(grad, x):
     cp = _cupy()
     grad, x = cp.ascontiguousarray(grad), cp.ascontiguousarray(x)
     return _launch_elementwise("gelu_backward", x, lambda dx, n: (grad, x, dx, n))
+
+
+def fill_rows(bias, rows):
+    """A new (rows, C) array whose every row is bias (C,)."""
+    cp = _cupy()
+    C = bias.shape[0]
+    out = cp.empty((rows, C), dtype=bias.dtype)
+    if out.size == 0:
+        return out
+    rows_per_band = max(64, -(-rows // 65535))                   # grid.y is at most 65535 bands
+    bands = max(1, -(-rows // rows_per_band))
+    _kernel("fill_rows", bias.dtype)(((C + _THREADS - 1) // _THREADS, bands), (_THREADS,),
+                                     (cp.ascontiguousarray(bias), out, np.int64(rows), np.int32(C),
+                                      np.int32(rows_per_band)))
+    return out
 
 
 def add(a, b):
