@@ -39,6 +39,7 @@ _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it
 _state = {}                       # device id -> _Blas
 _kernels = {}
+_MAX_BATCH_AXES = 4               # batch axes the pointer kernel walks; stacks with more are copied
 
 
 class CublasError(RuntimeError):
@@ -159,7 +160,7 @@ def _batch_walk(x, batch_shape):
     if all(s != 0 for _, s in axes) and all(outer == inner_n * inner_s
                                             for (_, outer), (inner_n, inner_s) in zip(axes, axes[1:])):
         return axes[-1][1]
-    return strides
+    return strides if len(strides) <= _MAX_BATCH_AXES else None
 
 
 def _prepare(cp, x, batch_shape):
@@ -278,7 +279,6 @@ def matrix_offsets(batch_shape, walk):
     return (np.asarray(axis_strides(batch_shape, walk), dtype=np.int64)[:, None] * index).sum(axis=0)
 
 
-_MAX_BATCH_AXES = 4
 _POINTERS = r"""
 // pointers[o * batch + i] = address of matrix i of operand o: base_o + sum over batch axes of index * stride
 const long long o = i / batch;
@@ -296,8 +296,6 @@ pointers = (o == 0 ? base_b : o == 1 ? base_a : base_c) + (unsigned long long)(o
 def _matrix_pointers(cp, batch_shape, operands):
     """(3 * batch,) uint64 device addresses of every matrix of B, A and C for a pointer-array GEMM, computed by
     one kernel from the base addresses and batch strides (no host-to-device copy, so a graph can record it)."""
-    if len(batch_shape) > _MAX_BATCH_AXES:
-        raise ValueError(f"matmul: at most {_MAX_BATCH_AXES} batch axes, got {len(batch_shape)}")
     key = "pointers"
     if key not in _kernels:
         scalars = ", ".join(f"int64 {p}{j}" for p in "nbac" for j in range(_MAX_BATCH_AXES))

@@ -149,11 +149,14 @@ def _layer_norm_fused(input, weight, bias, eps, parents):
 
     def backward(grad):
         grad_x = kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None
-        if weight is None and bias is None:
-            return (grad_x,)
-        grad_w, grad_b = kernels.layer_norm_param_grads(grad, xhat)    # (C,) each: already summed
-        return ((grad_x,) + ((grad_w if weight.requires_grad else None,) if weight is not None else ())
-                + ((grad_b,) if bias is not None else ()))
+        grads = (grad_x,)
+        if weight is not None or bias is not None:
+            grad_w, grad_b = kernels.layer_norm_param_grads(grad, xhat)    # (C,) each, already summed
+            if weight is not None:
+                grads += (grad_w if weight.requires_grad else None,)
+            if bias is not None:
+                grads += (grad_b,)
+        return grads
     return _make(out, parents, backward, "layer_norm")
 
 
@@ -514,7 +517,7 @@ def _empty_in_layout(like, shape, in_place):
     return xp.empty_like(like, shape=shape)
 
 
-def matmul_shape(a, b):
+def _matmul_shape(a, b):
     """The shape of a @ b for stacks of matrices (batch axes broadcast)."""
     return tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2])) + (a.shape[-2], b.shape[-1])
 
@@ -573,7 +576,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn *= keep_scale
     else:
         attn = probs
-    out = matmul(attn, v, out=_empty_in_layout(q, matmul_shape(attn, v), in_place))   # (..., L, Dv)
+    out = matmul(attn, v, out=_empty_in_layout(q, _matmul_shape(attn, v), in_place))   # (..., L, Dv)
 
     # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
@@ -582,7 +585,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
         attn_t = attn.swapaxes(-1, -2)
-        grad_v = matmul(attn_t, grad, out=_empty_in_layout(v, matmul_shape(attn_t, grad), in_place))  # (..., S, Dv)
+        grad_v = matmul(attn_t, grad, out=_empty_in_layout(v, _matmul_shape(attn_t, grad), in_place))  # (..., S, Dv)
         grad_scores = matmul(grad, v.swapaxes(-1, -2))      # (..., L, S): dA, turned into dS in place
         if fused:
             row_dot = (grad * out).sum(axis=-1)             # (..., L): sum_j dP * P, see the kernel
@@ -595,10 +598,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
             grad_scores *= probs
         grad_q = matmul(grad_scores, k, alpha=scale,                                          # (..., L, D)
-                        out=_empty_in_layout(q, matmul_shape(grad_scores, k), in_place))
+                        out=_empty_in_layout(q, _matmul_shape(grad_scores, k), in_place))
         grad_scores_t = grad_scores.swapaxes(-1, -2)
         grad_k = matmul(grad_scores_t, q_scaled, alpha=score_scale,                           # (..., S, D)
-                        out=_empty_in_layout(k, matmul_shape(grad_scores_t, q_scaled), in_place))
+                        out=_empty_in_layout(k, _matmul_shape(grad_scores_t, q_scaled), in_place))
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
