@@ -457,9 +457,7 @@ def _scalar(value, dtype):
     return np.dtype(dtype).type(value)
 
 
-# ---- GELU ----------------------------------------------------------------------------------------------
-
-
+# ---- elementwise: GELU, a linear layer's bias rows, additions ------------------------------------------
 
 def gelu_forward(x):
     """y = x Phi(x)."""
