@@ -19,8 +19,8 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     import npgpt
     import npgpt.engine as tensor_module
     from npgpt import backend
-    from npgpt.train import train_step, make_optimizer
-    from npgpt.config import TrainConfig
+    from npgpt.program.train import train_step, make_optimizer
+    from npgpt.program.config import TrainConfig
 
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
@@ -53,7 +53,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         if getattr(module, "__name__", "").startswith("npgpt") and getattr(module, "_make", None) is real_make:
             module._make = timed_make
 
-    from npgpt.parallel import tune_allocator
+    from npgpt.fast.cpu.threads import tune_allocator
     backend.set_device(device)
     if device == "cpu":
         tune_allocator()

@@ -18,8 +18,8 @@ import numpy as np
 
 
 def _setup(device):
-    from npgpt.config import PRESETS, TrainConfig
-    from npgpt.train import Run
+    from npgpt.program.config import PRESETS, TrainConfig
+    from npgpt.program.train import Run
     config = TrainConfig(**dict(PRESETS["shakespeare-char"], preset="shakespeare-char", device=device,
                                 out_dir="unused", sample_tokens=0))
     return config, Run(config)
@@ -27,7 +27,7 @@ def _setup(device):
 
 def train_npgpt(budget, device):
     from npgpt import backend
-    from npgpt.train import estimate_loss
+    from npgpt.program.train import estimate_loss
     config, run = _setup(device)
     start, steps = time.perf_counter(), 0
     while time.perf_counter() - start < budget and steps < config.max_iters:
@@ -43,7 +43,7 @@ def train_npgpt(budget, device):
 def train_torch(budget, device, threads):
     import torch
     from benchmarks.reference import GPT
-    from npgpt.data import get_batch
+    from npgpt.program.data import get_batch
     torch.set_num_threads(threads)
     config, run = _setup("cpu")       # the same tokens, split and batch generator as npgpt's run
     dev = "cuda" if device == "gpu" else "cpu"

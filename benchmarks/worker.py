@@ -55,7 +55,7 @@ class NpgptImpl:
         import npgpt
         from npgpt import backend
         self.npgpt, self.backend = npgpt, backend
-        from npgpt.parallel import can_control_blas, tune_allocator
+        from npgpt.fast.cpu.threads import can_control_blas, tune_allocator
         backend.set_device(cfg["device"])
         self.xp = backend.current()
         self.on_cpu = on_cpu = cfg["device"] == "cpu"
@@ -70,9 +70,9 @@ class NpgptImpl:
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function,
-        # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.train` does
-        from npgpt.graph import GraphStep
-        from npgpt.train import train_step
+        # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.program.train` does
+        from npgpt.fast.cuda.graph import GraphStep
+        from npgpt.program.train import train_step
         self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=self.workers)
         self.graph = None
         if not on_cpu and cfg.get("cuda_graph", True):

@@ -13,7 +13,7 @@ from . import functional
 from . import nn
 from . import optim
 from .backend import manual_seed, set_device, get_device
-from .checks import GradcheckError, gradcheck
+from .gradcheck import GradcheckError, gradcheck
 from .engine import Tensor, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"

@@ -175,7 +175,7 @@ class Tensor:
                 into[id(node)] = node_grad
                 continue
             if node.is_leaf or node._retain_grad:
-                _accumulate(node, node_grad)
+                accumulate_grad(node, node_grad)
                 shared.add(id(node_grad))       # now node.grad: whatever it flows on to must not alias it
             if node.is_leaf:
                 continue
@@ -477,7 +477,7 @@ def _sum_to_shape(grad, shape):
     return grad.sum(axis=stretched, keepdims=True).reshape(shape)
 
 
-def _accumulate(node, grad):
+def accumulate_grad(node, grad):
     """node.grad += grad, as PyTorch accumulates into leaves across backward calls."""
     if node.grad is None:
         owned = (grad.base is None and getattr(grad.flags, "writeable", True)

@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend
+from .fast.cuda import kernels
 from .backend import matmul     # a @ b; on the GPU through cuBLAS directly, so a CUDA graph can record it
 from .engine import Tensor, _make
 

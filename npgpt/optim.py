@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend
+from .fast.cuda import kernels
 
 
 class AdamW:
@@ -84,7 +85,7 @@ class AdamW:
             for lo in range(0, p.size, self.piece_size):
                 pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
         if self.workers > 1 and len(pieces) > 1:
-            from .parallel import run_in_parallel
+            from .fast.cpu.threads import run_in_parallel
             run_in_parallel(lambda piece: adamw_update(*piece), pieces, self.workers)
         else:
             for piece in pieces:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from npgpt import backend, cublas, gemm_tuning
+from npgpt import backend
+from npgpt.fast.cuda import cublas, gemm_tuning
 
 
 def matrices(array, batch_shape, walk, stored, ld):

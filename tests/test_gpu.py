@@ -12,10 +12,10 @@ import npgpt
 import npgpt.functional as F
 from npgpt import backend
 from npgpt.model import GPT
-from npgpt.train import main as train_main, make_optimizer, train_step
-from npgpt.config import TrainConfig
-from npgpt.checkpoint import load_checkpoint
-from npgpt.graph import GraphStep
+from npgpt.program.train import main as train_main, make_optimizer, train_step
+from npgpt.program.config import TrainConfig
+from npgpt.program.checkpoint import load_checkpoint
+from npgpt.fast.cuda.graph import GraphStep
 from npgpt.optim import cosine_lr
 
 

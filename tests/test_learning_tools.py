@@ -8,7 +8,7 @@ import numpy as np
 
 import npgpt
 import npgpt.functional as F
-from npgpt import viz
+from npgpt.program import viz
 
 
 def test_dot_of_a_known_expression_has_exactly_its_ops_and_edges():
@@ -48,7 +48,7 @@ def test_viz_demo_runs():
 
 
 def test_gradcheck_table_lists_every_public_op_and_passes():
-    proc = subprocess.run([sys.executable, "-m", "npgpt.gradcheck"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "npgpt.proof"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| op")}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npgpt.data import DataError, bundled_corpus_path, get_batch, read_text, split_tokens
-from npgpt.tokenizer import (BPETokenizer, CharTokenizer, TokenizerError, _PIECE, _merge_pair, build_tokenizer,
+from npgpt.program.data import DataError, bundled_corpus_path, get_batch, read_text, split_tokens
+from npgpt.program.tokenizer import (BPETokenizer, CharTokenizer, TokenizerError, _PIECE, _merge_pair, build_tokenizer,
                              tokenizer_from_dict)
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt import backend, train as train_module
-from npgpt.checkpoint import load_checkpoint
+from npgpt import backend
+from npgpt.program import train as train_module
+from npgpt.program.checkpoint import load_checkpoint
 from npgpt.generate import filter_logits, generate
 from npgpt.model import GPT
-from npgpt.train import make_optimizer, train_step
-from npgpt.config import TrainConfig
+from npgpt.program.train import make_optimizer, train_step
+from npgpt.program.config import TrainConfig
 
 TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1", "--d-ff", "32",
         "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0"]
@@ -24,7 +25,7 @@ TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-lay
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    text = open(npgpt.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
+    text = open(npgpt.program.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
     path.write_text(text, encoding="utf-8")
     return str(path)
 
@@ -260,7 +261,7 @@ def test_sample_cli(corpus, tmp_path, capsys):
 
 
 def test_presets_and_flags():
-    from npgpt.config import config_from_args
+    from npgpt.program.config import config_from_args
     config, given = config_from_args(["--preset", "gpt2-small", "--lr", "3e-4"])
     assert (config.d_model, config.num_heads, config.num_layers, config.max_seq_len) == (768, 12, 12, 1024)
     assert config.lr == 3e-4 and given == {"preset", "lr"}          # a flag beats the preset
@@ -291,7 +292,7 @@ def test_data_parallel_step_equals_the_single_thread_step():
 
 def test_graph_step_checks_each_batch_on_the_host():
     """The recorded GPU step reads ids from its own buffers, unchecked: GraphStep checks them first."""
-    from npgpt.graph import GraphStep
+    from npgpt.fast.cuda.graph import GraphStep
     step = GraphStep(lambda batches: pytest.fail("a bad batch must not reach the step"), None, vocab_size=10)
     good = np.array([[1, 2, 3]])
     with pytest.raises(IndexError, match=r"must lie in \[0, 10\), found 1\.\.12"):

@@ -27,7 +27,8 @@ Next to read: ``npgpt/train.py``, which uses this on the GPU.
 
 import numpy as np
 
-from . import backend, kernels
+from ... import backend
+from . import kernels
 
 
 class GraphStep:

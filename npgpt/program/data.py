@@ -18,7 +18,7 @@ class DataError(ValueError):
 
 
 def bundled_corpus_path():
-    return str(resources.files("npgpt") / "data" / "tinyshakespeare.txt")
+    return str(resources.files("npgpt.program") / "corpus" / "tinyshakespeare.txt")
 
 
 def read_text(path=None):

@@ -21,7 +21,7 @@ import ctypes
 
 import numpy as np
 
-from . import backend
+from ... import backend
 
 MIN_TUNED_FLOPS = 2**28        # smaller products run plain cuBLAS: timing them would cost more than it saves
 _CANDIDATES = 8                # algorithms asked of cuBLASLt's heuristic per problem

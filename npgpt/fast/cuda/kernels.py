@@ -28,7 +28,7 @@ Next to read: ``npgpt/functional.py``, where each kernel's plain counterpart liv
 
 import numpy as np
 
-from . import backend
+from ... import backend
 
 _HASH = r"""
 // splitmix64 of (seed, element index): counter-based random bits, so a backward pass regenerates the

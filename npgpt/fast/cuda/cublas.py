@@ -33,7 +33,8 @@ import math
 
 import numpy as np
 
-from . import backend, gemm_tuning
+from ... import backend
+from . import gemm_tuning
 
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import backend
-from .engine import _accumulate
+from ... import backend
+from ...engine import accumulate_grad
 
 _pool = None
 _blas = None  # (set_num_threads, get_num_threads) of the loaded OpenBLAS, or () when not found
@@ -135,5 +135,5 @@ def sharded_backward(params, shards, loss_of_shard):
     for p in params:
         for _, grads in results:
             if id(p) in grads:
-                _accumulate(p, grads[id(p)])
+                accumulate_grad(p, grads[id(p)])
     return [loss for loss, _ in results]

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 FORMAT = "npgpt-checkpoint-1"
 

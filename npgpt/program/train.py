@@ -1,0 +1,368 @@
+"""Train the tutorial's GPT on a text corpus, on the CPU or a GPU, and print a sample at the end.
+
+    python -m npgpt.train                                 # the tutorial's GPT on the bundled Shakespeare
+    python -m npgpt.train --preset shakespeare-char       # nanoGPT's CPU baseline (val loss ~1.88)
+    python -m npgpt.train --out-dir out --resume          # continue a run
+    python -m npgpt.train --help                          # every flag
+
+Each step: grad_accum micro-batches of (batch_size, seq_len) tokens -> forward, cross-entropy, backward
+(gradients add up, each loss scaled by 1/grad_accum) -> clip the global gradient norm -> AdamW with a
+warmup + cosine learning rate. Every eval_interval steps: validation loss, then ``ckpt.npz`` (latest) and
+``best.npz`` (lowest validation loss) in --out-dir. Log lines go to stdout and ``metrics.jsonl``.
+Ctrl-C saves a checkpoint and exits; --resume continues bit for bit where it stopped (on the CPU).
+
+Shapes: micro-batches of (B, T) ids; logits (B, T, V); the loss a scalar.
+
+On the GPU the step is recorded once as a CUDA graph and replayed (``npgpt/graph.py``; --cuda-graph off to
+launch every kernel from Python).
+
+Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU), ``npgpt/kernels.py`` and
+``npgpt/graph.py`` (GPU).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from .checkpoint import CheckpointError, load_checkpoint, restore_model, restore_optimizer, save_checkpoint
+from .config import ARCHITECTURE_FIELDS, TrainConfig, config_from_args
+from .data import DataError, get_batch, read_text, split_tokens
+from ..generate import generate
+from ..fast.cuda.graph import GraphStep
+from ..model import GPT
+from ..optim import AdamW, clip_grad_norm_, cosine_lr
+from ..fast.cpu.threads import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
+from ..engine import no_grad
+from .tokenizer import TokenizerError, build_tokenizer, tokenizer_from_dict
+
+
+class TrainingError(RuntimeError):
+    """A problem that stops training; the message says what to do. Exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pieces of a step
+
+def lm_loss(model, inputs, targets):
+    """Mean next-token cross-entropy: inputs, targets (B, T) -> scalar Tensor."""
+    logits = model(inputs)                                           # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
+    """One optimizer step over micro-batches [(inputs, targets)]; returns the mean loss (a device array).
+
+    Each micro-batch's loss is scaled by 1/k, so the summed gradients equal those of one k-times larger batch.
+    With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
+    loss weighted by its share of the rows (npgpt/parallel.py).
+    """
+    optimizer.zero_grad()       # batches stay NumPy arrays: ids are checked on the host, then moved
+    params = model.parameters()
+    losses = []
+    k = len(micro_batches)
+    for inputs, targets in micro_batches:
+        if workers > 1 and len(inputs) > 1:
+            rows = len(inputs)
+
+            def shard_loss(shard):
+                shard_inputs, shard_targets = shard
+                weight = len(shard_inputs) / (rows * k)
+                return lm_loss(model, shard_inputs, shard_targets) * weight
+            losses += sharded_backward(params, split_rows((inputs, targets), workers), shard_loss)
+        else:
+            loss = lm_loss(model, inputs, targets) * (1.0 / k)
+            loss.backward()
+            losses.append(loss.data)
+    if grad_clip > 0:
+        clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return sum(losses[1:], losses[0])
+
+
+@no_grad()
+def estimate_loss(model, tokens, config, seed):
+    """Mean loss over eval_iters batches drawn from a fixed generator: the same batches at every evaluation."""
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for _ in range(config.eval_iters):
+        inputs, targets = get_batch(tokens, config.batch_size, config.seq_len, rng)
+        losses.append(lm_loss(model, inputs, targets).data)
+    model.train(was_training)
+    return float(sum(losses) / len(losses))
+
+
+def make_optimizer(model, config, workers=1):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
+    params = model.parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}],
+                 lr=config.lr, betas=(config.beta1, config.beta2), workers=workers)
+
+
+def format_duration(seconds):
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_rate(tokens_per_s):
+    return f"{tokens_per_s / 1000:.1f}k" if tokens_per_s >= 1000 else f"{tokens_per_s:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setting up: data, tokenizer, model, optimizer, and the state of a resumed run
+
+def check_config(config):
+    problems = []
+    if config.d_model % config.num_heads:
+        problems.append(f"--d-model {config.d_model} is not divisible by --num-heads {config.num_heads}; "
+                        "choose num_heads among its divisors")
+    if config.seq_len > config.max_seq_len:
+        problems.append(f"--seq-len {config.seq_len} is above --max-seq-len {config.max_seq_len}; "
+                        "lower --seq-len or raise --max-seq-len")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                 "log_interval", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"--dropout must lie in [0, 1), got {config.dropout}")
+    if config.lr <= 0 or config.min_lr < 0:
+        problems.append("--lr must be positive and --min-lr non-negative")
+    if problems:
+        raise TrainingError(problems[0])
+
+
+class Run:
+    """Everything a training run holds, built from a config (fresh) or from a checkpoint (resumed)."""
+
+    def __init__(self, config, given=()):
+        self.config = config
+        try:
+            backend.set_device(config.device)
+        except backend.DeviceError as exc:
+            raise TrainingError(str(exc)) from None
+        self.dtype = np.dtype(config.dtype)
+        if backend.get_device() == "gpu":
+            self.workers = 1
+        else:
+            tune_allocator()
+            self.workers = config.workers or (default_workers() if can_control_blas() else 1)
+        self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
+        self.best_path = os.path.join(config.out_dir, "best.npz")
+        self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+        resumed = self._load_resume_state(given) if config.resume else None
+        config = self.config
+        check_config(config)
+
+        text = read_text(config.data or None)
+        if resumed is not None:
+            self.tokenizer = tokenizer_from_dict(resumed["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(config.tokenizer, text, config.vocab_size)
+        ids = self.tokenizer.encode(text)
+        self.train_tokens, self.val_tokens = split_tokens(ids, config.seq_len)
+        if len(self.train_tokens) < config.seq_len + 1:
+            raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, one sequence needs "
+                            f"{config.seq_len + 1}; use a longer text or a smaller --seq-len")
+
+        backend.manual_seed(config.seed)
+        self.model = GPT(**config.model_kwargs(self.tokenizer.vocab_size))
+        if self.dtype != np.float32:
+            self.model.to(self.dtype)
+        self.optimizer = make_optimizer(self.model, config, self.workers)
+        self.data_rng = np.random.default_rng(config.seed)
+        self.step, self.best_val = 0, math.inf
+        if resumed is not None:
+            self._restore(resumed)
+        self.graph_step = None      # on the GPU: the step recorded once as a CUDA graph, then replayed
+        if backend.get_device() == "gpu" and self.config.cuda_graph == "on":
+            self.graph_step = GraphStep(lambda batches: train_step(self.model, self.optimizer, batches,
+                                                                   self.config.grad_clip),
+                                        self.optimizer, self.tokenizer.vocab_size)
+
+    def train_step(self, micro_batches):
+        """One optimizer step on these micro-batches: replayed from the CUDA graph where there is one."""
+        if self.graph_step is not None:
+            return self.graph_step(micro_batches)
+        return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers)
+
+    def _load_resume_state(self, given):
+        try:
+            arrays, meta = load_checkpoint(self.ckpt_path)
+        except CheckpointError as exc:
+            raise TrainingError(f"--resume: {exc}") from None
+        saved = TrainConfig(**meta["config"])
+        for name in ARCHITECTURE_FIELDS + ("dtype",):
+            if name in given and getattr(self.config, name) != getattr(saved, name):
+                raise TrainingError(f"--resume: the checkpoint in {self.config.out_dir} was trained with "
+                                    f"--{name.replace('_', '-')} {getattr(saved, name)}, not "
+                                    f"{getattr(self.config, name)}; drop the flag or use another --out-dir")
+        # the saved config, with the flags given now on top (e.g. a larger --max-iters)
+        values = saved.to_dict()
+        values.update({k: getattr(self.config, k) for k in given})
+        values.update(resume=True, device=self.config.device, out_dir=self.config.out_dir)
+        self.config = TrainConfig(**values)
+        return {"arrays": arrays, "meta": meta, "tokenizer": meta["tokenizer"]}
+
+    def _restore(self, resumed):
+        arrays, meta = resumed["arrays"], resumed["meta"]
+        restore_model(self.model, arrays, self.ckpt_path)
+        restore_optimizer(self.optimizer, arrays, meta)
+        self.step = meta["step"]
+        self.best_val = meta.get("best_val", math.inf)
+        backend.set_rng_state(self.data_rng, meta["rng"]["data"])
+        backend.set_rng_state(backend.global_rng(), meta["rng"]["dropout"])
+
+    def meta(self):
+        return {"config": self.config.to_dict(), "model_config": self.model.config, "step": self.step,
+                "best_val": self.best_val, "tokenizer": self.tokenizer.to_dict(),
+                "rng": {"data": backend.rng_state(self.data_rng),
+                        "dropout": backend.rng_state(backend.global_rng())}}
+
+    def save(self, path=None):
+        save_checkpoint(path or self.ckpt_path, self.model, self.optimizer, self.meta())
+
+    def lr_at(self, step):
+        c = self.config
+        return cosine_lr(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters)
+
+    def next_micro_batches(self):
+        c = self.config
+        return [get_batch(self.train_tokens, c.batch_size, c.seq_len, self.data_rng) for _ in range(c.grad_accum)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+class _StopFlag:
+    """SIGINT sets a flag; the loop saves and exits at the end of the current step. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+                  flush=True)
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:          # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train(run, log=print):
+    """Run the loop from run.step to max_iters. Returns the list of logged metric records."""
+    c = run.config
+    os.makedirs(c.out_dir, exist_ok=True)
+    records = []
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
+    loss_sum, loss_count = None, 0
+    window_start, window_steps = time.perf_counter(), 0
+    step_times = []
+    with _StopFlag() as stop, open(run.metrics_path, "a", encoding="utf-8") as metrics:
+        while run.step < c.max_iters:
+            for group in run.optimizer.param_groups:
+                group["lr"] = run.lr_at(run.step)
+            loss = run.train_step(run.next_micro_batches())
+            run.step += 1
+            window_steps += 1
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            loss_count += 1
+
+            is_eval = run.step % c.eval_interval == 0 or run.step == c.max_iters
+            if run.step % c.log_interval == 0 or is_eval or stop.requested:
+                backend.synchronize()
+                now = time.perf_counter()
+                mean_loss = float(loss_sum) / loss_count            # the only value that leaves the device
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"loss became {mean_loss} at step {run.step}; stopped without saving, so the last good "
+                        f"checkpoint in {c.out_dir} is intact; lower --lr or --grad-clip and --resume")
+                ms = (now - window_start) * 1000 / window_steps
+                step_times.append(ms)
+                record = {"step": run.step, "loss": round(mean_loss, 5), "lr": run.lr_at(run.step - 1),
+                          "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens_per_step * 1000 / ms, 1)}
+                if is_eval:
+                    record["val_loss"] = round(estimate_loss(run.model, run.val_tokens, c, c.seed + 1), 5)
+                eta = (c.max_iters - run.step) * np.median(step_times[-5:]) / 1000
+                record["eta_s"] = round(eta, 1)
+                line = f"step {run.step}/{c.max_iters} | loss {mean_loss:.3f}"
+                if "val_loss" in record:
+                    line += f" | val {record['val_loss']:.3f}"
+                line += (f" | lr {record['lr']:.1e} | {ms:.0f} ms/step | "
+                         f"{format_rate(record['tokens_per_s'])} tok/s | ETA {format_duration(eta)}")
+                log(line)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                records.append(record)
+                if is_eval:
+                    if record["val_loss"] < run.best_val:
+                        run.best_val = record["val_loss"]
+                        run.save(run.best_path)
+                    run.save()
+                loss_sum, loss_count = None, 0
+                window_start, window_steps = time.perf_counter(), 0
+            if stop.requested:
+                run.save()
+                log(f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
+                    f"continue with --out-dir {c.out_dir} --resume")
+                raise KeyboardInterrupt
+    return records
+
+
+def main(argv=None):
+    try:
+        config, given = config_from_args(argv)
+        started = time.perf_counter()
+        run = Run(config, given)
+        c = run.config
+        print(f"npgpt: {c.preset} preset on {backend.get_device()} ({c.dtype}), {run.model.num_parameters():,} "
+              f"parameters, {c.tokenizer} tokenizer with {run.tokenizer.vocab_size:,} tokens, "
+              f"{len(run.train_tokens):,} training / {len(run.val_tokens):,} validation tokens")
+        if run.graph_step is not None:
+            print("the training step is recorded as a CUDA graph and replayed (--cuda-graph off to launch "
+                  "kernels one by one)")
+        if run.step:
+            print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
+        train(run)
+        print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
+              f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
+        if c.sample_tokens > 0:
+            prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
+            out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
+                           rng=np.random.default_rng(c.seed))
+            print("-" * 60)
+            print(run.tokenizer.decode(out[0]))
+            print("-" * 60)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (TrainingError, DataError, TokenizerError, CheckpointError, backend.DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
