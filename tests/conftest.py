@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from npgpt import backend
+from optional import need
 
 _shared = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=20, derandomize=True, **_shared)
@@ -35,6 +36,5 @@ def xp(device):
 @pytest.fixture
 def torch():
     """PyTorch, or a skip with the reason (CI installs the CPU build, so the parity tests run there)."""
-    return pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'npgpt[torch]' "
-                                               "to run the parity tests")
+    return need("torch", "torch")
 

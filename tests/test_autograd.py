@@ -10,6 +10,8 @@ import npgpt
 import npgpt.functional as F
 from npgpt import backend
 
+pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
+
 
 def arr(values, dtype=np.float64):
     return backend.current().asarray(np.asarray(values, dtype=dtype))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from optional import need
 
 from benchmarks.suite import forward_flops, train_flops, TUTORIAL
 
@@ -22,7 +23,7 @@ def test_flops_formula_counts_every_matmul():
 
 
 def test_quick_suite_runs_and_writes_json(tmp_path):
-    pytest.importorskip("torch", reason="the benchmark suite compares against PyTorch: pip install 'npgpt[torch]'")
+    need("torch", "torch")      # the benchmark suite compares against PyTorch
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

@@ -11,6 +11,8 @@ import npgpt.functional as F
 from npgpt import backend
 from strategies import rand, seeds
 
+pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
+
 lead_shapes = st.sampled_from([(), (1,), (3,), (2, 3), (2, 1, 2)])
 
 

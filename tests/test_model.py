@@ -13,6 +13,8 @@ import npgpt.functional as F
 from npgpt import backend
 from npgpt.model import GPT, parameter_breakdown
 
+pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
+
 ODD = dict(vocab_size=97, d_model=48, num_heads=3, num_layers=3, d_ff=200, max_seq_len=64)
 TUTORIAL = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
 

@@ -8,6 +8,8 @@ import npgpt
 from npgpt import backend
 from strategies import broadcast_pairs, nonscalar_shapes, rand, seeds, shapes
 
+pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
+
 BINARY = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,

@@ -9,6 +9,8 @@ import npgpt.functional as F
 from npgpt import backend
 from strategies import seeds
 
+pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
+
 RTOL = 1e-9
 
 
