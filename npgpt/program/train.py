@@ -23,6 +23,7 @@ Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU), ``npg
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ from ..optim import AdamW, clip_grad_norm_, cosine_lr
 from ..fast.cpu.threads import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
 from ..engine import no_grad
 from .tokenizer import TokenizerError, build_tokenizer, tokenizer_from_dict
+from .grad_stats import GradStats
 
 
 class TrainingError(RuntimeError):
@@ -56,12 +58,13 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
+def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats=None):
     """One optimizer step over micro-batches [(inputs, targets)]; returns the mean loss (a device array).
 
     Each micro-batch's loss is scaled by 1/k, so the summed gradients equal those of one k-times larger batch.
     With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
-    loss weighted by its share of the rows (npgpt/parallel.py).
+    loss weighted by its share of the rows (npgpt/parallel.py). grad_stats (a GradStats, on logged steps)
+    measures each layer's gradient norm before clipping and its update/weight ratio over the step.
     """
     optimizer.zero_grad()       # batches stay NumPy arrays: ids are checked on the host, then moved
     params = model.parameters()
@@ -80,9 +83,13 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1):
             loss = lm_loss(model, inputs, targets) * (1.0 / k)
             loss.backward()
             losses.append(loss.data)
+    if grad_stats is not None:
+        grad_stats.gradients_ready()
     if grad_clip > 0:
         clip_grad_norm_(params, grad_clip)
     optimizer.step()
+    if grad_stats is not None:
+        grad_stats.step_done()
     return sum(losses[1:], losses[0])
 
 
@@ -192,11 +199,13 @@ class Run:
                                                                    self.config.grad_clip),
                                         self.optimizer, self.tokenizer.vocab_size)
 
-    def train_step(self, micro_batches):
-        """One optimizer step on these micro-batches: replayed from the CUDA graph where there is one."""
+    def train_step(self, micro_batches, grad_stats=None):
+        """One optimizer step on these micro-batches: replayed from the CUDA graph where there is one
+        (a replayed step records no gradient statistics)."""
         if self.graph_step is not None:
             return self.graph_step(micro_batches)
-        return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers)
+        return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
+                          grad_stats)
 
     def _load_resume_state(self, given):
         try:
@@ -281,11 +290,14 @@ def train(run, log=print):
     loss_sum, loss_count = None, 0
     window_start, window_steps = time.perf_counter(), 0
     step_times = []
+    grad_stats = GradStats(run.model)
     with _StopFlag() as stop, open(run.metrics_path, "a", encoding="utf-8") as metrics:
         while run.step < c.max_iters:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr_at(run.step)
-            loss = run.train_step(run.next_micro_batches())
+            grad_stats.clear()
+            logged = (run.step + 1) % c.log_interval == 0 or run.step + 1 == c.max_iters
+            loss = run.train_step(run.next_micro_batches(), grad_stats if logged else None)
             run.step += 1
             window_steps += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -314,6 +326,7 @@ def train(run, log=print):
                 line += (f" | lr {record['lr']:.1e} | {ms:.0f} ms/step | "
                          f"{format_rate(record['tokens_per_s'])} tok/s | ETA {format_duration(eta)}")
                 log(line)
+                record.update(grad_stats.record())      # per-layer gradient norms and update ratios
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 records.append(record)
@@ -349,6 +362,7 @@ def main(argv=None):
         train(run)
         print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
               f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
+        print(f"plots: python -m npgpt.plot --out-dir {shlex.quote(c.out_dir)} --loss --grads --attention")
         if c.sample_tokens > 0:
             prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
             out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
