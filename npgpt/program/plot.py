@@ -250,8 +250,8 @@ def loss_figure(runs):
         ax_lr.plot(c["step"], c["lr"], color=color, lw=1.6, label=f"{prefix}learning rate (logged)")
         config = (meta or {}).get("config")
         if config:                      # the whole schedule, including the steps still to come
-            steps = np.arange(config["max_iters"] + 1)
-            ax_lr.plot(steps, [cosine_lr(max(s - 1, 0), config["lr"], config["min_lr"], config["warmup_iters"],
+            steps = np.arange(1, config["max_iters"] + 1)       # step s runs at the rate cosine_lr(s - 1)
+            ax_lr.plot(steps, [cosine_lr(s - 1, config["lr"], config["min_lr"], config["warmup_iters"],
                                          config["max_iters"]) for s in steps],
                        color=color, lw=0.8, ls=":", label=f"{prefix}schedule to max_iters")
         ax_speed.plot(c["time_s"] / scale, c["tokens_per_s"] / 1000, color=color, lw=1.2, label=f"{prefix}tokens/s")
@@ -392,6 +392,17 @@ def _run_label(out_dir):
     return os.path.basename(os.path.normpath(out_dir)) or out_dir
 
 
+def run_labels(dirs, metas):
+    """A legend label per run: its directory's name, and with several runs their config differences."""
+    labels = [_run_label(d) for d in dirs]
+    if len(set(labels)) < len(labels):
+        labels = list(dirs)
+    if len(dirs) == 1:
+        return labels
+    differences = config_differences([m.get("config") if m else None for m in metas])
+    return [f"{name} ({diff})" if diff else name for name, diff in zip(labels, differences)]
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -405,13 +416,7 @@ def main(argv=None):
             dirs = [args.out_dir] + args.compare
             records = [read_metrics(d) for d in dirs]
             metas = [read_meta(d) for d in dirs]
-            labels = [_run_label(d) for d in dirs]
-            if len(set(labels)) < len(labels):
-                labels = list(dirs)
-            if len(dirs) > 1:
-                differences = config_differences([m and m.get("config") for m in metas])
-                labels = [f"{name} ({diff})" if diff else name for name, diff in zip(labels, differences)]
-            fig = loss_figure(list(zip(labels, records, metas)))
+            fig = loss_figure(list(zip(run_labels(dirs, metas), records, metas)))
             fig.set_dpi(args.dpi)
             written.append(save_figure(fig, os.path.join(plot_dir, f"loss.{args.format}"), args.format))
         if args.grads:
