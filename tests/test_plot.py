@@ -191,13 +191,15 @@ def test_compare_overlays_runs_with_their_config_differences(tiny_run, tmp_path)
     assert labels[0].startswith("tiny (") and labels[1].startswith("other (")
     assert "lr=0.01" in labels[0] and "lr=0.003" in labels[1] and "max_iters=20" in labels[0]
     assert "grad_clip=0.05" in labels[0] and "out_dir" not in labels[0]
-    assert plot.config_differences([{"lr": 1.0, "seed": 1}, None, {"lr": 2.0, "seed": 1}]) == \
+    assert plot.config_differences([{"lr": 1.0, "seed": 1}, None, {"lr": 2.0, "seed": 1, "new_field": 3}]) == \
         ["lr=1.0", "config not saved yet", "lr=2.0"]
     fig = plot.loss_figure(list(zip(labels, [plot.read_metrics(d) for d in dirs], metas)))
     train_lines = [line for line in fig.axes[0].get_lines() if line.get_label().endswith("train loss")]
     assert [line.get_label() for line in train_lines] == [f"{labels[0]}: train loss", f"{labels[1]}: train loss"]
     np.testing.assert_array_equal(train_lines[1].get_ydata(), [r["loss"] for r in read_jsonl(other)])
     assert train_lines[0].get_color() != train_lines[1].get_color()
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend[:2] == labels and "validation loss" in legend
     assert plot.main(["--out-dir", dirs[0], "--compare", other, "--plot-dir", str(tmp_path)]) == 0
     assert_png(tmp_path / "loss.png")
 

@@ -97,13 +97,17 @@ def read_meta(out_dir):
 
 
 # Fields that do not change what a run learns or how fast: left out of the comparison's legend
-_NOT_COMPARED = ("out_dir", "resume", "sample_tokens", "sample_prompt")
+_NOT_COMPARED = ("out_dir", "resume", "overwrite", "sample_tokens", "sample_prompt")
 
 
 def config_differences(configs):
-    """For each config (a dict, or None when unknown): 'name=value, ...' of the fields that differ among them."""
+    """For each config (a dict, or None when unknown): 'name=value, ...' of the fields that differ among them.
+
+    Only fields that every known config has are compared (a run saved before a field existed is not
+    different for lacking it).
+    """
     known = [c for c in configs if c is not None]
-    names = sorted({k for c in known for k in c} - set(_NOT_COMPARED))
+    names = sorted(set.intersection(*(set(c) for c in known)) - set(_NOT_COMPARED)) if known else []
     differing = [k for k in names if len({json.dumps(c.get(k)) for c in known}) > 1]
     labels = []
     for c in configs:
@@ -210,6 +214,7 @@ def token_labels(tokenizer, ids):
 def _matplotlib():
     try:
         import matplotlib
+        import matplotlib.lines
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -267,9 +272,18 @@ def loss_figure(runs):
     ax_speed.set_ylim(bottom=0)
     for ax in (ax_step, ax_time, ax_lr, ax_speed):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if len(runs) == 1:
+            ax.legend(fontsize=8, loc="best")
     if len(runs) > 1:
-        fig.suptitle("runs compared: " + "; ".join(label for label, _, _ in runs), fontsize=10)
+        # one legend under the panels: a colour per run, a line style per kind of curve
+        Line2D = matplotlib.lines.Line2D
+        handles = [Line2D([], [], color=colors[n % len(colors)], lw=2.5, label=label)
+                   for n, (label, _, _) in enumerate(runs)]
+        handles += [Line2D([], [], color="black", lw=1.6, label="train loss; logged learning rate"),
+                    Line2D([], [], color="black", lw=1.2, ls="--", marker="o", ms=4, label="validation loss"),
+                    Line2D([], [], color="black", lw=0.8, ls=":", label="learning-rate schedule to max_iters")]
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8)
+        fig.suptitle(f"{len(runs)} runs compared", fontsize=11)
     else:
         label, records, meta = runs[0]
         title = f"{label}: step {records[-1]['step']}"
