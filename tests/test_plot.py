@@ -122,7 +122,8 @@ def test_grads_picture_draws_the_recorded_norms(tiny_run, capsys):
         np.testing.assert_array_equal(lines[group].get_xdata(), LOGGED_STEPS)
         np.testing.assert_array_equal(lines[group].get_ydata(), [r["grad_norm"][group] for r in records])
     ratio_lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
-    np.testing.assert_array_equal(ratio_lines["blocks.1"].get_ydata(), [r["update_ratio"]["blocks.1"] for r in records])
+    np.testing.assert_array_equal(ratio_lines["blocks.1"].get_ydata(),
+                                  [r["update_ratio"]["blocks.1"] for r in records])
     assert plot.main(["--out-dir", tiny_run["out_dir"], "--grads"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {os.path.join(tiny_run['out_dir'], 'grads.png')}"
     assert_png(os.path.join(tiny_run["out_dir"], "grads.png"))
@@ -306,4 +307,5 @@ def test_training_prints_the_command_that_draws_the_plots(tiny_run, tmp_path, ca
     code = train_module.main(TINY + ["--data", tiny_run["corpus"], "--out-dir", out_dir, "--max-iters", "2",
                                      "--log-interval", "1", "--eval-interval", "2"])
     assert code == 0
-    assert f"plots: python -m npgpt.plot --out-dir {out_dir} --loss --grads --attention\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"plots: python -m npgpt.plot --out-dir {out_dir} --loss --grads --attention\n" in printed

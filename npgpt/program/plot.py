@@ -1,4 +1,4 @@
-"""Pictures of a training run: loss curves, attention maps and gradient flow (matplotlib: pip install 'npgpt[plot]').
+"""Pictures of a training run: loss curves, attention maps, gradient flow (pip install 'npgpt[plot]').
 
     python -m npgpt.plot --out-dir out                              # out/loss.png
     python -m npgpt.plot --out-dir out --compare out2 out3          # several runs, their config differences
@@ -142,7 +142,8 @@ def loss_curves(records):
 
 def grad_series(records):
     """(steps (N,), groups [G names], grad_norm (G, N), update_ratio (G, N)) from the records that hold them."""
-    measured = [r for r in records if isinstance(r.get("grad_norm"), dict) and isinstance(r.get("update_ratio"), dict)]
+    measured = [r for r in records
+                if isinstance(r.get("grad_norm"), dict) and isinstance(r.get("update_ratio"), dict)]
     if not measured:
         return None
     groups = list(measured[-1]["grad_norm"])
@@ -247,7 +248,8 @@ def loss_figure(runs):
         color = colors[n % len(colors)]
         val_color = colors[1] if len(runs) == 1 else color      # one run: two colours; several: one per run
         prefix = f"{label}: " if len(runs) > 1 else ""
-        for ax, x, vx in ((ax_step, c["step"], c["val_step"]), (ax_time, c["time_s"] / scale, c["val_time_s"] / scale)):
+        for ax, x, vx in ((ax_step, c["step"], c["val_step"]),
+                          (ax_time, c["time_s"] / scale, c["val_time_s"] / scale)):
             ax.plot(x, c["loss"], color=color, lw=1.6, label=f"{prefix}train loss")
             if len(vx):
                 ax.plot(vx, c["val_loss"], color=val_color, lw=1.2, ls="--", marker="o", ms=4,
@@ -259,7 +261,8 @@ def loss_figure(runs):
             ax_lr.plot(steps, [cosine_lr(s - 1, config["lr"], config["min_lr"], config["warmup_iters"],
                                          config["max_iters"]) for s in steps],
                        color=color, lw=0.8, ls=":", label=f"{prefix}schedule to max_iters")
-        ax_speed.plot(c["time_s"] / scale, c["tokens_per_s"] / 1000, color=color, lw=1.2, label=f"{prefix}tokens/s")
+        ax_speed.plot(c["time_s"] / scale, c["tokens_per_s"] / 1000, color=color, lw=1.2,
+                      label=f"{prefix}tokens/s")
     if len(runs) == 1 and runs[0][2]:
         vocab = runs[0][2]["model_config"]["vocab_size"]
         for ax in (ax_step, ax_time):
@@ -295,6 +298,9 @@ def loss_figure(runs):
     return fig
 
 
+_ATTENTION = "softmax(QK^T / sqrt(d)) per layer and head; grey: masked (a query never sees later keys)"
+
+
 def attention_figure(weights, labels, title=""):
     """weights: [layer] (H, T, T); labels: T token strings -> the Figure of attention.png."""
     matplotlib, Figure, FigureCanvasAgg = _matplotlib()
@@ -322,8 +328,7 @@ def attention_figure(weights, labels, title=""):
             if layer == layers - 1:
                 ax.set_xlabel("key (column)", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
-    fig.suptitle(title or "attention weights softmax(QK^T / sqrt(d)); grey: masked (a query never sees later keys)",
-                 fontsize=10)
+    fig.suptitle(title or f"attention weights {_ATTENTION}", fontsize=10)
     return fig
 
 
@@ -387,7 +392,8 @@ def save_figure(fig, path, fmt):
 def build_parser():
     p = argparse.ArgumentParser(description="Draw an npgpt training run: loss curves, attention maps, "
                                             "gradient flow (needs matplotlib: pip install 'npgpt[plot]').")
-    p.add_argument("--out-dir", default="out", help="the run's directory (metrics.jsonl, checkpoints) (default: out)")
+    p.add_argument("--out-dir", default="out",
+                   help="the run's directory (metrics.jsonl, checkpoints) (default: out)")
     p.add_argument("--compare", nargs="+", default=[], metavar="OUT_DIR",
                    help="other runs to overlay on loss.png; their config differences go into the legend")
     p.add_argument("--loss", action="store_true", help="draw loss.png (the default when nothing else is asked)")
@@ -436,9 +442,9 @@ def main(argv=None):
         if args.grads:
             series = grad_series(read_metrics(args.out_dir))
             if series is None:
-                raise PlotError(f"{args.out_dir}/metrics.jsonl holds no gradient statistics; python -m npgpt.train "
-                                "records them every --log-interval (not when the step is replayed as a CUDA graph: "
-                                "--cuda-graph off)")
+                raise PlotError(f"{args.out_dir}/metrics.jsonl holds no gradient statistics; python -m "
+                                "npgpt.train records them every --log-interval (not when the step is replayed "
+                                "as a CUDA graph: --cuda-graph off)")
             config = (read_meta(args.out_dir) or {}).get("config", {})
             fig = grads_figure(series, _run_label(args.out_dir), config.get("grad_clip", 0.0))
             fig.set_dpi(args.dpi)
@@ -452,8 +458,7 @@ def main(argv=None):
                 raise PlotError(f"the prompt is {len(ids)} tokens, more than the model's max_seq_len "
                                 f"{model.max_seq_len}; give a shorter --prompt")
             weights = attention_weights(model, ids)
-            title = (f"{_run_label(args.out_dir)} at step {meta['step']}: attention weights softmax(QK^T / sqrt(d)) "
-                     "per layer and head; grey: masked (a query never sees later keys)")
+            title = f"{_run_label(args.out_dir)} at step {meta['step']}: attention weights {_ATTENTION}"
             fig = attention_figure(weights, token_labels(tokenizer, ids), title)
             fig.set_dpi(args.dpi)
             written.append(save_figure(fig, os.path.join(plot_dir, f"attention.{args.format}"), args.format))
