@@ -5,7 +5,13 @@
     y = (x * x).sum()
     y.backward()            # x.grad == [[2., 4.]]
 
-Reading order: backend -> tensor -> functional -> nn -> optim -> model -> train (see README.md).
+Three layers, in reading order:
+
+    the textbook    npgpt/backend.py -> engine.py -> functional.py -> gradcheck.py -> nn.py -> optim.py
+                    -> model.py -> generate.py: the plain maths, one path per op
+    the fast paths  npgpt/fast/: faster bodies for some ops, registered with the dispatcher (engine.py)
+    the program     npgpt/program/: training, sampling, checkpoints, data, tokenizers, learner tools;
+                    python -m npgpt.train, .sample, .proof, .viz
 """
 
 from . import backend
@@ -15,6 +21,7 @@ from . import optim
 from .backend import manual_seed, set_device, get_device
 from .gradcheck import GradcheckError, gradcheck
 from .engine import Tensor, is_grad_enabled, no_grad, tensor
+from . import fast      # registers the fast paths with the dispatcher (NPGPT_FAST=0: none run)
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt' has no attribute {name!r}")
 
 __all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError", "GPT",
-           "functional", "nn", "optim", "backend", "manual_seed", "set_device", "get_device"]
+           "functional", "nn", "optim", "backend", "fast", "manual_seed", "set_device", "get_device"]

@@ -82,6 +82,8 @@ def current():
     """The array module new arrays are made with: numpy, or cupy on the GPU."""
     if _device == "gpu":
         return _cupy if _cupy is not None else _import_cupy()
+    if _device != "cpu":
+        raise DeviceError(f"NPGPT_DEVICE={_device!r} is not a device: set it to cpu, gpu or auto")
     return np
 
 
@@ -152,10 +154,9 @@ def manual_seed(seed):
 _seed_source = np.random.default_rng()
 
 
-def next_seed():
-    """A fresh 63-bit seed, drawn on the host (seeded by manual_seed). GPU dropout kernels hash it with each
-    element's index, so their random numbers need no device generator and no copy back to the host."""
-    return int(_seed_source.integers(0, 2**63 - 1))
+def host_rng():
+    """A NumPy generator on the host, seeded by manual_seed: for draws that must not wait for a GPU (seeds)."""
+    return _seed_source
 
 
 _thread_rng = threading.local()
@@ -182,111 +183,6 @@ def global_rng():
     return _global_rngs[_device]
 
 
-def keep_mask(rng, shape, p):
-    """(bool mask keeping each element with probability ~1-p, the scale that makes its mean exactly 1).
-
-    On the CPU the mask comes from 16-bit random integers (2 bytes an element instead of 4), so p is
-    rounded to a multiple of 1/65536, and the scale 65536 / (65536 - threshold) matches that rounding.
-    """
-    if isinstance(rng, np.random.Generator):
-        threshold = int(round(p * 65536))
-        keep = rng.integers(0, 65536, size=shape, dtype=np.uint16) >= threshold
-        return keep, 65536.0 / (65536 - threshold)
-    keep = rng.random(shape, dtype=np.float32) >= p
-    return keep, 1.0 / (1.0 - p)
-
-
-def rows_per_block(array, block_bytes=512 * 1024):
-    """Rows of a 2-D array to process at a time: an L2-cache-sized block on the CPU, all rows on the GPU
-    (where one large launch beats many small ones)."""
-    if is_gpu_array(array):
-        return max(1, array.shape[0])
-    return max(1, block_bytes // max(1, array.shape[-1] * array.itemsize))
-
-
-def matmul(a, b, out=None, alpha=1.0, accumulate=False):
-    """alpha * (a @ b), returned, or written into `out` (added to it when accumulate).
-
-    On the GPU through npgpt.cublas, which calls cuBLAS itself so that a CUDA graph can record the product
-    (CuPy's own @ refuses to run during capture), and which scales and accumulates inside the GEMM. On the
-    CPU, NumPy's matmul and then the scaling or the sum.
-    """
-    if accumulate and out is None:
-        raise ValueError("matmul: accumulate=True adds the product to out; pass out")
-    if is_gpu_array(a) or is_gpu_array(b):
-        from .fast.cuda import cublas
-        return cublas.matmul(a, b, out=out, alpha=alpha, accumulate=accumulate)
-    product = np.matmul(a, b, out=None if accumulate else out)
-    if alpha != 1.0:
-        product *= product.dtype.type(alpha)
-    if accumulate:
-        out += product
-        return out
-    return product
-
-
-def add(a, b):
-    """a + b. On the GPU, two contiguous float arrays of one shape take npgpt's add kernel, which keeps several
-    loads in flight per thread (CuPy's generic one reaches about half the memory bandwidth)."""
-    if (is_gpu_array(a) and is_gpu_array(b) and a.shape == b.shape and a.dtype == b.dtype
-            and a.dtype in (np.float32, np.float64) and a.flags.c_contiguous and b.flags.c_contiguous):
-        from .fast.cuda import kernels
-        return kernels.add(a, b)
-    return a + b
-
-
-def products_in_place(array):
-    """True when matmul on `array` runs through cuBLAS (the GPU): it reads and writes strided views (the
-    attention's heads) where they lie, and its alpha and accumulate cost nothing. NumPy's matmul copies such
-    views and scales in a second pass, so CPU code lays its operands out and scales the smaller array first."""
-    return is_gpu_array(array)
-
-
-def sum_leading(array, count):
-    """Sum over the first `count` axes (a bias or LayerNorm gradient summed over every position).
-
-    On the GPU as a (1, N) @ (N, C) product, whose reads are coalesced; a reduction over leading axes
-    reads with a stride there. On the CPU, NumPy's sum over axis 0 adds whole rows.
-    """
-    rest = array.shape[count:]
-    flat = array.reshape(-1, int(np.prod(rest, dtype=np.int64)))
-    if not is_gpu_array(array):
-        return flat.sum(axis=0).reshape(rest)
-    summed = get_array_module(array).empty(rest, dtype=array.dtype)     # its own array: a .grad keeps it
-    matmul(_ones_row(array, flat.shape[0]), flat, out=summed.reshape(1, -1))
-    return summed
-
-
-_ones = {}
-
-
-def _ones_row(like, n):
-    """A (1, n) row of ones on like's device, kept for reuse (not while a graph records: the fill would only
-    run at replay)."""
-    key = (get_array_module(like).cuda.runtime.getDevice(), n, like.dtype.str)
-    if key in _ones:
-        return _ones[key]
-    ones = get_array_module(like).ones((1, n), dtype=like.dtype)
-    if not capturing():
-        _ones[key] = ones
-    return ones
-
-
-def copy_into(target, source):
-    """target[...] = source, a host array; on the GPU an asynchronous copy in the current stream's order."""
-    if is_gpu_array(target):
-        target.set(np.ascontiguousarray(source, dtype=target.dtype),
-                   stream=_cupy.cuda.get_current_stream())
-    else:
-        target[...] = source
-
-
-def capturing():
-    """True while this thread's current GPU stream is being recorded into a CUDA graph (npgpt/graph.py):
-    then nothing may wait for the device or copy from the host, so checks that read device values skip."""
-    return _cupy is not None and _cupy.cuda.get_current_stream().is_capturing()
-
-
 def rng_state(rng):
     """A JSON-able snapshot of a NumPy generator's state (CuPy generators are not saved)."""
     if isinstance(rng, np.random.Generator):
@@ -305,8 +201,16 @@ def synchronize():
         _cupy.cuda.Device().synchronize()
 
 
-if os.environ.get("NPGPT_DEVICE"):
+def _device_from_environment(name):
+    """The device NPGPT_DEVICE names. An unusable one is reported by the first array made, not at import."""
+    global _device
     try:
-        set_device(os.environ["NPGPT_DEVICE"])
+        set_device(name)
     except DeviceError:
-        _device = "gpu"   # as asked; the first array made raises the DeviceError, where it can be reported
+        _device = "gpu"         # as asked: current() raises the DeviceError, where it can be reported
+    except ValueError:
+        _device = name          # not a device: current() raises, naming the variable and the choices
+
+
+if os.environ.get("NPGPT_DEVICE"):
+    _device_from_environment(os.environ["NPGPT_DEVICE"])

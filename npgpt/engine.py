@@ -13,11 +13,18 @@ training step to the next.
 Rules for closures: a backward never writes into the incoming gradient, and returns fresh arrays or views of
 that gradient, never an array saved from the forward pass, so the engine may add into what it receives.
 
+Dispatch (the end of this file): every op has one reference body, the plain maths you read here and in
+``functional.py``. A faster implementation of an op (``npgpt/fast/``) registers beside it for the arrays it
+handles; ``@dispatchable`` asks that one registry before running the reference. ``NPGPT_FAST=0`` (or
+``npgpt.fast.disable()``) runs the reference alone.
+
 Shape legend used across npgpt: B batch, T time, C channels, H heads, D head size, V vocabulary.
 
 Next to read: ``npgpt/functional.py``, the transformer's layer ops and their hand-written gradients.
 """
 
+import functools
+import os
 import threading
 from contextlib import contextmanager
 from numbers import Number
@@ -44,14 +51,20 @@ def _grad_mode(enabled):
 
 
 class no_grad:
-    """Context manager (and decorator): ops inside record no graph, as in ``torch.no_grad()``."""
+    """Context manager (and decorator): ops inside record no graph, as in ``torch.no_grad()``.
+
+    One instance may be entered again while it is active, and from several threads: the mode to restore is
+    kept on the entering thread's own stack, not on the instance.
+    """
 
     def __enter__(self):
-        self._previous = is_grad_enabled()
+        if not hasattr(_state, "saved_modes"):
+            _state.saved_modes = []
+        _state.saved_modes.append(is_grad_enabled())
         _state.grad_enabled = False
 
     def __exit__(self, *exc):
-        _state.grad_enabled = self._previous
+        _state.grad_enabled = _state.saved_modes.pop()
         return False
 
     def __call__(self, fn):
@@ -68,6 +81,9 @@ class Tensor:
     __array_ufunc__ = None  # NumPy defers `ndarray op Tensor` to the Tensor's reflected operator
 
     def __init__(self, data, requires_grad=False):
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, not {data.dtype}; "
+                            "convert the data with .astype(numpy.float32) first")
         self.data = data            # the array: numpy.ndarray or cupy.ndarray
         self.grad = None            # dL/d(self), same shape and dtype as data; filled by backward()
         self.requires_grad = requires_grad
@@ -75,6 +91,7 @@ class Tensor:
         self._backward = None       # grad_out -> tuple of grads, one per parent (None: no gradient)
         self._op = ""               # name of the op, for printing and graph pictures
         self._retain_grad = False
+        self._released = False      # True once backward() has freed the op that made this tensor
 
     # ----------------------------------------------------------------------------------------------------
     # Plumbing
@@ -100,7 +117,7 @@ class Tensor:
 
     @property
     def is_leaf(self):
-        return not self._parents
+        return not self._parents and not self._released
 
     def numel(self):
         return self.data.size
@@ -160,12 +177,16 @@ class Tensor:
                 raise ValueError(f"backward(grad): grad has shape {grad.shape}, but the tensor has shape "
                                  f"{self.shape}; pass a gradient of the tensor's shape")
 
+        order = _topological_order(self)
+        if any(node._released for node in order):
+            raise RuntimeError("backward() through a graph that an earlier backward() already freed: pass "
+                               "retain_graph=True to the first backward() to run it twice")
         pending = {id(self): grad}      # node id -> dL/d(node), summed over its uses so far
         # Backward functions never write into the gradient they are given, so one array may flow to several
         # nodes (a + b hands grad to both). Only a kept .grad must be its own array, or adding into one
         # leaf's .grad later would change another's: arrays seen going two ways are copied there, not before.
         shared = set()
-        for node in reversed(_topological_order(self)):
+        for node in reversed(order):
             node_grad = pending.pop(id(node), None)
             if node_grad is None:
                 continue
@@ -189,22 +210,22 @@ class Tensor:
                 seen.add(id(parent_grad))
                 parent_grad = _sum_to_shape(parent_grad, parent.shape)
                 key = id(parent)
-                pending[key] = parent_grad if key not in pending else backend.add(pending[key], parent_grad)
+                pending[key] = parent_grad if key not in pending else add_arrays(pending[key], parent_grad)
             if not retain_graph:  # release the graph: intermediates can now be freed
-                node._parents, node._backward = (), None
+                node._parents, node._backward, node._released = (), None, True
 
     # ----------------------------------------------------------------------------------------------------
     # Elementwise arithmetic. Gradients are of the broadcast shape; the engine sums them back.
     def __add__(self, other):
-        other = _lift(other, self)
+        other = _lift(other, self, "add")
 
         # d(a + b)/da = 1, d(a + b)/db = 1
         def backward(grad):
             return grad, grad
-        return _make(backend.add(self.data, other.data), (self, other), backward, "add")
+        return _make(add_arrays(self.data, other.data), (self, other), backward, "add")
 
     def __sub__(self, other):
-        other = _lift(other, self)
+        other = _lift(other, self, "sub")
 
         # d(a - b)/da = 1, d(a - b)/db = -1
         def backward(grad):
@@ -212,7 +233,7 @@ class Tensor:
         return _make(self.data - other.data, (self, other), backward, "sub")
 
     def __mul__(self, other):
-        other = _lift(other, self)
+        other = _lift(other, self, "mul")
         a, b = self.data, other.data
 
         # d(a * b)/da = b, d(a * b)/db = a   (only the gradients some input needs are computed)
@@ -221,7 +242,7 @@ class Tensor:
         return _make(a * b, (self, other), backward, "mul")
 
     def __truediv__(self, other):
-        other = _lift(other, self)
+        other = _lift(other, self, "div")
         a, b = self.data, other.data
 
         # d(a / b)/da = 1/b, d(a / b)/db = -a/b^2
@@ -354,6 +375,8 @@ class Tensor:
 
     def permute(self, *axes):
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        if len(axes) != self.ndim or _normalize_axes(axes, self.ndim) != tuple(range(self.ndim)):
+            raise ValueError(f"permute{tuple(axes)}: give each of the tensor's {self.ndim} axes exactly once")
         axes = tuple(a % self.ndim for a in axes)
         inverse = tuple(int(i) for i in np.argsort(axes))
 
@@ -384,11 +407,112 @@ class Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Dispatch: one reference body per op, faster implementations registered beside it
+#
+# An op decorated with @dispatchable("name") first asks the registry whether a fast path (npgpt/fast/)
+# handles its arguments: one registered for their device ('cpu' / 'gpu'), their float dtype, and whose rule
+# `applies(*args, **kwargs)` accepts them. If none does, or fast paths are off, the reference body runs.
+# The reference stays callable as `op.reference`, which is what the tests hold each fast path equal to.
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_fast_paths = {}    # op name -> [(impl, device, dtypes, applies)]
+_fast = {"enabled": os.environ.get("NPGPT_FAST", "1") != "0"}
+
+
+def fast_paths_enabled():
+    return _fast["enabled"]
+
+
+def set_fast_paths_enabled(enabled):
+    """Turn every fast path on or off (off: each op runs its reference body). Returns the previous setting."""
+    previous, _fast["enabled"] = _fast["enabled"], bool(enabled)
+    return previous
+
+
+def register_fast_path(op, impl, device, dtypes=SUPPORTED_DTYPES, applies=None):
+    """Let `impl` run op `op` for arrays on `device` of one of `dtypes` (all float operands alike), when
+    `applies(*args, **kwargs)` (if given) is true. Registered later means asked first."""
+    _fast_paths.setdefault(op, []).insert(0, (impl, device, tuple(np.dtype(d) for d in dtypes), applies))
+
+
+def unregister_fast_paths(op=None):
+    """Forget the fast paths of one op (or of every op)."""
+    if op is None:
+        _fast_paths.clear()
+    else:
+        _fast_paths.pop(op, None)
+
+
+def fast_path_for(op, args, kwargs):
+    """The registered implementation that would run op(*args, **kwargs), or None for the reference."""
+    paths = _fast_paths.get(op)
+    if not paths or not _fast["enabled"]:
+        return None
+    arrays = [a.data if isinstance(a, Tensor) else a for a in _array_arguments(args, kwargs)]
+    if not arrays:
+        return None
+    dtypes = {a.dtype for a in arrays if a.dtype.kind == "f"}
+    if len(dtypes) != 1:        # mixed float dtypes: the reference promotes them as NumPy does
+        return None
+    dtype, device = dtypes.pop(), backend.device_of(arrays[0])
+    for impl, path_device, path_dtypes, applies in paths:
+        if path_device == device and dtype in path_dtypes and (applies is None or applies(*args, **kwargs)):
+            return impl
+    return None
+
+
+def dispatchable(op, float_dtypes=SUPPORTED_DTYPES):
+    """Decorator for a reference op: run a registered fast path where one applies, else the body itself.
+
+    float_dtypes: the float dtypes the op computes in; another (float16) is refused with a clear error
+    rather than computed with too little precision for its formulas.
+    """
+    def decorate(reference):
+        @functools.wraps(reference)
+        def run(*args, **kwargs):
+            if float_dtypes is not None:
+                _check_float_dtypes(op, args, kwargs, float_dtypes)
+            impl = fast_path_for(op, args, kwargs) if _fast_paths.get(op) and _fast["enabled"] else None
+            return (impl or reference)(*args, **kwargs)
+        run.reference = reference
+        return run
+    return decorate
+
+
+def _array_arguments(args, kwargs):
+    """The Tensors and arrays among the arguments (one level into lists and tuples)."""
+    found = []
+    for value in list(args) + list(kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        found.extend(v for v in items if isinstance(v, (Tensor, np.ndarray)) or backend.is_gpu_array(v))
+    return found
+
+
+def _check_float_dtypes(op, args, kwargs, allowed):
+    for a in _array_arguments(args, kwargs):
+        dtype = a.dtype
+        if dtype.kind == "f" and dtype not in allowed:
+            raise TypeError(f"{op}: {dtype} is not supported (its formulas need float32 or float64 "
+                            "precision); convert with .astype(numpy.float32)")
+
+
+@dispatchable("add_arrays", float_dtypes=None)
+def add_arrays(a, b):
+    """a + b on raw arrays: the residual stream's sums, and gradients meeting where a tensor is used twice."""
+    return a + b
+
+
+# --------------------------------------------------------------------------------------------------------
 # Ops that need a function of their own
 
+@dispatchable("matmul")
 def matmul(a, b):
     """a @ b with NumPy's rules (batch broadcasting, 1-D operands promoted)."""
     x, w = a.data, b.data
+    if x.ndim == 0 or w.ndim == 0 or x.shape[-1] != w.shape[0 if w.ndim == 1 else -2]:
+        raise ValueError(f"matmul: {a.shape} @ {b.shape} needs the last dimension of the left operand to "
+                         "equal the second-to-last of the right one; transpose or reshape an operand")
 
     # C = A B  =>  dA = dC B^T,  dB = A^T dC  (batch dims summed back by the engine)
     def backward(grad):
@@ -399,14 +523,14 @@ def matmul(a, b):
             g2 = g2[..., None]
         if x.ndim == 1:
             g2 = g2[..., None, :]
-        grad_a = backend.matmul(g2, b2.swapaxes(-1, -2))
-        grad_b = backend.matmul(a2.swapaxes(-1, -2), g2)
+        grad_a = g2 @ b2.swapaxes(-1, -2)
+        grad_b = a2.swapaxes(-1, -2) @ g2
         if x.ndim == 1:
             grad_a = grad_a[..., 0, :]
         if w.ndim == 1:
             grad_b = grad_b[..., 0]
         return grad_a, grad_b
-    return _make(backend.matmul(x, w), (a, b), backward, "matmul")
+    return _make(x @ w, (a, b), backward, "matmul")
 
 
 def _pow_tensor(a, b):
@@ -438,8 +562,9 @@ def tensor(data, requires_grad=False, dtype=None):
 # Engine helpers
 
 def _make(data, parents, backward, op):
-    """Wrap an op's result; record the graph only if grad mode is on and some parent needs a gradient."""
-    needs_grad = is_grad_enabled() and any(p.requires_grad for p in parents)
+    """Wrap an op's result; record the graph only if grad mode is on and some parent needs a gradient.
+    (No gradient flows through an integer or boolean result.)"""
+    needs_grad = is_grad_enabled() and data.dtype.kind == "f" and any(p.requires_grad for p in parents)
     out = Tensor(data, requires_grad=needs_grad)
     if needs_grad:
         out._parents, out._backward, out._op = parents, backward, op
@@ -470,8 +595,6 @@ def _sum_to_shape(grad, shape):
     if grad.shape == shape:
         return grad
     extra = grad.ndim - len(shape)
-    if extra > 0 and grad.shape[extra:] == shape:       # only leading axes were added: a bias, a LN weight
-        return backend.sum_leading(grad, extra)
     stretched = tuple(range(extra)) + tuple(
         extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
     return grad.sum(axis=stretched, keepdims=True).reshape(shape)
@@ -487,14 +610,20 @@ def accumulate_grad(node, grad):
         node.grad += grad
 
 
-def _lift(value, like):
-    """A Tensor from an operand: Python and NumPy scalars take `like`'s dtype, so float32 stays float32."""
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (Number, np.generic)):
-        return Tensor(_scalar_like(value, like.data))
-    xp = backend.get_array_module(like.data)
-    return Tensor(xp.asarray(value))
+def _lift(value, like, op=None):
+    """A Tensor from an operand: Python and NumPy scalars take `like`'s dtype, so float32 stays float32.
+    For a binary op, the two shapes must broadcast (checked here, so the error names the op and shapes)."""
+    if not isinstance(value, Tensor):
+        if isinstance(value, (Number, np.generic)):
+            return Tensor(_scalar_like(value, like.data))
+        value = Tensor(backend.get_array_module(like.data).asarray(value))
+    if op is not None and value.shape != like.shape:
+        try:
+            np.broadcast_shapes(like.shape, value.shape)
+        except ValueError:
+            raise ValueError(f"{op}: shapes {like.shape} and {value.shape} do not broadcast (each dimension "
+                             "must be equal, or 1 in one of them); reshape an operand") from None
+    return value
 
 
 def _scalar_like(value, array):
@@ -506,11 +635,17 @@ def _scalar_like(value, array):
 
 
 def _normalize_axes(axis, ndim):
+    """Axes as a sorted tuple of non-negative ints; -1 is the last. An axis outside [-ndim, ndim) is an error,
+    not wrapped around."""
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, int):
+    if isinstance(axis, (int, np.integer)):
         axis = (axis,)
-    return tuple(sorted(a % ndim for a in axis))
+    for a in axis:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for a tensor of {ndim} dimensions: use an axis in "
+                             f"[{-ndim}, {ndim})")
+    return tuple(sorted(int(a) % ndim for a in axis))
 
 
 def _raw_index(index):

@@ -7,10 +7,14 @@ and returns a Tensor whose ``backward`` closure maps dL/d(out) to dL/d(inputs). 
 comment above each backward. Gradients of broadcast inputs (a bias, a LayerNorm weight) are returned in the
 output's shape; the engine sums them back to the parameter's shape (``engine._sum_to_shape``).
 
+This is the reference: one plain path per op, the same code for NumPy and CuPy arrays. Faster versions of
+some ops (cache-blocked, multi-threaded, CUDA kernels) live in ``npgpt/fast/`` and register themselves with
+the dispatcher (``@dispatchable``, in ``engine.py``); tests hold each of them equal to the code here.
+
 Shapes: B batch, T time (query length), S key length, C channels, H heads, D head size, V vocabulary,
 N rows (B*T flattened).
 
-Next to read: ``npgpt/checks.py`` (gradcheck, which proves each backward here), then ``npgpt/nn.py``.
+Next to read: ``npgpt/gradcheck.py`` (which proves each backward here), then ``npgpt/nn.py``.
 """
 
 import math
@@ -18,9 +22,7 @@ import math
 import numpy as np
 
 from . import backend
-from .fast.cuda import kernels
-from .backend import matmul     # a @ b; on the GPU through cuBLAS directly, so a CUDA graph can record it
-from .engine import Tensor, _make
+from .engine import Tensor, _make, dispatchable
 
 __all__ = ["linear", "layer_norm", "gelu", "softmax", "log_softmax", "cross_entropy", "embedding", "dropout",
            "scaled_dot_product_attention", "erf"]
@@ -35,49 +37,31 @@ def _xp(x):
     return backend.get_array_module(x)
 
 
-def _recording(array):
-    """True for a GPU array while a CUDA graph records: its values cannot be read back then."""
-    return backend.is_gpu_array(array) and backend.capturing()
-
-
 # ========================================================================================================
 # linear
 
+@dispatchable("linear")
 def linear(input, weight, bias=None):
     """y = x W^T + b, with x (..., in), W (out, in), b (out,)."""
     input, weight = _t(input), _t(weight)
+    bias = _t(bias) if bias is not None else None
     x, W = input.data, weight.data
     if x.shape[-1] != W.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features but weight has shape {W.shape} "
                          f"(out, in): the input's last dimension must be {W.shape[1]}")
-    lead = x.shape[:-1]
     x2d = x.reshape(-1, W.shape[1])                         # (N, in): one GEMM for all positions
-    if bias is None:
-        out = matmul(x2d, W.T)                              # (N, out)
-    elif backend.products_in_place(x):
-        # GPU: the bias is written first and the GEMM adds the product onto it (cuBLAS's beta = 1), so the
-        # bias costs one write of the output instead of a separate read-modify-write pass over it
-        bias = _t(bias)
-        dtype = np.result_type(x.dtype, W.dtype)
-        if kernels.available(bias.data) and bias.data.ndim == 1 and bias.dtype == dtype:
-            out = kernels.fill_rows(bias.data, x2d.shape[0])
-        else:
-            out = _xp(x).empty((x2d.shape[0], W.shape[0]), dtype=dtype)
-            out[...] = bias.data
-        matmul(x2d, W.T, out=out, accumulate=True)          # (N, out)
-    else:
-        bias = _t(bias)
-        out = matmul(x2d, W.T)                              # (N, out)
+    out = x2d @ W.T                                         # (N, out)
+    if bias is not None:
         out += bias.data
-    out = out.reshape(*lead, W.shape[0])                    # (..., out)
+    out = out.reshape(*x.shape[:-1], W.shape[0])            # (..., out)
 
     # dx = dy W        (N, out) @ (out, in)
     # dW = dy^T x      (out, N) @ (N, in)   summed over every position
     # db = dy          returned per position; the engine sums it to (out,)
     def backward(grad):
         grad2d = grad.reshape(-1, W.shape[0])               # (N, out)
-        grad_x = matmul(grad2d, W).reshape(x.shape) if input.requires_grad else None
-        grad_W = matmul(grad2d.T, x2d) if weight.requires_grad else None
+        grad_x = (grad2d @ W).reshape(x.shape) if input.requires_grad else None
+        grad_W = grad2d.T @ x2d if weight.requires_grad else None
         return (grad_x, grad_W, grad) if bias is not None else (grad_x, grad_W)
 
     parents = (input, weight, bias) if bias is not None else (input, weight)
@@ -87,6 +71,7 @@ def linear(input, weight, bias=None):
 # ========================================================================================================
 # layer_norm
 
+@dispatchable("layer_norm")
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Normalize over the trailing `normalized_shape` dimensions, then scale by weight and shift by bias."""
     input = _t(input)
@@ -102,8 +87,6 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     weight = _t(weight) if weight is not None else None
     bias = _t(bias) if bias is not None else None
     parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
-    if len(axes) == 1 and kernels.available(x):
-        return _layer_norm_fused(input, weight, bias, eps, parents)
 
     mean = x.mean(axis=axes, keepdims=True)                 # (..., 1)
     xhat = x - mean                                         # centred now, normalized below
@@ -122,42 +105,18 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         grad_xhat = grad * weight.data if weight is not None else grad.copy()
         grad_x = None
         if input.requires_grad:
-            term3 = grad_xhat * xhat
-            term3 = xhat * term3.mean(axis=axes, keepdims=True)
+            term3 = xhat * (grad_xhat * xhat).mean(axis=axes, keepdims=True)
             grad_x = grad_xhat                              # built in place: term 1 ...
             grad_x -= grad_xhat.mean(axis=axes, keepdims=True)   # ... minus term 2
             grad_x -= term3                                 # ... minus term 3
             grad_x *= rstd
-        return (grad_x,) + _layer_norm_param_grads(grad, xhat, weight, bias)
-
-    return _make(out, parents, backward, "layer_norm")
-
-
-def _layer_norm_param_grads(grad, xhat, weight, bias):
-    """(dw, db) as there are parameters: dw = dy * xhat, db = dy, per position (the engine sums them)."""
-    grads = ()
-    if weight is not None:
-        grads += (grad * xhat if weight.requires_grad else None,)
-    if bias is not None:
-        grads += (grad,)
-    return grads
-
-
-def _layer_norm_fused(input, weight, bias, eps, parents):
-    """layer_norm over the last dimension with the GPU kernels: the same maths, one pass each way."""
-    w = weight.data if weight is not None else None
-    out, xhat, rstd = kernels.layer_norm_forward(input.data, w, bias.data if bias is not None else None, eps)
-
-    def backward(grad):
-        grad_x = kernels.layer_norm_backward(grad, w, xhat, rstd.reshape(-1)) if input.requires_grad else None
         grads = (grad_x,)
-        if weight is not None or bias is not None:
-            grad_w, grad_b = kernels.layer_norm_param_grads(grad, xhat)    # (C,) each, already summed
-            if weight is not None:
-                grads += (grad_w if weight.requires_grad else None,)
-            if bias is not None:
-                grads += (grad_b,)
+        if weight is not None:
+            grads += (grad * xhat if weight.requires_grad else None,)
+        if bias is not None:
+            grads += (grad,)
         return grads
+
     return _make(out, parents, backward, "layer_norm")
 
 
@@ -238,14 +197,12 @@ def _normal_cdf(x):
     return xp.where(z < -1, left_tail, 0.5 * (1 + erf(z))).astype(x.dtype, copy=False)
 
 
+@dispatchable("gelu")
 def gelu(input, approximate="none"):
     """GELU(x) = x Phi(x) (exact, with erf), or its tanh approximation when approximate='tanh'."""
     input = _t(input)
     x = input.data
     xp = _xp(x)
-    if approximate == "none" and kernels.available(x):     # GPU: one fused kernel each way
-        out = kernels.gelu_forward(x)                       # Phi(x) is recomputed in backward, not stored
-        return _make(out, (input,), lambda grad: (kernels.gelu_backward(grad, x),), "gelu")
     if approximate == "none":
         cdf = _normal_cdf(x)                                # Phi(x)
         out = x * cdf
@@ -255,15 +212,15 @@ def gelu(input, approximate="none"):
             pdf = xp.exp(x * x * x.dtype.type(-0.5)) * x.dtype.type(1 / math.sqrt(2 * math.pi))
             return (grad * (cdf + x * pdf),)
     elif approximate == "tanh":
-        k = math.sqrt(2 / math.pi)
-        inner = k * (x + 0.044715 * x * x * x)
-        th = xp.tanh(inner)
+        k = x.dtype.type(math.sqrt(2 / math.pi))
+        c = x.dtype.type(0.044715)
+        th = xp.tanh(k * (x + c * x * x * x))
         out = 0.5 * x * (1 + th)
 
         # y = x (1 + tanh u) / 2, u = k (x + 0.044715 x^3)
         # dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) / 2 * k (1 + 3 * 0.044715 x^2)
         def backward(grad):
-            du = k * (1 + 3 * 0.044715 * x * x)
+            du = k * (1 + 3 * c * x * x)
             return (grad * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du),)
     else:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
@@ -271,15 +228,27 @@ def gelu(input, approximate="none"):
 
 
 # ========================================================================================================
-# softmax and log_softmax
+# softmax and log_softmax: the one softmax that attention and cross-entropy use as well
 
+def softmax_and_logsumexp(x, axis=-1):
+    """(softmax(x), logsumexp(x)) along `axis` of an array, the logsumexp with the axis kept (size 1).
+
+    softmax(x)_i = exp(x_i - m) / sum_j exp(x_j - m) for any m; m = max(x) keeps every exp in (0, 1], so
+    nothing overflows, and logsumexp(x) = m + log(sum_j exp(x_j - m)).
+    """
+    xp = _xp(x)
+    peak = x.max(axis=axis, keepdims=True)
+    exps = xp.exp(x - peak)
+    total = exps.sum(axis=axis, keepdims=True)
+    exps /= total
+    return exps, peak + xp.log(total)
+
+
+@dispatchable("softmax")
 def softmax(input, dim):
     """exp(x) / sum(exp(x)) along `dim`, shifted by the max for stability."""
     input = _t(input)
-    x = input.data
-    xp = _xp(x)
-    probs = xp.exp(x - x.max(axis=dim, keepdims=True))
-    probs /= probs.sum(axis=dim, keepdims=True)
+    probs, _ = softmax_and_logsumexp(input.data, dim)
 
     # y = softmax(x): dy_i/dx_j = y_i (delta_ij - y_j)  =>  dx = y * (dy - sum(dy * y))
     def backward(grad):
@@ -287,52 +256,34 @@ def softmax(input, dim):
     return _make(probs, (input,), backward, "softmax")
 
 
+@dispatchable("log_softmax")
 def log_softmax(input, dim):
     """x - logsumexp(x) along `dim`."""
     input = _t(input)
     x = input.data
-    xp = _xp(x)
-    shifted = x - x.max(axis=dim, keepdims=True)
-    out = shifted - xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
+    probs, logsumexp = softmax_and_logsumexp(x, dim)
+    out = x - logsumexp
 
     # y = x - logsumexp(x): dy_i/dx_j = delta_ij - softmax(x)_j  =>  dx = dy - softmax(x) * sum(dy)
     def backward(grad):
-        return (grad - xp.exp(out) * grad.sum(axis=dim, keepdims=True),)
+        return (grad - probs * grad.sum(axis=dim, keepdims=True),)
     return _make(out, (input,), backward, "log_softmax")
 
 
 # ========================================================================================================
 # cross_entropy
 
-def _softmax_rows(z):
-    """Row-wise softmax of z (N, C) and logsumexp (N,), stable (the max is subtracted first).
-
-    Worked through in blocks of rows small enough to stay in cache: each block is read from memory once
-    and all five steps run on it there (on the GPU, one block of all rows).
-    """
-    xp = _xp(z)
-    probs = xp.empty_like(z)
-    logsumexp = xp.empty(z.shape[0], dtype=z.dtype)
-    step = backend.rows_per_block(z)
-    for lo in range(0, z.shape[0], step):
-        block, out = z[lo:lo + step], probs[lo:lo + step]
-        peak = block.max(axis=1, keepdims=True)             # (n, 1)
-        xp.subtract(block, peak, out=out)
-        xp.exp(out, out=out)
-        sum_exp = out.sum(axis=1, keepdims=True)            # (n, 1)
-        out /= sum_exp
-        logsumexp[lo:lo + step] = (xp.log(sum_exp) + peak)[:, 0]
-    return probs, logsumexp
+def check_class_ids(labels, num_classes, ignore_index):
+    """Raise IndexError unless every id lies in [0, num_classes) or equals ignore_index."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal "
+                         f"ignore_index={ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
 
 
-def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
-    """Softmax cross-entropy of logits `input` (N, C) (or (C,), or (N, C, d...)) against class ids `target`.
-
-    Fused and stable: loss_i = logsumexp(z_i) - z_i[t_i], never a one-hot matrix. Targets equal to
-    `ignore_index` contribute nothing; 'mean' divides by the number of the others.
-    """
-    input = _t(input)
-    logits = input.data
+def cross_entropy_rows(logits, target, reduction="mean"):
+    """(z, labels) for cross_entropy: the logits with the class axis last, flattened to z (N, C), and the
+    target ids as an array, after checking the reduction, the ids' type and their shape."""
     xp = _xp(logits)
     labels = target.data if isinstance(target, Tensor) else target
     labels = labels if hasattr(labels, "dtype") else np.asarray(labels)
@@ -349,79 +300,96 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     if labels.shape != expected_target:
         raise ValueError(f"cross_entropy: input of shape {logits.shape} needs a target of shape "
                          f"{expected_target}, got {labels.shape}")
-    num_classes = z.shape[-1]
-    z = z.reshape(-1, num_classes)                          # (N, C)
-    # Checked where the ids are: NumPy ids (the training loop's) on the host, for free; device ids cost a
-    # wait for the GPU, and are not checked while a CUDA graph records (npgpt/graph.py checks its batches)
-    if not _recording(labels):
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise IndexError(f"cross_entropy: target ids must lie in [0, {num_classes}) or equal "
-                             f"ignore_index={ignore_index}; found {int(labels[bad].reshape(-1)[0])}")
-    t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
-    valid = t != ignore_index
-    count = valid.sum()
+    z = z.reshape(-1, z.shape[-1])                          # (N, C)
+    return z, labels
 
-    fused = kernels.available(z)
-    if fused:                                               # GPU: logsumexp and loss in one kernel
-        logsumexp, losses = kernels.cross_entropy_forward(z, t, ignore_index)
-    else:
-        rows = xp.arange(z.shape[0])                        # (N,) with safe_t: each row's target column
-        safe_t = xp.where(valid, t, 0)
-        probs, logsumexp = _softmax_rows(z)                 # (N, C), (N,)
-        losses = (logsumexp - z[rows, safe_t]) * valid      # (N,), 0 where ignored
-        saved = {"probs": probs}                            # the first backward turns it into dz in place
+
+def cross_entropy_output(losses, count, labels, reduction, dtype):
+    """The reduced loss from per-row losses (N,): their mean over the `count` counted rows, sum, or all."""
     if reduction == "mean":
-        out = losses.sum() / count.astype(z.dtype)
+        out = losses.sum() / count.astype(dtype)
     elif reduction == "sum":
         out = losses.sum()
     else:
         out = losses.reshape(labels.shape)
+    return _xp(losses).asarray(out, dtype=dtype)
+
+
+def cross_entropy_row_scale(grad, valid, count, reduction, dtype):
+    """dloss/dloss_i (N,): the incoming gradient spread over the rows (1/count each for 'mean'), 0 if ignored."""
+    if reduction == "none":
+        return (grad.reshape(-1) * valid).astype(dtype, copy=False)
+    scale = grad / count.astype(dtype) if reduction == "mean" else grad
+    return (scale * valid).astype(dtype, copy=False)
+
+
+def grad_logits_shape(grad_z, logits):
+    """dz (N, C) back to the logits' own shape and axis order."""
+    if logits.ndim == 1:
+        return grad_z[0]
+    grad_z = grad_z.reshape(logits.shape[:1] + logits.shape[2:] + logits.shape[1:2])
+    return _xp(grad_z).moveaxis(grad_z, -1, 1)
+
+
+@dispatchable("cross_entropy")
+def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
+    """Softmax cross-entropy of logits `input` (N, C) (or (C,), or (N, C, d...)) against class ids `target`.
+
+    Fused and stable: loss_i = logsumexp(z_i) - z_i[t_i], never a one-hot matrix. Targets equal to
+    `ignore_index` contribute nothing; 'mean' divides by the number of the others.
+    """
+    input = _t(input)
+    logits = input.data
+    xp = _xp(logits)
+    z, labels = cross_entropy_rows(logits, target, reduction)       # (N, C), labels
+    check_class_ids(labels, z.shape[1], ignore_index)
+    t = xp.asarray(labels).reshape(-1)                      # (N,) on the logits' device
+    valid = t != ignore_index
+    count = valid.sum()
+    rows = xp.arange(z.shape[0])                            # (N,) with safe_t: each row's target column
+    safe_t = xp.where(valid, t, 0)
+    probs, logsumexp = softmax_and_logsumexp(z, axis=1)     # (N, C), (N, 1)
+    losses = (logsumexp[:, 0] - z[rows, safe_t]) * valid    # (N,), 0 where ignored
 
     # dloss_i/dz_i = softmax(z_i) - onehot(t_i): subtract 1 at the target column only.
     # Scaled by the incoming gradient (and 1/count for 'mean'); ignored rows get zero.
     def backward(grad):
-        if reduction == "none":
-            row_scale = grad.reshape(-1) * valid            # (N,)
-        else:
-            scale = grad / count.astype(z.dtype) if reduction == "mean" else grad
-            row_scale = scale * valid                       # (N,)
-        if fused:
-            grad_z = kernels.cross_entropy_backward(z, t, logsumexp, row_scale)
-        else:
-            # probs is needed by no one else: scaled in place it becomes dz (a second backward, with
-            # retain_graph, recomputes it)
-            grad_z = saved.pop("probs", None)
-            if grad_z is None:
-                grad_z = _softmax_rows(z)[0]
-            grad_z *= row_scale[:, None].astype(z.dtype, copy=False)   # (N, C)
-            grad_z[rows, safe_t] -= row_scale
-        if logits.ndim == 1:
-            return (grad_z[0],)
-        grad_z = grad_z.reshape(z_shape_moved)
-        return (xp.moveaxis(grad_z, -1, 1),)
+        row_scale = cross_entropy_row_scale(grad, valid, count, reduction, z.dtype)    # (N,)
+        grad_z = probs * row_scale[:, None]                 # (N, C)
+        grad_z[rows, safe_t] -= row_scale
+        return (grad_logits_shape(grad_z, logits),)
 
-    z_shape_moved = logits.shape[:1] + logits.shape[2:] + (num_classes,) if logits.ndim > 1 else None
-    return _make(xp.asarray(out, dtype=z.dtype), (input,), backward, "cross_entropy")
+    out = cross_entropy_output(losses, count, labels, reduction, z.dtype)
+    return _make(out, (input,), backward, "cross_entropy")
 
 
 # ========================================================================================================
 # embedding
 
+def check_ids(ids, num_embeddings):
+    """Raise IndexError unless every id lies in [0, num_embeddings)."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+        raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
+                         f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
+
+
+def embedding_ids(input):
+    """The integer id array inside `input` (a Tensor, an array or a list)."""
+    ids = input.data if isinstance(input, Tensor) else input
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
+    return ids
+
+
+@dispatchable("embedding")
 def embedding(input, weight):
     """Rows of `weight` (V, C) picked by integer ids `input` (any shape) -> (..., C)."""
     weight = _t(weight)
     W = weight.data
     xp = _xp(W)
-    ids = input.data if isinstance(input, Tensor) else input
-    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, not {ids.dtype}; convert with .astype(int)")
-    num_embeddings = W.shape[0]
-    # checked where the ids are (NumPy ids on the host, for free; see cross_entropy), then moved to W's device
-    if ids.size and not _recording(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
-        raise IndexError(f"embedding: ids must lie in [0, {num_embeddings}), found "
-                         f"{int(ids.min())}..{int(ids.max())}; check the tokenizer's vocabulary size")
+    ids = embedding_ids(input)
+    check_ids(ids, W.shape[0])      # where the ids are (NumPy ids on the host, for free), then moved to W's device
     ids = xp.asarray(ids)
     out = W[ids]                                            # (..., C)
 
@@ -436,6 +404,7 @@ def embedding(input, weight):
 # ========================================================================================================
 # dropout
 
+@dispatchable("dropout")
 def dropout(input, p=0.5, training=True, generator=None):
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
     input = _t(input)
@@ -446,34 +415,24 @@ def dropout(input, p=0.5, training=True, generator=None):
     x = input.data
     if p == 1.0:
         return _make(x * 0, (input,), lambda grad: (grad * 0,), "dropout")
-    if generator is None and kernels.available(x):          # GPU: one kernel each way, no stored mask
-        seed = backend.next_seed()
-        return _make(kernels.dropout_forward(x, p, seed), (input,),
-                     lambda grad: (kernels.dropout_backward(grad, p, seed),), "dropout")
-    keep, scale = _keep_mask(x.shape, p, x.dtype, generator)   # bool mask m, scale 1/(1-p)
+    keep, scale = keep_mask(x.shape, p, x.dtype, generator)     # bool mask m, scale 1/(1-p)
 
     # y = x * m / (1-p)  =>  dx = dy * m / (1-p)
     def backward(grad):
-        grad_x = grad * keep
-        grad_x *= scale
-        return (grad_x,)
-    out = x * keep
-    out *= scale
-    return _make(out, (input,), backward, "dropout")
+        return (grad * keep * scale,)
+    return _make(x * keep * scale, (input,), backward, "dropout")
 
 
-def _keep_mask(shape, p, dtype, generator):
-    """A bool mask, True with probability 1-p, and the dtype scale 1/(1-p) that keeps the mean."""
+def keep_mask(shape, p, dtype, generator=None):
+    """A bool mask, True with probability 1-p (from `generator`, else the global one), and the scale
+    1/(1-p), in `dtype`, that keeps the mean of the kept values."""
     rng = generator if generator is not None else backend.global_rng()
-    keep, scale = backend.keep_mask(rng, shape, p)
-    return keep, np.dtype(dtype).type(scale)
+    keep = rng.random(shape, dtype=np.float32) >= np.float32(p)
+    return keep, np.dtype(dtype).type(1.0 / (1.0 - p))
 
 
 # ========================================================================================================
 # scaled_dot_product_attention
-
-_mask_cache = {}
-
 
 def causal_mask(xp, num_queries, num_keys, offset=0):
     """(L, S) bool, True where query i may attend to key j, i.e. j <= i + offset.
@@ -481,55 +440,18 @@ def causal_mask(xp, num_queries, num_keys, offset=0):
     offset 0 is PyTorch's is_causal; with a KV cache holding `offset` earlier positions, the new queries
     sit at positions offset, offset + 1, ...
     """
-    key = ("bool", xp.__name__, num_queries, num_keys, offset)
-    if key not in _mask_cache:
-        _mask_cache[key] = xp.tril(xp.ones((num_queries, num_keys), dtype=bool), k=offset)
-    return _mask_cache[key]
+    return xp.tri(num_queries, num_keys, k=offset, dtype=bool)
 
 
-def _additive_mask(mask, dtype, cache_key=None):
-    """A bool mask (True = attend) as 0 / -inf to add to the scores (cached for the causal mask)."""
-    if cache_key is not None and cache_key + (np.dtype(dtype).name,) in _mask_cache:
-        return _mask_cache[cache_key + (np.dtype(dtype).name,)]
-    xp = _xp(mask)
-    additive = xp.where(mask, dtype.type(0), dtype.type(-np.inf)).astype(dtype)
-    if cache_key is not None:
-        _mask_cache[cache_key + (np.dtype(dtype).name,)] = additive
-    return additive
+def check_attention_inputs(q, k, v, attn_mask, is_causal):
+    if attn_mask is not None and is_causal:
+        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal=True, not both")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape} and value {v.shape} "
+                         "must agree: (..., L, D), (..., S, D), (..., S, Dv)")
 
 
-def _scaled_queries(q, scale, in_place):
-    """(Q', s) with Q' K^T * s = Q K^T * scale. On the GPU the scale rides in the product (cuBLAS's alpha,
-    free) and Q is read where it lies; on the CPU Q (L, D) is scaled once, which is cheaper than scaling the
-    (L, S) scores, into a contiguous array that every product then reads fast."""
-    if in_place:
-        return q, scale
-    return _xp(q).multiply(q, scale, out=_xp(q).empty(q.shape, dtype=q.dtype)), q.dtype.type(1)
-
-
-def _empty_in_layout(like, shape, in_place):
-    """An empty array of `shape`; on the GPU with its axes in memory in the same order as `like`'s. The heads
-    arrive as (B, H, T, D) views of (B, T, H, D) projections; outputs and gradients laid out the same way make
-    the heads' merge back to (B, T, C) a view, not a copy (cuBLAS writes the heads where they lie). On the CPU,
-    row-major, which NumPy's matmul writes fastest."""
-    xp = _xp(like)
-    if not in_place or like.ndim != len(shape):
-        return xp.empty(shape, dtype=like.dtype)
-    return xp.empty_like(like, shape=shape)
-
-
-def _matmul_shape(a, b):
-    """The shape of a @ b for stacks of matrices (batch axes broadcast)."""
-    return tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2])) + (a.shape[-2], b.shape[-1])
-
-
-# Long causal sequences are scored block by block (see _causal_attention_blocked): from 128 positions on the
-# CPU; on the GPU only once the (..., L, L) scores reach this many elements, below which the extra kernels
-# of the blocks cost more than the skipped work saves.
-GPU_BLOCKED_ATTENTION_SCORES = 2**25
-CAUSAL_ATTENTION_BLOCKS = 4     # query blocks of the blocked path: n blocks score (n + 1) / 2n of the tiles
-
-
+@dispatchable("scaled_dot_product_attention")
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, generator=None):
     """softmax(Q K^T * scale + mask) V, with Q (..., L, D), K (..., S, D), V (..., S, Dv).
@@ -540,141 +462,39 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query, key, value = _t(query), _t(key), _t(value)
     q, k, v = query.data, key.data, value.data
     xp = _xp(q)
-    if attn_mask is not None and is_causal:
-        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal=True, not both")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"scaled_dot_product_attention: query {q.shape}, key {k.shape} and value {v.shape} "
-                         "must agree: (..., L, D), (..., S, D), (..., S, Dv)")
+    check_attention_inputs(q, k, v, attn_mask, is_causal)
     L, S = q.shape[-2], k.shape[-2]
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if is_causal and L == S and L >= 128 and (not kernels.available(q) or
-                                              q.size // q.shape[-1] * L >= GPU_BLOCKED_ATTENTION_SCORES):
-        return _causal_attention_blocked(query, key, value, scale, dropout_p, generator)
 
-    in_place = backend.products_in_place(q)
-    q_scaled, score_scale = _scaled_queries(q, scale, in_place)
-    scores = matmul(q_scaled, k.swapaxes(-1, -2), alpha=score_scale)   # (..., L, S), scaled
-    fused = kernels.available(scores) and attn_mask is None and (dropout_p == 0.0 or generator is None)
-    if fused:                                               # GPU: masked softmax + dropout in one kernel
-        seed = backend.next_seed() if dropout_p > 0.0 else 0
-        probs, attn = kernels.softmax_dropout_forward(scores, is_causal, dropout_p, seed)
-    elif is_causal:
-        scores += _additive_mask(causal_mask(xp, L, S), q.dtype, ("causal", xp.__name__, L, S))
-    elif attn_mask is not None:
+    q_scaled = q * scale                                    # (..., L, D): cheaper than scaling the scores
+    scores = q_scaled @ k.swapaxes(-1, -2)                  # (..., L, S) = Q K^T * scale
+    if attn_mask is not None:
         attn_mask = xp.asarray(attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask)
-        scores += _additive_mask(attn_mask, q.dtype) if attn_mask.dtype == bool else attn_mask
-    if not fused:
-        # softmax along the keys, in place: the scores array becomes the probabilities P
-        probs = scores
-        probs -= probs.max(axis=-1, keepdims=True)
-        xp.exp(probs, out=probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    if fused:
-        pass                                                # attn = dropout(probs) came from the kernel
-    elif dropout_p > 0.0:
-        keep, keep_scale = _keep_mask(probs.shape, dropout_p, q.dtype, generator)
-        attn = probs * keep                                  # A = dropout(P)
-        attn *= keep_scale
+    if is_causal:
+        attn_mask = causal_mask(xp, L, S)
+    if attn_mask is not None and attn_mask.dtype == bool:
+        scores = xp.where(attn_mask, scores, q.dtype.type(-np.inf))     # a masked key gets weight exp(-inf) = 0
+    elif attn_mask is not None:
+        scores += attn_mask
+    probs, _ = softmax_and_logsumexp(scores)                # P (..., L, S): the attention weights
+    if dropout_p > 0.0:
+        keep, keep_scale = keep_mask(probs.shape, dropout_p, q.dtype, generator)
+        attn = probs * keep * keep_scale                    # A = dropout(P)
     else:
         attn = probs
-    out = matmul(attn, v, out=_empty_in_layout(q, _matmul_shape(attn, v), in_place))   # (..., L, Dv)
+    out = attn @ v                                          # (..., L, Dv)
 
     # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
     #   dV = A^T dO                 dA = dO V^T
-    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row;
-    #                                    on the GPU sum_j(dP * P) is taken as dO . O, which equals it)
+    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
     #   dQ = dS K * scale           dK = dS^T (Q * scale)
     def backward(grad):
-        attn_t = attn.swapaxes(-1, -2)
-        grad_v = matmul(attn_t, grad, out=_empty_in_layout(v, _matmul_shape(attn_t, grad), in_place))  # (..., S, Dv)
-        grad_scores = matmul(grad, v.swapaxes(-1, -2))      # (..., L, S): dA, turned into dS in place
-        if fused:
-            row_dot = (grad * out).sum(axis=-1)             # (..., L): sum_j dP * P, see the kernel
-            grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot, dropout_p, seed,
-                                                           is_causal)
-        else:
-            if dropout_p > 0.0:
-                grad_scores *= keep
-                grad_scores *= keep_scale
-            grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
-            grad_scores *= probs
-        grad_q = matmul(grad_scores, k, alpha=scale,                                          # (..., L, D)
-                        out=_empty_in_layout(q, _matmul_shape(grad_scores, k), in_place))
-        grad_scores_t = grad_scores.swapaxes(-1, -2)
-        grad_k = matmul(grad_scores_t, q_scaled, alpha=score_scale,                           # (..., S, D)
-                        out=_empty_in_layout(k, _matmul_shape(grad_scores_t, q_scaled), in_place))
-        return grad_q, grad_k, grad_v
-    return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
-
-
-def _causal_attention_blocked(query, key, value, scale, dropout_p, generator):
-    """Causal attention computed block by block of queries, skipping the keys no query of the block sees.
-
-    The fast path for long sequences: the same maths as scaled_dot_product_attention (tests hold them
-    equal), but queries i0..i1-1 are only scored against keys 0..i1-1. With 4 blocks that is 10 of the
-    16 score tiles, so ~37% of the attention's multiplies, exponentials and dropout draws are never done.
-    On the GPU each block's causal softmax and dropout is one fused kernel (query r of the block sees keys
-    j <= i0 + r).
-    """
-    q, k, v = query.data, key.data, value.data
-    xp = _xp(q)
-    in_place = backend.products_in_place(q)
-    if not in_place:                                        # read by every block: laid out once
-        k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
-    L = q.shape[-2]
-    block = max(64, -(-L // CAUSAL_ATTENTION_BLOCKS))
-    fused = kernels.available(q) and generator is None
-    q_scaled, score_scale = _scaled_queries(q, scale, in_place)
-    out = _empty_in_layout(q, q.shape[:-1] + v.shape[-1:], in_place)     # (..., L, Dv)
-    saved = []                                              # per block: (i0, i1, P, A, dropout mask)
-    for i0 in range(0, L, block):
-        i1 = min(L, i0 + block)
-        scores = matmul(q_scaled[..., i0:i1, :], k[..., :i1, :].swapaxes(-1, -2),      # (..., b, i1), scaled
-                        alpha=score_scale)
-        if fused:                                           # the mask is a seed: regenerated in backward
-            mask = backend.next_seed() if dropout_p > 0.0 else 0
-            probs, attn = kernels.softmax_dropout_forward(scores, True, dropout_p, mask, offset=i0)
-        else:
-            scores += _additive_mask(causal_mask(xp, i1 - i0, i1, offset=i0), q.dtype,
-                                     ("causal", xp.__name__, i1 - i0, i1, i0))
-            probs = scores                                  # softmax in place, as in the plain path
-            probs -= probs.max(axis=-1, keepdims=True)
-            xp.exp(probs, out=probs)
-            probs /= probs.sum(axis=-1, keepdims=True)
-            mask, attn = None, probs
-            if dropout_p > 0.0:
-                mask = _keep_mask(probs.shape, dropout_p, q.dtype, generator)    # (keep, keep_scale)
-                attn = probs * mask[0]
-                attn *= mask[1]
-        matmul(attn, v[..., :i1, :], out=out[..., i0:i1, :])   # the block's rows of O, written in place
-        saved.append((i0, i1, probs, attn, mask))
-
-    # Per block, with P, A of shape (..., b, i1): the plain path's backward restricted to the visible keys.
-    # Keys and values collect their gradients from every block that sees them; the products write (and add)
-    # straight into the gradients' slices, and dQ's scale rides along in the product.
-    def backward(grad):
-        if not in_place:
-            grad = xp.ascontiguousarray(grad)               # (..., L, Dv), sliced by every block
-        row_dot = (grad * out).sum(axis=-1) if fused else None     # (..., L): the kernel's sum_j dP * P
-        grad_q = _empty_in_layout(q, q.shape, in_place)
-        # the last block sees every key: going backwards, it writes dK and dV whole, and the others add
-        grad_k, grad_v = xp.empty_like(k), xp.empty_like(v)
-        for i0, i1, probs, attn, mask in reversed(saved):
-            first = i1 == L
-            grad_block = grad[..., i0:i1, :]                # (..., b, Dv)
-            matmul(attn.swapaxes(-1, -2), grad_block, out=grad_v[..., :i1, :], accumulate=not first)
-            grad_scores = matmul(grad_block, v[..., :i1, :].swapaxes(-1, -2))     # dA, then dS
-            if fused:
-                grad_scores = kernels.softmax_dropout_backward(grad_scores, probs, row_dot, dropout_p, mask, True,
-                                                               i0, row_dot_first=i0)
-            else:
-                if mask is not None:
-                    grad_scores *= mask[0]
-                    grad_scores *= mask[1]
-                grad_scores -= (grad_scores * probs).sum(axis=-1, keepdims=True)
-                grad_scores *= probs
-            matmul(grad_scores, k[..., :i1, :], out=grad_q[..., i0:i1, :], alpha=scale)
-            matmul(grad_scores.swapaxes(-1, -2), q_scaled[..., i0:i1, :], out=grad_k[..., :i1, :],
-                   alpha=score_scale, accumulate=not first)
+        grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
+        grad_probs = grad @ v.swapaxes(-1, -2)              # (..., L, S)
+        if dropout_p > 0.0:
+            grad_probs = grad_probs * keep * keep_scale
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+        grad_q = (grad_scores @ k) * scale                  # (..., L, D)
+        grad_k = grad_scores.swapaxes(-1, -2) @ q_scaled    # (..., S, D)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")

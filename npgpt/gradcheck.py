@@ -9,6 +9,8 @@ Every element is probed, or a seeded random sample of `max_probes` of them for l
 
 Shapes: any; every input that requires a gradient is probed element by element.
 
+The table of every op's check is ``python -m npgpt.proof`` (``npgpt/program/proof.py``).
+
 Next to read: ``npgpt/nn.py``, the modules that hold parameters.
 """
 
@@ -61,8 +63,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, max_probes=300, seed=0
     for i in checked:
         x = inputs[i]
         analytic = backend.to_numpy(x.grad) if x.grad is not None else np.zeros(x.shape)
-        flat = x.data.reshape(-1)           # a view: perturbing it perturbs the input in place
-        count = flat.size
+        count = x.data.size
         if count > max_probes:
             probes = np.random.default_rng(seed).choice(count, size=max_probes, replace=False)
         else:
@@ -70,13 +71,15 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, max_probes=300, seed=0
         worst = (0.0, 0.0, None, 0.0, 0.0)   # (excess over tolerance, abs error, index, analytic, numeric)
         max_abs = max_rel = 0.0
         for j in probes:
-            original = float(flat[j])
+            # the element itself, by its index: a reshaped view of a transposed array would be a copy
+            element = tuple(int(k) for k in np.unravel_index(j, x.shape))
+            original = float(x.data[element])
             with no_grad():
-                flat[j] = original + eps
+                x.data[element] = original + eps
                 plus = float(_scalar_objective(fn, inputs, cotangent)[0].item())
-                flat[j] = original - eps
+                x.data[element] = original - eps
                 minus = float(_scalar_objective(fn, inputs, cotangent)[0].item())
-                flat[j] = original
+                x.data[element] = original
             numeric = (plus - minus) / (2 * eps)
             exact = float(analytic.reshape(-1)[j])
             error = abs(exact - numeric)
@@ -95,3 +98,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, max_probes=300, seed=0
                                  f"atol {atol}, rtol {rtol})")
         results.append((i, max_abs, max_rel))
     return results
+
+
+if __name__ == "__main__":
+    raise SystemExit("npgpt.gradcheck is the function; the table of every op's check is: python -m npgpt.proof")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .engine import Tensor
+from .engine import SUPPORTED_DTYPES, Tensor
 
 DEFAULT_DTYPE = np.float32
 
@@ -29,10 +29,6 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype})"
-
-
-def _empty(*shape, dtype=None):
-    return backend.current().empty(shape, dtype=dtype or DEFAULT_DTYPE)
 
 
 class Module:
@@ -137,7 +133,9 @@ class Module:
         return self
 
     def to(self, target):
-        """Convert every Parameter in place: a dtype (np.float64) or a device ('cpu' / 'gpu')."""
+        """Convert every Parameter in place: a dtype (np.float32, np.float64) or a device ('cpu' / 'gpu')."""
+        if target not in ("cpu", "gpu") and np.dtype(target) not in SUPPORTED_DTYPES:
+            raise TypeError(f"Module.to: parameters can be float32 or float64, not {np.dtype(target)}")
         for p in self.parameters():
             if target in ("cpu", "gpu"):
                 p.data = backend.to_device(p.data, target)

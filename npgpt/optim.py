@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from . import backend
-from .fast.cuda import kernels
+from .engine import dispatchable
 
 
 class AdamW:
@@ -23,29 +23,23 @@ class AdamW:
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)   bias-corrected step
 
     `params` is an iterable of Parameters, or of dicts {'params': [...], 'weight_decay': ...} (param groups
-    with their own settings, as in PyTorch). `workers` > 1 shares the update among CPU threads.
+    with their own settings, as in PyTorch).
     """
 
-    piece_size = 262144
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, workers=1):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"AdamW: invalid settings lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         params = list(params)
         if not params:
             raise ValueError("AdamW: got an empty parameter list")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups = []
         for group in groups:
             full = dict(defaults)
             full.update(group)
             full["params"] = list(full["params"])
+            _check_settings(full)
             self.param_groups.append(full)
         self.state = {}  # id(param) -> {"step": int, "exp_avg": array, "exp_avg_sq": array}
-        self.workers = workers
-        self._fused_updates, self._schedule = [], None    # the GPU's last step (see _step_fused)
 
     def _params(self):
         for group in self.param_groups:
@@ -58,69 +52,19 @@ class AdamW:
 
     def step(self):
         """Update every parameter that has a gradient."""
-        updates = []    # (group, param, state) of every parameter with a gradient, its step counted
+        updates = []    # (param, its state, its group) for every parameter with a gradient, its step counted
         for group, p in self._params():
             if p.grad is None:
                 continue
-            xp = backend.get_array_module(p.data)
             state = self.state.get(id(p))
             if state is None:
+                xp = backend.get_array_module(p.data)
                 state = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 self.state[id(p)] = state
             state["step"] += 1
-            updates.append((group, p, state))
-        if updates and kernels.available(updates[0][1].data):
-            self._step_fused(updates)
-            return
-        pieces = []   # (param, grad, m, v, settings): whole small parameters, pieces of big ones
-        for group, p, state in updates:
-            settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], state["step"])
-            arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
-            if not all(a.flags.c_contiguous for a in arrays):
-                pieces.append(arrays + (settings,))
-                continue
-            # The update is elementwise, so any cut is exact: pieces of 256K elements let CPU threads share
-            # even the largest parameter (the update is bound by memory bandwidth, ~28 bytes an element).
-            flat = [a.reshape(-1) for a in arrays]
-            for lo in range(0, p.size, self.piece_size):
-                pieces.append(tuple(a[lo:lo + self.piece_size] for a in flat) + (settings,))
-        if self.workers > 1 and len(pieces) > 1:
-            from .fast.cpu.threads import run_in_parallel
-            run_in_parallel(lambda piece: adamw_update(*piece), pieces, self.workers)
-        else:
-            for piece in pieces:
-                adamw_update(*piece)
-
-    # ---- the GPU: one fused kernel per parameter, the per-step numbers in device memory ------------------
-    def _step_fused(self, updates):
-        """Each kernel reads its learning rate and bias corrections from a row of a small device array (see
-        kernels.adamw_update), so that a CUDA graph recording this step can replay it with the numbers of
-        later steps: npgpt/graph.py calls replay_step before each replay."""
-        self._fused_updates = updates
-        xp = backend.get_array_module(updates[0][1].data)
-        if self._schedule is None or self._schedule.shape[0] != len(updates):
-            self._schedule = xp.zeros((len(updates), 3), dtype=np.float64)   # (parameters, 3)
-        if not backend.capturing():       # while a graph records, the copy waits for replay_step
-            backend.copy_into(self._schedule, self._schedule_rows())
-        for (group, p, state), schedule in zip(updates, self._schedule):
-            kernels.adamw_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], group["betas"],
-                                 group["eps"], group["weight_decay"], schedule)
-
-    def _schedule_rows(self):
-        """(parameters, 3) float64 on the host: lr, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t) per update."""
-        rows = []
-        for group, _, state in self._fused_updates:
-            lr, (beta1, beta2), t = group["lr"], group["betas"], state["step"]
-            rows.append((lr, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)))
-        return np.array(rows, dtype=np.float64)
-
-    def replay_step(self, count=True):
-        """Before a recorded GPU step replays: count the step for the parameters it updates (count=False for
-        the launch right after recording, whose step() already counted) and write the numbers it reads."""
-        if count:
-            for _, _, state in self._fused_updates:
-                state["step"] += 1
-        backend.copy_into(self._schedule, self._schedule_rows())
+            updates.append((p, state, group))
+        if updates:
+            adamw_step(updates)
 
     # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
     def state_dict(self):
@@ -151,6 +95,25 @@ class AdamW:
                                  "exp_avg_sq": xp.asarray(backend.to_device(v, p.device), dtype=p.dtype)}
         for group, lr in zip(self.param_groups, saved.get("lr", [])):
             group["lr"] = float(lr)
+
+
+def _check_settings(group):
+    lr, betas, eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if not (lr >= 0 and eps >= 0 and decay >= 0 and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"AdamW: invalid settings lr={lr}, betas={betas}, eps={eps}, weight_decay={decay}: "
+                         "lr, eps and weight_decay must be finite and >= 0, each beta in [0, 1)")
+
+
+def adamw_settings(state, group):
+    """The numbers of one parameter's update: (lr, beta1, beta2, eps, weight_decay, step t)."""
+    return (group["lr"], *group["betas"], group["eps"], group["weight_decay"], state["step"])
+
+
+@dispatchable("adamw_step")
+def adamw_step(updates):
+    """One AdamW step for every (param, state, group) in `updates`, each parameter in turn."""
+    for p, state, group in updates:
+        adamw_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], adamw_settings(state, group))
 
 
 def adamw_update(param, grad, m, v, settings):
@@ -194,11 +157,17 @@ def clip_grad_norm_(params, max_norm):
     if not grads:
         return 0.0
     xp = backend.get_array_module(grads[0])
-    squares = [kernels.sum_of_squares(g) if kernels.available(g) else xp.vdot(g.ravel(), g.ravel())
-               for g in grads]
+    squares = [sum_of_squares(g) for g in grads]
     total = xp.sqrt(sum(squares[1:], squares[0]))
     if max_norm > 0:
         factor = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(grads[0].dtype)
         for g in grads:
             g *= factor
     return total
+
+
+@dispatchable("sum_of_squares")
+def sum_of_squares(array):
+    """sum(x^2) over every element, as a 0-d array on the array's device."""
+    flat = array.reshape(-1)
+    return backend.get_array_module(array).dot(flat, flat)

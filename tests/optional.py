@@ -20,4 +20,4 @@ def need(module, extra):
         message = f"{module} is not installed ({exc}): pip install 'npgpt[{extra}]'"
         if IN_CI:
             pytest.fail(f"CI installs npgpt[{extra}], yet {message}")
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=True)

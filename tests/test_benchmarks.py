@@ -17,7 +17,6 @@ def test_flops_formula_counts_every_matmul():
     # by hand for one layer, C=2, F=3, V=5, B=1, T=4: weights 4*4 + 2*2*3 = 28 per layer, output 10
     model = dict(num_layers=1, d_model=2, d_ff=3, vocab_size=5)
     assert forward_flops(model, 1, 4) == 2 * 4 * (28 + 10) + 4 * 1 * 16 * 2
-    assert train_flops(model, 1, 4) == 3 * forward_flops(model, 1, 4)
     # the tutorial model at (8, 128): 6 FLOPs per weight per token, plus attention; a 179 ms GEMM floor at 205 GF/s
     assert 36.5e9 < train_flops(TUTORIAL, 8, 128) < 37.0e9
 

@@ -116,18 +116,6 @@ def test_out_of_another_layout_is_not_written_directly():
     assert cublas.plan(np, a, b, out=np.empty((3, 10))[:, ::2])["target"] is None   # strided columns
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_backend_matmul_scales_and_accumulates_on_the_cpu(accumulate):
-    rng = np.random.default_rng(5)
-    a, b, out = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 3, 5))
-    expected = 0.25 * (a @ b) + (out if accumulate else 0)
-    got = backend.matmul(a, b, out=out, alpha=0.25, accumulate=accumulate)
-    assert got is out
-    np.testing.assert_allclose(out, expected, rtol=1e-12)
-    with pytest.raises(ValueError, match="pass out"):
-        backend.matmul(a, b, accumulate=True)
-
-
 def test_views_are_read_in_place_not_copied():
     rng = np.random.default_rng(1)
     W, X = rng.standard_normal((3, 4)), rng.standard_normal((6, 4))

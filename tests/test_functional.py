@@ -25,20 +25,6 @@ def test_linear(device, lead, d_in, d_out, bias, seed):
         npgpt.gradcheck(lambda a, b: F.linear(a, b), [x, w])
 
 
-def test_linear_bias_written_before_the_product(device, monkeypatch):
-    """The GPU's linear (emulated on the CPU) writes the bias first and lets the GEMM add x W^T onto it: the
-    same values and gradients as adding the bias afterwards."""
-    x, w, b = rand((2, 5, 4), 0), rand((3, 4), 1), rand((3,), 2)
-    results = []
-    for in_place in (False, True):
-        monkeypatch.setattr(backend, "products_in_place", lambda array, answer=in_place: answer)
-        results.append(backend.to_numpy(F.linear(x, w, b).data))
-        npgpt.gradcheck(lambda a, c, d: F.linear(a, c, d), [x, w, b])
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-13)
-    expected = backend.to_numpy(x.data) @ backend.to_numpy(w.data).T + backend.to_numpy(b.data)
-    np.testing.assert_allclose(results[1], expected, rtol=1e-13)
-
-
 @given(lead=lead_shapes, c=st.integers(2, 6), affine=st.booleans(), two_dims=st.booleans(), seed=seeds)
 def test_layer_norm(device, lead, c, affine, two_dims, seed):
     normalized = (2, c) if two_dims else (c,)
@@ -216,62 +202,6 @@ def test_float32_erf_and_gelu_are_float32_accurate():
     got_gelu = F.gelu(npgpt.Tensor(x)).data
     assert got_gelu.dtype == np.float32
     assert np.abs(got_gelu - exact_gelu).max() < 1e-6 * np.abs(exact_gelu).max()
-
-
-@pytest.mark.parametrize("length", [128, 300])
-def test_blocked_causal_attention_equals_the_plain_path(device, length, monkeypatch):
-    """Long causal sequences take the block-by-block path (a fused kernel per block on the GPU, here at any
-    size); it must equal the one-shot computation."""
-    monkeypatch.setattr(F, "GPU_BLOCKED_ATTENTION_SCORES", 0)
-    xp = backend.current()
-    rng = np.random.default_rng(length)
-    q, k, v = (npgpt.Tensor(xp.asarray(rng.standard_normal((2, 3, length, 8))), requires_grad=True)
-               for _ in range(3))
-    cot = xp.asarray(rng.standard_normal((2, 3, length, 8)))
-    results = []
-    for explicit_mask in (False, True):     # a bool mask takes the plain path
-        for t in (q, k, v):
-            t.grad = None
-        if explicit_mask:
-            mask = xp.asarray(np.tril(np.ones((length, length), dtype=bool)))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        (out * npgpt.Tensor(cot)).sum().backward()
-        results.append([backend.to_numpy(a) for a in (out.data, q.grad, k.grad, v.grad)])
-    for blocked, plain in zip(*results):
-        np.testing.assert_allclose(blocked, plain, rtol=1e-10, atol=1e-12)
-    small = [npgpt.Tensor(t.data[:, :1, :130, :4].copy(), requires_grad=True) for t in (q, k, v)]
-    npgpt.gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.2,
-                                                                   generator=backend.default_rng(3)),
-                    small, max_probes=40)
-
-
-@pytest.mark.parametrize("length", [6, 128])
-def test_attention_on_head_views_writes_in_their_layout(device, length, monkeypatch):
-    """The GPU's way (emulated on the CPU): heads arrive as (B, H, T, D) views of (B, T, H, D) projections and
-    are read where they lie, the scale rides in the products, and the output and the gradients come back in
-    the (B, T, H, D) layout, so merging the heads is a view. The values equal the row-major computation's."""
-    monkeypatch.setattr(F, "GPU_BLOCKED_ATTENTION_SCORES", 0)      # 128 takes the blocked path
-    xp = backend.current()
-    rng = np.random.default_rng(length)
-    projections = [xp.asarray(rng.standard_normal((2, length, 3, 4))) for _ in range(3)]   # (B, T, H, D)
-    cot = xp.asarray(rng.standard_normal((2, 3, length, 4)))
-    results = {}
-    for in_place in (False, True):
-        monkeypatch.setattr(backend, "products_in_place", lambda array, answer=in_place: answer)
-        heads = [npgpt.Tensor(p.copy(), requires_grad=True) for p in projections]
-        q, k, v = (h.transpose(1, 2) for h in heads)                    # (B, H, T, D) views
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.7)
-        attention_backward = out._backward
-        (out * npgpt.Tensor(cot)).sum().backward()
-        results[in_place] = [backend.to_numpy(a) for a in [out.data] + [h.grad for h in heads]]
-        if in_place:
-            assert out.data.swapaxes(1, 2).flags.c_contiguous, "heads merge back to (B, T, C) as a view"
-            grads = attention_backward(cot.swapaxes(1, 2).copy().swapaxes(1, 2))   # dO as the merge's view
-            assert all(g.swapaxes(1, 2).flags.c_contiguous for g in grads), "dQ, dK, dV in (B, T, H, D)"
-    for got, expected in zip(results[True], results[False]):
-        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_cross_entropy_backward_twice_with_retain_graph(device):

@@ -1,4 +1,4 @@
-"""CPU speed: data parallelism across threads inside one process, and the settings that make it pay.
+"""CPU threads: data parallelism inside one process, a persistent pool, and OpenBLAS's thread count.
 
 NumPy releases the GIL inside BLAS calls and inside its loops over large arrays, so two Python threads really
 compute at the same time. ``sharded_backward`` splits a batch into one shard per thread; each thread runs
@@ -9,13 +9,9 @@ work (GELU, softmax, LayerNorm, dropout, ...) that NumPy would otherwise run on 
 small attention GEMMs BLAS's thread synchronisation. The result never depends on timing: the shards, their
 seeds and the order of the sums are fixed.
 
-``tune_allocator`` keeps freed memory in the process (glibc's mallopt), so the large temporaries of one step
-reuse the pages of the last instead of faulting fresh ones in every time (a 160 MB array of logits is 40,000
-page faults when it is mapped afresh).
-
 Shapes: a batch (B, T) is split into row shards (B / workers, T).
 
-Next to read: ``npgpt/train.py``, which uses both.
+Next to read: ``npgpt/program/train.py``, which uses them.
 """
 
 import ctypes
@@ -86,30 +82,43 @@ def blas_threads(count):
         setter(previous)
 
 
-def tune_allocator():
-    """Keep freed memory for reuse: no unmapping of large blocks, no trimming of the heap (glibc only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-    ok = libc.mallopt(M_MMAP_MAX, 0)                     # every block comes from the heap, even 160 MB logits,
-    ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)        # and freed ones stay there for the next step
-    ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
-    return bool(ok)
+_settings = {"workers": 1}
 
 
-def _get_pool(workers):
+def workers():
+    """The threads npgpt's CPU fast paths share their work among (1: everything on the calling thread)."""
+    return _settings["workers"]
+
+
+def set_workers(count):
+    """Use `count` threads for the CPU fast paths that split their work (the AdamW update, data-parallel
+    shards). Returns the previous count. npgpt's own setting: no process-wide state changes."""
+    if count < 1:
+        raise ValueError(f"set_workers: the thread count must be at least 1, got {count}")
+    previous, _settings["workers"] = _settings["workers"], int(count)
+    return previous
+
+
+def _get_pool(count):
+    """The persistent pool, grown to `count` threads if needed (the smaller one it replaces is shut down)."""
     global _pool
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npgpt-worker")
+    if _pool is None or _pool._max_workers < count:
+        previous = _pool
+        _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="npgpt-worker")
+        if previous is not None:
+            previous.shutdown(wait=True)
     return _pool
 
 
-def run_in_parallel(fn, items, workers):
-    """fn(item) for every item, spread over `workers` threads (BLAS at one thread meanwhile)."""
+def run_in_parallel(fn, items, count=None):
+    """fn(item) for every item, spread over `count` threads (default: workers()), BLAS at one thread meanwhile."""
+    count = count or workers()
+    if count <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
     with blas_threads(1):
-        list(_get_pool(workers).map(fn, items))
+        list(_get_pool(count).map(fn, items))
 
 
 def split_rows(batch, parts):

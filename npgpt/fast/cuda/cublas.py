@@ -2,7 +2,7 @@
 
 CuPy's own ``a @ b`` refuses to run while a stream is being captured into a CUDA graph (its cuBLAS wrapper
 raises NotImplementedError), although cuBLAS itself supports capture. So on the GPU every product of the
-training step comes here instead (``backend.matmul``): this module loads the cuBLAS library CuPy already
+training step comes here instead (``ops.py``'s ``matmul``): this module loads the cuBLAS library CuPy already
 loaded, keeps a handle of its own, and calls the float32/float64 GEMM (strided-batched for stacks of
 matrices) with ctypes. Eager code takes the same path, so a graph replays exactly the kernels eager
 training runs.
@@ -22,9 +22,9 @@ heads cannot: q viewed as (B, H, T, D) inside a (B, T, H, D) array steps D eleme
 T * H * D from batch to batch. Such stacks are not copied; cuBLAS's pointer-array GEMM takes one address per
 matrix, which a small kernel computes on the device from the batch axes' strides (so a graph records it).
 
-Which GEMM algorithm runs a float32 product is chosen by timing, once per problem: ``npgpt/gemm_tuning.py``.
+Which GEMM algorithm runs a float32 product is chosen by timing, once per problem: ``gemm_tuning.py``.
 
-Next to read: ``npgpt/graph.py``, which records the training step.
+Next to read: ``graph.py``, which records the training step.
 """
 
 import ctypes
@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from ... import backend
-from . import gemm_tuning
+from . import gemm_tuning, kernels
 
 _OP_N, _OP_T = 0, 1
 _WORKSPACE_BYTES = 32 * 2**20     # cuBLAS's recommended workspace on Hopper; fixed, so a graph can keep it
@@ -280,29 +280,13 @@ def matrix_offsets(batch_shape, walk):
     return (np.asarray(axis_strides(batch_shape, walk), dtype=np.int64)[:, None] * index).sum(axis=0)
 
 
-_POINTERS = r"""
-// pointers[o * batch + i] = address of matrix i of operand o: base_o + sum over batch axes of index * stride
-const long long o = i / batch;
-long long rest = i % batch, offset = 0;
-const long long dims[4] = {n0, n1, n2, n3};
-const long long strides[3][4] = {{b0, b1, b2, b3}, {a0, a1, a2, a3}, {c0, c1, c2, c3}};
-for (int axis = 3; axis >= 0; --axis) {
-    offset += (rest % dims[axis]) * strides[o][axis];
-    rest /= dims[axis];
-}
-pointers = (o == 0 ? base_b : o == 1 ? base_a : base_c) + (unsigned long long)(offset * itemsize);
-"""
-
-
 def _matrix_pointers(cp, batch_shape, operands):
     """(3 * batch,) uint64 device addresses of every matrix of B, A and C for a pointer-array GEMM, computed by
     one kernel from the base addresses and batch strides (no host-to-device copy, so a graph can record it)."""
     key = "pointers"
     if key not in _kernels:
-        scalars = ", ".join(f"int64 {p}{j}" for p in "nbac" for j in range(_MAX_BATCH_AXES))
-        _kernels[key] = cp.ElementwiseKernel(
-            f"uint64 base_b, uint64 base_a, uint64 base_c, int64 batch, int64 itemsize, {scalars}",
-            "uint64 pointers", _POINTERS, "npgpt_matrix_pointers")
+        module = cp.RawModule(code=kernels.source("pointers.cu"), options=kernels.compile_options())
+        _kernels[key] = module.get_function("matrix_pointers")
     pad = _MAX_BATCH_AXES - len(batch_shape)
     dims = (1,) * pad + tuple(batch_shape)
     args = [np.uint64(array.data.ptr) for array, _ in operands]
@@ -311,7 +295,8 @@ def _matrix_pointers(cp, batch_shape, operands):
     for _, walk in operands:
         args += [np.int64(s) for s in (0,) * pad + axis_strides(batch_shape, walk)]
     pointers = cp.empty(3 * batch, dtype=cp.uint64)
-    _kernels[key](*args, pointers)
+    threads = kernels.THREADS_PER_BLOCK
+    _kernels[key](((3 * batch + threads - 1) // threads,), (threads,), tuple(args) + (pointers,))
     return pointers
 
 

@@ -22,6 +22,7 @@ import ctypes
 import numpy as np
 
 from ... import backend
+from .capture import capturing
 
 MIN_TUNED_FLOPS = 2**28        # smaller products run plain cuBLAS: timing them would cost more than it saves
 _CANDIDATES = 8                # algorithms asked of cuBLASLt's heuristic per problem
@@ -68,7 +69,7 @@ def runner(cp, blas, dtype, problem, workspace, operands):
     broadcast = batch > 1 and 0 in (stride_b, stride_a)          # one operand shared by the whole batch
     if not worth or broadcast:                                     # never tuned: remembered as plain cuBLAS
         _tuned[key] = (plain, "cuBLAS", None, None, 0)
-    elif backend.capturing() or disabled_reason is not None:      # not now: a later eager call may tune it
+    elif capturing() or disabled_reason is not None:      # not now: a later eager call may tune it
         return plain
     else:
         _tuned[key] = _tune(cp, problem, plain, workspace, operands)

@@ -3,13 +3,13 @@
 At the tutorial's size a training step is several hundred small kernels, and Python takes longer to launch
 them than the GPU takes to run them. CuPy's stream capture records the kernels that one step launches, with
 their arguments and buffers, into a CUDA graph; replaying the graph launches all of them at once, without
-Python. Every matrix product goes through ``npgpt/cublas.py`` so that it can be recorded too.
+Python. Every matrix product goes through ``cublas.py`` so that it can be recorded too.
 
 A replay repeats the recording exactly, so whatever must change from step to step lives in device memory
 that the recorded kernels read, and is written before each replay:
 
     the batch              copied into the same input buffers (after a check on the host)
-    learning rate, Adam's bias corrections    a small array AdamW writes (AdamW.replay_step)
+    learning rate, Adam's bias corrections    a small array AdamW's kernels read (ops.AdamWSchedule)
     dropout masks          hashed from (seed, replay counter, index); the graph's last kernel counts the replay
 
 Memory: arrays made while recording come from a pool of the graph's own, so nothing outside the graph ever
@@ -22,13 +22,14 @@ why and every later step runs eagerly: the results are the same, only slower.
 
 Shapes: micro-batches [(inputs, targets)] of (B, T) ids, as ``train.train_step`` takes them.
 
-Next to read: ``npgpt/train.py``, which uses this on the GPU.
+Next to read: ``npgpt/program/train.py``, which uses this on the GPU.
 """
 
 import numpy as np
 
 from ... import backend
-from . import kernels
+from . import kernels, ops
+from .capture import copy_into
 
 
 class GraphStep:
@@ -61,17 +62,17 @@ class GraphStep:
             return self.step_fn(micro_batches)
         with self._stream:
             for (inputs, targets), (input_buffer, target_buffer) in zip(micro_batches, self._buffers):
-                backend.copy_into(input_buffer, inputs)
-                backend.copy_into(target_buffer, targets)
+                copy_into(input_buffer, inputs)
+                copy_into(target_buffer, targets)
             if self._graph is None:
                 try:
                     self._record()
                 except Exception as exc:            # anything that cannot be recorded: stay eager
                     self._give_up(f"{type(exc).__name__}: {exc}")
                     return self.step_fn(micro_batches)
-                self.optimizer.replay_step(count=False)    # step() counted while recording
+                ops.adamw_schedule.replay_step(count=False)    # step() counted while recording
             else:
-                self.optimizer.replay_step()
+                ops.adamw_schedule.replay_step()
             self._graph.launch(self._stream)
             self.replays += 1
             return self._loss.copy()        # the graph rewrites its own loss buffer at the next replay
