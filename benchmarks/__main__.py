@@ -3,6 +3,7 @@
     python -m benchmarks                    # the speed suite: three shapes of the tutorial GPT, CPU
     python -m benchmarks --quick            # the smallest shape, few repetitions (under a minute)
     python -m benchmarks --suite quality    # same wall-clock budget, shakespeare-char: validation losses
+    python -m benchmarks --suite dist       # 1 process x 2 threads against mpiexec -n 2 (benchmarks/dist.py)
     python -m benchmarks --device gpu       # npgpt on CuPy against PyTorch on CUDA (adds GPT-2 small)
     python -m benchmarks --shapes 16x256    # only these (batch x length) shapes
     python -m benchmarks --json results.json
@@ -41,7 +42,7 @@ def format_quality(q):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark npgpt against the PyTorch reference.")
-    p.add_argument("--suite", choices=("speed", "quality", "all"), default="speed")
+    p.add_argument("--suite", choices=("speed", "quality", "dist", "all"), default="speed")
     p.add_argument("--quick", action="store_true", help="smallest case, few repetitions (a smoke test)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for each implementation")
@@ -75,6 +76,10 @@ def main(argv=None):
         report["quality"] = quality
         print()
         print(format_quality(quality))
+    if args.suite == "dist":
+        from benchmarks.dist import format_dist, run_dist
+        report["dist"] = run_dist(quick=args.quick, log=log)
+        print(format_dist(report["dist"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

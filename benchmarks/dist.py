@@ -1,0 +1,153 @@
+"""Data parallelism on this machine: one process with 2 threads against 2 MPI ranks with 1 thread each.
+
+    python -m benchmarks --suite dist               # the table (a few minutes on 2 cores)
+    python -m benchmarks --suite dist --quick       # the smaller case, fewer steps
+
+Both sides train the same global batch per step: one process with --grad-accum 2 and --workers 2 (BLAS at 2
+threads outside the workers), against `mpiexec -n 2` with --grad-accum 1 and one thread per rank. Each
+measurement is a fresh process (or pair) that warms up, then times --steps optimizer steps; the two sides
+alternate (A B A B) and the median is reported. The allreduce's share is the time inside
+World.allreduce_gradients (packing, summing, unpacking, and waiting for the slower rank) over the step time;
+"alone" times the same Allreduce on idle ranks.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.suite import ROOT, child_env
+
+CASES = {
+    # name: (flags, description)
+    "shakespeare-char": (["--preset", "shakespeare-char"], "shakespeare-char preset (0.8M parameters, B 12, T 64)"),
+    "tutorial-char": (["--tokenizer", "char", "--seq-len", "128", "--batch-size", "8"],
+                      "the tutorial GPT's shape, char tokens (3.3M parameters, B 8, T 128)"),
+}
+
+
+def worker(case, steps, grad_accum, workers):
+    """Inside one process (or one rank): time `steps` optimizer steps; rank 0 prints one JSON line."""
+    import numpy as np
+    from npgpt.program.config import config_from_args
+    from npgpt.program.dist import launched_world
+    from npgpt.program.train import Run
+
+    world = launched_world()
+    with tempfile.TemporaryDirectory() as out_dir:
+        config, given = config_from_args(CASES[case][0] + [
+            "--device", "cpu", "--dtype", "float32", "--grad-accum", str(grad_accum), "--workers", str(workers),
+            "--sample-tokens", "0", "--out-dir", os.path.join(out_dir, "run")])
+        run = Run(config, given, world)
+        c = run.config
+
+        def step():
+            run.train_step(run.next_micro_batches())
+            run.step += 1
+
+        for _ in range(3):
+            step()
+        if world is not None:
+            world.comm.Barrier()
+        reduce_before = world.allreduce_seconds if world is not None else 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        elapsed = time.perf_counter() - start
+        reduce_s = (world.allreduce_seconds - reduce_before) if world is not None else 0.0
+        alone_ms = None
+        if world is not None:            # the same collective on idle ranks: communication alone
+            flat = np.zeros(run.model.num_parameters() + 2, dtype=np.float32)
+            times = []
+            for _ in range(10):
+                world.comm.Barrier()
+                t = time.perf_counter()
+                world._allreduce(flat, "the benchmark's allreduce")
+                times.append(time.perf_counter() - t)
+            alone_ms = 1000 * statistics.median(times)
+    size = world.size if world is not None else 1
+    tokens = c.batch_size * c.seq_len * c.grad_accum * size * steps
+    result = {"ranks": size, "threads_per_rank": run.workers, "steps": steps,
+              "parameters": run.model.num_parameters(), "ms_per_step": 1000 * elapsed / steps,
+              "tokens_per_s": tokens / elapsed, "allreduce_ms": 1000 * reduce_s / steps,
+              "allreduce_alone_ms": alone_ms}
+    print(json.dumps(result), flush=True)
+
+
+def _measure(case, steps, ranks):
+    threads = 2 // ranks
+    args = ["-m", "benchmarks.dist", "--worker", "--case", case, "--steps", str(steps),
+            "--grad-accum", str(2 // ranks), "--workers", str(threads)]
+    if ranks == 1:
+        cmd = [sys.executable] + args
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(ranks), sys.executable] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-400:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_dist(quick=False, repeats=2, log=print):
+    cases = ["shakespeare-char"] if quick else list(CASES)
+    steps = 10 if quick else 30
+    report = {"steps": steps, "repeats": repeats, "cases": {}}
+    for case in cases:
+        runs = {1: [], 2: []}
+        for _ in range(repeats):
+            for ranks in (1, 2):
+                log(f"[dist] {case}: {ranks} rank(s), {steps} steps")
+                runs[ranks].append(_measure(case, steps, ranks))
+        report["cases"][case] = {str(r): _median(v) for r, v in runs.items()}
+    return report
+
+
+def _median(results):
+    out = dict(results[0])
+    for key in ("ms_per_step", "tokens_per_s", "allreduce_ms", "allreduce_alone_ms"):
+        values = [r[key] for r in results if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def format_dist(report):
+    lines = [f"Data parallelism on this machine: the same global batch per step (2 micro-batches), float32, "
+             f"median of {report['repeats']} runs of {report['steps']} steps each.", "",
+             "| case | layout | tokens/s | ms/step | allreduce ms/step (share) | allreduce alone |",
+             "|---|---|---|---|---|---|"]
+    for case, by_ranks in report["cases"].items():
+        for ranks, r in sorted(by_ranks.items()):
+            layout = ("1 process, 2 threads" if r["ranks"] == 1 else
+                      f"{r['ranks']} ranks x {r['threads_per_rank']} thread")
+            if r["ranks"] == 1:
+                share, alone = "-", "-"
+            else:
+                share = f"{r['allreduce_ms']:.2f} ({100 * r['allreduce_ms'] / r['ms_per_step']:.0f}%)"
+                alone = f"{r['allreduce_alone_ms']:.2f} ms"
+            lines.append(f"| {CASES[case][1]} | {layout} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | "
+                         f"{share} | {alone} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help="internal: time steps in this process (or rank)")
+    p.add_argument("--case", choices=sorted(CASES), default="shakespeare-char")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.case, args.steps, args.grad_accum, args.workers)
+        return 0
+    print(format_dist(run_dist(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
