@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from npgpt.program.data import DataError, bundled_corpus_path, get_batch, read_text, split_tokens
-from npgpt.program.tokenizer import (BPETokenizer, CharTokenizer, TokenizerError, _PIECE, _merge_pair, build_tokenizer,
-                             tokenizer_from_dict)
+from npgpt.program.tokenizer import (BPETokenizer, CharTokenizer, TokenizerError, _merge_pair, build_tokenizer,
+                                     pre_tokenize, tokenizer_from_dict)
 
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
@@ -23,7 +23,7 @@ def bpe():
 
 def naive_bpe_merges(text, vocab_size):
     """The textbook algorithm: recount every pair over every word before each merge."""
-    words = Counter(_PIECE.findall(text))
+    words = Counter(pre_tokenize(text))
     seqs = {w: list(w.encode("utf-8")) for w in words}
     merges = []
     while len(merges) < vocab_size - 256:
@@ -66,10 +66,11 @@ def test_char_round_trips_its_alphabet(text):
 
 def test_bpe_compresses_and_serialises(bpe):
     ids = bpe.encode(SAMPLE)
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     assert len(ids) < len(SAMPLE.encode("utf-8")) / 2
-    assert ids.max() < bpe.vocab_size
+    assert max(ids) < bpe.vocab_size
     again = tokenizer_from_dict(bpe.to_dict())
-    np.testing.assert_array_equal(again.encode(SAMPLE), ids)
+    assert again.encode(SAMPLE) == ids
 
 
 def test_char_tokenizer_names_unknown_characters():
