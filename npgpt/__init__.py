@@ -27,10 +27,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # GPT is imported on first use, so that `python -m npgpt.model` runs model.py only once
+    # GPT is imported on first use, so that `python -m npgpt.model` runs model.py only once. Importing
+    # program/hf.py attaches GPT.from_pretrained and GPT.save_pretrained (Hugging Face directories).
     if name == "GPT":
-        from .model import GPT
-        return GPT
+        from .program import hf
+        return hf.GPT
+    if name == "tokenizer":                 # npgpt.tokenizer.BPETokenizer, npgpt.tokenizer.CharTokenizer
+        from .program import tokenizer
+        return tokenizer
     raise AttributeError(f"module 'npgpt' has no attribute {name!r}")
 
 __all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError", "GPT",

@@ -20,18 +20,19 @@ from .engine import Tensor
 
 
 class MultiHeadAttention(nn.Module):
-    """H heads of causal self-attention; W_q, W_k, W_v, W_o are bias-free (C, C) projections."""
+    """H heads of causal self-attention; W_q, W_k, W_v, W_o are (C, C) projections, bias-free in the tutorial
+    (GPT-2 gives all four a bias: bias=True)."""
 
-    def __init__(self, d_model, num_heads, dropout=0.1):
+    def __init__(self, d_model, num_heads, dropout=0.1, bias=False):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}); "
                              f"choose num_heads among the divisors of {d_model}")
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
-        self.W_q = nn.Linear(d_model, d_model, bias=False)
-        self.W_k = nn.Linear(d_model, d_model, bias=False)
-        self.W_v = nn.Linear(d_model, d_model, bias=False)
-        self.W_o = nn.Linear(d_model, d_model, bias=False)
+        self.W_q = nn.Linear(d_model, d_model, bias=bias)
+        self.W_k = nn.Linear(d_model, d_model, bias=bias)
+        self.W_v = nn.Linear(d_model, d_model, bias=bias)
+        self.W_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None, is_causal=False, kv_cache=None):
@@ -56,27 +57,30 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """linear1 (C -> d_ff), exact GELU, linear2 (d_ff -> C), dropout."""
+    """linear1 (C -> d_ff), GELU (exact; GPT-2 uses its tanh form, gelu_approximate='tanh'), linear2
+    (d_ff -> C), dropout."""
 
-    def __init__(self, d_model, d_ff, dropout=0.1):
+    def __init__(self, d_model, d_ff, dropout=0.1, gelu_approximate="none"):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.gelu_approximate = gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.linear2(F.gelu(self.linear1(x))))
+        return self.dropout(self.linear2(F.gelu(self.linear1(x), approximate=self.gelu_approximate)))
 
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm residual block: attention, then the feed-forward network."""
 
-    def __init__(self, d_model, num_heads, d_ff, dropout=0.1):
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1, attention_bias=False, gelu_approximate="none",
+                 layer_norm_eps=1e-5):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(d_model)
-        self.attention = MultiHeadAttention(d_model, num_heads, dropout)
-        self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.attn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.attention = MultiHeadAttention(d_model, num_heads, dropout, bias=attention_bias)
+        self.ffn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.ffn = FeedForward(d_model, d_ff, dropout, gelu_approximate)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None, is_causal=False, kv_cache=None):
@@ -86,24 +90,40 @@ class TransformerBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    """A decoder-only transformer language model: the tutorial's GPT."""
+    """A decoder-only transformer language model: the tutorial's GPT.
+
+    GPT-2 is this same network with three switches set: attention_bias=True (biases on W_q, W_k, W_v, W_o),
+    gelu_approximate='tanh' (GPT-2's "gelu_new") and its layer_norm_eps; its n_inner is d_ff and its
+    n_positions is max_seq_len. The defaults are the tutorial's GPT, which is therefore GPT-2 with zero
+    attention biases and exact GELU.
+
+    GPT.from_pretrained(directory) and model.save_pretrained(directory) read and write Hugging Face GPT-2
+    directories (config.json, model.safetensors). The file format is not the model's business, so those two
+    methods live in npgpt/program/hf.py, which attaches them to this class when ``npgpt.GPT`` is first used
+    (or npgpt.program.hf is imported); this file imports nothing above it.
+    """
 
     def __init__(self, vocab_size, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512,
-                 dropout=0.1):
+                 dropout=0.1, attention_bias=False, gelu_approximate="none", layer_norm_eps=1e-5):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}); "
                              f"choose num_heads among the divisors of {d_model}")
+        if gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' (exact GELU) or 'tanh', not {gelu_approximate!r}")
         self.d_model, self.vocab_size = d_model, vocab_size
         self.num_heads, self.num_layers, self.d_ff = num_heads, num_layers, d_ff
         self.max_seq_len, self.dropout_p = max_seq_len, dropout
+        self.attention_bias, self.gelu_approximate, self.layer_norm_eps = attention_bias, gelu_approximate, \
+            layer_norm_eps
 
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(max_seq_len, d_model)
         self.embed_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, dropout)
+        self.blocks = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, dropout, attention_bias,
+                                                      gelu_approximate, layer_norm_eps)
                                      for _ in range(num_layers)])
-        self.ln_f = nn.LayerNorm(d_model)
+        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.output_proj = nn.Linear(d_model, vocab_size, bias=False)
         # Weight tying: the output projection reuses the token embedding's (V, C) matrix, one Parameter
         self.output_proj.weight = self.token_embedding.weight
@@ -123,7 +143,8 @@ class GPT(nn.Module):
     def config(self):
         return dict(vocab_size=self.vocab_size, d_model=self.d_model, num_heads=self.num_heads,
                     num_layers=self.num_layers, d_ff=self.d_ff, max_seq_len=self.max_seq_len,
-                    dropout=self.dropout_p)
+                    dropout=self.dropout_p, attention_bias=self.attention_bias,
+                    gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps)
 
     def forward(self, token_ids, mask=None, kv_cache=None):
         """token_ids (B, T) integers -> logits (B, T, V). With no mask, attention is causal.
