@@ -1,7 +1,8 @@
-"""CuPy end to end: fused kernels equal their plain versions, and NumPy and CuPy train the same model alike.
+"""CuPy end to end: the CUDA fast paths equal the CPU's ops, and NumPy and CuPy train the same model alike.
 
 Skipped with the reason where CuPy or a GPU is missing (the rest of the suite runs every backend test on
-CuPy too, through the `device` fixture).
+CuPy too, through the `device` fixture). The CUDA fast paths are off by default (npgpt/fast/__init__.py);
+this module turns them on.
 """
 
 
@@ -15,6 +16,7 @@ from npgpt.model import GPT
 from npgpt.program.train import main as train_main, make_optimizer, train_step
 from npgpt.program.config import TrainConfig
 from npgpt.program.checkpoint import load_checkpoint
+from npgpt.fast.cuda import ops as cuda_ops
 from npgpt.fast.cuda.graph import GraphStep
 from npgpt.optim import cosine_lr
 
@@ -23,9 +25,27 @@ pytestmark = pytest.mark.skipif(backend.gpu_unavailable_reason() is not None,
                                 reason=f"no GPU backend: {backend.gpu_unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cuda_fast_paths():
+    npgpt.fast.enable_cuda()
+
+
 @pytest.fixture
 def cp():
     return backend.module_for("gpu")
+
+
+def test_kernels_cast_gradients_of_another_dtype(cp):
+    """A float32 GELU times a float64 tensor: the float64 gradient reaching the kernel is cast, and the result
+    equals the CPU's."""
+    rng = np.random.default_rng(2)
+    x32, y64 = rng.standard_normal((3, 70)).astype(np.float32), rng.standard_normal((3, 70))
+    grads = []
+    for to_device in (lambda a: a, cp.asarray):
+        x = npgpt.Tensor(to_device(x32.copy()), requires_grad=True)
+        (F.gelu(x) * npgpt.Tensor(to_device(y64))).sum().backward()
+        grads.append(backend.to_numpy(x.grad))
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
 def run_both(fn, arrays, cp, seed=0):
@@ -171,7 +191,7 @@ def test_fused_dropout_kernels(cp, monkeypatch):
         return F.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.3)
     npgpt.gradcheck(attention, [q, k, v])
     # the block-by-block path: a fused kernel per block, each with its own seed
-    monkeypatch.setattr(F, "GPU_BLOCKED_ATTENTION_SCORES", 0)
+    monkeypatch.setattr(cuda_ops, "BLOCKED_ATTENTION_SCORES", 0)
     q, k, v = (npgpt.Tensor(cp.asarray(rng.standard_normal((1, 2, 130, 4))), requires_grad=True) for _ in range(3))
     npgpt.gradcheck(attention, [q, k, v], max_probes=30)
 
