@@ -123,23 +123,32 @@ def test_resumed_grad_accum_keeps_the_global_batch():
 
 # ---- two ranks against one process --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,workers,rtol", [("float64", "1", 1e-9), ("float32", "2", 1e-5)])
-def test_two_ranks_equal_one_process_with_twice_the_accumulation(mpiexec, corpus, tmp_path, dtype, workers, rtol):
+@pytest.mark.parametrize("dtype,workers,ranks,zero,rtol", [
+    ("float64", "1", 2, "0", 1e-9),
+    ("float32", "2", 2, "0", 1e-5),
+    ("float64", "1", 3, "1", 1e-9),      # ZeRO-1 over 3 ranks: blocks that cut parameters, the last one padded
+])
+def test_ranks_equal_one_process_with_as_many_micro_batches(mpiexec, corpus, tmp_path, dtype, workers, ranks, zero,
+                                                            rtol):
     common = TINY + EXACT + ["--data", corpus, "--dtype", dtype, "--workers", workers, "--max-iters", "4"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    one_process(common + ["--out-dir", one, "--grad-accum", "2"])
-    proc = launch(mpiexec, 2, common + ["--out-dir", two, "--grad-accum", "1", "--check-replicas"])
+    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    one_process(common + ["--out-dir", one, "--grad-accum", str(ranks)])
+    proc = launch(mpiexec, ranks, common + ["--out-dir", many, "--grad-accum", "1", "--check-replicas",
+                                            "--zero-stage", zero])
     assert proc.returncode == 0, proc.stderr
-    assert "data parallel over 2 ranks" in proc.stdout
+    assert f"data parallel over {ranks} ranks" in proc.stdout
+    assert ("ZeRO-1: each rank keeps" in proc.stdout) == (zero == "1")
     assert proc.stdout.count("step 4/4") == 1                   # rank 0 alone prints
-    assert_same_run(one, two, rtol)
-    _, meta = load_checkpoint(os.path.join(two, "ckpt.npz"))
-    assert meta["world_size"] == 2 and meta["config"]["grad_accum"] == 1
+    assert_same_run(one, many, rtol)
+    _, meta = load_checkpoint(os.path.join(many, "ckpt.npz"))
+    assert meta["world_size"] == ranks and meta["config"]["grad_accum"] == 1
 
 
-def test_resume_across_world_sizes_continues_the_global_stream(mpiexec, corpus, tmp_path):
-    """8 steps of one process with --grad-accum 2 = 4 steps on 2 ranks + 4 in one process (and the reverse)."""
-    common = TINY + EXACT + ["--data", corpus, "--dtype", "float64", "--workers", "1"]
+@pytest.mark.parametrize("zero", ["0", "1"])
+def test_resume_across_world_sizes_continues_the_global_stream(mpiexec, corpus, tmp_path, zero):
+    """8 steps of one process with --grad-accum 2 = 4 steps on 2 ranks + 4 in one process (and the reverse);
+    with ZeRO-1 the 2-rank checkpoint holds the gathered moments, and a resume takes its block of them."""
+    common = TINY + EXACT + ["--data", corpus, "--dtype", "float64", "--workers", "1", "--zero-stage", zero]
     straight, two_then_one, one_then_two = (str(tmp_path / n) for n in ("straight", "2-1", "1-2"))
     one_process(common + ["--out-dir", straight, "--grad-accum", "2", "--max-iters", "8"])
 

@@ -35,6 +35,9 @@ rank 0 prints the one message and all exit with its code; otherwise the failing 
 naming itself and leaves with os._exit, and mpiexec ends the others (an MPI program that returns normally
 would wait for its peers in MPI_Finalize). Checkpoints are written atomically, so the last good one stays.
 
+--zero-stage 1 (ZeRO stage 1): AdamW's moments are split across the ranks, each rank updating its block of the
+parameters and an Allgather sharing the result (ShardedAdamW, at the end of this file).
+
 GPUs: one rank per GPU (chosen by the local rank). ``--dist-backend nccl`` sums the device buffers with
 NCCL (``cupy.cuda.nccl``) on the current stream, the NCCL id broadcast over MPI; without it, the flat
 buffer is copied to the host and summed by MPI. Under mpiexec the step is not recorded as a CUDA graph.
@@ -57,6 +60,7 @@ import numpy as np
 
 from .. import backend
 from ..fast.cpu.threads import blas_threads
+from ..optim import adamw_update
 
 # Variables that the common launchers set in every process they start.
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -128,6 +132,10 @@ def resumed_grad_accum(saved_grad_accum, saved_world_size, world_size):
     return total // world_size
 
 
+def _megabytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def _checksum(arrays):
     """A 64-bit digest of the arrays' bytes (bitwise: replicas must agree exactly)."""
     digest = hashlib.blake2b(digest_size=8)
@@ -155,6 +163,8 @@ class World:
         self.timeout = 600.0
         self.transport = "mpi"
         self.fault = None
+        self.zero_stage = 0
+        self.moment_bytes = None                 # with ZeRO-1: (this rank's AdamW moments, unsharded), bytes
         self.step = 0                            # the step being computed, counted from 1
         self.stop_flag = None                    # the loop's Ctrl-C flag (its `requested`), read every step
         self.stopping = False                    # True once any rank asked to stop: all stop after this step
@@ -174,6 +184,9 @@ class World:
             raise DistError(f"--dist-timeout must be positive, got {config.dist_timeout}")
         self.fault = parse_fault(config.inject_fault)
         self.transport = config.dist_backend
+        self.zero_stage = config.zero_stage
+        if self.zero_stage not in (0, 1):
+            raise DistError(f"--zero-stage must be 0 or 1 (AdamW's moments sharded), got {config.zero_stage}")
         if self.transport == "nccl" and config.device == "cpu":
             raise DistError("--dist-backend nccl sums GPU buffers; use --device gpu, or --dist-backend mpi on the CPU")
         if config.device != "cpu":
@@ -191,7 +204,11 @@ class World:
 
     def describe(self):
         where = f"{self.size} ranks" + (f" ({self.local_size} on this machine)" if self.local_size != self.size else "")
-        return f"data parallel over {where}, gradients summed by {self.transport.upper()}"
+        text = f"data parallel over {where}, gradients summed by {self.transport.upper()}"
+        if self.moment_bytes is not None:
+            mine, whole = self.moment_bytes
+            text += f"; ZeRO-1: each rank keeps {_megabytes(mine)} of AdamW moments instead of {_megabytes(whole)}"
+        return text
 
     # ---- waiting with a bound -------------------------------------------------------------------------
     def _wait(self, request, what):
@@ -319,11 +336,15 @@ class World:
 
     def check_replicas(self, model, optimizer, data_rng, step):
         """Compare checksums of the parameters, AdamW's moments and the data generator across ranks."""
-        state = optimizer.state_dict()
+        if isinstance(optimizer, ShardedAdamW):   # each rank holds other moments, by design
+            moments, steps = [], [optimizer.steps]
+        else:
+            state = optimizer.state_dict()
+            moments, steps = [a for a in state["exp_avg"] + state["exp_avg_sq"] if a is not None], state["step"]
         parts = {"parameters": [p.data for p in model.parameters()],
-                 "AdamW moments": [a for a in state["exp_avg"] + state["exp_avg_sq"] if a is not None],
+                 "AdamW moments": moments,
                  "data generator and step": [np.frombuffer(json.dumps(
-                     [backend.rng_state(data_rng), state["step"], step], sort_keys=True).encode(), np.uint8)]}
+                     [backend.rng_state(data_rng), steps, step], sort_keys=True).encode(), np.uint8)]}
         mine = np.array([_checksum(arrays) for arrays in parts.values()], dtype=np.uint64)
         everyone = np.empty((self.size, len(parts)), dtype=np.uint64)
         if self.size > 1:
@@ -336,6 +357,24 @@ class World:
                     raise DistError(f"replicas differ after step {step}: rank {r}'s {name} are not rank 0's "
                                     f"(checksum {b:016x} vs {a:016x}); the ranks must run the same command on "
                                     "the same data and checkpoint")
+
+    # ---- ZeRO stage 1 --------------------------------------------------------------------------------------
+    def shard_optimizer(self, optimizer):
+        """--zero-stage 1: this rank's ShardedAdamW in place of `optimizer` (whose moments it slices), or
+        `optimizer` itself."""
+        if self.zero_stage != 1:
+            return optimizer
+        sharded = ShardedAdamW(optimizer, self)
+        itemsize = np.dtype(sharded.exp_avg.dtype).itemsize
+        self.moment_bytes = (2 * sharded.exp_avg.size * itemsize, 2 * sharded.total * itemsize)
+        return sharded
+
+    def optimizer_for_saving(self, optimizer):
+        """What a checkpoint saves of `optimizer`: itself, or with ZeRO-1 the moments gathered on rank 0
+        (every rank calls this; ranks other than 0 get None, as they write nothing)."""
+        if not isinstance(optimizer, ShardedAdamW):
+            return optimizer
+        return optimizer.gathered()
 
     # ---- NCCL (GPUs) ----------------------------------------------------------------------------------------
     def _nccl_allreduce(self, flat, what):
@@ -387,3 +426,120 @@ class World:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+class ShardedAdamW:
+    """ZeRO stage 1: AdamW with its two moments split across the ranks, equal to the unsharded update.
+
+    The parameters, in the optimizer's order, are laid end to end as one vector of P numbers, cut into N
+    blocks of S = ceil(P / N); rank r keeps the moments m, v of block r only: 2 S numbers instead of 2 P.
+    Each step (the gradients already summed, so whole on every rank, and clipped):
+
+        update block r of the parameters with block r of the gradients and moments   (AdamW is elementwise)
+        all-gather the N updated blocks into every rank's parameters
+
+    AdamW acts on each number alone, so cutting it anywhere gives the unsharded result exactly. The summed
+    gradient is kept whole (an allreduce rather than a reduce-scatter), which costs one more pass of P
+    numbers but leaves clipping's global norm and the per-layer gradient statistics as they are.
+
+    Shapes: exp_avg, exp_avg_sq (hi - lo,), this rank's block; the gather buffer (N * S,).
+    """
+
+    def __init__(self, optimizer, world):
+        self.world = world
+        self.inner = optimizer                   # its zero_grad, and its groups' settings (lr, betas, ...)
+        self.param_groups = optimizer.param_groups
+        entries = [(group, p) for group in self.param_groups for p in group["params"]]
+        for _, p in entries:
+            if not p.data.flags.c_contiguous:
+                raise DistError("--zero-stage 1 needs contiguous parameters; run without it")
+        self.entries = entries
+        self.total = sum(p.size for _, p in entries)                           # P
+        self.block = -(-self.total // world.size)                              # S
+        self.lo = min(self.total, world.rank * self.block)
+        self.hi = min(self.total, self.lo + self.block)
+        # (group, param, start and end in the raveled param, start in this rank's block) where they overlap
+        self.pieces = [piece for piece in self._all_pieces() if piece[3] > piece[2]]
+        xp = backend.get_array_module(entries[0][1].data)
+        dtype = entries[0][1].dtype
+        self.exp_avg = xp.zeros(self.hi - self.lo, dtype=dtype)
+        self.exp_avg_sq = xp.zeros(self.hi - self.lo, dtype=dtype)
+        saved = optimizer.state_dict()           # a resumed run's moments: this rank's block of them
+        self.steps = max(saved["step"]) if saved["step"] else 0
+        for (group, p, a, b, at), m, v in zip(self._all_pieces(), saved["exp_avg"], saved["exp_avg_sq"]):
+            if m is not None and a < b:
+                self.exp_avg[at:at + b - a] = xp.asarray(m).reshape(-1)[a:b]
+                self.exp_avg_sq[at:at + b - a] = xp.asarray(v).reshape(-1)[a:b]
+        optimizer.state.clear()                  # the whole moments are no longer kept
+
+    def _all_pieces(self):
+        """For every parameter (in order): (group, param, a, b, at), a == b where it is outside this block."""
+        offset = 0
+        for group, p in self.entries:
+            a, b = max(self.lo, offset), min(self.hi, offset + p.size)
+            yield (group, p, a - offset, b - offset, a - self.lo) if a < b else (group, p, 0, 0, 0)
+            offset += p.size
+
+    def zero_grad(self):
+        self.inner.zero_grad()
+
+    def step(self):
+        self.steps += 1
+        for group, p, a, b, at in self.pieces:
+            if p.grad is None:
+                continue
+            settings = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], self.steps)
+            adamw_update(p.data.reshape(-1)[a:b], p.grad.reshape(-1)[a:b],
+                         self.exp_avg[at:at + b - a], self.exp_avg_sq[at:at + b - a], settings)
+        self._gather_parameters()
+
+    def _gather_parameters(self):
+        xp = backend.get_array_module(self.entries[0][1].data)
+        mine = np.zeros(self.block, dtype=self.exp_avg.dtype)                 # (S,), zero-padded
+        for _, p, a, b, at in self.pieces:
+            mine[at:at + b - a] = backend.to_numpy(p.data.reshape(-1)[a:b])
+        everyone = np.empty(self.block * self.world.size, dtype=mine.dtype)   # (N * S,)
+        world = self.world
+        if world.size > 1:
+            world._wait(world.comm.Iallgather(mine, everyone),
+                        f"the parameter all-gather of step {world.step} (ZeRO-1)")
+        else:
+            everyone[:] = mine
+        offset = 0
+        for _, p in self.entries:
+            p.data.reshape(-1)[...] = xp.asarray(everyone[offset:offset + p.size])
+            offset += p.size
+
+    def gathered(self):
+        """Rank 0: an object whose state_dict() is the unsharded AdamW's (for a checkpoint); others: None."""
+        world = self.world
+        both = np.zeros((2, self.block), dtype=self.exp_avg.dtype)            # (2, S): m and v, zero-padded
+        both[0, :self.hi - self.lo] = backend.to_numpy(self.exp_avg)
+        both[1, :self.hi - self.lo] = backend.to_numpy(self.exp_avg_sq)
+        everyone = np.empty((world.size, 2, self.block), dtype=both.dtype) if world.rank == 0 else None
+        if world.size > 1:
+            world._wait(world.comm.Igather(both, everyone, root=0), "the gather of AdamW's moments (ZeRO-1)")
+        else:
+            everyone[0] = both
+        if world.rank != 0:
+            return None
+        m_all = everyone[:, 0, :].reshape(-1)[:self.total]                     # (P,)
+        v_all = everyone[:, 1, :].reshape(-1)[:self.total]
+        state = {"step": [], "exp_avg": [], "exp_avg_sq": [], "lr": [g["lr"] for g in self.param_groups]}
+        offset = 0
+        for _, p in self.entries:
+            state["step"].append(self.steps)
+            state["exp_avg"].append(m_all[offset:offset + p.size].reshape(p.shape) if self.steps else None)
+            state["exp_avg_sq"].append(v_all[offset:offset + p.size].reshape(p.shape) if self.steps else None)
+            offset += p.size
+        return _SavedState(state)
+
+
+class _SavedState:
+    """An optimizer as a checkpoint sees it: a state_dict() and nothing else."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state
