@@ -17,7 +17,7 @@ import numpy as np
 
 def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None):
     import npgpt
-    import npgpt.engine as tensor_module
+    from npgpt import engine
     from npgpt import backend
     from npgpt.program.train import train_step, make_optimizer
     from npgpt.program.config import TrainConfig
@@ -26,11 +26,10 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     backward = collections.defaultdict(float)
     counts = collections.Counter()
     clock = {"last": time.perf_counter(), "on": False}
-    real_make = tensor_module._make
-
     sync = backend.synchronize   # on the GPU, each op is timed to its completion
 
-    def timed_make(data, parents, backward_fn, op):
+    def observe(op, backward_fn):
+        """The engine's op observer: forward time since the previous op's result, and a timed backward."""
         sync()
         now = time.perf_counter()
         if clock["on"]:
@@ -44,26 +43,25 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
             sync()
             backward[op] += time.perf_counter() - start
             return out
-        out = real_make(data, parents, timed_backward, op)
         clock["last"] = time.perf_counter()
-        return out
+        return timed_backward
 
-    tensor_module._make = timed_make
-    for module in list(__import__("sys").modules.values()):
-        if getattr(module, "__name__", "").startswith("npgpt") and getattr(module, "_make", None) is real_make:
-            module._make = timed_make
-
-    from npgpt.fast.cpu.threads import tune_allocator
+    previous_observer = engine.set_op_observer(observe)
+    from npgpt.fast.cpu.allocator import keep_freed_memory
+    from npgpt.fast.cpu.threads import set_workers
     backend.set_device(device)
     if device == "cpu":
-        tune_allocator()
+        keep_freed_memory()
+    else:
+        npgpt.fast.enable_cuda()
     workers = threads if device == "cpu" else 1
+    set_workers(workers)
     backend.manual_seed(0)
     config = TrainConfig(dropout=dropout, grad_clip=0.0, weight_decay=0.01)
     model_config = model_config or dict(vocab_size=10000)
     model = npgpt.GPT(**model_config, dropout=dropout)
     vocab = model.vocab_size
-    opt = make_optimizer(model, config, workers)
+    opt = make_optimizer(model, config)
     rng = np.random.default_rng(0)
     total = 0.0
     real_step = opt.step
@@ -87,7 +85,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         backend.synchronize()
         if i >= 1:
             total += time.perf_counter() - start
-    tensor_module._make = real_make
+    engine.set_op_observer(previous_observer)
     return forward, backward, counts, timed_step.seconds, total, steps
 
 

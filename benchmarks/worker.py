@@ -41,7 +41,7 @@ def _rss_mb():
 
 def _gpu_mb(kind, impl):
     """Device memory the implementation's caching allocators hold (its high-water mark for PyTorch); for
-    npgpt, CuPy's pool plus the CUDA graph's own pool (npgpt/graph.py)."""
+    npgpt, CuPy's pool plus the CUDA graph's own pool (npgpt/fast/cuda/graph.py)."""
     if kind == "npgpt":
         from npgpt import backend
         held = backend.module_for("gpu").get_default_memory_pool().total_bytes()
@@ -55,27 +55,28 @@ class NpgptImpl:
         import npgpt
         from npgpt import backend
         self.npgpt, self.backend = npgpt, backend
-        from npgpt.fast.cpu.threads import can_control_blas, tune_allocator
+        from npgpt.fast.cpu.threads import can_control_blas, set_workers
         backend.set_device(cfg["device"])
         self.xp = backend.current()
         self.on_cpu = on_cpu = cfg["device"] == "cpu"
-        if on_cpu:
-            tune_allocator()
-        # the training loop's own setting: data-parallel threads on the CPU (npgpt/parallel.py)
+        if not on_cpu and cfg.get("cuda_fast", True):
+            npgpt.fast.enable_cuda()        # off by default in the library (npgpt/fast/__init__.py)
+        # the training program's own setting: data-parallel threads on the CPU (npgpt/fast/cpu/threads.py)
         self.workers = cfg["threads"] if on_cpu and can_control_blas() else 1
+        set_workers(self.workers)
         backend.manual_seed(0)
         self.model = npgpt.GPT(**cfg["model"], dropout=cfg["dropout"])
-        self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4, workers=self.workers)
+        self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.vocab = cfg["model"]["vocab_size"]
         self.rng = np.random.default_rng(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function,
-        # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.program.train` does
+        # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.train` does
         from npgpt.fast.cuda.graph import GraphStep
         from npgpt.program.train import train_step
         self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=self.workers)
         self.graph = None
-        if not on_cpu and cfg.get("cuda_graph", True):
+        if not on_cpu and cfg.get("cuda_graph", True) and npgpt.fast.cuda_enabled():
             self.graph = GraphStep(self.step, self.opt, self.vocab)
 
     def _ids(self, batch, length):
@@ -96,7 +97,7 @@ class NpgptImpl:
             out["cuda_graph_replays"] = self.graph.replays
             out["cuda_graph_fallback"] = self.graph.fallback_reason
         if not self.on_cpu:
-            from npgpt import gemm_tuning
+            from npgpt.fast.cuda import gemm_tuning
             tuned = [v for v in gemm_tuning.choices().values() if v[1] is not None]
             out["gemm_tuning"] = {"problems": len(tuned), "cublaslt_faster": sum(v[0] != "cuBLAS" for v in tuned),
                                   "chosen_ms": sum(v[1] for v in tuned), "cublas_ms": sum(v[2] for v in tuned),
@@ -216,6 +217,10 @@ def main():
                     import torch  # noqa: F401
                 baseline = _rss_mb()
                 kind, device = cmd["impl"], cmd["device"]
+                if device == "cpu":
+                    # the setting `python -m npgpt.train` opts into, applied to both sides alike
+                    from npgpt.fast.cpu.allocator import keep_freed_memory
+                    keep_freed_memory()
                 impl = (NpgptImpl if kind == "npgpt" else TorchImpl)(cmd)
                 reply = {"ok": True}
             elif op == "train":
