@@ -113,23 +113,6 @@ def torch_to_numpy_state(torch_model):
     return {name: t.detach().cpu().numpy().copy() for name, t in torch_model.state_dict().items()}
 
 
-def numpy_to_torch_state(arrays, dtype=None):
-    """{name: torch tensor} from npgpt's state_dict (NumPy or CuPy arrays)."""
-    out = {}
-    for name, a in arrays.items():
-        a = a.get() if hasattr(a, "get") else np.asarray(a)
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        out[name] = t.to(dtype) if dtype is not None else t
-    return out
-
-
-def copy_npgpt_to_torch(npgpt_model, torch_model):
-    """Load npgpt's weights into the PyTorch model (dtype of the PyTorch model kept)."""
-    dtype = next(torch_model.parameters()).dtype
-    torch_model.load_state_dict(numpy_to_torch_state(npgpt_model.state_dict(), dtype))
-    return torch_model
-
-
 def copy_torch_to_npgpt(torch_model, npgpt_model):
     """Load the PyTorch model's weights into npgpt's model."""
     npgpt_model.load_state_dict(torch_to_numpy_state(torch_model))

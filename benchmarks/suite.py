@@ -262,5 +262,5 @@ def format_speed(report):
                            f"{tuning['problems']} float32 GEMM problems ({tuning['cublas_ms']:.2f} -> "
                            f"{tuning['chosen_ms']:.2f} ms, one call of each)")
     if tunings:
-        lines += ["", "GEMM algorithms timed once per problem (npgpt/gemm_tuning.py): " + "; ".join(tunings) + "."]
+        lines += ["", "GEMM algorithms timed once per problem (npgpt/fast/cuda/gemm_tuning.py): " + "; ".join(tunings) + "."]
     return "\n".join(lines)

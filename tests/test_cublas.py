@@ -1,4 +1,4 @@
-"""The GPU's matrix products (npgpt/cublas.py): the GEMM calls planned for every operand layout the model
+"""The GPU's matrix products (npgpt/fast/cuda/cublas.py): the GEMM calls planned for every operand layout the model
 uses compute a @ b.
 
 cuBLAS reads column-major matrices through (op, leading dimension, batch stride). The plan is checked on

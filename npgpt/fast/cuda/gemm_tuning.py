@@ -13,7 +13,7 @@ Tuning waits for the GPU, so it happens in eager steps only: the first eager ste
 every problem the graph then records. A problem first met while a graph records (nothing may wait then),
 a small product (not worth the timing), or float64 takes plain cuBLAS.
 
-``npgpt/cublas.py`` plans each call (which operand goes first, the op flags, the leading dimensions) and
+``cublas.py`` plans each call (which operand goes first, the op flags, the leading dimensions) and
 asks ``runner`` for the function that runs it.
 """
 
@@ -57,7 +57,7 @@ def runner(cp, blas, dtype, problem, workspace, operands):
     """The function that runs one planned GEMM: run(alpha_ptr, b_ptr, a_ptr, beta_ptr, c_ptr) -> status.
 
     problem = (op_b, op_a, m, n, k, ld_b, ld_a, ldc, batch, stride_b, stride_a, stride_c) in cuBLAS's
-    column-major terms, as npgpt/cublas.py plans it; blas holds the plain cuBLAS functions and handle;
+    column-major terms, as cublas.py plans it; blas holds the plain cuBLAS functions and handle;
     operands = (b_ptr, a_ptr), the call's inputs, which a first meeting times the candidates on.
     """
     key = (id(blas), np.dtype(dtype).str) + problem            # blas: one cuBLAS handle per device
