@@ -7,7 +7,6 @@ this module; npgpt itself never imports torch.
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
