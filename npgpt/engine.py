@@ -564,11 +564,23 @@ def tensor(data, requires_grad=False, dtype=None):
 def _make(data, parents, backward, op):
     """Wrap an op's result; record the graph only if grad mode is on and some parent needs a gradient.
     (No gradient flows through an integer or boolean result.)"""
+    if _observer["fn"] is not None:
+        backward = _observer["fn"](op, backward)
     needs_grad = is_grad_enabled() and data.dtype.kind == "f" and any(p.requires_grad for p in parents)
     out = Tensor(data, requires_grad=needs_grad)
     if needs_grad:
         out._parents, out._backward, out._op = parents, backward, op
     return out
+
+
+_observer = {"fn": None}
+
+
+def set_op_observer(observer):
+    """Profiling: observer(op_name, backward) is called as each op's result is made, and returns the backward
+    closure to keep (the same, or a timed wrapper). None turns it off. Returns the previous observer."""
+    previous, _observer["fn"] = _observer["fn"], observer
+    return previous
 
 
 def _topological_order(root):
