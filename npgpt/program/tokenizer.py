@@ -572,6 +572,18 @@ def load_pretrained_tokenizer(directory):
         raise TokenizerError(f"{vocab_path}: {exc}") from None
 
 
+def explain_token_count(tokenizer, text, n_tokens):
+    """Why a long `text` became only n_tokens tokens, to end an error message ('' when nothing stands out)."""
+    if getattr(tokenizer, "kind", None) != "bpe" or len(text) < 8 * max(n_tokens, 1):
+        return ""
+    pieces = count_pieces(text, progress=False)
+    top = pieces.most_common(1)[0][0]
+    return (f"; the bpe tokenizer turned these {len(text):,} characters into {n_tokens:,} tokens because the text "
+            f"holds only {len(pieces):,} distinct pieces (the commonest is {top[:12]!r}"
+            f"{'...' if len(top) > 12 else ''}, {len(top):,} characters long), and BPE merges repetition into "
+            "ever longer tokens: use --tokenizer char, a smaller --vocab-size, or a more varied text")
+
+
 def tokenizer_from_dict(d):
     try:
         if d["kind"] == "char":
