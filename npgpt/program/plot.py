@@ -381,7 +381,7 @@ def save_figure(fig, path, fmt):
     """Write the picture to path through a temporary file, so a viewer never reads half of one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"          # one per process: two plot commands never share it
     fig.savefig(tmp, format=fmt, dpi=fig.dpi)
     os.replace(tmp, path)
     return path
