@@ -116,3 +116,77 @@ def test_data_errors(tmp_path):
         read_text(str(bad))
     with pytest.raises(DataError, match="corpus too short"):
         split_tokens(np.arange(50), seq_len=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2's pre-tokenizer, text read in slices, progress, and what a repetitive corpus does
+
+def test_pre_tokenizer_splits_as_gpt2():
+    assert pre_tokenize("Hello  world's 42\t\tx\n\n y") == \
+        ["Hello", " ", " world", "'s", " 42", "\t", "\t", "x", "\n\n", " y"]
+    assert pre_tokenize("don't DON'T x²3 a_b 東京!? ") == \
+        ["don", "'t", " DON", "'", "T", " x", "²3", " a", "_", "b", " 東京", "!?", " "]
+    assert pre_tokenize("") == []
+
+
+@given(text=st.text(alphabet=st.sampled_from(list(" \n\t\n ab1,'é😀\u3000\x1c"))))
+def test_reading_in_slices_keeps_every_piece(text):
+    from npgpt.program.tokenizer import _slices
+    slices = list(_slices(text, size=3))
+    assert "".join(slices) == text
+    assert [p for s in slices for p in pre_tokenize(s)] == pre_tokenize(text)
+
+
+def test_tokenizers_saved_before_gpt2s_pre_tokenizer_encode_as_trained():
+    merges = [(ord("a"), 0xC2)]                        # 'a' + the first byte of '²'
+    old = tokenizer_from_dict({"kind": "bpe", "merges": merges})         # a checkpoint of npgpt's first BPE
+    new = tokenizer_from_dict({"kind": "bpe", "merges": merges, "pretokenizer": "gpt2"})
+    assert old.encode("a²") == [256, 0xB2]               # its pieces: 'a²' (one word)
+    assert new.encode("a²") == [ord("a"), 0xC2, 0xB2]     # GPT-2's: 'a', '²'
+    with pytest.raises(TokenizerError, match="earlier pre-tokenizer"):
+        old.save_pretrained("unused")
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(bpe):
+    with pytest.raises(TokenizerError, match=f"token id {bpe.vocab_size} is outside this vocabulary"):
+        bpe.decode([1, bpe.vocab_size])
+    with pytest.raises(TokenizerError, match="token id -1 is outside"):
+        bpe.decode([-1])
+
+
+def test_long_jobs_show_progress_with_an_eta(monkeypatch, capsys):
+    from npgpt.program import tokenizer
+    monkeypatch.setattr(tokenizer, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(tokenizer, "PROGRESS_EVERY_S", 0.0)
+    tok = BPETokenizer.train(SAMPLE, 300)
+    tok.encode(SAMPLE)
+    err = capsys.readouterr().err.splitlines()
+    for label in ("tokenizer: pre-tokenizing: ", "tokenizer: learning merges: ", "tokenizer: encoding: "):
+        lines = [line for line in err if line.startswith(label)]
+        assert any("| ETA " in line for line in lines), label
+        assert "done in" in lines[-1]
+    BPETokenizer.train(SAMPLE, 300, progress=False).encode(SAMPLE, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_repetitive_corpus_says_what_happened(tmp_path, monkeypatch, capsys):
+    from npgpt.program import train
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "a.txt"
+    data.write_text("a" * 200_000)
+    code = train.main(["--data", str(data), "--out-dir", str(tmp_path / "out"), "--d-model", "16", "--num-heads", "2",
+                       "--num-layers", "1", "--d-ff", "32", "--max-iters", "1", "--sample-tokens", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the bpe tokenizer turned these 200,000 characters into 6 tokens" in err
+    assert "only 1 distinct piece (the commonest is 'aaaaaaaaaaaa'..., 200,000 characters long)" in err
+    assert "--tokenizer char" in err
+
+
+def test_data_must_be_a_regular_file(tmp_path):
+    with pytest.raises(DataError, match="/dev/zero is not a regular file"):
+        read_text("/dev/zero")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_text(str(fifo))             # refused at once, not a wait for a writer

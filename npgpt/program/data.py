@@ -28,6 +28,9 @@ def read_text(path=None):
         raise DataError(f"data file {path} does not exist; pass --data PATH to a UTF-8 text file")
     if os.path.isdir(path):
         raise DataError(f"data path {path} is a directory; pass --data PATH to a UTF-8 text file")
+    if not os.path.isfile(path):      # /dev/zero never ends, a FIFO waits for a writer: read regular files only
+        raise DataError(f"data path {path} is not a regular file (a device, FIFO or socket); pass --data PATH "
+                        "to a UTF-8 text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()

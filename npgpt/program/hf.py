@@ -263,7 +263,8 @@ def npgpt_state(tensors, C):
         state[b + "ffn.linear2.weight"] = tensors[h + "mlp.c_proj.weight"].T                    # (C, F)
         state[b + "ffn.linear2.bias"] = tensors[h + "mlp.c_proj.bias"]
         for hf, ours in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
-            state[b + f"{ours}.weight"], state[b + f"{ours}.bias"] = tensors[h + f"{hf}.weight"], tensors[h + f"{hf}.bias"]
+            state[b + f"{ours}.weight"] = tensors[h + f"{hf}.weight"]
+            state[b + f"{ours}.bias"] = tensors[h + f"{hf}.bias"]
         i += 1
     return state
 
@@ -338,7 +339,8 @@ def read_tensors(directory, kw):
                 located[short] = (path, entry, start)
             elif short == "lm_head.weight" or name == "lm_head.weight":
                 if entry[1] != shapes["wte.weight"]:
-                    raise PretrainedError(f"{path}: lm_head.weight has shape {entry[1]}, wte.weight {shapes['wte.weight']}")
+                    raise PretrainedError(f"{path}: lm_head.weight has shape {entry[1]}, wte.weight "
+                                          f"{shapes['wte.weight']}")
             elif not _is_buffer(short):
                 unknown.append((path, name))
     if unknown:
@@ -386,6 +388,50 @@ def save_model(model, directory):
         json.dump(gpt2_config(model), f, indent=2)
     os.replace(tmp, path)
     return directory
+
+
+def load_weights(model, directory):
+    """Copy the weights of a Hugging Face GPT-2 directory into `model`, a GPT of the same shape."""
+    kw = read_config(directory)
+    model.load_state_dict(npgpt_state(read_tensors(directory, kw), kw["d_model"]))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning: python -m npgpt.train --init-from DIR
+
+_SHAPE_FIELDS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+
+
+def init_from_config(config, given=()):
+    """The training config with the shape of the model in config.init_from (from its config.json) and the
+    bpe tokenizer; a shape flag given on the command line that contradicts the directory is an error."""
+    kw = read_config(config.init_from)
+    shape = dict({name: kw[name] for name in _SHAPE_FIELDS}, tokenizer="bpe")
+    for name, value in shape.items():
+        if name in given and getattr(config, name) != value:
+            raise PretrainedError(f"--{name.replace('_', '-')} {getattr(config, name)} contradicts "
+                                  f"{os.path.join(config.init_from, CONFIG)} ({name} {value}); drop the flag, "
+                                  "the model's shape comes from --init-from")
+    values = dict(config.to_dict(), **shape)
+    if "seq_len" not in given:
+        values["seq_len"] = min(config.seq_len, kw["max_seq_len"])
+    return type(config)(**values)
+
+
+def run_model_kwargs(config, vocab_size, saved_model_config=None):
+    """GPT's keyword arguments for a training run: config.model_kwargs, plus GPT-2's options (attention
+    biases, tanh GELU, its epsilon) when the run starts from a Hugging Face directory; a resumed run takes
+    those from its checkpoint's model_config, so the directory is no longer needed."""
+    kwargs = config.model_kwargs(vocab_size)
+    if getattr(config, "init_from", ""):
+        options = saved_model_config if saved_model_config is not None else read_config(config.init_from)
+        if options["vocab_size"] != vocab_size:
+            raise PretrainedError(f"{config.init_from}: the tokenizer has {vocab_size:,} tokens and the model "
+                                  f"{options['vocab_size']:,}; npgpt fine-tunes only a model whose vocabulary is "
+                                  "its tokenizer's")
+        kwargs.update({k: options[k] for k in ("attention_bias", "gelu_approximate", "layer_norm_eps")})
+    return kwargs
 
 
 def load_pretrained(directory, dtype=None):

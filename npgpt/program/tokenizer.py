@@ -142,13 +142,17 @@ class TokenizerError(ValueError):
     """Text the tokenizer cannot encode, or a saved tokenizer that does not load."""
 
 
-class _Progress:
-    """`label: 12.0/45.0 MB | 3.1 MB/s | ETA 0m11s` on stderr, for jobs that last more than a few seconds
-    (shorter ones print nothing); one line every few seconds, or one line rewritten in a terminal."""
+PROGRESS_AFTER_S = 3.0          # jobs shorter than this print no progress
+PROGRESS_EVERY_S = 5.0          # one progress line this often (in a terminal: the line is rewritten twice a second)
 
-    def __init__(self, label, total, unit="", scale=1.0, enabled=True, quiet_s=3.0):
+
+class _Progress:
+    """`label: 12.0/45.0 M chars | 3.1 M chars/s | ETA 0m11s` on stderr, for jobs that last more than
+    PROGRESS_AFTER_S seconds (shorter ones print nothing)."""
+
+    def __init__(self, label, total, unit="", scale=1.0, enabled=True):
         self.label, self.total, self.unit, self.scale = label, total, unit, scale
-        self.enabled, self.quiet_s = enabled, quiet_s
+        self.enabled = enabled
         self.start = self.last = time.perf_counter()
         self.printed = False
         self.tty = enabled and sys.stderr.isatty()
@@ -160,7 +164,7 @@ class _Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if now - self.start < self.quiet_s or now - self.last < (0.5 if self.tty else 5.0):
+        if now - self.start < PROGRESS_AFTER_S or now - self.last < (0.5 if self.tty else PROGRESS_EVERY_S):
             return
         self.last = now
         rate = done / (now - self.start)
@@ -524,7 +528,8 @@ def load_pretrained_tokenizer(directory):
                                  "GPT-2's byte-level BPE does not")
         add_prefix_space = bool(pre.get("add_prefix_space", False))
         vocab, merges_file = model.get("vocab") or {}, json_path
-        merges = [((m.split(" ") if isinstance(m, str) else list(m)), n) for n, m in enumerate(model.get("merges") or [], 1)]
+        merges = [((m.split(" ") if isinstance(m, str) else list(m)), n)      # "a b" or ["a", "b"]
+                  for n, m in enumerate(model.get("merges") or [], 1)]
         added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens") or []}
         vocab_path = json_path
     else:
@@ -578,10 +583,11 @@ def explain_token_count(tokenizer, text, n_tokens):
         return ""
     pieces = count_pieces(text, progress=False)
     top = pieces.most_common(1)[0][0]
+    distinct = f"{len(pieces):,} distinct piece{'s' if len(pieces) != 1 else ''}"
     return (f"; the bpe tokenizer turned these {len(text):,} characters into {n_tokens:,} tokens because the text "
-            f"holds only {len(pieces):,} distinct pieces (the commonest is {top[:12]!r}"
-            f"{'...' if len(top) > 12 else ''}, {len(top):,} characters long), and BPE merges repetition into "
-            "ever longer tokens: use --tokenizer char, a smaller --vocab-size, or a more varied text")
+            f"holds only {distinct} (the commonest is {top[:12]!r}{'...' if len(top) > 12 else ''}, "
+            f"{len(top):,} characters long), and BPE merges repetition into ever longer tokens: use "
+            "--tokenizer char, a smaller --vocab-size, or a more varied text")
 
 
 def tokenizer_from_dict(d):

@@ -41,7 +41,9 @@ from ..model import GPT
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
 from ..fast.cpu.threads import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
 from ..engine import no_grad
-from .tokenizer import TokenizerError, build_tokenizer, tokenizer_from_dict
+from .tokenizer import (TokenizerError, build_tokenizer, explain_token_count, load_pretrained_tokenizer,
+                        tokenizer_from_dict)
+from .hf import init_from_config, load_weights, run_model_kwargs
 from .grad_stats import GradStats
 
 
@@ -170,6 +172,8 @@ class Run:
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
         resumed = self._load_resume_state(given) if config.resume else None
+        if config.init_from and resumed is None:      # GPT-2's shape and tokenizer, from its directory
+            self.config = init_from_config(config, given)
         config = self.config
         check_config(config)
 
@@ -177,17 +181,24 @@ class Run:
         if resumed is not None:
             self.tokenizer = tokenizer_from_dict(resumed["tokenizer"])
         else:
-            self.tokenizer = build_tokenizer(config.tokenizer, text, config.vocab_size)
+            self.tokenizer = (load_pretrained_tokenizer(config.init_from) if config.init_from else
+                              build_tokenizer(config.tokenizer, text, config.vocab_size))
         ids = self.tokenizer.encode(text)
-        self.train_tokens, self.val_tokens = split_tokens(ids, config.seq_len)
+        try:
+            self.train_tokens, self.val_tokens = split_tokens(ids, config.seq_len)
+        except DataError as exc:                      # say why a long text gave so few tokens
+            raise DataError(f"{exc}{explain_token_count(self.tokenizer, text, len(ids))}") from None
         if len(self.train_tokens) < config.seq_len + 1:
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, one sequence needs "
                             f"{config.seq_len + 1}; use a longer text or a smaller --seq-len")
 
         backend.manual_seed(config.seed)
-        self.model = GPT(**config.model_kwargs(self.tokenizer.vocab_size))
+        self.model = GPT(**run_model_kwargs(config, self.tokenizer.vocab_size,
+                                            resumed["meta"]["model_config"] if resumed is not None else None))
         if self.dtype != np.float32:
             self.model.to(self.dtype)
+        if config.init_from and resumed is None:
+            load_weights(self.model, config.init_from)
         self.optimizer = make_optimizer(self.model, config, self.workers)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
