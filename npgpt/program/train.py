@@ -32,8 +32,10 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
-from .checkpoint import CheckpointError, load_checkpoint, restore_model, restore_optimizer, save_checkpoint
-from .config import ARCHITECTURE_FIELDS, TrainConfig, config_from_args
+from .checkpoint import (CheckpointError, load_checkpoint, restore_model, restore_optimizer, save_checkpoint,
+                         state_problem)
+from .config import ARCHITECTURE_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems, memory_problem
+from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
 from ..generate import generate
 from ..fast.cuda.graph import GraphStep
@@ -133,24 +135,18 @@ def format_rate(tokens_per_s):
 # ---------------------------------------------------------------------------------------------------------
 # Setting up: data, tokenizer, model, optimizer, and the state of a resumed run
 
-def check_config(config):
-    problems = []
-    if config.d_model % config.num_heads:
-        problems.append(f"--d-model {config.d_model} is not divisible by --num-heads {config.num_heads}; "
-                        "choose num_heads among its divisors")
-    if config.seq_len > config.max_seq_len:
-        problems.append(f"--seq-len {config.seq_len} is above --max-seq-len {config.max_seq_len}; "
-                        "lower --seq-len or raise --max-seq-len")
-    for name in ("seq_len", "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
-                 "log_interval", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if not 0.0 <= config.dropout < 1.0:
-        problems.append(f"--dropout must lie in [0, 1), got {config.dropout}")
-    if config.lr <= 0 or config.min_lr < 0:
-        problems.append("--lr must be positive and --min-lr non-negative")
+def check_config(config, vocab_size=None):
+    """Types and ranges of every field (config.config_problems); with vocab_size, that the run fits in memory."""
+    problems = config_problems(config)
+    if not problems and vocab_size is not None:
+        problems = [p for p in [memory_problem(config, vocab_size, backend.get_device())] if p]
     if problems:
         raise TrainingError(problems[0])
+
+
+def loss_limit(vocab_size):
+    """Ten times the loss of uniform guessing, ln V: a loss above it means the run has diverged."""
+    return 10 * math.log(max(vocab_size, 2))
 
 
 class Run:
@@ -158,11 +154,11 @@ class Run:
 
     def __init__(self, config, given=()):
         self.config = config
+        check_config(config)
         try:
             backend.set_device(config.device)
         except backend.DeviceError as exc:
             raise TrainingError(str(exc)) from None
-        self.dtype = np.dtype(config.dtype)
         if backend.get_device() == "gpu":
             self.workers = 1
         else:
@@ -171,19 +167,38 @@ class Run:
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+        earlier = previous_run(config.out_dir)
+        if earlier and not (config.resume or config.overwrite):
+            raise TrainingError(f"--out-dir {config.out_dir} already holds a run ({', '.join(earlier)}); "
+                                "continue it with --resume, start over with --overwrite (deletes it), or "
+                                "choose another --out-dir")
         resumed = self._load_resume_state(given) if config.resume else None
         if config.init_from and resumed is None:      # GPT-2's shape and tokenizer, from its directory
             self.config = init_from_config(config, given)
         config = self.config
-        check_config(config)
+        self.dtype = np.dtype(config.dtype)           # after a resume: the checkpoint's dtype
+        vocab_floor = {"char": 1, "bpe": 256}[config.tokenizer]
+        check_config(config, resumed["tokenizer"].vocab_size if resumed else vocab_floor)
 
         text = read_text(config.data or None)
         if resumed is not None:
-            self.tokenizer = tokenizer_from_dict(resumed["tokenizer"])
+            self.tokenizer = resumed["tokenizer"]
         else:
             self.tokenizer = (load_pretrained_tokenizer(config.init_from) if config.init_from else
                               build_tokenizer(config.tokenizer, text, config.vocab_size))
-        ids = self.tokenizer.encode(text)
+            check_config(config, self.tokenizer.vocab_size)
+        if config.sample_tokens > 0 and config.sample_prompt:
+            try:
+                self.tokenizer.encode(config.sample_prompt)
+            except TokenizerError as exc:
+                raise TrainingError(f"--sample-prompt {config.sample_prompt!r}: {exc}; change --sample-prompt "
+                                    "(or pass --sample-tokens 0)") from None
+        try:
+            ids = self.tokenizer.encode(text)
+        except TokenizerError as exc:
+            raise TrainingError(f"--data {config.data or 'the bundled corpus'}: {exc}; the checkpoint's "
+                                "character vocabulary is fixed, so resume with the text it was trained on, or "
+                                "start a new run in another --out-dir") from None
         try:
             self.train_tokens, self.val_tokens = split_tokens(ids, config.seq_len)
         except DataError as exc:                      # say why a long text gave so few tokens
@@ -202,8 +217,15 @@ class Run:
         self.optimizer = make_optimizer(self.model, config, self.workers)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
+        self.saved_step = None          # the step of the last checkpoint written or resumed from
+        self.loss_limit = loss_limit(self.tokenizer.vocab_size)
         if resumed is not None:
             self._restore(resumed)
+            self.saved_step = self.step
+        if config.overwrite:
+            removed = clear_previous_run(config.out_dir)
+            if removed:
+                print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {config.out_dir}")
         self.graph_step = None      # on the GPU: the step recorded once as a CUDA graph, then replayed
         if backend.get_device() == "gpu" and self.config.cuda_graph == "on":
             self.graph_step = GraphStep(lambda batches: train_step(self.model, self.optimizer, batches,
@@ -223,7 +245,7 @@ class Run:
             arrays, meta = load_checkpoint(self.ckpt_path)
         except CheckpointError as exc:
             raise TrainingError(f"--resume: {exc}") from None
-        saved = TrainConfig(**meta["config"])
+        saved = TrainConfig(**meta["config"])      # every field checked by load_checkpoint
         for name in ARCHITECTURE_FIELDS + ("dtype",):
             if name in given and getattr(self.config, name) != getattr(saved, name):
                 raise TrainingError(f"--resume: the checkpoint in {self.config.out_dir} was trained with "
@@ -232,9 +254,9 @@ class Run:
         # the saved config, with the flags given now on top (e.g. a larger --max-iters)
         values = saved.to_dict()
         values.update({k: getattr(self.config, k) for k in given})
-        values.update(resume=True, device=self.config.device, out_dir=self.config.out_dir)
+        values.update(resume=True, overwrite=False, device=self.config.device, out_dir=self.config.out_dir)
         self.config = TrainConfig(**values)
-        return {"arrays": arrays, "meta": meta, "tokenizer": meta["tokenizer"]}
+        return {"arrays": arrays, "meta": meta, "tokenizer": tokenizer_from_dict(meta["tokenizer"])}
 
     def _restore(self, resumed):
         arrays, meta = resumed["arrays"], resumed["meta"]
@@ -251,8 +273,24 @@ class Run:
                 "rng": {"data": backend.rng_state(self.data_rng),
                         "dropout": backend.rng_state(backend.global_rng())}}
 
-    def save(self, path=None):
-        save_checkpoint(path or self.ckpt_path, self.model, self.optimizer, self.meta())
+    def good_checkpoint(self):
+        """Which checkpoint to go back to, for an error message."""
+        if self.saved_step is None:
+            return f"no checkpoint was saved in {self.config.out_dir}"
+        best = f", best.npz the lowest validation loss ({self.best_val:.4f})" if os.path.exists(self.best_path) \
+            else ""
+        return f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step}){best}"
+
+    def save(self, *paths):
+        """Save to each path (default ckpt.npz), once the weights and moments are checked to be sane."""
+        problem = state_problem(self.model, self.optimizer)
+        if problem:
+            raise TrainingError(f"at step {self.step} {problem}; stopped without saving, so "
+                                f"{self.good_checkpoint()}; lower --lr or --grad-clip and --resume")
+        for path in paths or (self.ckpt_path,):
+            save_checkpoint(path, self.model, self.optimizer, self.meta())
+            if path == self.ckpt_path:
+                self.saved_step = self.step
 
     def lr_at(self, step):
         c = self.config
@@ -266,29 +304,45 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal after saving; exit_code is 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 class _StopFlag:
-    """SIGINT sets a flag; the loop saves and exits at the end of the current step. A second Ctrl-C aborts."""
+    """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, schedulers) sets a flag; the loop saves and exits at the end
+    of the current step. A second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-                  flush=True)
+                raise Stopped(signum)
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  "(signal again to abort)", flush=True)
         try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:          # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, handler)
+        except ValueError:          # not the main thread: no handler, signals behave as usual
+            pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -296,6 +350,8 @@ def train(run, log=print):
     """Run the loop from run.step to max_iters. Returns the list of logged metric records."""
     c = run.config
     os.makedirs(c.out_dir, exist_ok=True)
+    if run.step:                # records logged after the checkpoint's step were lost with that run
+        trim_metrics(run.metrics_path, run.step)
     records = []
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
     loss_sum, loss_count = None, 0
@@ -319,16 +375,21 @@ def train(run, log=print):
                 backend.synchronize()
                 now = time.perf_counter()
                 mean_loss = float(loss_sum) / loss_count            # the only value that leaves the device
-                if not math.isfinite(mean_loss):
+                if not math.isfinite(mean_loss) or mean_loss > run.loss_limit:
                     raise TrainingError(
-                        f"loss became {mean_loss} at step {run.step}; stopped without saving, so the last good "
-                        f"checkpoint in {c.out_dir} is intact; lower --lr or --grad-clip and --resume")
+                        f"loss became {mean_loss:.4g} at step {run.step}; stopped without saving, so "
+                        f"{run.good_checkpoint()}; lower --lr or --grad-clip and --resume")
                 ms = (now - window_start) * 1000 / window_steps
                 step_times.append(ms)
                 record = {"step": run.step, "loss": round(mean_loss, 5), "lr": run.lr_at(run.step - 1),
                           "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens_per_step * 1000 / ms, 1)}
                 if is_eval:
-                    record["val_loss"] = round(estimate_loss(run.model, run.val_tokens, c, c.seed + 1), 5)
+                    val_loss = estimate_loss(run.model, run.val_tokens, c, c.seed + 1)
+                    if not math.isfinite(val_loss) or val_loss > run.loss_limit:
+                        raise TrainingError(
+                            f"validation loss became {val_loss:.4g} at step {run.step}; stopped without saving, "
+                            f"so {run.good_checkpoint()}; lower --lr or --grad-clip and --resume")
+                    record["val_loss"] = round(val_loss, 5)
                 eta = (c.max_iters - run.step) * np.median(step_times[-5:]) / 1000
                 record["eta_s"] = round(eta, 1)
                 line = f"step {run.step}/{c.max_iters} | loss {mean_loss:.3f}"
@@ -338,54 +399,64 @@ def train(run, log=print):
                          f"{format_rate(record['tokens_per_s'])} tok/s | ETA {format_duration(eta)}")
                 log(line)
                 record.update(grad_stats.record())      # per-layer gradient norms and update ratios
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(metrics_line(record))
                 metrics.flush()
                 records.append(record)
                 if is_eval:
                     if record["val_loss"] < run.best_val:
                         run.best_val = record["val_loss"]
-                        run.save(run.best_path)
-                    run.save()
+                        run.save(run.best_path, run.ckpt_path)
+                    else:
+                        run.save()
                 loss_sum, loss_count = None, 0
                 window_start, window_steps = time.perf_counter(), 0
             if stop.requested:
-                run.save()
+                if run.saved_step != run.step:
+                    run.save()
                 log(f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
                     f"continue with --out-dir {c.out_dir} --resume")
-                raise KeyboardInterrupt
+                raise Stopped(stop.signum)
     return records
 
 
 def main(argv=None):
     try:
         config, given = config_from_args(argv)
-        started = time.perf_counter()
-        run = Run(config, given)
-        c = run.config
-        print(f"npgpt: {c.preset} preset on {backend.get_device()} ({c.dtype}), {run.model.num_parameters():,} "
-              f"parameters, {c.tokenizer} tokenizer with {run.tokenizer.vocab_size:,} tokens, "
-              f"{len(run.train_tokens):,} training / {len(run.val_tokens):,} validation tokens")
-        if run.graph_step is not None:
-            print("the training step is recorded as a CUDA graph and replayed (--cuda-graph off to launch "
-                  "kernels one by one)")
-        if run.step:
-            print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
-        train(run)
-        print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
-              f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
-        print(f"plots: python -m npgpt.plot --out-dir {shlex.quote(c.out_dir)} --loss --grads --attention")
-        if c.sample_tokens > 0:
-            prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
-            out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
-                           rng=np.random.default_rng(c.seed))
-            print("-" * 60)
-            print(run.tokenizer.decode(out[0]))
-            print("-" * 60)
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except (TrainingError, DataError, TokenizerError, CheckpointError, backend.DeviceError) as exc:
+        check_config(config)
+        with RunDirLock(config.out_dir):      # one run at a time in an out dir
+            started = time.perf_counter()
+            run = Run(config, given)
+            c = run.config
+            print(f"npgpt: {c.preset} preset on {backend.get_device()} ({c.dtype}), "
+                  f"{run.model.num_parameters():,} parameters, {c.tokenizer} tokenizer with {run.tokenizer.vocab_size:,} tokens, "
+                  f"{len(run.train_tokens):,} training / {len(run.val_tokens):,} validation tokens")
+            if run.graph_step is not None:
+                print("the training step is recorded as a CUDA graph and replayed (--cuda-graph off to launch "
+                      "kernels one by one)")
+            if run.step:
+                print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
+            train(run)
+            print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
+                  f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
+            print(f"plots: python -m npgpt.plot --out-dir {shlex.quote(c.out_dir)} --loss --grads --attention")
+            if c.sample_tokens > 0:
+                prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
+                out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
+                               rng=np.random.default_rng(c.seed))
+                print("-" * 60)
+                print(run.tokenizer.decode(out[0]))
+                print("-" * 60)
+            return 0
+    except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM
+        return getattr(exc, "exit_code", 130)
+    except (TrainingError, DataError, TokenizerError, CheckpointError, ConfigError, RunDirError,
+            backend.DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:                      # a full disk or a read-only directory, outside a checkpoint save
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; free some space or choose a writable --out-dir",
+              file=sys.stderr)
         return 2
 
 

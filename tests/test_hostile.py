@@ -1,0 +1,530 @@
+"""A careless or hostile user: reused and shared out dirs, diverging runs, signals, tampered checkpoints, full
+disks, impossible configurations and sampler settings. Each gets one line on stderr, exit code 2 (or the
+signal's code), and loses nothing: the good checkpoints stay byte for byte (docs/hostile-inputs.md)."""
+
+import builtins
+import errno
+import hashlib
+import io
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import backend
+from npgpt.generate import filter_logits, generate, generate_tokens
+from npgpt.model import GPT
+from npgpt.program import checkpoint as checkpoint_module
+from npgpt.program import sample as sample_module
+from npgpt.program import train as train_module
+from npgpt.program.checkpoint import CheckpointError, load_checkpoint, optimizer_order, state_problem
+from npgpt.program.config import TrainConfig, memory_problem, parameter_shapes
+from npgpt.program.rundir import RunDirLock, RunDirError, trim_metrics
+
+TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1", "--d-ff", "32",
+        "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0",
+        "--eval-iters", "2"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    text = open(npgpt.program.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A run stopped at step 4 (ckpt.npz and best.npz at step 4); tests copy it before changing anything."""
+    out_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    assert train_module.main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "4",
+                                     "--eval-interval", "4", "--log-interval", "1"]) == 0
+    return out_dir
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    out_dir = str(tmp_path / "run")
+    shutil.copytree(trained, out_dir)
+    return out_dir
+
+
+def run_main(args, capsys, main=train_module.main):
+    try:
+        code = main(args)
+    except SystemExit as exc:          # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def fingerprints(out_dir):
+    return {name: sha256(os.path.join(out_dir, name)) for name in ("ckpt.npz", "best.npz", "metrics.jsonl")}
+
+
+def strict_records(out_dir):
+    """metrics.jsonl as strict JSON: a bare NaN or Infinity fails."""
+    def refuse(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def rewrite_checkpoint(path, edit_meta=None, edit_arrays=None):
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def resume_args(corpus, out_dir, *extra):
+    return TINY + ["--data", corpus, "--out-dir", out_dir, "--eval-interval", "4", "--max-iters", "8",
+                   "--resume", *extra]
+
+
+# ---- 1. a used out dir ---------------------------------------------------------------------------------------
+
+def test_a_used_out_dir_is_refused_and_overwrite_starts_over_cleanly(corpus, run_dir, capsys):
+    before = fingerprints(run_dir)
+    fresh = TINY + ["--data", corpus, "--out-dir", run_dir, "--max-iters", "2", "--eval-interval", "2"]
+    code, out, err = run_main(fresh, capsys)
+    assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
+    assert fingerprints(run_dir) == before
+    # --overwrite with a run that cannot start deletes nothing
+    code, _, err = run_main(fresh + ["--overwrite", "--data", os.path.join(run_dir, "missing.txt")], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    assert fingerprints(run_dir) == before
+    code, out, _ = run_main(fresh + ["--overwrite", "--log-interval", "1"], capsys)
+    assert code == 0 and "--overwrite: deleted" in out
+    assert [r["step"] for r in strict_records(run_dir)] == [1, 2]        # only the new run's records
+    assert load_checkpoint(os.path.join(run_dir, "ckpt.npz"))[1]["step"] == 2
+    code, _, err = run_main(fresh + ["--overwrite", "--resume"], capsys)
+    assert_one_line_error(code, err, "give one of them")
+
+
+# ---- 2. divergence is never saved ----------------------------------------------------------------------------
+
+def test_a_diverging_run_saves_nothing_and_names_the_good_checkpoint(corpus, run_dir, capsys):
+    before = fingerprints(run_dir)
+    code, _, err = run_main(resume_args(corpus, run_dir, "--lr", "1e6", "--warmup-iters", "0", "--eval-interval",
+                                        "1", "--log-interval", "1", "--grad-clip", "0"), capsys)
+    assert_one_line_error(code, err, "stopped without saving", "ckpt.npz (step 4)")
+    for name in ("ckpt.npz", "best.npz"):
+        assert sha256(os.path.join(run_dir, name)) == before[name]
+    strict_records(run_dir)
+
+
+def test_a_nan_validation_loss_is_not_saved_nor_logged_as_bare_nan(corpus, run_dir, capsys, monkeypatch):
+    before = fingerprints(run_dir)
+    monkeypatch.setattr(train_module, "estimate_loss", lambda *args, **kwargs: float("nan"))
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "validation loss became nan at step 8", "ckpt.npz (step 4)")
+    assert sha256(os.path.join(run_dir, "ckpt.npz")) == before["ckpt.npz"]
+    assert all("val_loss" not in r or np.isfinite(r["val_loss"]) for r in strict_records(run_dir))
+
+
+def test_state_problem_finds_non_finite_and_exploded_weights():
+    backend.manual_seed(0)
+    model = GPT(10, d_model=8, num_heads=2, num_layers=1, d_ff=16, max_seq_len=4)
+    assert state_problem(model) is None
+    weight = dict(model.named_parameters())["blocks.0.ffn.linear1.weight"]
+    weight.data[0, 0] = 3e15
+    assert "blocks.0.ffn.linear1.weight reaches 3e+15" in state_problem(model)
+    weight.data[0, 0] = np.nan
+    assert "blocks.0.ffn.linear1.weight is not finite" in state_problem(model)
+
+
+# ---- 3. dtype from the checkpoint ----------------------------------------------------------------------------
+
+def test_a_float64_run_resumes_as_float64_and_a_bogus_dtype_is_refused(corpus, tmp_path, capsys):
+    out_dir = str(tmp_path / "run")
+    assert run_main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "4", "--eval-interval", "4",
+                            "--dtype", "float64"], capsys)[0] == 0
+    code, out, _ = run_main(resume_args(corpus, out_dir), capsys)
+    assert code == 0 and "(float64)" in out
+    arrays, meta = load_checkpoint(os.path.join(out_dir, "ckpt.npz"))
+    assert meta["step"] == 8 and meta["config"]["dtype"] == "float64"
+    assert {a.dtype for name, a in arrays.items() if not name.endswith("step")} == {np.dtype(np.float64)}
+    path = os.path.join(out_dir, "ckpt.npz")
+    rewrite_checkpoint(path, lambda meta: meta["config"].update(dtype="bogus"))
+    before = sha256(path)
+    code, _, err = run_main(resume_args(corpus, out_dir, "--max-iters", "12"), capsys)
+    assert_one_line_error(code, err, "--dtype must be one of float32, float64, got 'bogus'")
+    assert sha256(path) == before
+
+
+# ---- 4. one run per out dir ----------------------------------------------------------------------------------
+
+def test_a_live_run_holds_its_out_dir(corpus, run_dir, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom npgpt.program.rundir import RunDirLock\n"
+                               "lock = RunDirLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\n"
+                               "time.sleep(60)", run_dir],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = fingerprints(run_dir)
+        code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+        assert_one_line_error(code, err, "in use by another training run", f"pid {holder.pid}")
+        assert fingerprints(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without unlocking: its lock file is stale and the next run takes it over
+    assert f"pid {holder.pid}" in open(os.path.join(run_dir, "lock")).read()
+    code, out, _ = run_main(resume_args(corpus, run_dir), capsys)
+    assert code == 0 and f"taking over the lock of a run that is no longer running (pid {holder.pid}" in out
+    assert not os.path.exists(os.path.join(run_dir, "lock"))
+
+
+def test_temporary_files_are_unique_per_writer_and_leftovers_are_removed(corpus, run_dir, capsys, monkeypatch):
+    leftover = os.path.join(run_dir, "ckpt.npz.tmp-12345-abcd")     # from a writer killed by SIGKILL
+    open(leftover, "wb").write(b"partial")
+    names = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        names.append(os.path.basename(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", spy)
+    assert run_main(resume_args(corpus, run_dir), capsys)[0] == 0
+    assert not os.path.exists(leftover)
+    assert len(names) >= 2 and len(set(names)) == len(names)
+    assert all(n.startswith(f"ckpt.npz.tmp-{os.getpid()}-") or n.startswith(f"best.npz.tmp-{os.getpid()}-")
+               for n in names)
+
+
+# ---- 5. SIGTERM, and no step logged twice ----------------------------------------------------------------------
+
+def test_sigterm_saves_once_and_exits_143(corpus, tmp_path):
+    out_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-u", "-m", "npgpt.train"] + TINY + ["--data", corpus, "--out-dir", out_dir,
+                                                                "--max-iters", "100000", "--log-interval", "5",
+                                                                "--eval-interval", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        while not line.startswith("step "):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert out.count("checkpoint saved") == 1 and "Traceback" not in err
+    step = load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"]
+    assert step >= 5 and strict_records(out_dir)[-1]["step"] == step
+
+
+def test_resume_drops_the_records_logged_after_the_checkpoint(corpus, run_dir, capsys):
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "loss": 4.0}\n{"step": 6, "loss": 4.0}\n{"step": 7, "lo')   # then killed
+    assert run_main(resume_args(corpus, run_dir, "--log-interval", "1"), capsys)[0] == 0
+    assert [r["step"] for r in strict_records(run_dir)] == list(range(1, 9))
+
+
+def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\nNaN\n{"step": 3}\n{"step": 2', encoding="utf-8")
+    assert trim_metrics(str(path), 2) == 3
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2}\n'
+
+
+# ---- 6. tampered and malformed checkpoints ----------------------------------------------------------------------
+
+def _set(key, value):
+    return lambda meta: meta["config"].update({key: value})
+
+
+def _drop(key):
+    return lambda meta: meta.pop(key)
+
+
+def _both(key, value):
+    def edit(meta):
+        meta["config"][key] = value
+        meta["model_config"][key] = value
+    return edit
+
+
+def _array(name, make):
+    return lambda arrays: arrays.update({name: make(arrays[name])})
+
+
+def _drop_array(name):
+    return lambda arrays: arrays.pop(name)
+
+
+TAMPERED = [
+    ("no config", _drop("config"), None, "no 'config'"),
+    ("no tokenizer", _drop("tokenizer"), None, "no 'tokenizer'"),
+    ("no model_config", _drop("model_config"), None, "no 'model_config'"),
+    ("extra config key", _set("colour", "blue"), None, "unknown field 'colour'"),
+    ("d_model a string", _set("d_model", "abc"), None, "--d-model must be int, got 'abc'"),
+    ("step a string", lambda meta: meta.update(step="ten"), None, "its step is 'ten'"),
+    ("lr nan", _set("lr", float("nan")), None, "--lr must be a finite number"),
+    ("string parameter", None, _array("param.ln_f.bias", lambda a: np.array(["x"] * a.size)),
+     "param.ln_f.bias is (16,) <U1"),
+    ("wrong-shape adam.v", None, _array("adam.v.0", lambda a: a[:, :3]), "adam.v.0 is (58, 3)"),
+    ("missing adam.v", None, _drop_array("adam.v.0"), "AdamW moments for parameter 0 are missing"),
+    ("unexpected array", None, lambda arrays: arrays.update(extra=np.zeros(3)), "extra"),
+    ("nan weights", None, _array("param.ln_f.weight", lambda a: a * np.nan), "param.ln_f.weight holds nan"),
+    ("d_model 10**9", _both("d_model", 10 ** 9), None, "of weights are more than the"),
+]
+
+
+@pytest.mark.parametrize("edit_meta,edit_arrays,message", [case[1:] for case in TAMPERED],
+                         ids=[case[0] for case in TAMPERED])
+def test_a_tampered_checkpoint_is_refused_before_anything_is_built(corpus, run_dir, capsys, edit_meta,
+                                                                   edit_arrays, message):
+    path = os.path.join(run_dir, "ckpt.npz")
+    rewrite_checkpoint(path, edit_meta, edit_arrays)
+    before = sha256(path)
+    started = time.perf_counter()
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "is unusable", message)
+    assert sha256(path) == before
+    code, _, err = run_main(["--out-dir", run_dir, "--checkpoint", "ckpt.npz"], capsys, sample_module.main)
+    assert_one_line_error(code, err, message)
+    assert time.perf_counter() - started < 30          # refused, not allocated (d_model 10**9 needs 300 GB)
+
+
+def test_a_header_claiming_1e11_floats_is_refused_without_reading_it(corpus, run_dir, capsys):
+    path = os.path.join(run_dir, "ckpt.npz")
+    forged = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(forged, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "param.token_embedding.weight.npy":
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 11,)})
+                data = header.getvalue() + b"\x00" * 64          # magic, header, then 64 bytes only
+            dst.writestr(info.filename, data)
+    open(path, "wb").write(forged.getvalue())
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "header claims (100000000000,)")
+
+
+def test_parameter_shapes_and_adam_order_match_the_model():
+    for attention_bias in (False, True):
+        kwargs = dict(vocab_size=11, d_model=8, num_heads=2, num_layers=2, d_ff=12, max_seq_len=5)
+        try:
+            model = GPT(**kwargs, attention_bias=attention_bias)
+        except TypeError:                      # a GPT without the option
+            assert not attention_bias
+            continue
+        shapes = parameter_shapes(**kwargs, attention_bias=attention_bias)
+        assert list(shapes.items()) == [(n, p.shape) for n, p in model.named_parameters()]
+        optimizer = train_module.make_optimizer(model, TrainConfig())
+        assert [p.shape for _, p in optimizer._params()] == [shapes[n] for n in optimizer_order(shapes)]
+
+
+# ---- 7. disk full and read-only directories ---------------------------------------------------------------------
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(corpus, run_dir, capsys, monkeypatch):
+    before = fingerprints(run_dir)
+
+    def savez_then_disk_full(file, *args, **kwargs):
+        file.write(b"\x00" * 4096)                       # part of the archive reaches the disk, then no more
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.np, "savez", savez_then_disk_full)
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "No space left on device", "untouched")
+    assert sorted(os.listdir(run_dir)) == ["best.npz", "ckpt.npz", "metrics.jsonl"]
+    for name in ("ckpt.npz", "best.npz"):
+        assert sha256(os.path.join(run_dir, name)) == before[name]
+
+
+def test_a_read_only_out_dir_is_one_line(corpus, run_dir, capsys, monkeypatch):
+    before = fingerprints(run_dir)
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(run_dir) and any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "Read-only file system")
+    monkeypatch.undo()
+    assert fingerprints(run_dir) == before
+
+
+# ---- 8, 9. the sampler -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    backend.manual_seed(0)
+    model = GPT(20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_seq_len=8, dropout=0.0)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=-1.0), "temperature must be a finite number"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(top_k=-3), "top_k must be an integer >= 1"),
+    (dict(top_p=float("nan")), "top_p must lie in (0, 1]"),
+])
+def test_the_sampler_refuses_settings_that_cannot_sample(small_model, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        generate(small_model, [1, 2], 3, rng=np.random.default_rng(0), **{"temperature": 1.0, **kwargs})
+    with pytest.raises(ValueError):
+        filter_logits(np.zeros((1, 5)), **{"temperature": 1.0, **kwargs})
+
+
+def test_the_sampler_refuses_float16_and_nan_logits():
+    backend.manual_seed(0)
+    model = GPT(20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_seq_len=8)
+    for p in model.parameters():                # float16 arrays put in by hand (Module.to refuses them)
+        p.data = p.data.astype(np.float16)
+    with pytest.raises(ValueError, match="float16"):
+        generate(model, [1, 2], 3)
+    model = GPT(20, d_model=16, num_heads=2, num_layers=1, d_ff=32, max_seq_len=8)
+    model.ln_f.weight.data[:] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        generate(model, [1, 2], 3)
+
+
+def test_tokens_stream_one_at_a_time_and_add_up_to_generate(small_model):
+    stream = generate_tokens(small_model, [1, 2, 3], 12, 0.9, top_k=5, rng=np.random.default_rng(3))
+    first = next(stream)
+    assert first.shape == (1,) and 0 <= first[0] < 20
+    streamed = [first[0]] + [ids[0] for ids in stream]
+    whole = generate(small_model, [1, 2, 3], 12, 0.9, top_k=5, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(whole[0], [1, 2, 3] + streamed)
+    assert small_model.training is False
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "-3"], "--top-k must be at least 1"),
+    (["--prompt", "Zebra\u2603"], "--prompt: character"),
+])
+def test_sample_cli_refuses_bad_settings(trained, capsys, flags, message):
+    code, out, err = run_main(["--out-dir", trained] + flags, capsys, sample_module.main)
+    assert_one_line_error(code, err, message)
+    assert out == ""
+
+
+def test_sample_cli_prints_what_generate_gives(trained, capsys):
+    code, out, _ = run_main(["--out-dir", trained, "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                             "--temperature", "0"], capsys, sample_module.main)
+    assert code == 0
+    model, tokenizer = sample_module.load_model(os.path.join(trained, "best.npz"))
+    ids = generate(model, tokenizer.encode("ROMEO:"), 30, temperature=0)
+    assert out == tokenizer.decode(ids[0]) + "\n"
+
+
+def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.sample", "--out-dir", trained, "--prompt",
+                             "ROMEO:", "--max-new-tokens", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    printed = b""
+    try:
+        deadline = time.monotonic() + 60
+        while len(printed) < 40 and time.monotonic() < deadline:   # the text arrives while it is generated
+            if select.select([proc.stdout], [], [], 1)[0]:
+                printed += os.read(proc.stdout.fileno(), 4096)
+        assert len(printed) >= 40, "nothing streamed"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    text = (printed + rest).decode("utf-8")
+    assert text.startswith("ROMEO:") and len(text) >= 40
+    assert b"interrupted after" in err and b"Traceback" not in err
+
+
+# ---- 10. configurations that cannot work ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--beta2", "1.0"], "--beta2 must lie in [0, 1), got 1.0"),
+    (["--beta1", "-5"], "--beta1 must lie in [0, 1), got -5.0"),
+    (["--warmup-iters", "-1"], "--warmup-iters must not be negative"),
+    (["--grad-clip", "-1"], "--grad-clip must not be negative"),
+    (["--workers", "-2"], "--workers must not be negative"),
+    (["--weight-decay", "-0.1"], "--weight-decay must not be negative, got -0.1"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--max-seq-len", "1e9"], "needs at least 256.0 GB"),
+    (["--d-model", "128", "--num-layers", "4", "--d-ff", "512", "--seq-len", "64", "--max-seq-len", "64",
+      "--batch-size", "100000"], "activations for --batch-size 100000 x --seq-len 64"),
+    (["--d-model", "1.5"], "invalid integer '1.5'"),
+])
+def test_impossible_configurations_are_one_line(corpus, tmp_path, capsys, flags, message):
+    out_dir = str(tmp_path / "o")
+    code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "2"] + flags, capsys)
+    assert_one_line_error(code, err, message)
+    assert not os.path.exists(out_dir)                  # nothing was created
+
+
+def test_a_bogus_npgpt_device_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NPGPT_DEVICE", "bogus")
+    args = [a for a in TINY if a not in ("--device", "cpu")]
+    code, _, err = run_main(args + ["--data", corpus, "--out-dir", str(tmp_path / "o"), "--max-iters", "2"], capsys)
+    assert_one_line_error(code, err, "NPGPT_DEVICE='bogus' is not a device")
+
+
+def test_the_memory_estimate_counts_the_weights_adam_and_activations():
+    config = TrainConfig(d_model=8, num_heads=2, num_layers=1, d_ff=16, max_seq_len=4, seq_len=4, batch_size=2)
+    # weights: 10*8 + 4*8 + (2*8 + 4*64 + 2*8 + 16*8 + 16 + 8*16 + 8) + 2*8 = 696; x4 (grads, m, v) x 4 bytes
+    # activations: 1 layer x 8 rows x (6*8 + 2*16) + 2 x 8 rows x 10 logits = 800 numbers x 4 bytes
+    assert memory_problem(config, 10, available=696 * 16 + 800 * 4) is None
+    assert "needs at least 14.3 kB" in memory_problem(config, 10, available=696 * 16 + 800 * 4 - 1)
+
+
+# ---- 12. messages ------------------------------------------------------------------------------------------------
+
+def test_a_bad_sample_prompt_is_refused_before_training(corpus, tmp_path, capsys):
+    out_dir = str(tmp_path / "o")
+    code, out, err = run_main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "50",
+                                      "--sample-tokens", "10", "--sample-prompt", "Zebra\u2603"], capsys)
+    assert_one_line_error(code, err, "--sample-prompt", "'Z' is not in this character vocabulary")
+    assert "step " not in out and not os.path.exists(out_dir)
+
+
+def test_new_characters_in_the_data_of_a_resumed_char_run(corpus, run_dir, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text(open(corpus, encoding="utf-8").read() + "Zebra\u2603", encoding="utf-8")
+    code, _, err = run_main(resume_args(str(other), run_dir), capsys)
+    assert_one_line_error(code, err, f"--data {other}", "character vocabulary is fixed")
+    assert "prompt" not in err
