@@ -78,7 +78,7 @@ def main(argv=None):
         print(format_quality(quality))
     if args.suite == "dist":
         from benchmarks.dist import format_dist, run_dist
-        report["dist"] = run_dist(quick=args.quick, log=log)
+        report["dist"] = run_dist(quick=args.quick, device=args.device, log=log)
         print(format_dist(report["dist"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 
     python -m benchmarks --suite dist               # the table (a few minutes on 2 cores)
     python -m benchmarks --suite dist --quick       # the smaller case, fewer steps
+    python -m benchmarks --suite dist --device gpu  # NCCL's overhead at world size 1 (not run yet: no GPU here)
 
 Both sides train the same global batch per step: one process with --grad-accum 2 and --workers 2 (BLAS at 2
 threads outside the workers), against `mpiexec -n 2` with --grad-accum 1 and one thread per rank. Each
@@ -9,6 +10,10 @@ measurement is a fresh process (or pair) that warms up, then times --steps optim
 alternate (A B A B) and the median is reported. The allreduce's share is the time inside
 World.allreduce_gradients (packing, summing, unpacking, and waiting for the slower rank) over the step time;
 "alone" times the same Allreduce on idle ranks.
+
+On a GPU (--device gpu): one process without MPI against `mpiexec -n 1 ... --dist-backend nccl`, both with
+--cuda-graph off (a run under mpiexec is not recorded as a graph), so the difference is NCCL's allreduce of
+the flat buffer at world size 1 and its packing.
 """
 
 import argparse
@@ -30,7 +35,7 @@ CASES = {
 }
 
 
-def worker(case, steps, grad_accum, workers):
+def worker(case, steps, grad_accum, workers, device="cpu", dist_backend="mpi"):
     """Inside one process (or one rank): time `steps` optimizer steps; rank 0 prints one JSON line."""
     import numpy as np
     from npgpt.program.config import config_from_args
@@ -40,8 +45,9 @@ def worker(case, steps, grad_accum, workers):
     world = launched_world()
     with tempfile.TemporaryDirectory() as out_dir:
         config, given = config_from_args(CASES[case][0] + [
-            "--device", "cpu", "--dtype", "float32", "--grad-accum", str(grad_accum), "--workers", str(workers),
-            "--sample-tokens", "0", "--out-dir", os.path.join(out_dir, "run")])
+            "--device", device, "--dtype", "float32", "--grad-accum", str(grad_accum), "--workers", str(workers),
+            "--dist-backend", dist_backend, "--cuda-graph", "off", "--sample-tokens", "0",
+            "--out-dir", os.path.join(out_dir, "run")])
         run = Run(config, given, world)
         c = run.config
 
@@ -49,18 +55,21 @@ def worker(case, steps, grad_accum, workers):
             run.train_step(run.next_micro_batches())
             run.step += 1
 
+        from npgpt import backend
         for _ in range(3):
             step()
+        backend.synchronize()
         if world is not None:
             world.comm.Barrier()
         reduce_before = world.allreduce_seconds if world is not None else 0.0
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        backend.synchronize()
         elapsed = time.perf_counter() - start
         reduce_s = (world.allreduce_seconds - reduce_before) if world is not None else 0.0
         alone_ms = None
-        if world is not None:            # the same collective on idle ranks: communication alone
+        if world is not None and device == "cpu":      # the same collective on idle ranks: communication alone
             flat = np.zeros(run.model.num_parameters() + 2, dtype=np.float32)
             times = []
             for _ in range(10):
@@ -78,11 +87,14 @@ def worker(case, steps, grad_accum, workers):
     print(json.dumps(result), flush=True)
 
 
-def _measure(case, steps, ranks):
-    threads = 2 // ranks
-    args = ["-m", "benchmarks.dist", "--worker", "--case", case, "--steps", str(steps),
-            "--grad-accum", str(2 // ranks), "--workers", str(threads)]
-    if ranks == 1:
+def _measure(case, steps, ranks, device="cpu", mpi=None):
+    """One measurement: `ranks` processes under mpiexec (or one plain process when mpi is False)."""
+    mpi = ranks > 1 if mpi is None else mpi
+    threads = 2 // ranks if device == "cpu" else 1
+    args = ["-m", "benchmarks.dist", "--worker", "--case", case, "--steps", str(steps), "--device", device,
+            "--grad-accum", str(2 // ranks if device == "cpu" else 1), "--workers", str(threads),
+            "--dist-backend", "nccl" if device == "gpu" else "mpi"]
+    if not mpi:
         cmd = [sys.executable] + args
     else:
         cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(ranks), sys.executable] + args
@@ -92,17 +104,19 @@ def _measure(case, steps, ranks):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_dist(quick=False, repeats=2, log=print):
+def run_dist(quick=False, repeats=2, device="cpu", log=print):
     cases = ["shakespeare-char"] if quick else list(CASES)
     steps = 10 if quick else 30
-    report = {"steps": steps, "repeats": repeats, "cases": {}}
+    report = {"steps": steps, "repeats": repeats, "device": device, "cases": {}}
+    # CPU: 1 process x 2 threads against 2 ranks x 1 thread; GPU: no MPI against NCCL at world size 1
+    layouts = {"1": (1, False), "2": (2, True)} if device == "cpu" else {"plain": (1, False), "nccl": (1, True)}
     for case in cases:
-        runs = {1: [], 2: []}
+        runs = {name: [] for name in layouts}
         for _ in range(repeats):
-            for ranks in (1, 2):
-                log(f"[dist] {case}: {ranks} rank(s), {steps} steps")
-                runs[ranks].append(_measure(case, steps, ranks))
-        report["cases"][case] = {str(r): _median(v) for r, v in runs.items()}
+            for name, (ranks, mpi) in layouts.items():
+                log(f"[dist] {case}: {name}, {steps} steps")
+                runs[name].append(dict(_measure(case, steps, ranks, device, mpi), layout=name))
+        report["cases"][case] = {name: _median(v) for name, v in runs.items()}
     return report
 
 
@@ -115,6 +129,17 @@ def _median(results):
 
 
 def format_dist(report):
+    if report.get("device") == "gpu":
+        lines = [f"NCCL at world size 1 on the GPU, float32, --cuda-graph off on both sides, median of "
+                 f"{report['repeats']} runs of {report['steps']} steps each.", "",
+                 "| case | layout | tokens/s | ms/step | allreduce ms/step |", "|---|---|---|---|---|"]
+        for case, by_layout in report["cases"].items():
+            for name, r in by_layout.items():
+                layout = "one process, no MPI" if name == "plain" else "mpiexec -n 1, --dist-backend nccl"
+                reduce = f"{r['allreduce_ms']:.2f}" if name == "nccl" else "-"
+                lines.append(f"| {CASES[case][1]} | {layout} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | "
+                             f"{reduce} |")
+        return "\n".join(lines)
     lines = [f"Data parallelism on this machine: the same global batch per step (2 micro-batches), float32, "
              f"median of {report['repeats']} runs of {report['steps']} steps each.", "",
              "| case | layout | tokens/s | ms/step | allreduce ms/step (share) | allreduce alone |",
@@ -140,12 +165,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--dist-backend", choices=("mpi", "nccl"), default="mpi")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.case, args.steps, args.grad_accum, args.workers)
+        worker(args.case, args.steps, args.grad_accum, args.workers, args.device, args.dist_backend)
         return 0
-    print(format_dist(run_dist(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))))
+    print(format_dist(run_dist(quick=args.quick, device=args.device,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))))
     return 0
 
 
