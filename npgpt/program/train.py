@@ -4,6 +4,7 @@
     python -m npgpt.train --preset shakespeare-char       # nanoGPT's CPU baseline (val loss ~1.88)
     python -m npgpt.train --out-dir out --resume          # continue a run
     python -m npgpt.train --help                          # every flag
+    mpiexec -n 2 python -m npgpt.train --grad-accum 1     # data parallel over 2 processes (docs/distributed.md)
 
 Each step: grad_accum micro-batches of (batch_size, seq_len) tokens -> forward, cross-entropy, backward
 (gradients add up, each loss scaled by 1/grad_accum) -> clip the global gradient norm -> AdamW with a
@@ -27,6 +28,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -34,9 +36,11 @@ from .. import backend
 from .. import functional as F
 from .checkpoint import (CheckpointError, load_checkpoint, restore_model, restore_optimizer, save_checkpoint,
                          state_problem)
-from .config import ARCHITECTURE_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems, memory_problem
+from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
+                     memory_problem)
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
+from .dist import DistError, launched_world, resumed_grad_accum
 from ..generate import generate
 from ..fast.cuda.graph import GraphStep
 from ..model import GPT
@@ -62,18 +66,20 @@ def lm_loss(model, inputs, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats=None):
+def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats=None, world=None):
     """One optimizer step over micro-batches [(inputs, targets)]; returns the mean loss (a device array).
 
     Each micro-batch's loss is scaled by 1/k, so the summed gradients equal those of one k-times larger batch.
     With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
     loss weighted by its share of the rows (npgpt/parallel.py). grad_stats (a GradStats, on logged steps)
     measures each layer's gradient norm before clipping and its update/weight ratio over the step.
+    Under mpiexec (world, npgpt/program/dist.py) the step's micro-batches are spread over the ranks: each loss
+    is scaled by 1/(ranks * k) and the gradients and losses are summed across ranks before clipping.
     """
     optimizer.zero_grad()       # batches stay NumPy arrays: ids are checked on the host, then moved
     params = model.parameters()
     losses = []
-    k = len(micro_batches)
+    k = len(micro_batches) * (world.size if world is not None else 1)      # the step's micro-batches, all ranks
     for inputs, targets in micro_batches:
         if workers > 1 and len(inputs) > 1:
             rows = len(inputs)
@@ -87,6 +93,9 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
             loss = lm_loss(model, inputs, targets) * (1.0 / k)
             loss.backward()
             losses.append(loss.data)
+    loss = sum(losses[1:], losses[0])
+    if world is not None:
+        loss = world.allreduce_gradients(params, loss)      # one flat buffer: every gradient and the loss
     if grad_stats is not None:
         grad_stats.gradients_ready()
     if grad_clip > 0:
@@ -94,20 +103,25 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
     optimizer.step()
     if grad_stats is not None:
         grad_stats.step_done()
-    return sum(losses[1:], losses[0])
+    return loss
 
 
 @no_grad()
-def estimate_loss(model, tokens, config, seed):
-    """Mean loss over eval_iters batches drawn from a fixed generator: the same batches at every evaluation."""
+def estimate_loss(model, tokens, config, seed, world=None):
+    """Mean loss over eval_iters batches drawn from a fixed generator: the same batches at every evaluation.
+    Under mpiexec each rank evaluates every world.size-th batch and the losses are summed across ranks."""
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
     losses = []
-    for _ in range(config.eval_iters):
+    for i in range(config.eval_iters):
         inputs, targets = get_batch(tokens, config.batch_size, config.seq_len, rng)
-        losses.append(lm_loss(model, inputs, targets).data)
+        if world is None or i % world.size == world.rank:
+            losses.append(lm_loss(model, inputs, targets).data)
     model.train(was_training)
+    if world is not None:
+        total = world.sum_over_ranks(float(sum(losses)) if losses else 0.0, "the validation loss")
+        return total / config.eval_iters
     return float(sum(losses) / len(losses))
 
 
@@ -152,9 +166,13 @@ def loss_limit(vocab_size):
 class Run:
     """Everything a training run holds, built from a config (fresh) or from a checkpoint (resumed)."""
 
-    def __init__(self, config, given=()):
+    def __init__(self, config, given=(), world=None):
         self.config = config
         check_config(config)
+        self.world = world          # under mpiexec: this rank among world.size (npgpt/program/dist.py)
+        self.rank, self.world_size = (world.rank, world.size) if world is not None else (0, 1)
+        if world is not None:
+            world.configure(config)
         try:
             backend.set_device(config.device)
         except backend.DeviceError as exc:
@@ -163,7 +181,8 @@ class Run:
             self.workers = 1
         else:
             tune_allocator()
-            self.workers = config.workers or (default_workers() if can_control_blas() else 1)
+            cores = world.threads_per_rank if world is not None else default_workers()
+            self.workers = config.workers or (cores if can_control_blas() else 1)
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
@@ -222,23 +241,35 @@ class Run:
         if resumed is not None:
             self._restore(resumed)
             self.saved_step = self.step
-        if config.overwrite:
+        if config.overwrite and self.rank == 0:
             removed = clear_previous_run(config.out_dir)
             if removed:
                 print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {config.out_dir}")
         self.graph_step = None      # on the GPU: the step recorded once as a CUDA graph, then replayed
-        if backend.get_device() == "gpu" and self.config.cuda_graph == "on":
+        if backend.get_device() == "gpu" and self.config.cuda_graph == "on" \
+                and world is None:      # under mpiexec the step's allreduce runs outside a graph
             self.graph_step = GraphStep(lambda batches: train_step(self.model, self.optimizer, batches,
                                                                    self.config.grad_clip),
                                         self.optimizer, self.tokenizer.vocab_size)
+        if world is not None:       # the replicas start identical: rank 0's parameters and moments
+            world.broadcast_parameters(self.model, self.optimizer)
+            world.check_replicas(self.model, self.optimizer, self.data_rng, self.step)
+            self.optimizer = world.shard_optimizer(self.optimizer)     # --zero-stage 1: 1/N of the moments
 
     def train_step(self, micro_batches, grad_stats=None):
         """One optimizer step on these micro-batches: replayed from the CUDA graph where there is one
         (a replayed step records no gradient statistics)."""
         if self.graph_step is not None:
             return self.graph_step(micro_batches)
-        return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
-                          grad_stats)
+        if self.world is None:
+            return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
+                              grad_stats)
+        with self.world.stepping(self.step + 1, self.config.seed):   # dropout masks fixed by (seed, rank, step)
+            loss = train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
+                              grad_stats, self.world)
+        if self.config.check_replicas:
+            self.world.check_replicas(self.model, self.optimizer, self.data_rng, self.step + 1)
+        return loss
 
     def _load_resume_state(self, given):
         try:
@@ -255,6 +286,9 @@ class Run:
         values = saved.to_dict()
         values.update({k: getattr(self.config, k) for k in given})
         values.update(resume=True, overwrite=False, device=self.config.device, out_dir=self.config.out_dir)
+        values.update({name: getattr(self.config, name) for name in DIST_FIELDS})
+        if "grad_accum" not in given:   # keep the global batch: world size x grad_accum micro-batches a step
+            values["grad_accum"] = resumed_grad_accum(saved.grad_accum, meta.get("world_size", 1), self.world_size)
         self.config = TrainConfig(**values)
         return {"arrays": arrays, "meta": meta, "tokenizer": tokenizer_from_dict(meta["tokenizer"])}
 
@@ -269,7 +303,7 @@ class Run:
 
     def meta(self):
         return {"config": self.config.to_dict(), "model_config": self.model.config, "step": self.step,
-                "best_val": self.best_val, "tokenizer": self.tokenizer.to_dict(),
+                "world_size": self.world_size, "best_val": self.best_val, "tokenizer": self.tokenizer.to_dict(),
                 "rng": {"data": backend.rng_state(self.data_rng),
                         "dropout": backend.rng_state(backend.global_rng())}}
 
@@ -283,12 +317,14 @@ class Run:
 
     def save(self, *paths):
         """Save to each path (default ckpt.npz), once the weights and moments are checked to be sane."""
-        problem = state_problem(self.model, self.optimizer)
+        optimizer = self.optimizer if self.world is None else self.world.optimizer_for_saving(self.optimizer)
+        problem = state_problem(self.model, optimizer)
         if problem:
             raise TrainingError(f"at step {self.step} {problem}; stopped without saving, so "
                                 f"{self.good_checkpoint()}; lower --lr or --grad-clip and --resume")
         for path in paths or (self.ckpt_path,):
-            save_checkpoint(path, self.model, self.optimizer, self.meta())
+            if self.rank == 0:          # under mpiexec rank 0 writes; the replicas are identical
+                save_checkpoint(path, self.model, optimizer, self.meta())
             if path == self.ckpt_path:
                 self.saved_step = self.step
 
@@ -297,8 +333,13 @@ class Run:
         return cosine_lr(step, c.lr, c.min_lr, c.warmup_iters, c.max_iters)
 
     def next_micro_batches(self):
-        c = self.config
-        return [get_batch(self.train_tokens, c.batch_size, c.seq_len, self.data_rng) for _ in range(c.grad_accum)]
+        """This rank's grad_accum micro-batches of the step. Every rank draws all world_size x grad_accum of them
+        from the same generator and keeps its own consecutive share: those that one process with
+        --grad-accum world_size x grad_accum would use in the same positions."""
+        c, k = self.config, self.config.grad_accum
+        batches = [get_batch(self.train_tokens, c.batch_size, c.seq_len, self.data_rng)
+                   for _ in range(k * self.world_size)]
+        return batches[self.rank * k:(self.rank + 1) * k]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,15 +391,18 @@ def train(run, log=print):
     """Run the loop from run.step to max_iters. Returns the list of logged metric records."""
     c = run.config
     os.makedirs(c.out_dir, exist_ok=True)
-    if run.step:                # records logged after the checkpoint's step were lost with that run
+    if run.step and run.rank == 0:      # records logged after the checkpoint's step were lost with that run
         trim_metrics(run.metrics_path, run.step)
     records = []
-    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * run.world_size
     loss_sum, loss_count = None, 0
     window_start, window_steps = time.perf_counter(), 0
     step_times = []
     grad_stats = GradStats(run.model)
-    with _StopFlag() as stop, open(run.metrics_path, "a", encoding="utf-8") as metrics:
+    metrics_path = run.metrics_path if run.rank == 0 else os.devnull      # under mpiexec rank 0 writes
+    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+        if run.world is not None:
+            run.world.stop_flag = stop      # the ranks agree on stopping with every step's allreduce
         while run.step < c.max_iters:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr_at(run.step)
@@ -369,9 +413,10 @@ def train(run, log=print):
             window_steps += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss
             loss_count += 1
+            stopping = stop.requested if run.world is None else run.world.stopping
 
             is_eval = run.step % c.eval_interval == 0 or run.step == c.max_iters
-            if run.step % c.log_interval == 0 or is_eval or stop.requested:
+            if run.step % c.log_interval == 0 or is_eval or stopping:
                 backend.synchronize()
                 now = time.perf_counter()
                 mean_loss = float(loss_sum) / loss_count            # the only value that leaves the device
@@ -384,7 +429,7 @@ def train(run, log=print):
                 record = {"step": run.step, "loss": round(mean_loss, 5), "lr": run.lr_at(run.step - 1),
                           "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens_per_step * 1000 / ms, 1)}
                 if is_eval:
-                    val_loss = estimate_loss(run.model, run.val_tokens, c, c.seed + 1)
+                    val_loss = estimate_loss(run.model, run.val_tokens, c, c.seed + 1, run.world)
                     if not math.isfinite(val_loss) or val_loss > run.loss_limit:
                         raise TrainingError(
                             f"validation loss became {val_loss:.4g} at step {run.step}; stopped without saving, "
@@ -410,22 +455,25 @@ def train(run, log=print):
                         run.save()
                 loss_sum, loss_count = None, 0
                 window_start, window_steps = time.perf_counter(), 0
-            if stop.requested:
+            if stopping:
                 if run.saved_step != run.step:
                     run.save()
                 log(f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
                     f"continue with --out-dir {c.out_dir} --resume")
-                raise Stopped(stop.signum)
+                raise Stopped(stop.signum or signal.SIGINT)     # under mpiexec: perhaps another rank's signal
     return records
 
 
 def main(argv=None):
+    world = None
     try:
+        world = launched_world()              # None unless started by mpiexec (npgpt/program/dist.py)
         config, given = config_from_args(argv)
         check_config(config)
-        with RunDirLock(config.out_dir):      # one run at a time in an out dir
+        lock = RunDirLock(config.out_dir) if world is None or world.rank == 0 else nullcontext()
+        with lock:                            # one run at a time in an out dir
             started = time.perf_counter()
-            run = Run(config, given)
+            run = Run(config, given, world)
             c = run.config
             print(f"npgpt: {c.preset} preset on {backend.get_device()} ({c.dtype}), "
                   f"{run.model.num_parameters():,} parameters, {c.tokenizer} tokenizer with {run.tokenizer.vocab_size:,} tokens, "
@@ -433,13 +481,16 @@ def main(argv=None):
             if run.graph_step is not None:
                 print("the training step is recorded as a CUDA graph and replayed (--cuda-graph off to launch "
                       "kernels one by one)")
+            if world is not None:
+                print(f"{world.describe()}; each step {c.grad_accum} micro-batch(es) on each of the {world.size} "
+                      f"ranks, {run.workers} thread(s) each")
             if run.step:
                 print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
             train(run)
             print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
                   f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
             print(f"plots: python -m npgpt.plot --out-dir {shlex.quote(c.out_dir)} --loss --grads --attention")
-            if c.sample_tokens > 0:
+            if c.sample_tokens > 0 and run.rank == 0:
                 prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
                 out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
                                rng=np.random.default_rng(c.seed))
@@ -450,14 +501,22 @@ def main(argv=None):
     except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM
         return getattr(exc, "exit_code", 130)
     except (TrainingError, DataError, TokenizerError, CheckpointError, ConfigError, RunDirError,
-            backend.DeviceError) as exc:
+            backend.DeviceError, DistError) as exc:
+        if world is not None:                   # one message for all ranks, or one naming the failing rank
+            return world.fail(exc, 2, expected=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:                      # a full disk or a read-only directory, outside a checkpoint save
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; free some space or choose a writable --out-dir",
-              file=sys.stderr)
+        message = f"{exc.strerror or exc}{where}; free some space or choose a writable --out-dir"
+        if world is not None:
+            return world.fail(message, 2, expected=True)
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:                    # under mpiexec a failing rank must not leave the others waiting
+        if world is None:
+            raise
+        return world.fail(exc, 1, expected=False)
 
 
 if __name__ == "__main__":
