@@ -299,7 +299,7 @@ TAMPERED = [
     ("missing adam.v", None, _drop_array("adam.v.0"), "AdamW moments for parameter 0 are missing"),
     ("unexpected array", None, lambda arrays: arrays.update(extra=np.zeros(3)), "extra"),
     ("nan weights", None, _array("param.ln_f.weight", lambda a: a * np.nan), "param.ln_f.weight holds nan"),
-    ("d_model 10**9", _both("d_model", 10 ** 9), None, "of weights are more than the"),
+    ("d_model 10**9", _both("d_model", 10 ** 9), None, "the model's 16.0 EB of weights are more than the"),
 ]
 
 
@@ -528,3 +528,15 @@ def test_new_characters_in_the_data_of_a_resumed_char_run(corpus, run_dir, tmp_p
     code, _, err = run_main(resume_args(str(other), run_dir), capsys)
     assert_one_line_error(code, err, f"--data {other}", "character vocabulary is fixed")
     assert "prompt" not in err
+
+
+def test_streamed_text_waits_for_whole_utf8_characters():
+    from npgpt.program.tokenizer import BPETokenizer
+    text = "naïve café, 東京 — Ünïcödé! " * 4
+    tokenizer = BPETokenizer.train(text, 270)
+    ids = tokenizer.encode("東京 naïve — ünï")
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in pieces)          # some tokens end inside a character
+    stream = sample_module.TextStream(tokenizer)
+    chunks = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == "東京 naïve — ünï" and not any("\ufffd" in c for c in chunks)

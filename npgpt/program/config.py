@@ -313,8 +313,8 @@ def machine_memory(device="cpu"):
 
 
 def format_bytes(n):
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1000 or unit == "EB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
 
@@ -330,8 +330,8 @@ def memory_problem(config, vocab_size, device="cpu", available=None, weights_onl
         weight_bytes = param_bytes // 4
         if available is None or weight_bytes <= available:
             return None
-        return (f"its {format_bytes(weight_bytes)} of weights are more than the {format_bytes(available)} of "
-                "memory here")
+        return (f"the model's {format_bytes(weight_bytes)} of weights are more than the "
+                f"{format_bytes(available)} of memory here")
     if available is None or total <= available:
         return None
     return (f"this configuration needs at least {format_bytes(total)} ({format_bytes(param_bytes)} for the "
