@@ -166,6 +166,44 @@ def test_resume_across_world_sizes_continues_the_global_stream(mpiexec, corpus, 
     assert meta["world_size"] == 2 and meta["config"]["grad_accum"] == 1
 
 
+def test_dropout_masks_are_fixed_per_rank_and_step():
+    from types import SimpleNamespace
+    from npgpt import backend
+    from npgpt.program.dist import World
+
+    def draws(rank, step, size=2, seed=1337):
+        fake = SimpleNamespace(rank=rank, size=size, step=0)
+        with World.stepping(fake, step, seed):
+            return backend.global_rng().random(8)
+
+    np.testing.assert_array_equal(draws(1, 3), draws(1, 3))                # fixed: the same again on a resume
+    assert not np.array_equal(draws(0, 3), draws(1, 3))                    # each rank its own masks
+    assert not np.array_equal(draws(1, 3), draws(1, 4))                    # and fresh ones every step
+    assert not np.array_equal(draws(1, 3), draws(1, 3, seed=7))
+
+
+def test_one_rank_under_mpiexec_is_a_plain_process(mpiexec, corpus, tmp_path):
+    common = TINY + ["--data", corpus, "--dropout", "0.1", "--workers", "2", "--max-iters", "6",
+                     "--eval-interval", "3", "--log-interval", "1", "--eval-iters", "2"]
+    plain, one_rank = str(tmp_path / "plain"), str(tmp_path / "one-rank")
+    one_process(common + ["--out-dir", plain])
+    proc = launch(mpiexec, 1, common + ["--out-dir", one_rank])
+    assert proc.returncode == 0, proc.stderr
+    assert "data parallel over 1 rank," in proc.stdout
+    assert_same_run(plain, one_rank, 1e-6)                       # dropout included: the same masks
+
+
+def test_two_ranks_with_dropout_resume_bit_for_bit(mpiexec, corpus, tmp_path):
+    common = TINY + ["--data", corpus, "--dropout", "0.1", "--workers", "1", "--log-interval", "1",
+                     "--eval-interval", "3", "--eval-iters", "2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    for args in (["--out-dir", straight, "--max-iters", "6"], ["--out-dir", split, "--max-iters", "3"],
+                 ["--out-dir", split, "--max-iters", "6", "--resume"]):
+        proc = launch(mpiexec, 2, common + args)
+        assert proc.returncode == 0, proc.stderr
+    assert_same_run(straight, split, 0.0)
+
+
 # ---- faults -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fault,code", [("1:5", 1), ("1:5:kill", None), ("1:5:hang", 2)])

@@ -188,7 +188,8 @@ class World:
         if self.zero_stage not in (0, 1):
             raise DistError(f"--zero-stage must be 0 or 1 (AdamW's moments sharded), got {config.zero_stage}")
         if self.transport == "nccl" and config.device == "cpu":
-            raise DistError("--dist-backend nccl sums GPU buffers; use --device gpu, or --dist-backend mpi on the CPU")
+            raise DistError("--dist-backend nccl sums GPU buffers; use --device gpu, or --dist-backend mpi on "
+                            "the CPU")
         if config.device != "cpu":
             self._choose_gpu()
 
@@ -203,7 +204,9 @@ class World:
             cupy.cuda.Device(self.local_rank % count).use()
 
     def describe(self):
-        where = f"{self.size} ranks" + (f" ({self.local_size} on this machine)" if self.local_size != self.size else "")
+        where = f"{self.size} rank" + ("s" if self.size != 1 else "")
+        if self.local_size != self.size:
+            where += f" ({self.local_size} on this machine)"
         text = f"data parallel over {where}, gradients summed by {self.transport.upper()}"
         if self.moment_bytes is not None:
             mine, whole = self.moment_bytes
