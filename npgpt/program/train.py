@@ -119,7 +119,7 @@ def estimate_loss(model, tokens, config, seed, world=None):
         if world is None or i % world.size == world.rank:
             losses.append(lm_loss(model, inputs, targets).data)
     model.train(was_training)
-    if world is not None:
+    if world is not None and world.size > 1:
         total = world.sum_over_ranks(float(sum(losses)) if losses else 0.0, "the validation loss")
         return total / config.eval_iters
     return float(sum(losses) / len(losses))
