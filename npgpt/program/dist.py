@@ -385,10 +385,10 @@ class World:
         from cupy.cuda import nccl
         import cupy
         if self._nccl is None:
-            uid = np.zeros(nccl.NCCL_UNIQUE_ID_BYTES if hasattr(nccl, "NCCL_UNIQUE_ID_BYTES") else 128,
-                           dtype=np.int8)
+            # the id: 128 bytes (C chars, signed or not) as CuPy hands them out, sent as int16 to hold either
+            uid = np.zeros(getattr(nccl, "NCCL_UNIQUE_ID_BYTES", 128), dtype=np.int16)
             if self.rank == 0:
-                uid[...] = np.array(nccl.get_unique_id(), dtype=np.int8)
+                uid[...] = np.array(nccl.get_unique_id(), dtype=np.int16)
             self._broadcast(uid, "the broadcast of the NCCL id")
             self._nccl = nccl.NcclCommunicator(self.size, tuple(int(b) for b in uid), self.rank)
         kinds = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
