@@ -382,3 +382,39 @@ def test_train_init_from_fine_tunes_then_exports(hf_gpt2_with_tokenizer, tmp_pat
     slow = transformers.GPT2Tokenizer(os.path.join(exported, "vocab.json"), os.path.join(exported, "merges.txt"))
     text = "ROMEO: what, ho!"
     assert slow.encode(text) == BPETokenizer.from_pretrained(hf_gpt2_with_tokenizer).encode(text)
+
+
+def test_init_from_needs_the_tokenizer_files(hf_dirs, tmp_path, capsys):
+    from npgpt.program import train
+    path = hf_dirs["gelu"][0]
+    assert train.main(["--init-from", path, "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); --init-from "
+                   "fine-tunes a model together with its tokenizer\n")
+
+
+def test_a_char_run_exports_its_model_and_says_the_tokenizer_cannot(tmp_path, capsys):
+    from npgpt.program import export, train
+    out_dir = str(tmp_path / "run")
+    assert train.main(["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1",
+                       "--d-ff", "24", "--max-seq-len", "16", "--seq-len", "8", "--batch-size", "2",
+                       "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
+                       "--out-dir", out_dir]) == 0
+    capsys.readouterr()
+    assert export.main(["--out-dir", out_dir, "--to", str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr()
+    assert "wrote config.json, model.safetensors to" in printed.out
+    assert "char tokenizer has no Hugging Face GPT-2 form; only the model was written" in printed.err
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    from npgpt.program.sample import load_model
+    ours, _ = load_model(os.path.join(out_dir, "best.npz"))
+    ids = np.arange(10)[None] % ours.vocab_size
+    np.testing.assert_allclose(theirs(torch.tensor(ids)).logits.detach().numpy(), ours.eval()(ids).data,
+                               rtol=0, atol=1e-4)
+
+
+def test_the_public_names():
+    from npgpt.model import GPT
+    assert npgpt.GPT is GPT and callable(GPT.from_pretrained) and callable(GPT.save_pretrained)
+    assert npgpt.tokenizer.BPETokenizer is BPETokenizer

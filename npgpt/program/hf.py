@@ -407,6 +407,10 @@ def init_from_config(config, given=()):
     """The training config with the shape of the model in config.init_from (from its config.json) and the
     bpe tokenizer; a shape flag given on the command line that contradicts the directory is an error."""
     kw = read_config(config.init_from)
+    has = [os.path.exists(os.path.join(config.init_from, f)) for f in ("vocab.json", "merges.txt", "tokenizer.json")]
+    if not (has[0] and has[1] or has[2]):
+        raise PretrainedError(f"{config.init_from}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
+                              "--init-from fine-tunes a model together with its tokenizer")
     shape = dict({name: kw[name] for name in _SHAPE_FIELDS}, tokenizer="bpe")
     for name, value in shape.items():
         if name in given and getattr(config, name) != value:
