@@ -486,6 +486,8 @@ def main(argv=None):
                       f"ranks, {run.workers} thread(s) each")
             if run.step:
                 print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
+            elif c.init_from:
+                print(f"starting from the weights in {c.init_from} (--init-from)")
             train(run)
             print(f"done in {format_duration(time.perf_counter() - started)}: best validation loss "
                   f"{run.best_val:.4f}; checkpoints in {c.out_dir}/")
