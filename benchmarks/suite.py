@@ -1,8 +1,13 @@
 """The benchmark suite: npgpt against the PyTorch reference, in separate processes, alternating, medians.
 
 For each shape, one worker process per implementation is started (benchmarks/worker.py) and the parent
-alternates their measurements A B A B after a warm-up; each figure is the median of its repetitions and the
-ratio is of medians. Both workers get the same number of threads.
+alternates their measurements A B C ... after a warm-up; each figure is the median of its repetitions and the
+ratio is of medians. Every worker gets the same number of threads.
+
+The line-up: npgpt's training program (train_step with its data-parallel threads) and the README's five-line
+loop (the library alone); PyTorch eager as a PyTorch user writes it today, with F.scaled_dot_product_attention
+and a KV cache for generation (the anchor every ratio is against), the tutorial's own PyTorch code
+(masked_fill attention, no cache), and, outside --quick, the SDPA model under torch.compile where it works.
 
 Model FLOPs per training step (the formula behind MFU), for L layers, width C, feed-forward F, vocabulary V,
 B sequences of T tokens:
@@ -23,6 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
 GPT2_SMALL = dict(vocab_size=50304, d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024)
 SHAPES = [(8, 128), (16, 256), (4, 512)]
+# The shakespeare-char preset's model and batch (npgpt/program/config.py), the small model tinkerers train first
+SHAKESPEARE_CHAR = dict(vocab_size=65, d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=64)
+SHAKESPEARE_SHAPE = (12, 64)
+# (implementation, the name its figures go under, extra setup)
+LINEUP = [("npgpt", "npgpt", {"variant": "program"}), ("npgpt", "npgpt_loop", {"variant": "loop"}),
+          ("torch", "torch", {"variant": "sdpa"}), ("torch", "torch_tutorial", {"variant": "tutorial"})]
+COMPILED = ("torch", "torch_compile", {"variant": "compile"})
+LABELS = {"npgpt": "npgpt (training program)", "npgpt_loop": "npgpt (five-line loop)",
+          "torch": "PyTorch eager (SDPA)", "torch_tutorial": "PyTorch eager (tutorial attention)",
+          "torch_compile": "PyTorch torch.compile (SDPA)", "npgpt_eager": "npgpt without the CUDA graph"}
 # Nominal dense peaks (TFLOP/s) of GPUs the suite knows, for MFU against the bf16 peak
 GPU_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -106,48 +121,88 @@ def machine_description(threads):
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
 
 
+def _start(lineup, env, setup, log):
+    """Workers for the line-up; one that cannot start (torch.compile without a working compiler, say) is left
+    out, with the reason."""
+    workers, missing = [], {}
+    for impl, label, extra in lineup:
+        try:
+            workers.append(Worker(impl, env, dict(setup, **extra), label=label))
+        except RuntimeError as exc:
+            missing[label] = str(exc)
+            log(f"[{setup['batch']}x{setup['seq']}] {label} unavailable: {exc}")
+    return workers, missing
+
+
+def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=None):
+    """alternate(), leaving out a worker of `fallible` that fails (torch.compile at its first call, say)."""
+    try:
+        return alternate(workers, op, warmup, repeats)
+    except RuntimeError as exc:
+        broken = [w for w in workers if w.impl in fallible and w.impl in str(exc)]
+        if not broken:
+            raise
+        for w in broken:
+            missing[w.impl] = str(exc)
+            workers.remove(w)
+            w.close()
+        return alternate(workers, op, warmup, repeats)
+
+
 def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, gpt2_small=True,
               log=print):
-    """The speed suite; on the GPU it adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024)."""
+    """The speed suite: the tutorial GPT at each shape, then the shakespeare-char model's step; on the GPU it
+    adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024)."""
     threads = threads or os.cpu_count()
     model = model or TUTORIAL
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
-    cases = [(model, batch, seq) for batch, seq in shapes]
+    cases = [(model, batch, seq, dropout) for batch, seq in shapes]
     if device == "gpu" and not quick and gpt2_small:
-        cases.append((GPT2_SMALL, 8, 1024))
+        cases.append((GPT2_SMALL, 8, 1024, dropout))
+    cases.append((SHAKESPEARE_CHAR, *SHAKESPEARE_SHAPE, 0.0))
     warmup, repeats = (1, 3) if quick else (2, 7)
     if device == "gpu":
         warmup = max(warmup, 2)     # npgpt's first step runs eagerly and its second records the CUDA graph
     env = child_env(threads)
     report = {"machine": machine_description(threads), "device": device, "model": model, "dropout": dropout,
-              "warmup": warmup, "repeats": repeats, "cases": []}
-    for index, (case_model, batch, seq) in enumerate(cases):
-        setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=dropout, threads=threads)
+              "warmup": warmup, "repeats": repeats, "cases": [], "unavailable": {}}
+    lineup = LINEUP + ([] if quick else [COMPILED])
+    for index, (case_model, batch, seq, case_dropout) in enumerate(cases):
+        small = case_model is SHAKESPEARE_CHAR
+        setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=case_dropout, threads=threads)
         log(f"[{batch}x{seq}] starting workers")
-        workers = [Worker("npgpt", env, setup), Worker("torch", env, setup)]
+        workers, missing = _start(lineup, env, setup, log)
+        report["unavailable"].update(missing)
         # on the GPU, also npgpt launching every kernel from Python: what the CUDA graph is worth
         eager = ([Worker("npgpt", env, dict(setup, cuda_graph=False), label="npgpt_eager")]
                  if device == "gpu" else [])
         try:
             if index == 0:
-                report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers}
+                report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers if w.impl in ("npgpt", "torch")}
                 n = 8192 if device == "gpu" else 2048
                 report["sgemm_n"] = n
-                report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"] for w in workers}
-            case = {"batch": batch, "seq": seq, "model": case_model,
-                    "name": "GPT-2 small" if case_model is GPT2_SMALL else "tutorial"}
-            fwd = alternate(workers, "forward", warmup, repeats)
-            case["forward_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers}
-            log(f"[{batch}x{seq}] forward done")
-            trn = alternate(workers + eager, "train", warmup, repeats)
-            case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers}
+                report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"]
+                                          for w in workers if w.impl in ("npgpt", "torch")}
+            case = {"batch": batch, "seq": seq, "model": case_model, "dropout": case_dropout,
+                    "name": {id(GPT2_SMALL): "GPT-2 small", id(SHAKESPEARE_CHAR): "shakespeare-char"}.get(
+                        id(case_model), "tutorial")}
+            if not small:
+                forward_workers = [w for w in workers if w.impl != "npgpt_loop"]   # the same forward as npgpt's
+                fwd = _measure(forward_workers, "forward", warmup, repeats, missing=report["unavailable"])
+                case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
+                case["forward_samples"] = fwd
+                log(f"[{batch}x{seq}] forward done")
+            trn_workers = list(workers) + eager
+            trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
+                           missing=report["unavailable"])
+            case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers if w.impl in ("npgpt", "torch")}
             log(f"[{batch}x{seq}] train done")
-            case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
             case["train_ms"] = {k: statistics.median(v) for k, v in trn.items()}
-            case["forward_samples"], case["train_samples"] = fwd, trn
+            case["train_samples"] = trn
             if index == 0:
                 new_tokens = 50 if quick else 200
-                gen = alternate(workers, "generate", 1, 1 if quick else 3,
+                gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
+                gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
                                 extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
                 report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
                                       "tokens_per_s": {k: statistics.median(v) for k, v in gen.items()}}
@@ -168,7 +223,9 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
         if bf16:
             case["mfu_bf16"] = {k: flops / (ms / 1000) / (bf16 * 1e12) for k, ms in case["train_ms"].items()}
         case["train_ratio"] = case["train_ms"]["npgpt"] / case["train_ms"]["torch"]
-        case["forward_ratio"] = case["forward_ms"]["npgpt"] / case["forward_ms"]["torch"]
+        case["train_ratios"] = {k: ms / case["train_ms"]["torch"] for k, ms in case["train_ms"].items()}
+        if "forward_ms" in case:
+            case["forward_ratio"] = case["forward_ms"]["npgpt"] / case["forward_ms"]["torch"]
     return report
 
 
@@ -201,10 +258,14 @@ def format_speed(report):
              f"{report['model']['num_heads']} heads, {report['model']['num_layers']} layers, d_ff "
              f"{report['model']['d_ff']})" + (", and GPT-2 small (vocab 50304, 12 x 768, d_ff 3072)"
                                              if any(c.get("name") == "GPT-2 small" for c in report["cases"]) else "")
-             + f", float32, dropout {report['dropout']}:",
+             + f", float32, dropout {report['dropout']}; the shakespeare-char preset's model (vocab 65, 4 x 128, "
+             "d_ff 512, dropout 0) at its batch (12, 64):",
              "",
-             "| case (B, T) | npgpt | PyTorch eager | npgpt / PyTorch time | MFU npgpt | MFU PyTorch |",
+             "Every ratio is a time against PyTorch eager with SDPA attention (the anchor), in the same run.",
+             "",
+             "| case (B, T) | implementation | time | tokens/s | time / PyTorch SDPA | MFU |",
              "|---|---|---|---|---|---|"]
+
     def mfu(c, impl):
         text = f"{c['mfu'][impl] * 100:.0f}%"
         return text + (f" ({c['mfu_bf16'][impl] * 100:.1f}%)" if "mfu_bf16" in c else "")
@@ -212,37 +273,45 @@ def format_speed(report):
     def label(c):
         return f"({c['batch']}, {c['seq']})" + (f" {c['name']}" if c.get("name", "tutorial") != "tutorial" else "")
 
+    order = ["npgpt", "npgpt_loop", "npgpt_eager", "torch", "torch_tutorial", "torch_compile"]
     for c in report["cases"]:
         tokens = c["batch"] * c["seq"]
-        n, t = c["train_ms"]["npgpt"], c["train_ms"]["torch"]
-        lines.append(f"| train step {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
-                     f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | **{c['train_ratio']:.2f}x** | "
-                     f"{mfu(c, 'npgpt')} | {mfu(c, 'torch')} |")
+        for impl in [k for k in order if k in c["train_ms"]]:
+            ms = c["train_ms"][impl]
+            ratio = c["train_ratios"][impl]
+            ratio_text = f"**{ratio:.2f}x**" if impl.startswith("npgpt") else f"{ratio:.2f}x"
+            lines.append(f"| train step {label(c)} | {LABELS[impl]} | {ms:.1f} ms | {tokens / ms * 1000:,.0f} | "
+                         f"{ratio_text} | {mfu(c, impl)} |")
     for c in report["cases"]:
-        if "npgpt_eager" in c["train_ms"]:
-            tokens = c["batch"] * c["seq"]
-            n, t = c["train_ms"]["npgpt_eager"], c["train_ms"]["torch"]
-            lines.append(f"| train step {label(c)}, npgpt without the CUDA graph | {n:.1f} ms "
-                         f"({tokens / n:.1f}k tok/s) | {t:.1f} ms | {n / t:.2f}x | {mfu(c, 'npgpt_eager')} | |")
-    for c in report["cases"]:
+        if "forward_ms" not in c:
+            continue
         tokens = c["batch"] * c["seq"]
-        n, t = c["forward_ms"]["npgpt"], c["forward_ms"]["torch"]
-        lines.append(f"| forward only {label(c)} | {n:.1f} ms ({tokens / n:.1f}k tok/s) | "
-                     f"{t:.1f} ms ({tokens / t:.1f}k tok/s) | {c['forward_ratio']:.2f}x | | |")
+        for impl in [k for k in order if k in c["forward_ms"]]:
+            ms = c["forward_ms"][impl]
+            name = "npgpt" if impl == "npgpt" else LABELS[impl]
+            lines.append(f"| forward only {label(c)} | {name} | {ms:.1f} ms | {tokens / ms * 1000:,.0f} | "
+                         f"{ms / c['forward_ms']['torch']:.2f}x | |")
     g = report.get("generate")
     if g:
-        n, t = g["tokens_per_s"]["npgpt"], g["tokens_per_s"]["torch"]
-        lines.append(f"| generate {g['new_tokens']} tokens (prompt {g['prompt']}) | {n:.0f} tok/s (KV cache) | "
-                     f"{t:.0f} tok/s (recomputes context) | {t / n:.2f}x | | |")
+        rates = g["tokens_per_s"]
+        for impl, how in (("npgpt", "KV cache"), ("torch", "KV cache"), ("torch_tutorial", "recomputes context")):
+            if impl in rates:
+                name = "npgpt" if impl == "npgpt" else LABELS[impl]
+                lines.append(f"| generate {g['new_tokens']} tokens (prompt {g['prompt']}) | {name}, {how} | "
+                             f"{1000 / rates[impl]:.1f} ms/token | {rates[impl]:.0f} | "
+                             f"{rates['torch'] / rates[impl]:.2f}x | |")
+    for impl, reason in report.get("unavailable", {}).items():
+        lines.append(f"| (not measured) | {LABELS.get(impl, impl)} | {reason[:90]} | | | |")
     for c in report["cases"]:
-        n, t = c["train_mem"]["npgpt"], c["train_mem"]["torch"]
-        if "gpu_mb" in n:
-            lines.append(f"| GPU memory held, training {label(c)} | {n['gpu_mb']:.0f} MB (CuPy pools) | "
-                         f"{t['gpu_mb']:.0f} MB (max reserved) | | | |")
-            continue
-        lines.append(f"| peak RSS, training {label(c)} | {n['max_rss_mb']:.0f} MB "
-                     f"(+{n['max_rss_mb'] - n['after_import_mb']:.0f} over import) | {t['max_rss_mb']:.0f} MB "
-                     f"(+{t['max_rss_mb'] - t['after_import_mb']:.0f} over import) | | | |")
+        for impl in ("npgpt", "torch"):
+            m = c["train_mem"][impl]
+            if "gpu_mb" in m:
+                held = "CuPy pools" if impl == "npgpt" else "max reserved"
+                lines.append(f"| GPU memory held, training {label(c)} | {LABELS[impl]} | {m['gpu_mb']:.0f} MB "
+                             f"({held}) | | | |")
+            else:
+                lines.append(f"| peak RSS, training {label(c)} | {LABELS[impl]} | {m['max_rss_mb']:.0f} MB "
+                             f"(+{m['max_rss_mb'] - m['after_import_mb']:.0f} over import) | | | |")
     graphs = []
     for c in report["cases"]:
         status = c["train_mem"]["npgpt"].get("status", {})

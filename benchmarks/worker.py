@@ -5,7 +5,12 @@ them, so npgpt and PyTorch never share a process (their thread pools would slow 
 noise falls on both alike. Protocol: one JSON command per line on stdin, one JSON reply per line on stdout.
 
     {"op": "setup", "impl": "npgpt"|"torch", "device": "cpu"|"gpu", "batch": B, "seq": T, ...}
-                          (npgpt on the GPU: "cuda_graph": false launches every kernel from Python)
+                          npgpt: "variant": "program" (the training program's step: train_step with its
+                          data-parallel threads) or "loop" (the README's five-line loop, nothing else);
+                          on the GPU "cuda_graph": false launches every kernel from Python.
+                          torch: "variant": "sdpa" (F.scaled_dot_product_attention, a KV cache for
+                          generation), "tutorial" (the tutorial's masked_fill attention, no cache) or
+                          "compile" (the sdpa model under torch.compile)
     {"op": "train"}       one timed training step (zero_grad, forward, loss, backward, AdamW step) -> ms
     {"op": "forward"}     one timed inference forward pass (no graph) -> ms
     {"op": "generate", "prompt": 16, "new_tokens": 200}  -> tokens/s
@@ -62,8 +67,13 @@ class NpgptImpl:
         if not on_cpu and cfg.get("cuda_fast", True):
             npgpt.fast.enable_cuda()        # off by default in the library (npgpt/fast/__init__.py)
         # the training program's own setting: data-parallel threads on the CPU (npgpt/fast/cpu/threads.py)
-        self.workers = cfg["threads"] if on_cpu and can_control_blas() else 1
-        set_workers(self.workers)
+        self.variant = cfg.get("variant", "program")
+        if self.variant == "loop":              # the library's own defaults, as a user's loop gets them
+            from npgpt.fast.cpu.threads import workers
+            self.workers = workers()
+        else:
+            self.workers = cfg["threads"] if on_cpu and can_control_blas() else 1
+            set_workers(self.workers)
         backend.manual_seed(0)
         self.model = npgpt.GPT(**cfg["model"], dropout=cfg["dropout"])
         self.opt = npgpt.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -75,9 +85,22 @@ class NpgptImpl:
         from npgpt.fast.cuda.graph import GraphStep
         from npgpt.program.train import train_step
         self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=self.workers)
+        if self.variant == "loop":
+            self.step = self._five_line_loop
         self.graph = None
         if not on_cpu and cfg.get("cuda_graph", True) and npgpt.fast.cuda_enabled():
             self.graph = GraphStep(self.step, self.opt, self.vocab)
+
+    def _five_line_loop(self, batches):
+        """The README's loop: the model, the loss, zero_grad, backward, step; no training-program machinery."""
+        F = self.npgpt.functional
+        (inputs, targets), = batches
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.data
 
     def _ids(self, batch, length):
         return self.rng.integers(0, self.vocab, (batch, length))     # NumPy: the model moves them
@@ -148,8 +171,11 @@ class TorchImpl:
         torch.set_num_threads(cfg["threads"])
         self.device = "cuda" if cfg["device"] == "gpu" else "cpu"
         torch.manual_seed(0)
-        self.model = GPT(**cfg["model"], dropout=cfg["dropout"]).to(self.device)
+        self.variant = cfg.get("variant", "sdpa")
+        attention = "tutorial" if self.variant == "tutorial" else "sdpa"
+        self.model = GPT(**cfg["model"], dropout=cfg["dropout"], attention=attention).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.run_model = torch.compile(self.model) if self.variant == "compile" else self.model
         self.vocab = cfg["model"]["vocab_size"]
         self.gen = torch.Generator().manual_seed(0)
         self.batch, self.seq = cfg["batch"], cfg["seq"]
@@ -168,7 +194,7 @@ class TorchImpl:
 
         def step():
             self.opt.zero_grad()
-            logits = self.model(ids[:, :-1])
+            logits = self.run_model(ids[:, :-1])
             F.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1)).backward()
             self.opt.step()
         return _timed_ms(self.sync, step)
@@ -177,15 +203,20 @@ class TorchImpl:
         ids = self._ids(self.batch, self.seq)
         self.model.eval()
         with self.torch.no_grad():
-            return _timed_ms(self.sync, lambda: self.model(ids))
+            return _timed_ms(self.sync, lambda: self.run_model(ids))
 
     def generate(self, prompt, new_tokens):
-        # The tutorial's model has no cache: every token re-runs the whole (cropped) context
         torch = self.torch
         ids = self._ids(1, prompt)
         self.model.eval()
         self.sync()
         start = time.perf_counter()
+        if self.variant != "tutorial":          # a KV cache: the prompt once, then one position a token
+            from benchmarks.reference import generate_with_cache
+            generate_with_cache(self.model, ids, new_tokens)
+            self.sync()
+            return new_tokens / (time.perf_counter() - start)
+        # the tutorial's model has no cache: every token re-runs the whole (cropped) context
         with torch.no_grad():
             for _ in range(new_tokens):
                 logits = self.model(ids[:, -self.model.position_embedding.num_embeddings:])
