@@ -9,7 +9,6 @@ from npgpt import engine, optim
 from npgpt.fast.cpu import ops as cpu_ops
 from npgpt.fast.cpu import threads
 
-pytestmark = pytest.mark.textbook
 
 
 def leaf(rng, *shape, dtype=np.float64):
@@ -31,7 +30,15 @@ def assert_same(fast, reference, rtol=1e-12, atol=1e-12):
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
 
 
-def test_the_dispatcher_picks_the_cpu_fast_paths():
+@pytest.fixture
+def fast_paths_on():
+    """These tests hold the fast paths against the reference: on, even in a run with NPGPT_FAST=0."""
+    previous = engine.set_fast_paths_enabled(True)
+    yield
+    engine.set_fast_paths_enabled(previous)
+
+
+def test_the_dispatcher_picks_the_cpu_fast_paths(fast_paths_on):
     x = np.zeros((2, 3, 8, 4))
     assert engine.fast_path_for("scaled_dot_product_attention", (x, x, x), {}) is cpu_ops.scaled_dot_product_attention
     assert engine.fast_path_for("cross_entropy", (np.zeros((4, 5)), np.zeros(4, int)), {}) is cpu_ops.cross_entropy
@@ -114,7 +121,7 @@ def test_the_causal_mask_cache_is_bounded():
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_threaded_adamw_equals_the_reference_update(workers, monkeypatch):
+def test_threaded_adamw_equals_the_reference_update(workers, monkeypatch, fast_paths_on):
     monkeypatch.setattr(cpu_ops, "ADAMW_PIECE", 1000)                # pieces of every parameter
     rng = np.random.default_rng(4)
     shapes = [(50, 70), (70,), (3, 4, 5)]
@@ -137,3 +144,225 @@ def test_threaded_adamw_equals_the_reference_update(workers, monkeypatch):
         threads.set_workers(previous)
     for a, b in zip(params["fast"], params["ref"]):
         np.testing.assert_array_equal(a.data, b.data)       # elementwise: the same operations, bit for bit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Intra-op parallelism: each op's chunks on the worker threads give the reference's numbers
+
+from concurrent.futures import TimeoutError as FutureTimeout   # noqa: E402
+
+from npgpt.fast.cpu import parallel                               # noqa: E402
+
+
+@pytest.fixture(params=[1, 2, 3])
+def workers(request, monkeypatch):
+    """Run the test at 1, 2 and 3 worker threads, with chunks and cache blocks small enough that the test's
+    small arrays are split into several of each (and ragged: the sizes below divide by neither 2 nor 3)."""
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
+    monkeypatch.setattr(cpu_ops, "ELEMENTWISE_BLOCK_BYTES", 8 * 10)     # 10 float64 / 20 float32 a block
+    previous = threads.set_workers(request.param)
+    yield request.param
+    threads.set_workers(previous)
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+
+
+def test_chunk_bounds_are_fixed_and_cover_the_rows():
+    assert parallel.chunk_bounds(7, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert parallel.chunk_bounds(5, 1) == [(0, 5)]
+    previous = threads.set_workers(3)
+    try:
+        assert parallel.chunk_count(100, 10) == 3
+        assert parallel.chunk_count(25, 10) == 2              # chunks below the minimum size: fewer of them
+        assert parallel.chunk_count(9, 10) == 1
+    finally:
+        threads.set_workers(previous)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_parallel_gelu_equals_the_reference(workers, dtype, approximate):
+    rng = np.random.default_rng(10)
+    x = leaf(rng, 7, 13, dtype=dtype)
+    x.data *= 3                                                # both erf branches and the far tail
+    cot = rng.standard_normal((7, 13)).astype(dtype)
+    fast = values_and_grads(lambda a: cpu_ops.gelu(a, approximate), [x], cot)
+    reference = values_and_grads(lambda a: F.gelu.reference(a, approximate), [x], cot)
+    assert fast[0].dtype == dtype and fast[1].dtype == dtype
+    assert_same(fast, reference, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("affine", [True, False])
+def test_parallel_layer_norm_equals_the_reference(workers, dtype, affine):
+    rng = np.random.default_rng(11)
+    x = leaf(rng, 5, 7, 12, dtype=dtype)                       # 35 rows of 12
+    params = [leaf(rng, 12, dtype=dtype), leaf(rng, 12, dtype=dtype)] if affine else []
+    cot = rng.standard_normal((5, 7, 12)).astype(dtype)
+
+    def run(layer_norm):
+        return values_and_grads(lambda a, *wb: layer_norm(a, (12,), *wb, eps=1e-5), [x] + params, cot)
+    fast = run(cpu_ops.layer_norm)
+    assert all(g.shape == (12,) for g in fast[2:])              # weight and bias gradients arrive summed
+    assert_same(fast, run(F.layer_norm.reference), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_parallel_cross_entropy_equals_the_reference(workers, dtype, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "CACHE_BLOCK_BYTES", 16 * 8 * 2)     # 2 rows a block
+    rng = np.random.default_rng(12)
+    logits = leaf(rng, 23, 16, dtype=dtype)
+    target = rng.integers(0, 16, 23)
+    target[[3, 20]] = -100
+    fast = values_and_grads(lambda z: cpu_ops.cross_entropy(z, target), [logits], np.array(1.3, dtype))
+    reference = values_and_grads(lambda z: F.cross_entropy.reference(z, target), [logits], np.array(1.3, dtype))
+    assert_same(fast, reference, **tolerance(dtype))
+
+
+def test_parallel_dropout_draws_each_chunk_from_its_own_seed(workers):
+    rng = np.random.default_rng(13)
+    x = leaf(rng, 9, 11, dtype=np.float32)                     # 99 elements
+    out = cpu_ops.dropout(x, 0.25, generator=np.random.default_rng(5))
+    out.backward(np.full(x.shape, 2.0, np.float32))
+    # the expected mask, drawn here as the op is documented to: one chunk from the generator itself, or
+    # one seed per chunk drawn once from it, each chunk's 16-bit integers from its own seed
+    generator = np.random.default_rng(5)
+    bounds = parallel.chunk_bounds(99, workers)
+    if workers == 1:
+        draws = generator.integers(0, 65536, size=99, dtype=np.uint16)
+    else:
+        seeds = generator.integers(0, 2**63 - 1, size=workers)
+        draws = np.concatenate([np.random.default_rng(int(s)).integers(0, 65536, size=hi - lo, dtype=np.uint16)
+                                for s, (lo, hi) in zip(seeds, bounds)])
+    keep = (draws >= round(0.25 * 65536)).reshape(x.shape)
+    scale = np.float32(65536 / (65536 - round(0.25 * 65536)))
+    np.testing.assert_array_equal(out.data, x.data * keep * scale)
+    np.testing.assert_array_equal(x.grad, 2 * keep * scale)
+    again = cpu_ops.dropout(x, 0.25, generator=np.random.default_rng(5))
+    np.testing.assert_array_equal(again.data, out.data)       # deterministic for a fixed thread count
+
+
+@pytest.mark.parametrize("length", [6, 130])
+@pytest.mark.parametrize("masked", ["causal", "bool", "float", "none"])
+def test_parallel_attention_equals_the_reference(workers, length, masked):
+    """The (B, H) heads split among the threads; from 128 on the causal path goes block by block."""
+    rng = np.random.default_rng(14)
+    q, k, v = (leaf(rng, 5, 3, length, 4) for _ in range(3))    # 5 x 3 heads: ragged chunks
+    cot = rng.standard_normal((5, 3, length, 4))
+    kwargs = {"causal": dict(is_causal=True), "none": {},
+              "bool": dict(attn_mask=(rng.random((length, length)) > 0.3) | np.eye(length, dtype=bool)),
+              "float": dict(attn_mask=rng.standard_normal((length, length)))}[masked]
+    fast = values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, **kwargs), [q, k, v],
+                            cot)
+    reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, **kwargs),
+                                 [q, k, v], cot)
+    assert_same(fast, reference, rtol=1e-10)
+
+
+def test_parallel_attention_splits_the_heads_when_the_batch_is_one(workers):
+    rng = np.random.default_rng(15)
+    q, k, v = (leaf(rng, 1, 5, 9, 4, dtype=np.float32) for _ in range(3))
+    axis, bounds = cpu_ops.head_chunks(q.data, k.data, v.data, None)
+    assert (axis, len(bounds)) == ((1, workers) if workers > 1 else (0, 1))
+    cot = rng.standard_normal((1, 5, 9, 4)).astype(np.float32)
+    fast = values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True),
+                            [q, k, v], cot)
+    reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, is_causal=True),
+                                 [q, k, v], cot)
+    assert_same(fast, reference, rtol=2e-5, atol=2e-6)
+
+
+def test_parallel_attention_with_dropout_is_deterministic_and_passes_gradcheck(workers):
+    rng = np.random.default_rng(16)
+    q, k, v = (leaf(rng, 3, 2, 130, 4) for _ in range(3))
+    cot = rng.standard_normal((3, 2, 130, 4))
+
+    def attention(a, b, c):
+        return cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True, dropout_p=0.2,
+                                                    generator=np.random.default_rng(3))
+    first, second = (values_and_grads(attention, [q, k, v], cot) for _ in range(2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    small = [leaf(rng, 3, 1, 20, 4) for _ in range(3)]
+    npgpt.gradcheck(lambda a, b, c: cpu_ops.scaled_dot_product_attention(
+        a, b, c, is_causal=True, dropout_p=0.2, generator=np.random.default_rng(3)), small, max_probes=30)
+
+
+def test_a_call_from_a_pool_thread_runs_serially_and_equals_the_reference(monkeypatch):
+    """The data-parallel shards run ops on the pool's threads: there every op works alone (a pool thread
+    waiting on the pool could wait for itself), and gives the same numbers."""
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
+    chunks_seen = []
+    real_run_chunks = parallel.run_chunks
+    monkeypatch.setattr(parallel, "run_chunks",
+                        lambda body, bounds, single_blas=False: (chunks_seen.append(len(bounds)),
+                                                                 real_run_chunks(body, bounds, single_blas))[1])
+    rng = np.random.default_rng(17)
+    x = leaf(rng, 6, 9, 16)
+    q, k, v = (leaf(rng, 4, 2, 10, 4) for _ in range(3))
+    cot = rng.standard_normal((4, 2, 10, 4))
+
+    def work():
+        assert threads.on_worker_thread() and parallel.chunk_count(10**6, 1) == 1
+        return (values_and_grads(lambda a: cpu_ops.layer_norm(cpu_ops.gelu(a), (16,)), [x], np.ones((6, 9, 16))),
+                values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                 [q, k, v], cot))
+    previous = threads.set_workers(2)
+    try:
+        pool = threads._get_pool(2)
+        futures = [pool.submit(work) for _ in range(2)]         # both pool threads busy: nesting would hang
+        results = [f.result(timeout=60) for f in futures]
+    except FutureTimeout:
+        pytest.fail("an op called on a pool thread waited on the pool")
+    finally:
+        threads.set_workers(previous)
+    assert chunks_seen and set(chunks_seen) == {1}
+    ln_reference = values_and_grads(lambda a: F.layer_norm.reference(F.gelu.reference(a), (16,)), [x],
+                                    np.ones((6, 9, 16)))
+    attention_reference = values_and_grads(
+        lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, is_causal=True), [q, k, v], cot)
+    for ln, attention in results:
+        assert_same(ln, ln_reference)
+        assert_same(attention, attention_reference, rtol=1e-10)
+    assert not threads.on_worker_thread()                      # the calling thread is not marked
+
+
+def five_line_steps(dtype, dropout, steps=2):
+    """The README's loop on a small GPT: (loss, gradients) of each step."""
+    npgpt.manual_seed(0)
+    model = npgpt.GPT(vocab_size=40, d_model=16, num_heads=2, num_layers=2, d_ff=32, max_seq_len=16,
+                      dropout=dropout)
+    for p in model.parameters():
+        p.data = p.data.astype(dtype)
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    ids = np.random.default_rng(0).integers(0, 40, (5, 13))
+    history = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 40), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        history.append((loss.data.copy(), [p.grad.copy() for p in model.parameters()]))
+        opt.step()
+    return history
+
+
+def test_the_five_line_loop_on_threads_equals_the_reference(workers):
+    with_fast = engine.set_fast_paths_enabled(False)
+    try:
+        reference = five_line_steps(np.float64, dropout=0.0)
+    finally:
+        engine.set_fast_paths_enabled(with_fast)
+    for (loss, grads), (ref_loss, ref_grads) in zip(five_line_steps(np.float64, dropout=0.0), reference):
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+    # with dropout: two runs at the same thread count are bit for bit the same
+    first, second = five_line_steps(np.float32, dropout=0.1), five_line_steps(np.float32, dropout=0.1)
+    for (loss, grads), (loss2, grads2) in zip(first, second):
+        np.testing.assert_array_equal(loss, loss2)
+        for g, g2 in zip(grads, grads2):
+            np.testing.assert_array_equal(g, g2)

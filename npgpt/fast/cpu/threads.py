@@ -16,6 +16,7 @@ Next to read: ``npgpt/program/train.py``, which uses them.
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ from ... import backend
 from ...engine import accumulate_grad
 
 _pool = None
+_local = threading.local()      # .worker: True on a pool thread, and while the caller works a chunk itself
 _blas = None  # (set_num_threads, get_num_threads) of the loaded OpenBLAS, or () when not found
 
 
@@ -99,12 +101,34 @@ def set_workers(count):
     return previous
 
 
+def on_worker_thread():
+    """True on a pool thread (or inside a chunk the calling thread works itself): ops here run serially,
+    because a pool thread that waited on the pool could wait for itself."""
+    return getattr(_local, "worker", False)
+
+
+@contextmanager
+def as_worker():
+    """Mark the calling thread as working a chunk for the length of the block (no nested parallelism)."""
+    previous = on_worker_thread()
+    _local.worker = True
+    try:
+        yield
+    finally:
+        _local.worker = previous
+
+
+def _mark_worker():
+    _local.worker = True
+
+
 def _get_pool(count):
     """The persistent pool, grown to `count` threads if needed (the smaller one it replaces is shut down)."""
     global _pool
     if _pool is None or _pool._max_workers < count:
         previous = _pool
-        _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="npgpt-worker")
+        _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="npgpt-worker",
+                                   initializer=_mark_worker)
         if previous is not None:
             previous.shutdown(wait=True)
     return _pool
@@ -112,7 +136,7 @@ def _get_pool(count):
 
 def run_in_parallel(fn, items, count=None):
     """fn(item) for every item, spread over `count` threads (default: workers()), BLAS at one thread meanwhile."""
-    count = count or workers()
+    count = 1 if on_worker_thread() else count or workers()
     if count <= 1 or len(items) <= 1:
         for item in items:
             fn(item)
@@ -139,8 +163,11 @@ def sharded_backward(params, shards, loss_of_shard):
             loss.backward(into=grads)
             return loss.data, grads
 
-    with blas_threads(1):
-        results = list(_get_pool(len(shards)).map(work, range(len(shards))))
+    if on_worker_thread():          # already on a pool thread: the shards one after another, right here
+        results = [work(i) for i in range(len(shards))]
+    else:
+        with blas_threads(1):
+            results = list(_get_pool(len(shards)).map(work, range(len(shards))))
     for p in params:
         for _, grads in results:
             if id(p) in grads:
