@@ -11,7 +11,6 @@ import npgpt.functional as F
 from npgpt import backend
 from npgpt.fast.cuda import kernels, ops as cuda_ops
 
-pytestmark = pytest.mark.textbook
 
 
 def stand_in_matmul(a, b, out=None, alpha=1.0, accumulate=False):
