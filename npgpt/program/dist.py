@@ -200,6 +200,9 @@ class World:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception:                         # no CuPy or no GPU: --device says what happens next
             return
+        if self.transport == "nccl" and count < self.local_size:
+            raise DistError(f"--dist-backend nccl needs a GPU per rank, and this machine has {count} GPU(s) for "
+                            f"{self.local_size} ranks; start fewer ranks per machine, or use --dist-backend mpi")
         if count:
             cupy.cuda.Device(self.local_rank % count).use()
 
