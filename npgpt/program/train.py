@@ -196,7 +196,7 @@ class Run:
             self.config = init_from_config(config, given)
         config = self.config
         self.dtype = np.dtype(config.dtype)           # after a resume: the checkpoint's dtype
-        vocab_floor = {"char": 1, "bpe": 256}[config.tokenizer]
+        vocab_floor = {"bpe": 256}.get(config.tokenizer, 1)     # a lower bound before the tokenizer is built
         check_config(config, resumed["tokenizer"].vocab_size if resumed else vocab_floor)
 
         text = read_text(config.data or None)
