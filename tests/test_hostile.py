@@ -26,9 +26,9 @@ from npgpt.model import GPT
 from npgpt.program import checkpoint as checkpoint_module
 from npgpt.program import sample as sample_module
 from npgpt.program import train as train_module
-from npgpt.program.checkpoint import CheckpointError, load_checkpoint, optimizer_order, state_problem
+from npgpt.program.checkpoint import load_checkpoint, optimizer_order, state_problem
 from npgpt.program.config import TrainConfig, memory_problem, parameter_shapes
-from npgpt.program.rundir import RunDirLock, RunDirError, trim_metrics
+from npgpt.program.rundir import metrics_line, trim_metrics
 
 TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1", "--d-ff", "32",
         "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0",
@@ -251,6 +251,11 @@ def test_resume_drops_the_records_logged_after_the_checkpoint(corpus, run_dir, c
         f.write('{"step": 5, "loss": 4.0}\n{"step": 6, "loss": 4.0}\n{"step": 7, "lo')   # then killed
     assert run_main(resume_args(corpus, run_dir, "--log-interval", "1"), capsys)[0] == 0
     assert [r["step"] for r in strict_records(run_dir)] == list(range(1, 9))
+
+
+def test_metrics_lines_are_strict_json():
+    line = metrics_line({"step": 3, "loss": 2.5, "grad_norm": {"blocks.0": float("inf"), "ln_f": float("nan")}})
+    assert json.loads(line) == {"step": 3, "loss": 2.5, "grad_norm": {"blocks.0": None, "ln_f": None}}
 
 
 def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):

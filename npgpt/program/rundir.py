@@ -12,6 +12,7 @@ Next to read: ``npgpt/program/checkpoint.py``.
 """
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -133,9 +134,22 @@ def clear_previous_run(out_dir):
     return removed
 
 
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def metrics_line(record):
-    """One metrics.jsonl line: strict JSON (a NaN or inf raises ValueError rather than writing bare NaN)."""
-    return json.dumps(record, allow_nan=False) + "\n"
+    """One metrics.jsonl line, strict JSON: a nan or inf figure (a gradient norm that overflowed) becomes null.
+
+    The loss and validation loss never get here non-finite: the run stops before logging them.
+    """
+    return json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
 
 
 def trim_metrics(path, step):
