@@ -15,6 +15,7 @@ from npgpt.program import train as train_module
 from npgpt.program.checkpoint import load_checkpoint
 from npgpt.generate import filter_logits, generate
 from npgpt.model import GPT
+from npgpt.fast.cpu.threads import set_workers
 from npgpt.program.train import make_optimizer, train_step
 from npgpt.program.config import TrainConfig
 
@@ -281,8 +282,12 @@ def test_data_parallel_step_equals_the_single_thread_step():
     for workers in (1, 2, 3):
         backend.manual_seed(0)
         model = GPT(20, d_model=16, num_heads=2, num_layers=2, d_ff=24, max_seq_len=9, dropout=0.0).to(np.float64)
-        opt = make_optimizer(model, TrainConfig(), workers)
-        loss = train_step(model, opt, [(inputs, targets)], 1.0, workers)
+        opt = make_optimizer(model, TrainConfig())
+        previous = set_workers(workers)             # the threaded AdamW update shares the same count
+        try:
+            loss = train_step(model, opt, [(inputs, targets)], 1.0, workers)
+        finally:
+            set_workers(previous)
         results.append((float(loss), [backend.to_numpy(p.data).copy() for p in model.parameters()]))
     for loss, params in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-12)

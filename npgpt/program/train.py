@@ -45,7 +45,9 @@ from ..generate import generate
 from ..fast.cuda.graph import GraphStep
 from ..model import GPT
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
-from ..fast.cpu.threads import can_control_blas, default_workers, sharded_backward, split_rows, tune_allocator
+from .. import fast
+from ..fast.cpu.allocator import keep_freed_memory
+from ..fast.cpu.threads import can_control_blas, default_workers, set_workers, sharded_backward, split_rows
 from ..engine import no_grad
 from .tokenizer import (TokenizerError, build_tokenizer, explain_token_count, load_pretrained_tokenizer,
                         tokenizer_from_dict)
@@ -125,14 +127,14 @@ def estimate_loss(model, tokens, config, seed, world=None):
     return float(sum(losses) / len(losses))
 
 
-def make_optimizer(model, config, workers=1):
+def make_optimizer(model, config):
     """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm gains)."""
     params = model.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return AdamW([{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}],
-                 lr=config.lr, betas=(config.beta1, config.beta2), workers=workers)
+                 lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def format_duration(seconds):
@@ -177,12 +179,13 @@ class Run:
             backend.set_device(config.device)
         except backend.DeviceError as exc:
             raise TrainingError(str(exc)) from None
-        if backend.get_device() == "gpu":
-            self.workers = 1
+        if backend.get_device() == "gpu" or not fast.enabled():
+            self.workers = 1                # NPGPT_FAST=0: the textbook alone, on the calling thread
         else:
-            tune_allocator()
+            keep_freed_memory()             # the program's one process-wide setting (fast/cpu/allocator.py)
             cores = world.threads_per_rank if world is not None else default_workers()
             self.workers = config.workers or (cores if can_control_blas() else 1)
+        set_workers(self.workers)
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
@@ -233,7 +236,7 @@ class Run:
             self.model.to(self.dtype)
         if config.init_from and resumed is None:
             load_weights(self.model, config.init_from)
-        self.optimizer = make_optimizer(self.model, config, self.workers)
+        self.optimizer = make_optimizer(self.model, config)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
         self.saved_step = None          # the step of the last checkpoint written or resumed from
@@ -246,7 +249,7 @@ class Run:
             if removed:
                 print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {config.out_dir}")
         self.graph_step = None      # on the GPU: the step recorded once as a CUDA graph, then replayed
-        if backend.get_device() == "gpu" and self.config.cuda_graph == "on" \
+        if backend.get_device() == "gpu" and self.config.cuda_graph == "on" and fast.cuda_enabled() \
                 and world is None:      # under mpiexec the step's allreduce runs outside a graph
             self.graph_step = GraphStep(lambda batches: train_step(self.model, self.optimizer, batches,
                                                                    self.config.grad_clip),
@@ -298,12 +301,19 @@ class Run:
         restore_optimizer(self.optimizer, arrays, meta)
         self.step = meta["step"]
         self.best_val = meta.get("best_val", math.inf)
+        saved_workers = meta.get("workers")
+        if saved_workers is not None and saved_workers != self.workers:
+            # the batch's shards (their dropout seeds, the order their gradients are summed in) follow the count
+            print(f"note: {self.ckpt_path} was trained with {saved_workers} worker thread(s), this run uses "
+                  f"{self.workers}: training continues, but not bit for bit as it would have; pass --workers "
+                  f"{saved_workers} for that", flush=True)
         backend.set_rng_state(self.data_rng, meta["rng"]["data"])
         backend.set_rng_state(backend.global_rng(), meta["rng"]["dropout"])
 
     def meta(self):
         return {"config": self.config.to_dict(), "model_config": self.model.config, "step": self.step,
-                "world_size": self.world_size, "best_val": self.best_val, "tokenizer": self.tokenizer.to_dict(),
+                "world_size": self.world_size, "workers": self.workers, "best_val": self.best_val,
+                "tokenizer": self.tokenizer.to_dict(),
                 "rng": {"data": backend.rng_state(self.data_rng),
                         "dropout": backend.rng_state(backend.global_rng())}}
 
