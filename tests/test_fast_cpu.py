@@ -1,4 +1,7 @@
-"""Every CPU fast path equals its reference in npgpt/functional.py and optim.py: values and gradients."""
+"""Every CPU fast path equals its reference in npgpt/functional.py and optim.py: values and gradients, on one
+thread and split over several (intra-op parallelism), deterministic for a fixed thread count."""
+
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import npgpt
 import npgpt.functional as F
 from npgpt import engine, optim
 from npgpt.fast.cpu import ops as cpu_ops
-from npgpt.fast.cpu import threads
+from npgpt.fast.cpu import parallel, threads
 
 
 
@@ -149,10 +152,6 @@ def test_threaded_adamw_equals_the_reference_update(workers, monkeypatch, fast_p
 # ---------------------------------------------------------------------------------------------------------
 # Intra-op parallelism: each op's chunks on the worker threads give the reference's numbers
 
-from concurrent.futures import TimeoutError as FutureTimeout   # noqa: E402
-
-from npgpt.fast.cpu import parallel                               # noqa: E402
-
 
 @pytest.fixture(params=[1, 2, 3])
 def workers(request, monkeypatch):
@@ -161,6 +160,7 @@ def workers(request, monkeypatch):
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
     monkeypatch.setattr(cpu_ops, "ELEMENTWISE_BLOCK_BYTES", 8 * 10)     # 10 float64 / 20 float32 a block
+    monkeypatch.setattr(cpu_ops, "LAYER_NORM_BLOCK_BYTES", 8 * 12 * 2)  # 2 rows of 12 float64 a block
     previous = threads.set_workers(request.param)
     yield request.param
     threads.set_workers(previous)
@@ -366,3 +366,59 @@ def test_the_five_line_loop_on_threads_equals_the_reference(workers):
         np.testing.assert_array_equal(loss, loss2)
         for g, g2 in zip(grads, grads2):
             np.testing.assert_array_equal(g, g2)
+
+
+def test_blas_thread_scopes_restore_the_count_whatever_order_they_close_in():
+    if not threads.can_control_blas():
+        pytest.skip("OpenBLAS's thread controls were not found in this NumPy")
+    count = threads._find_blas_controls()[1]
+    before = count()
+    outer, first, second = threads.blas_threads(3), threads.blas_threads(1), threads.blas_threads(1)
+    outer.__enter__()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)            # two threads' regions may close in either order
+    assert count() == 1
+    second.__exit__(None, None, None)
+    assert count() == 3
+    outer.__exit__(None, None, None)
+    assert count() == before
+    previous = threads.set_workers(2)
+    try:
+        five_line_steps(np.float32, dropout=0.1, steps=1)
+    finally:
+        threads.set_workers(previous)
+    assert count() == before                    # the attention's single-thread BLAS regions are all closed
+
+
+def test_heads_that_cannot_be_split_run_as_one_chunk(workers):
+    """Q, K, V whose batch dimensions broadcast, or a mask with batch dimensions of its own: one chunk,
+    still the reference's numbers."""
+    rng = np.random.default_rng(18)
+    q, k, v = leaf(rng, 4, 3, 7, 4), leaf(rng, 1, 3, 7, 4), leaf(rng, 1, 3, 7, 4)
+    mask = rng.random((4, 3, 7, 7)) > 0.3
+    mask[..., 0] = True
+    assert len(cpu_ops.head_chunks(q.data, k.data, v.data, None)[1]) == 1
+    assert len(cpu_ops.head_chunks(q.data, q.data, q.data, mask)[1]) == 1
+    cot = rng.standard_normal((4, 3, 7, 4))
+    for inputs, kwargs in (([q, k, v], {}), ([q, leaf(rng, 4, 3, 7, 4), leaf(rng, 4, 3, 7, 4)], {"attn_mask": mask})):
+        assert_same(values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, **kwargs),
+                                     inputs, cot),
+                    values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, **kwargs),
+                                     inputs, cot), rtol=1e-10)
+
+
+def test_an_error_in_any_chunk_is_raised_after_every_chunk_has_finished():
+    finished = []
+
+    def body(lo, hi):
+        if lo == 4:
+            raise ValueError("chunk 4..6 failed")
+        finished.append(lo)
+    previous = threads.set_workers(3)
+    try:
+        with pytest.raises(ValueError, match="chunk 4..6 failed"):
+            parallel.parallel_for(6, body)
+    finally:
+        threads.set_workers(previous)
+    assert sorted(finished) == [0, 2]

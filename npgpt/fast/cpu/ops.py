@@ -181,14 +181,18 @@ def gelu(input, approximate="none"):
 # chunk per worker thread. The weight and bias gradients (sums over every row) are summed per chunk and
 # the chunks' sums added in chunk order, so they are fixed for a fixed thread count.
 
+LAYER_NORM_BLOCK_BYTES = 256 * 1024
+
+
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """The reference's LayerNorm on rows (N, C) of the input, C the product of `normalized_shape`; its
     weight and bias gradients come back already summed to the parameters' shapes."""
     input = F._t(input)
     x = input.data
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if x.shape[x.ndim - len(shape):] != shape:
-        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)   # its error message
+    if x.shape[x.ndim - len(shape):] != shape or any(
+            p is not None and tuple(p.shape) != shape for p in (weight, bias)):
+        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)   # errors, broadcast params
     weight = F._t(weight) if weight is not None else None
     bias = F._t(bias) if bias is not None else None
     parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
@@ -200,7 +204,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     rstd = np.empty((rows.shape[0], 1), dtype=x.dtype)      # (N, 1) reciprocal standard deviations
     out = np.empty(rows.shape, dtype=x.dtype)
     eps = x.dtype.type(eps)
-    step = rows_per_block(rows, ELEMENTWISE_BLOCK_BYTES)
+    step = rows_per_block(rows, LAYER_NORM_BLOCK_BYTES)
 
     def forward_rows(lo, hi):
         for i0 in range(lo, hi, step):
@@ -403,8 +407,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:
         attn_mask = np.asarray(attn_mask.data if isinstance(attn_mask, F.Tensor) else attn_mask)
     axis, bounds = head_chunks(q, k, v, attn_mask)
-    if len(bounds) == 1:
-        out, backward = attention_arrays(q, k, v, attn_mask, dropout_p, is_causal, scale, generator)
+    if len(bounds) == 1:                            # all the heads on this thread (BLAS at one thread too)
+        out, whole_backward = parallel.run_chunks(lambda lo, hi: attention_arrays(
+            q, k, v, attn_mask, dropout_p, is_causal, scale, generator), bounds, single_blas=True)[0]
+
+        def backward(grad):
+            return parallel.run_chunks(lambda lo, hi: whole_backward(grad), bounds, single_blas=True)[0]
         return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
     def part(array, lo, hi):                        # the chunk's heads: a slice along `axis`
@@ -447,6 +455,8 @@ def head_chunks(q, k, v, attn_mask):
         return whole
     scores_per_head = q.shape[-2] * k.shape[-2]
     heads = math.prod(batch_shape)
+    if heads * scores_per_head == 0:
+        return whole
     # the first batch axis long enough to give every thread a chunk (B, or H when B is small)
     axis = next((a for a, n in enumerate(batch_shape) if n >= threads.workers()), 0)
     per_index = heads // batch_shape[axis] * scores_per_head               # scores per index along axis

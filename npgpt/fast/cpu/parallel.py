@@ -44,16 +44,17 @@ def chunk_bounds(size, parts):
 
 def run_chunks(body, bounds, single_blas=False):
     """[body(lo, hi) for each (lo, hi) in bounds], the first on the calling thread, the others on the pool;
-    returns the results in chunk order. single_blas: OpenBLAS at one thread meanwhile (restored after)."""
-    if len(bounds) == 1:
-        return [body(*bounds[0])]
-    if single_blas:
+    returns the results in chunk order. single_blas: OpenBLAS at one thread meanwhile (restored after),
+    even for a single chunk: the many small products of attention run faster on one BLAS thread anyway."""
+    if single_blas and not threads.on_worker_thread():
         with threads.blas_threads(1):
             return _run_chunks(body, bounds)
     return _run_chunks(body, bounds)
 
 
 def _run_chunks(body, bounds):
+    if len(bounds) == 1:
+        return [body(*bounds[0])]
     pool = threads._get_pool(len(bounds))
     futures = [pool.submit(body, lo, hi) for lo, hi in bounds[1:]]
     try:

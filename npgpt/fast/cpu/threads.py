@@ -68,20 +68,36 @@ def can_control_blas():
     return bool(_find_blas_controls())
 
 
+_blas_scopes = {"active": [], "original": None}     # the open blas_threads blocks, oldest first
+_blas_lock = threading.Lock()
+
+
 @contextmanager
 def blas_threads(count):
-    """Run the block with OpenBLAS limited to `count` threads (a no-op where OpenBLAS is not found)."""
+    """Run the block with OpenBLAS limited to `count` threads (a no-op where OpenBLAS is not found).
+
+    OpenBLAS has one process-wide count, and blocks may open and close on several threads in any order; so
+    the open blocks are kept in a list: the count is always the latest open block's, and when the last one
+    closes the count from before the first is restored.
+    """
     controls = _find_blas_controls()
     if not controls:
         yield
         return
     setter, getter = controls
-    previous = getter()
-    setter(count)
+    scope = [count]                     # a list, so that each block is its own entry (compared by identity)
+    with _blas_lock:
+        if not _blas_scopes["active"]:
+            _blas_scopes["original"] = getter()
+        _blas_scopes["active"].append(scope)
+        setter(count)
     try:
         yield
     finally:
-        setter(previous)
+        with _blas_lock:
+            active = _blas_scopes["active"]
+            del active[next(i for i, s in enumerate(active) if s is scope)]
+            setter(active[-1][0] if active else _blas_scopes["original"])
 
 
 _settings = {"workers": 1}
