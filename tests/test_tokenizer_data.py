@@ -190,3 +190,15 @@ def test_data_must_be_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="is not a regular file"):
         read_text(str(fifo))             # refused at once, not a wait for a writer
+
+
+@given(text=st.text(alphabet=st.sampled_from(list("aab b\nc'é")), max_size=200))
+def test_incremental_bpe_equals_naive_recount_on_any_text(text):
+    assert BPETokenizer.train(text, 290, progress=False).merges == naive_bpe_merges(text, 290)
+
+
+def test_encoding_the_training_text_again_equals_a_fresh_tokenizer():
+    trained = BPETokenizer.train(SAMPLE, 400, progress=False)     # its cache holds training's encodings
+    fresh = tokenizer_from_dict(trained.to_dict())
+    assert trained.encode(SAMPLE) == fresh.encode(SAMPLE)
+    assert trained.encode(SAMPLE[::-1]) == fresh.encode(SAMPLE[::-1])

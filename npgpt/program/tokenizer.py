@@ -26,6 +26,7 @@ Next to read: ``npgpt/data.py``.
 """
 
 import functools
+import gc
 import hashlib
 import heapq
 import json
@@ -33,7 +34,9 @@ import os
 import re
 import sys
 import time
+from array import array
 from collections import Counter, defaultdict
+from itertools import chain
 
 import numpy as np
 
@@ -257,7 +260,7 @@ class BPETokenizer:
         if pretokenizer not in ("gpt2", "legacy"):
             raise TokenizerError(f"unknown pre-tokenizer {pretokenizer!r}")
         self.pretokenizer, self.add_prefix_space = pretokenizer, bool(add_prefix_space)
-        self._cache = {}
+        self._cache, self._cache_limit = {}, 1 << 20              # piece -> ids, bounded for unbounded text
 
     @property
     def vocab_size(self):
@@ -273,52 +276,12 @@ class BPETokenizer:
         if vocab_size < 256:
             raise TokenizerError(f"a byte-level BPE needs vocab_size >= 256, got {vocab_size}")
         word_counts = count_pieces(text, progress=progress)
-        words = [list(w.encode("utf-8")) for w in word_counts]     # each distinct piece as a list of ids
-        freqs = list(word_counts.values())
-
-        pair_counts = defaultdict(int)                             # (a, b) -> occurrences in the corpus
-        pair_words = defaultdict(set)                              # (a, b) -> indices of words holding it
-        for w, (ids, f) in enumerate(zip(words, freqs)):
-            for pair in zip(ids, ids[1:]):
-                pair_counts[pair] += f
-                pair_words[pair].add(w)
-        # Max-heap of (-count, pair); stale entries are skipped when popped (lazy deletion). Ties go to the
-        # smallest pair, so the merges do not depend on the order of the words.
-        heap = [(-c, pair) for pair, c in pair_counts.items()]
-        heapq.heapify(heap)
-
-        merges = []
-        bar = _Progress("tokenizer: learning merges", vocab_size - 256, "merges", enabled=progress)
-        while len(merges) < vocab_size - 256 and heap:
-            neg_count, pair = heapq.heappop(heap)
-            if pair_counts.get(pair, 0) != -neg_count:
-                continue                                           # stale entry
-            if -neg_count < 2:
-                break                                              # no pair repeats any more
-            new_id = 256 + len(merges)
-            merges.append(pair)
-            touched = {}
-            for w in pair_words.pop(pair):
-                ids, f = words[w], freqs[w]
-                for old in zip(ids, ids[1:]):                      # remove the word's old pairs ...
-                    pair_counts[old] -= f
-                    touched[old] = True
-                merged = _merge_pair(ids, pair, new_id)
-                words[w] = merged
-                for new in zip(merged, merged[1:]):                # ... and add its new ones
-                    pair_counts[new] += f
-                    pair_words[new].add(w)
-                    touched[new] = True
-            pair_counts.pop(pair, None)
-            for p in touched:
-                count = pair_counts.get(p, 0)
-                if count > 0:
-                    heapq.heappush(heap, (-count, p))
-                else:
-                    pair_counts.pop(p, None)
-            bar.update(len(merges))
-        bar.close(f": {len(merges):,} merges from {len(words):,} distinct pieces")
-        return cls(merges)
+        merges, pieces_ids = learn_merges(word_counts, vocab_size - 256, progress)
+        tokenizer = cls(merges)
+        # training has encoded every distinct piece of `text` already: encoding it again is only look-ups
+        tokenizer._cache = dict(zip(word_counts, pieces_ids))
+        tokenizer._cache_limit = max(tokenizer._cache_limit, len(tokenizer._cache))
+        return tokenizer
 
     # ---- encoding and decoding ----------------------------------------------------------------------------
     def _encode_piece(self, piece):
@@ -333,7 +296,7 @@ class BPETokenizer:
                 if best not in ranks:
                     break
                 ids = _merge_pair(ids, best, ranks[best][1])
-            if len(self._cache) >= 1 << 20:
+            if len(self._cache) >= self._cache_limit:
                 self._cache.clear()                                # bounded memory on text of many distinct words
             self._cache[piece] = ids
         return ids
@@ -346,16 +309,16 @@ class BPETokenizer:
         if self.add_prefix_space and parts[0][:1] not in ("", " "):
             parts[0] = " " + parts[0]
         bar = _Progress("tokenizer: encoding", len(text), "M chars", scale=1e6, enabled=progress)
-        out, done, findall, cache = [], 0, self._pattern().findall, self._cache
+        out, done, findall = [], 0, self._pattern().findall
         for k, part in enumerate(parts):
             if k % 2:                                              # a special token, matched whole
                 out.append(self.special_tokens[part])
                 done += len(part)
                 continue
             for chunk in _slices(part):
-                for piece in findall(chunk):
-                    ids = cache.get(piece)
-                    out += ids if ids is not None else self._encode_piece(piece)
+                pieces = findall(chunk)
+                ids = {piece: self._encode_piece(piece) for piece in set(pieces)}   # each distinct piece once
+                out.extend(chain.from_iterable(map(ids.__getitem__, pieces)))
                 done += len(chunk)
                 bar.update(done)
         bar.close(f": {len(out):,} tokens")
@@ -436,6 +399,78 @@ def _merge_pair(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
+
+def learn_merges(word_counts, n_merges, progress=True):
+    """Up to n_merges merges [(a, b)] from {piece: frequency}: each time the most frequent adjacent pair
+    (ties: the smallest pair), stopping early when no pair occurs twice. Merge i makes token 256 + i.
+    Returns the merges and every piece's ids after them (its encoding), in the order of word_counts.
+
+    Each distinct piece is a list of ids with its frequency f. pair_counts holds every pair's occurrences in
+    the corpus; pair_words lists, for each pair, the words that have held it (stale entries are skipped), so a
+    merge visits only the words holding its pair: their old pairs are subtracted, the merged word's added, and
+    only the pairs whose count changed go back on the heap. The garbage collector is paused meanwhile: the
+    millions of small lists it would otherwise scan again and again hold no cycles.
+    """
+    words = [list(w.encode("utf-8")) for w in word_counts]        # each distinct piece as a list of ids
+    freqs = list(word_counts.values())
+    pair_counts = defaultdict(int)                                # (a, b) -> occurrences in the corpus
+    pair_words = defaultdict(lambda: array("i"))                  # (a, b) -> words that have held it
+    for w, (ids, f) in enumerate(zip(words, freqs)):
+        seen = set()
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += f
+            if pair not in seen:
+                seen.add(pair)
+                pair_words[pair].append(w)
+    # Max-heap of (-count, pair); an entry whose count is no longer the pair's is skipped when popped.
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    visited = array("i", [-1]) * len(words)                       # the last merge that rewrote each word
+    merges = []
+    bar = _Progress("tokenizer: learning merges", n_merges, "merges", enabled=progress)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(merges) < n_merges and heap:
+            neg_count, pair = heapq.heappop(heap)
+            if pair_counts.get(pair, 0) != -neg_count:
+                continue                                          # stale entry
+            if -neg_count < 2:
+                break                                             # no pair repeats any more
+            new_id, rank = 256 + len(merges), len(merges)
+            merges.append(pair)
+            delta = defaultdict(int)                              # net change of each pair's count
+            for w in pair_words.pop(pair):
+                if visited[w] == rank:
+                    continue                                      # listed twice
+                visited[w] = rank
+                ids, f = words[w], freqs[w]
+                merged = _merge_pair(ids, pair, new_id)
+                if len(merged) == len(ids):
+                    continue                                      # a stale entry: the pair has left this word
+                for old in zip(ids, ids[1:]):
+                    delta[old] -= f
+                for new in zip(merged, merged[1:]):
+                    delta[new] += f
+                    if new_id in new:                             # pairs without the new token were listed
+                        pair_words[new].append(w)
+                words[w] = merged
+            for p, change in delta.items():
+                if change:
+                    count = pair_counts[p] + change
+                    if count > 0:
+                        pair_counts[p] = count
+                        heapq.heappush(heap, (-count, p))
+                    else:
+                        pair_counts.pop(p, None)
+            pair_counts.pop(pair, None)
+            bar.update(len(merges))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    bar.close(f": {len(merges):,} merges from {len(words):,} distinct pieces")
+    return merges, words
 
 
 def count_pieces(text, progress=True, pattern=None):
