@@ -76,11 +76,14 @@ def test_no_grad_nested_and_shared():
     assert seen["after"] is True
 
 
-def test_a_replaced_thread_pool_is_shut_down():
+def test_a_replaced_thread_pool_is_shut_down(monkeypatch):
+    monkeypatch.setattr(threads, "_pool", None)          # a fresh start; the suite's own pool comes back after
     small = threads._get_pool(2)
     assert threads._get_pool(2) is small
     larger = threads._get_pool(3)
     assert larger is not small and small._shutdown and not larger._shutdown
+    assert threads._get_pool(2) is larger                 # a larger pool serves smaller requests
+    larger.shutdown()
 
 
 def test_operands_of_two_dtypes_go_to_the_reference():
