@@ -418,3 +418,14 @@ def test_the_public_names():
     from npgpt.model import GPT
     assert npgpt.GPT is GPT and callable(GPT.from_pretrained) and callable(GPT.save_pretrained)
     assert npgpt.tokenizer.BPETokenizer is BPETokenizer
+
+
+def test_init_from_takes_the_shape_and_fine_tuning_rates(hf_gpt2_with_tokenizer):
+    from npgpt.program.config import TrainConfig
+    config = hf.init_from_config(TrainConfig(init_from=hf_gpt2_with_tokenizer), given={"init_from"})
+    assert (config.vocab_size, config.d_model, config.num_heads, config.num_layers, config.d_ff,
+            config.max_seq_len, config.tokenizer) == (700, 32, 2, 2, 128, 64, "bpe")
+    assert config.seq_len == 64 and (config.lr, config.min_lr) == (3e-5, 3e-6)
+    given = hf.init_from_config(TrainConfig(init_from=hf_gpt2_with_tokenizer, lr=1e-4, seq_len=16),
+                                given={"init_from", "lr", "seq_len"})
+    assert (given.lr, given.min_lr, given.seq_len) == (1e-4, 1e-5, 16)

@@ -401,6 +401,9 @@ def load_weights(model, directory):
 # Fine-tuning: python -m npgpt.train --init-from DIR
 
 _SHAPE_FIELDS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+# The learning rate of nanoGPT's GPT-2 fine-tuning config, used with --init-from unless --lr is given (and
+# --min-lr a tenth of it): the default 1e-3 suits a model trained from scratch and wrecks pretrained weights.
+FINE_TUNE_LR = 3e-5
 
 
 def init_from_config(config, given=()):
@@ -420,6 +423,10 @@ def init_from_config(config, given=()):
     values = dict(config.to_dict(), **shape)
     if "seq_len" not in given:
         values["seq_len"] = min(config.seq_len, kw["max_seq_len"])
+    if "lr" not in given:                              # a pretrained model wants small steps
+        values["lr"] = FINE_TUNE_LR
+    if "min_lr" not in given:
+        values["min_lr"] = values["lr"] / 10
     return type(config)(**values)
 
 

@@ -387,6 +387,46 @@ class BPETokenizer:
 _NO_MERGE = (1 << 62, -1)
 
 
+def _merge_counting(ids, pair, new_id, f, delta):
+    """_merge_pair(ids, pair, new_id), and the change of every pair count it makes, times the word's
+    frequency f, added into delta. Returns (merged ids, the new pairs) or (None, ()) when `pair` is absent.
+
+    Only the neighbours of an occurrence change: in x a b y, the pairs (x, a), (a, b), (b, y) go and
+    (x, N), (N, y) come, N the new token. When occurrences touch (a b a b), the pair between them, (b, a), is
+    counted once, as the left neighbour of the second, which becomes (N, N).
+    """
+    a, b = pair
+    n = len(ids)
+    out, created, i, found = [], [], 0, False
+    while True:
+        try:
+            j = ids.index(a, i)                                  # the next a, found at C speed
+        except ValueError:
+            break
+        if j + 1 >= n or ids[j + 1] != b:
+            out.extend(ids[i:j + 1])
+            i = j + 1
+            continue
+        out.extend(ids[i:j])
+        if out:                                                  # (x, a) becomes (x', N); x' may be N itself
+            delta[(ids[j - 1], a)] -= f
+            left = (out[-1], new_id)
+            delta[left] += f
+            created.append(left)
+        delta[pair] -= f
+        if j + 2 < n and not (ids[j + 2] == a and j + 3 < n and ids[j + 3] == b):
+            delta[(b, ids[j + 2])] -= f                          # (b, y) becomes (N, y), unless y starts
+            right = (new_id, ids[j + 2])                         # the next occurrence (counted there)
+            delta[right] += f
+            created.append(right)
+        out.append(new_id)
+        i, found = j + 2, True
+    if not found:
+        return None, ()
+    out.extend(ids[i:])
+    return out, created
+
+
 def _merge_pair(ids, pair, new_id):
     """ids with every non-overlapping occurrence of `pair` (left to right) replaced by new_id."""
     out, i, a, b = [], 0, pair[0], pair[1]
@@ -408,9 +448,9 @@ def learn_merges(word_counts, n_merges, progress=True):
 
     Each distinct piece is a list of ids with its frequency f. pair_counts holds every pair's occurrences in
     the corpus; pair_words lists, for each pair, the words that have held it (stale entries are skipped), so a
-    merge visits only the words holding its pair: their old pairs are subtracted, the merged word's added, and
-    only the pairs whose count changed go back on the heap. The garbage collector is paused meanwhile: the
-    millions of small lists it would otherwise scan again and again hold no cycles.
+    merge visits only the words holding its pair, and in each only the pairs beside an occurrence change
+    (_merge_counting); only the pairs whose count changed go back on the heap. The garbage collector is paused
+    meanwhile: the millions of small lists it would otherwise scan again and again hold no cycles.
     """
     words = [list(w.encode("utf-8")) for w in word_counts]        # each distinct piece as a list of ids
     freqs = list(word_counts.values())
@@ -445,17 +485,11 @@ def learn_merges(word_counts, n_merges, progress=True):
                 if visited[w] == rank:
                     continue                                      # listed twice
                 visited[w] = rank
-                ids, f = words[w], freqs[w]
-                merged = _merge_pair(ids, pair, new_id)
-                if len(merged) == len(ids):
-                    continue                                      # a stale entry: the pair has left this word
-                for old in zip(ids, ids[1:]):
-                    delta[old] -= f
-                for new in zip(merged, merged[1:]):
-                    delta[new] += f
-                    if new_id in new:                             # pairs without the new token were listed
+                merged, created = _merge_counting(words[w], pair, new_id, freqs[w], delta)
+                if merged is not None:                            # None: a stale entry, the pair has left it
+                    words[w] = merged
+                    for new in created:                           # the word's other pairs are listed already
                         pair_words[new].append(w)
-                words[w] = merged
             for p, change in delta.items():
                 if change:
                     count = pair_counts[p] + change
