@@ -1,6 +1,7 @@
 """Every CPU fast path equals its reference in npgpt/functional.py and optim.py: values and gradients, on one
 thread and split over several (intra-op parallelism), deterministic for a fixed thread count."""
 
+import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
@@ -159,6 +160,7 @@ def workers(request, monkeypatch):
     small arrays are split into several of each (and ragged: the sizes below divide by neither 2 nor 3)."""
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_MULTIPLY_ADDS", 8)
     monkeypatch.setattr(cpu_ops, "ELEMENTWISE_BLOCK_BYTES", 8 * 10)     # 10 float64 / 20 float32 a block
     monkeypatch.setattr(cpu_ops, "LAYER_NORM_BLOCK_BYTES", 8 * 12 * 2)  # 2 rows of 12 float64 a block
     previous = threads.set_workers(request.param)
@@ -175,9 +177,11 @@ def test_chunk_bounds_are_fixed_and_cover_the_rows():
     assert parallel.chunk_bounds(5, 1) == [(0, 5)]
     previous = threads.set_workers(3)
     try:
-        assert parallel.chunk_count(100, 10) == 3
+        assert parallel.chunk_count(1000, 10) == 3 * parallel.CHUNKS_PER_WORKER
         assert parallel.chunk_count(25, 10) == 2              # chunks below the minimum size: fewer of them
         assert parallel.chunk_count(9, 10) == 1
+        threads.set_workers(1)
+        assert parallel.chunk_count(1000, 10) == 1
     finally:
         threads.set_workers(previous)
 
@@ -211,6 +215,37 @@ def test_parallel_layer_norm_equals_the_reference(workers, dtype, affine):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_parallel_linear_equals_the_reference(workers, dtype, with_bias):
+    """y and dW by slices of the output features, dx by slices of the rows (11 features, 3 x 7 rows)."""
+    rng = np.random.default_rng(19)
+    x, W = leaf(rng, 3, 7, 5, dtype=dtype), leaf(rng, 11, 5, dtype=dtype)
+    inputs = [x, W] + ([leaf(rng, 11, dtype=dtype)] if with_bias else [])
+    cot = rng.standard_normal((3, 7, 11)).astype(dtype)
+    fast = values_and_grads(cpu_ops.linear, inputs, cot)
+    assert_same(fast, values_and_grads(F.linear.reference, inputs, cot), **tolerance(dtype))
+    assert all(f.dtype == dtype for f in fast)
+    frozen = leaf(rng, 11, 5, dtype=dtype)
+    frozen.requires_grad = False                                 # only dx wanted
+    assert_same(values_and_grads(lambda a: cpu_ops.linear(a, frozen), [x], cot),
+                values_and_grads(lambda a: F.linear.reference(a, frozen), [x], cot), **tolerance(dtype))
+    vector = leaf(rng, 5, dtype=dtype)                           # a single row, as in F.linear
+    assert_same(values_and_grads(cpu_ops.linear, [vector, W], cot[0, 0]),
+                values_and_grads(F.linear.reference, [vector, W], cot[0, 0]), **tolerance(dtype))
+
+
+def test_linear_runs_its_slices_only_with_several_workers():
+    x, W = np.zeros((4, 3)), np.zeros((5, 3))
+    previous = threads.set_workers(1)
+    try:
+        assert engine.fast_path_for("linear", (x, W), {}) is None          # one thread: BLAS's own threads
+        threads.set_workers(2)
+        assert engine.fast_path_for("linear", (x, W), {}) is cpu_ops.linear
+    finally:
+        threads.set_workers(previous)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_parallel_cross_entropy_equals_the_reference(workers, dtype, monkeypatch):
     monkeypatch.setattr(cpu_ops, "CACHE_BLOCK_BYTES", 16 * 8 * 2)     # 2 rows a block
     rng = np.random.default_rng(12)
@@ -230,11 +265,13 @@ def test_parallel_dropout_draws_each_chunk_from_its_own_seed(workers):
     # the expected mask, drawn here as the op is documented to: one chunk from the generator itself, or
     # one seed per chunk drawn once from it, each chunk's 16-bit integers from its own seed
     generator = np.random.default_rng(5)
-    bounds = parallel.chunk_bounds(99, workers)
+    parts = {1: 1, 2: 3, 3: 3}[workers]                       # chunks of at least 4 x 8 elements
+    assert parallel.chunk_count(99, 4 * cpu_ops.PARALLEL_MIN_ELEMENTS) == parts
+    bounds = parallel.chunk_bounds(99, parts)
     if workers == 1:
         draws = generator.integers(0, 65536, size=99, dtype=np.uint16)
     else:
-        seeds = generator.integers(0, 2**63 - 1, size=workers)
+        seeds = generator.integers(0, 2**63 - 1, size=parts)
         draws = np.concatenate([np.random.default_rng(int(s)).integers(0, 65536, size=hi - lo, dtype=np.uint16)
                                 for s, (lo, hi) in zip(seeds, bounds)])
     keep = (draws >= round(0.25 * 65536)).reshape(x.shape)
@@ -266,7 +303,7 @@ def test_parallel_attention_splits_the_heads_when_the_batch_is_one(workers):
     rng = np.random.default_rng(15)
     q, k, v = (leaf(rng, 1, 5, 9, 4, dtype=np.float32) for _ in range(3))
     axis, bounds = cpu_ops.head_chunks(q.data, k.data, v.data, None)
-    assert (axis, len(bounds)) == ((1, workers) if workers > 1 else (0, 1))
+    assert (axis, len(bounds)) == ((1, 5) if workers > 1 else (0, 1))     # one chunk a head
     cot = rng.standard_normal((1, 5, 9, 4)).astype(np.float32)
     fast = values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True),
                             [q, k, v], cot)
@@ -421,4 +458,21 @@ def test_an_error_in_any_chunk_is_raised_after_every_chunk_has_finished():
             parallel.parallel_for(6, body)
     finally:
         threads.set_workers(previous)
-    assert sorted(finished) == [0, 2]
+    assert sorted(finished) == [0, 1, 2, 3, 5]                 # six chunks of one; the others all ran
+
+
+def test_when_the_pool_is_busy_the_calling_thread_works_every_chunk_itself():
+    """A helper that does not start (its core busy elsewhere) holds nothing up: the chunks are taken from a
+    queue, so the calling thread runs them all and the helper's task is cancelled."""
+    previous = threads.set_workers(2)
+    release = threading.Event()
+    pool = threads._get_pool(2)
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    ran_on = []
+    try:
+        parallel.parallel_for(8, lambda lo, hi: ran_on.append(threading.get_ident()))
+    finally:
+        release.set()
+        threads.set_workers(previous)
+    assert all(b.result(timeout=60) for b in blockers)
+    assert ran_on == [threading.get_ident()] * 8

@@ -7,6 +7,7 @@
     scaled_dot_product_attention   softmax in place on the scores; long causal sequences block by block,
                                    skipping the keys no query of a block sees; the heads shared by the threads
     adamw_step                     the elementwise update cut into pieces shared by the worker threads
+    linear                         with several threads: the products cut into slices, one BLAS thread each
 
 With ``threads.set_workers(n)``, n > 1, each op splits its rows (or heads, or elements) into n chunks with
 fixed boundaries and runs them at once on the persistent pool (``parallel.py``), so a plain loop of
@@ -550,6 +551,63 @@ def _product_into(target, a, b, accumulate):
 
 
 # ========================================================================================================
+# linear on several threads: each thread multiplies its own slice, BLAS at one thread inside.
+# OpenBLAS's own threads synchronise at every product and wait for a busy core; slices taken from a queue
+# (parallel.py) go to whichever thread is free. Only with workers() > 1: on one thread BLAS keeps its own.
+
+# A slice must hold at least this many multiply-adds to be worth a thread of its own (~0.3 ms here)
+PARALLEL_MIN_MULTIPLY_ADDS = 4 * 2**20
+
+
+def linear(input, weight, bias=None):
+    """y = x W^T + b with x (..., in), W (out, in), b (out,): the reference's products cut into slices
+    (y and dW by output features, dx by rows); the bias gradient comes back summed to (out,)."""
+    input, weight = F._t(input), F._t(weight)
+    bias = F._t(bias) if bias is not None else None
+    x, W = input.data, weight.data
+    if W.ndim != 2 or x.ndim == 0 or x.shape[-1] != W.shape[1] or (bias is not None and bias.shape != W.shape[:1]):
+        return F.linear.reference(input, weight, bias)                 # its errors, and odd shapes
+    n_out, n_in = W.shape
+    x2d = x.reshape(-1, n_in)                               # (N, in)
+    N = x2d.shape[0]
+    out = np.empty((N, n_out), dtype=x.dtype)               # (N, out)
+
+    def min_slice(other):                                   # the fewest rows or features worth a thread
+        return -(-PARALLEL_MIN_MULTIPLY_ADDS // max(1, other))
+
+    def forward_features(lo, hi):
+        np.matmul(x2d, W[lo:hi].T, out=out[:, lo:hi])
+        if bias is not None:
+            out[:, lo:hi] += bias.data[lo:hi]
+    parallel.parallel_for(n_out, forward_features, min_slice(N * n_in), single_blas=True)
+
+    # dx = dy W   by rows;   dW = dy^T x,  db = sum of dy over rows   by output features
+    def backward(grad):
+        grad2d = grad.reshape(-1, n_out)                    # (N, out)
+        grad_x = np.empty((N, n_in), dtype=x.dtype) if input.requires_grad else None
+        grad_W = np.empty(W.shape, dtype=x.dtype) if weight.requires_grad else None
+        grad_b = np.empty(n_out, dtype=x.dtype) if bias is not None and bias.requires_grad else None
+
+        def backward_features(lo, hi):
+            if grad_W is not None:
+                np.matmul(grad2d[:, lo:hi].T, x2d, out=grad_W[lo:hi])
+            if grad_b is not None:
+                grad_b[lo:hi] = grad2d[:, lo:hi].sum(axis=0)
+
+        def backward_rows(lo, hi):
+            np.matmul(grad2d[lo:hi], W, out=grad_x[lo:hi])
+        if grad_W is not None or grad_b is not None:
+            parallel.parallel_for(n_out, backward_features, min_slice(N * n_in), single_blas=True)
+        if grad_x is not None:
+            parallel.parallel_for(N, backward_rows, min_slice(n_out * n_in), single_blas=True)
+        grads = (grad_x.reshape(x.shape) if grad_x is not None else None, grad_W)
+        return grads + (grad_b,) if bias is not None else grads
+
+    parents = (input, weight, bias) if bias is not None else (input, weight)
+    return _make(out.reshape(*x.shape[:-1], n_out), parents, backward, "linear")
+
+
+# ========================================================================================================
 # AdamW: the elementwise update in pieces, shared by the worker threads
 
 ADAMW_PIECE = 262144        # elements: pieces let threads share even the largest parameter
@@ -590,3 +648,4 @@ def register():
     register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
                        applies=_attention_generator_is_numpy)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_many_workers)
+    register_fast_path("linear", linear, "cpu", applies=_many_workers)

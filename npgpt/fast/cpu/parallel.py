@@ -1,20 +1,23 @@
 """Intra-op parallelism: one op's rows (or heads, or elements) split over the worker threads.
 
-This is PyTorch's ``parallel_for`` for npgpt's CPU fast paths. An op cuts its work into ``workers()`` chunks
-with fixed boundaries, hands all but the first to the persistent pool (``threads.py``) and works the first
-on the calling thread; every chunk runs the reference formulas on its slice. NumPy releases the GIL inside
-its loops over large arrays, so the chunks really run at the same time.
+This is PyTorch's ``parallel_for`` for npgpt's CPU fast paths. An op cuts its work into chunks with fixed
+boundaries (a few per worker thread), and the calling thread and ``workers() - 1`` threads of the persistent
+pool (``threads.py``) take chunks from a shared queue until none is left; every chunk runs the reference
+formulas on its slice. NumPy releases the GIL inside its loops over large arrays, so the chunks really run at
+the same time. Taking chunks from a queue, rather than one fixed chunk per thread, keeps a busy core (another
+program's) from holding the op up: the threads that run take over the chunks of one that does not.
 
 Rules that keep it exact, deterministic and safe:
 
-- Boundaries depend only on the work's length and the thread count, never on timing; results that combine
-  chunks (LayerNorm's weight and bias gradients) are added in chunk order. So a run is bit for bit the same
-  for a fixed thread count.
+- Boundaries depend only on the work's length and the thread count, never on timing, and each chunk's
+  result goes to its own place; results that combine chunks (LayerNorm's weight and bias gradients) are
+  added in chunk order. So a run is bit for bit the same for a fixed thread count, whichever thread ran
+  which chunk.
 - No nesting: code running on a pool thread (a data-parallel shard of ``sharded_backward``, or another op's
   chunk) runs every op serially on that thread. A pool thread waiting on the pool could otherwise wait for
   itself.
-- Work too small to pay for the hand-off (about 30-60 microseconds a chunk) runs serially: each op passes
-  the smallest chunk worth a thread (``min_size``).
+- Work too small to pay for the hand-off (about 50 microseconds) runs serially: each op passes the smallest
+  chunk worth a thread (``min_size``).
 - Nothing process-wide changes except inside a scoped, restored region: ops whose chunks call BLAS run with
   OpenBLAS at one thread for the length of the region (``threads.blas_threads``), so the two never
   oversubscribe the cores.
@@ -22,18 +25,23 @@ Rules that keep it exact, deterministic and safe:
 Next to read: ``ops.py``, whose fast paths use it.
 """
 
+from collections import deque
+
 import numpy as np
 
 from ... import backend
 from . import threads
 
+CHUNKS_PER_WORKER = 4       # chunks a worker thread's share is cut into, so that the others can take some
+
 
 def chunk_count(size, min_size):
-    """How many chunks `size` units of work are cut into: workers(), fewer if a chunk would be smaller than
-    `min_size` units, and 1 on a pool thread (no nesting)."""
-    if threads.on_worker_thread():
+    """How many chunks `size` units of work are cut into: CHUNKS_PER_WORKER for each worker thread, fewer if
+    a chunk would be smaller than `min_size` units; 1 with one worker, or on a pool thread (no nesting)."""
+    count = threads.workers()
+    if count == 1 or threads.on_worker_thread():
         return 1
-    return max(1, min(threads.workers(), size // max(1, min_size)))
+    return max(1, min(count * CHUNKS_PER_WORKER, size // max(1, min_size)))
 
 
 def chunk_bounds(size, parts):
@@ -55,18 +63,32 @@ def run_chunks(body, bounds, single_blas=False):
 def _run_chunks(body, bounds):
     if len(bounds) == 1:
         return [body(*bounds[0])]
-    pool = threads._get_pool(len(bounds))
-    futures = [pool.submit(body, lo, hi) for lo, hi in bounds[1:]]
-    try:
-        with threads.as_worker():       # an op called by the first chunk runs serially, like the others
-            first = body(*bounds[0])
-    finally:
-        # every chunk has finished before the arrays it writes into are used (or an error is raised)
-        rest = [f.exception() for f in futures]
-    for future, error in zip(futures, rest):
+    results, errors = [None] * len(bounds), [None] * len(bounds)
+    queue = deque(range(len(bounds)))           # chunk indices; popleft() is atomic, so each is taken once
+
+    def take_chunks():
+        while True:
+            try:
+                i = queue.popleft()
+            except IndexError:
+                return
+            try:
+                results[i] = body(*bounds[i])
+            except BaseException as error:      # raised on the calling thread, once every chunk is done
+                errors[i] = error
+
+    helpers = min(threads.workers(), len(bounds)) - 1
+    pool = threads._get_pool(helpers)
+    futures = [pool.submit(take_chunks) for _ in range(helpers)]
+    with threads.as_worker():       # an op called inside a chunk runs serially, as on the pool's threads
+        take_chunks()
+    for future in futures:          # a helper that never started has nothing to do; one that did may still
+        if not future.cancel():     # be working its last chunk, which must be done before we return
+            future.result()
+    for error in errors:
         if error is not None:
             raise error
-    return [first] + [f.result() for f in futures]
+    return results
 
 
 def parallel_for(size, body, min_size=1, single_blas=False):
