@@ -22,7 +22,7 @@ and an ETA to stderr.
 
 Shapes: text -> ids (N,) -> text.
 
-Next to read: ``npgpt/data.py``.
+Next to read: ``npgpt/program/data.py``.
 """
 
 import functools
@@ -457,12 +457,9 @@ def learn_merges(word_counts, n_merges, progress=True):
     pair_counts = defaultdict(int)                                # (a, b) -> occurrences in the corpus
     pair_words = defaultdict(lambda: array("i"))                  # (a, b) -> words that have held it
     for w, (ids, f) in enumerate(zip(words, freqs)):
-        seen = set()
         for pair in zip(ids, ids[1:]):
             pair_counts[pair] += f
-            if pair not in seen:
-                seen.add(pair)
-                pair_words[pair].append(w)
+            pair_words[pair].append(w)                            # twice if it occurs twice: skipped then
     # Max-heap of (-count, pair); an entry whose count is no longer the pair's is skipped when popped.
     heap = [(-c, pair) for pair, c in pair_counts.items()]
     heapq.heapify(heap)
