@@ -155,7 +155,7 @@ _seed_source = np.random.default_rng()
 
 
 def host_rng():
-    """A NumPy generator on the host, seeded by manual_seed: for draws that must not wait for a GPU (seeds)."""
+    """A NumPy generator on the host, seeded by manual_seed with the others: for plain numbers (seeds)."""
     return _seed_source
 
 
@@ -164,7 +164,8 @@ _thread_rng = threading.local()
 
 @contextmanager
 def using_rng(rng):
-    """Within the block, this thread's global_rng() is `rng` (data-parallel workers draw their own)."""
+    """Within the block, this thread's global_rng() is `rng`: threads that run ops side by side each draw
+    from a generator of their own."""
     previous = getattr(_thread_rng, "rng", None)
     _thread_rng.rng = rng
     try:

@@ -158,8 +158,8 @@ class Tensor:
     def backward(self, grad=None, retain_graph=False, into=None):
         """Add d(self)/d(leaf) * grad into the .grad of every leaf that requires a gradient.
 
-        into: a dict that receives {id(leaf): gradient} instead of .grad being touched (data-parallel
-        workers use it, so two threads never add into the same .grad).
+        into: a dict that receives {id(leaf): gradient} instead of .grad being touched, so that several
+        backward passes over the same leaves can be summed afterwards in an order of the caller's choosing.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() called on a tensor that does not require grad: "
@@ -436,14 +436,6 @@ def register_fast_path(op, impl, device, dtypes=SUPPORTED_DTYPES, applies=None):
     _fast_paths.setdefault(op, []).insert(0, (impl, device, tuple(np.dtype(d) for d in dtypes), applies))
 
 
-def unregister_fast_paths(op=None):
-    """Forget the fast paths of one op (or of every op)."""
-    if op is None:
-        _fast_paths.clear()
-    else:
-        _fast_paths.pop(op, None)
-
-
 def fast_path_for(op, args, kwargs):
     """The registered implementation that would run op(*args, **kwargs), or None for the reference."""
     paths = _fast_paths.get(op)
@@ -473,7 +465,7 @@ def dispatchable(op, float_dtypes=SUPPORTED_DTYPES):
         def run(*args, **kwargs):
             if float_dtypes is not None:
                 _check_float_dtypes(op, args, kwargs, float_dtypes)
-            impl = fast_path_for(op, args, kwargs) if _fast_paths.get(op) and _fast["enabled"] else None
+            impl = fast_path_for(op, args, kwargs)
             return (impl or reference)(*args, **kwargs)
         run.reference = reference
         return run
@@ -639,8 +631,7 @@ def _lift(value, like, op=None):
 
 
 def _scalar_like(value, array):
-    """`value` as a NumPy scalar of `array`'s float dtype: a float never upcasts float32, and on the GPU a
-    scalar travels as a kernel argument rather than as a copy to device memory."""
+    """`value` as a NumPy scalar of `array`'s float dtype, so that a Python float never upcasts float32."""
     if array.dtype.kind == "f":
         return array.dtype.type(value)
     return np.asarray(value)[()]

@@ -7,8 +7,6 @@ Next to read: ``npgpt/model.py``, the GPT these update.
 
 import math
 
-import numpy as np
-
 from . import backend
 from .engine import dispatchable
 
@@ -151,7 +149,7 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
 
-    The norm stays an array on the device (a 0-d array), so clipping on the GPU needs no host round trip.
+    The norm is returned as a 0-d array on the gradients' device.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

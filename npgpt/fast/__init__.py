@@ -14,8 +14,8 @@ Switches:
     NPGPT_FAST=0, or npgpt.fast.disable()     every op runs its reference body (the textbook alone)
     npgpt.fast.enable()                       fast paths on again (the default)
     NPGPT_FAST_CUDA=1, or npgpt.fast.enable_cuda()
-                                              also the CUDA fast paths: off by default, because this layout of
-                                              them has not yet run on a GPU (see README.md)
+                                              also the CUDA fast paths: off by default, because in their
+                                              present form they have not run on a GPU (see README.md)
 """
 
 import os

@@ -16,7 +16,7 @@ step and the random states; then, once read, that the weights and moments are fi
 
 Shapes: each parameter and moment as saved from the model, (V, C), (C,), ...
 
-Next to read: ``npgpt/train.py``, which writes and reads these.
+Next to read: ``npgpt/program/train.py``, which writes and reads these.
 """
 
 import json

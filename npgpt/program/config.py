@@ -7,7 +7,7 @@ checkpoint.
 
 Shapes: batch_size is B, seq_len is T, d_model is C, num_heads is H, vocab_size is V.
 
-Next to read: ``npgpt/checkpoint.py``.
+Next to read: ``npgpt/program/checkpoint.py``.
 """
 
 import argparse
@@ -67,7 +67,7 @@ class TrainConfig:
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
     workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
     cuda_graph: str = _f("on", "on the GPU, record the training step once as a CUDA graph and replay it "
-                               "(npgpt/graph.py); 'off' launches every kernel from Python", ("on", "off"))
+                               "(npgpt/fast/cuda/graph.py, with the CUDA fast paths on); 'off' launches every kernel from Python", ("on", "off"))
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
     # several processes: mpiexec -n N python -m npgpt.train (npgpt/program/dist.py)
     dist_backend: str = _f("mpi", "under mpiexec, what sums the gradients: 'mpi' (CPU, or GPU buffers via the "

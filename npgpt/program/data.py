@@ -4,7 +4,8 @@ The default corpus is Tiny Shakespeare (public domain), installed inside the pac
 
 Shapes: the corpus as ids (N,); a batch as inputs and targets (B, T).
 
-Next to read: ``npgpt/config.py`` and ``npgpt/checkpoint.py``, then ``npgpt/train.py``.
+Next to read: ``npgpt/program/config.py`` and ``npgpt/program/checkpoint.py``, then
+``npgpt/program/train.py``.
 """
 
 import os

@@ -1,14 +1,14 @@
 """The gradient proof on screen: every op, and a tiny GPT, against central finite differences in float64.
 
-    python -m npgpt.gradcheck
+    python -m npgpt.proof
 
 Prints one row per op: the shapes checked, the largest absolute and relative error between backprop's
 gradient and the finite-difference one, and PASS or FAIL. Exits 1 if anything fails. (The function itself is
-``npgpt.gradcheck``, defined in ``npgpt/checks.py``.)
+``npgpt.gradcheck``, defined in ``npgpt/gradcheck.py``.)
 
 Shapes: small ones, listed per row of the table.
 
-Next to read: ``npgpt/checks.py``, the check itself.
+Next to read: ``npgpt/gradcheck.py``, the check itself.
 """
 
 import sys

@@ -10,7 +10,7 @@ it is drawn; Ctrl-C stops at once, keeping what was printed, and exits with 130.
 
 Shapes: the prompt as ids (1, T), extended one token at a time.
 
-Next to read: ``npgpt/viz.py`` and ``python -m npgpt.gradcheck``, the windows onto the engine.
+Next to read: ``npgpt/program/viz.py`` and ``python -m npgpt.proof``, the windows onto the engine.
 """
 
 import math

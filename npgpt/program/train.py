@@ -14,14 +14,13 @@ Ctrl-C saves a checkpoint and exits; --resume continues bit for bit where it sto
 
 Shapes: micro-batches of (B, T) ids; logits (B, T, V); the loss a scalar.
 
-On the GPU the step is recorded once as a CUDA graph and replayed (``npgpt/graph.py``; --cuda-graph off to
+On the GPU the step is recorded once as a CUDA graph and replayed (``npgpt/fast/cuda/graph.py``; --cuda-graph off to
 launch every kernel from Python).
 
-Next to read: ``npgpt/sample.py``; for speed, ``npgpt/parallel.py`` (CPU), ``npgpt/kernels.py`` and
-``npgpt/graph.py`` (GPU).
+Next to read: ``npgpt/program/sample.py``; for speed, ``npgpt/fast/cpu/threads.py`` (CPU),
+``npgpt/fast/cuda/kernels.py`` and ``npgpt/fast/cuda/graph.py`` (GPU).
 """
 
-import json
 import math
 import os
 import shlex
@@ -73,7 +72,7 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
 
     Each micro-batch's loss is scaled by 1/k, so the summed gradients equal those of one k-times larger batch.
     With workers > 1 (CPU), each micro-batch is split into row shards run on parallel threads, each shard's
-    loss weighted by its share of the rows (npgpt/parallel.py). grad_stats (a GradStats, on logged steps)
+    loss weighted by its share of the rows (npgpt/fast/cpu/threads.py). grad_stats (a GradStats, on logged steps)
     measures each layer's gradient norm before clipping and its update/weight ratio over the step.
     Under mpiexec (world, npgpt/program/dist.py) the step's micro-batches are spread over the ranks: each loss
     is scaled by 1/(ranks * k) and the gradients and losses are summed across ranks before clipping.

@@ -7,11 +7,11 @@ In code:
 
     graph = npgpt.viz.capture(loss, names={"x": x, "W": w})   # before backward(): the graph is freed after
     loss.backward()
-    print(graph.to_dot())      # ops as boxes, tensors as ellipses with shape, dtype and, now, |gradient|
+    print(graph.to_dot())      # ops as boxes, tensors as ellipses with shape, dtype and, after backward, |gradient|
 
 Shapes: each tensor node is labelled with its own shape.
 
-Next to read: ``npgpt/checks.py`` (gradcheck), and ``python -m npgpt.gradcheck`` for the proof on screen.
+Next to read: ``npgpt/gradcheck.py``, and ``python -m npgpt.proof`` for the proof on screen.
 """
 
 import argparse

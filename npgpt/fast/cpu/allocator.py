@@ -9,9 +9,6 @@ it on import or inside an op: ``python -m npgpt.train`` calls it once, and a pro
 
 import ctypes
 
-_state = {"kept": False}
-
-
 def keep_freed_memory():
     """Keep freed memory for reuse: no unmapping of large blocks, no trimming of the heap (glibc only).
     Returns True where it took effect. Process-wide and not undone: call it from a program, not a library."""
@@ -23,10 +20,4 @@ def keep_freed_memory():
     ok = libc.mallopt(M_MMAP_MAX, 0)                     # every block comes from the heap, even 160 MB logits,
     ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)        # and freed ones stay there for the next step
     ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
-    _state["kept"] = bool(ok)
     return bool(ok)
-
-
-def freed_memory_kept():
-    """True once keep_freed_memory() has taken effect in this process."""
-    return _state["kept"]

@@ -21,7 +21,6 @@ import ctypes
 
 import numpy as np
 
-from ... import backend
 from .capture import capturing
 
 MIN_TUNED_FLOPS = 2**28        # smaller products run plain cuBLAS: timing them would cost more than it saves

@@ -28,7 +28,6 @@ import numpy as np
 
 from ... import backend
 from ... import functional as F
-from ... import optim
 from ...engine import _make, register_fast_path
 from ...engine import matmul as engine_matmul
 from . import cublas, kernels

@@ -11,7 +11,7 @@ __device__ unsigned int dropout_bits(unsigned long long seed, unsigned long long
 
 // The seed a kernel hashes with: its own (drawn on the host when the op ran) moved along by the device's
 // replay counter, which stays 0 in eager training and counts the replays of a recorded CUDA graph, whose
-// host seeds are frozen into it (npgpt/graph.py). So each replay draws fresh dropout masks.
+// host seeds are frozen into it (npgpt/fast/cuda/graph.py). So each replay draws fresh dropout masks.
 __device__ unsigned long long replay_seed(unsigned long long seed, const unsigned long long* replay) {
     return seed + replay[0] * 0xD1B54A32D192ED03ULL;
 }
