@@ -234,9 +234,10 @@ class BPETokenizer:
             merged = range(256, 256 + len(self.merges))
         else:
             self.token_bytes = [bytes(t) for t in vocab]
-            index = {}
+            index, special_ids = {}, set((special_tokens or {}).values())
             for i, t in enumerate(self.token_bytes):
-                index.setdefault(t, i)
+                if i not in special_ids:                           # a special token is never a merge's result
+                    index.setdefault(t, i)
             missing = [b for b in range(256) if bytes([b]) not in index]
             if missing:
                 raise TokenizerError(f"the vocabulary has no token for byte 0x{missing[0]:02x} "
@@ -542,11 +543,13 @@ def _read_json(path):
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _token_bytes(token, path):
+def _token_bytes(token):
+    """The bytes a byte-level token string stands for ('Ġthe' -> b' the'), or None for a string outside
+    the byte map (an added token, kept as its UTF-8 text)."""
     try:
         return bytes(_CHAR_TO_BYTE[c] for c in token)
     except KeyError:
-        return None                     # not a byte-level string: an added token, kept as its UTF-8 text
+        return None
 
 
 def load_pretrained_tokenizer(directory):
@@ -610,7 +613,7 @@ def load_pretrained_tokenizer(directory):
             raise TokenizerError(f"{vocab_path}: token {token!r} has the negative id {i}")
         if token_bytes[i] is not None:
             raise TokenizerError(f"{vocab_path}: id {i} is given to two tokens")
-        data = _token_bytes(token, vocab_path)
+        data = _token_bytes(token)
         if data is None:
             special[token] = i
             data = token.encode("utf-8")
@@ -625,14 +628,14 @@ def load_pretrained_tokenizer(directory):
     if holes:
         raise TokenizerError(f"{vocab_path}: no token has id {holes[0]} ({len(holes)} ids missing); the ids must "
                              f"run from 0 to {size - 1}")
-    index = {}
+    index, special_ids = {}, set(special.values())
     for i, t in enumerate(token_bytes):
-        if i not in special.values():
+        if i not in special_ids:
             index.setdefault(t, i)
     pairs = []
     for (a, b), number in merges:
-        ids = [index.get(_token_bytes(a, merges_file)), index.get(_token_bytes(b, merges_file))]
-        joined = (_token_bytes(a, merges_file) or b"") + (_token_bytes(b, merges_file) or b"")
+        ids = [index.get(_token_bytes(a)), index.get(_token_bytes(b))]
+        joined = (_token_bytes(a) or b"") + (_token_bytes(b) or b"")
         if None in ids or joined not in index:
             raise TokenizerError(f"{merges_file}: merge {number} ({a} {b}) names a token that is not in "
                                  f"{os.path.basename(vocab_path)}")
