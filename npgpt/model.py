@@ -8,7 +8,7 @@
 Run ``python -m npgpt.model`` to print the configuration and the parameter breakdown (5,846,528 at the
 tutorial's defaults). Shapes: B batch, T time, C = d_model, H heads, D = d_k head size, V vocabulary.
 
-Next to read: ``npgpt/generate.py`` (sampling with a KV cache), then ``npgpt/train.py``.
+Next to read: ``npgpt/generate.py`` (sampling with a KV cache), the last file of the textbook.
 """
 
 import numpy as np
@@ -156,6 +156,9 @@ class GPT(nn.Module):
         if token_ids.ndim != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, seq_len), got {token_ids.shape}")
         B, T = token_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"GPT got token ids of shape {token_ids.shape}: give at least one sequence of "
+                             "at least one token")
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.max_seq_len}; "
