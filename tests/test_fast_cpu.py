@@ -77,7 +77,11 @@ def test_blocked_cross_entropy_equals_the_reference(reduction, monkeypatch):
 def test_16_bit_dropout_keeps_its_masks_and_mean():
     rng = np.random.default_rng(1)
     x = leaf(rng, 300, 400)
-    out = cpu_ops.dropout(x, 0.3, generator=np.random.default_rng(7))
+    previous = threads.set_workers(1)                          # one chunk: the mask from the generator itself
+    try:
+        out = cpu_ops.dropout(x, 0.3, generator=np.random.default_rng(7))
+    finally:
+        threads.set_workers(previous)
     draws = np.random.default_rng(7).integers(0, 65536, size=x.shape, dtype=np.uint16)  # the same random draw
     keep = draws >= round(0.3 * 65536)
     scale = 65536 / (65536 - round(0.3 * 65536))
@@ -161,6 +165,8 @@ def workers(request, monkeypatch):
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_MULTIPLY_ADDS", 8)
+    monkeypatch.setattr(cpu_ops, "LAYER_NORM_MIN_ELEMENTS", 8)
+    monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
     monkeypatch.setattr(cpu_ops, "ELEMENTWISE_BLOCK_BYTES", 8 * 10)     # 10 float64 / 20 float32 a block
     monkeypatch.setattr(cpu_ops, "LAYER_NORM_BLOCK_BYTES", 8 * 12 * 2)  # 2 rows of 12 float64 a block
     previous = threads.set_workers(request.param)
@@ -265,8 +271,8 @@ def test_parallel_dropout_draws_each_chunk_from_its_own_seed(workers):
     # the expected mask, drawn here as the op is documented to: one chunk from the generator itself, or
     # one seed per chunk drawn once from it, each chunk's 16-bit integers from its own seed
     generator = np.random.default_rng(5)
-    parts = {1: 1, 2: 3, 3: 3}[workers]                       # chunks of at least 4 x 8 elements
-    assert parallel.chunk_count(99, 4 * cpu_ops.PARALLEL_MIN_ELEMENTS) == parts
+    parts = {1: 1, 2: 3, 3: 3}[workers]                       # chunks of at least 32 elements
+    assert parallel.chunk_count(99, cpu_ops.DROPOUT_MIN_ELEMENTS) == parts
     bounds = parallel.chunk_bounds(99, parts)
     if workers == 1:
         draws = generator.integers(0, 65536, size=99, dtype=np.uint16)
@@ -336,8 +342,8 @@ def test_a_call_from_a_pool_thread_runs_serially_and_equals_the_reference(monkey
     chunks_seen = []
     real_run_chunks = parallel.run_chunks
     monkeypatch.setattr(parallel, "run_chunks",
-                        lambda body, bounds, single_blas=False: (chunks_seen.append(len(bounds)),
-                                                                 real_run_chunks(body, bounds, single_blas))[1])
+                        lambda body, bounds, blas_each=None: (chunks_seen.append(len(bounds)),
+                                                              real_run_chunks(body, bounds, blas_each))[1])
     rng = np.random.default_rng(17)
     x = leaf(rng, 6, 9, 16)
     q, k, v = (leaf(rng, 4, 2, 10, 4) for _ in range(3))

@@ -183,6 +183,8 @@ def gelu(input, approximate="none"):
 # the chunks' sums added in chunk order, so they are fixed for a fixed thread count.
 
 LAYER_NORM_BLOCK_BYTES = 256 * 1024
+# LayerNorm's passes are few and short: on 2 cores its (1024, 256) rows ran slower split than whole
+LAYER_NORM_MIN_ELEMENTS = 16 * PARALLEL_MIN_ELEMENTS
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -222,7 +224,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
                 out[i0:i1] = xh
             if b is not None:
                 out[i0:i1] += b
-    bounds = parallel.chunk_bounds(rows.shape[0], parallel.chunk_count(rows.shape[0], min_rows(rows)))
+    bounds = parallel.chunk_bounds(rows.shape[0], parallel.chunk_count(
+        rows.shape[0], min_rows(rows, LAYER_NORM_MIN_ELEMENTS), per_worker=1))
     parallel.run_chunks(forward_rows, bounds)
 
     # the reference's backward, row block by row block (see functional.layer_norm for the derivation):
@@ -282,12 +285,16 @@ def keep_mask_16bit(shape, p, dtype, generator=None):
     return keep, np.dtype(dtype).type(65536.0 / (65536 - threshold))
 
 
+# Dropout's mask is one pass of random draws and its product one more: (8, 128, 256) ran slower split
+DROPOUT_MIN_ELEMENTS = 16 * PARALLEL_MIN_ELEMENTS
+
+
 def keep_mask_16bit_parallel(shape, p, dtype, generator=None):
     """keep_mask_16bit, drawn in chunks of the flattened mask on the worker threads. One chunk draws from
     `generator` itself; several draw from generators seeded once from it (parallel.chunk_generators), so
     the mask is fixed for a fixed thread count."""
     size = math.prod(shape)
-    bounds = parallel.chunk_bounds(size, parallel.chunk_count(size, 4 * PARALLEL_MIN_ELEMENTS))
+    bounds = parallel.chunk_bounds(size, parallel.chunk_count(size, DROPOUT_MIN_ELEMENTS))
     if len(bounds) == 1:
         return keep_mask_16bit(shape, p, dtype, generator)
     keep = np.empty(size, dtype=bool)
@@ -325,7 +332,7 @@ def masked_scaled(x, keep, scale):
     def chunk(lo, hi):
         np.multiply(flat_x[lo:hi], flat_keep[lo:hi], out=flat_out[lo:hi])
         flat_out[lo:hi] *= scale
-    parallel.parallel_for(flat_out.size, chunk, 4 * PARALLEL_MIN_ELEMENTS)
+    parallel.parallel_for(flat_out.size, chunk, DROPOUT_MIN_ELEMENTS)
     return out
 
 
@@ -410,10 +417,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     axis, bounds = head_chunks(q, k, v, attn_mask)
     if len(bounds) == 1:                            # all the heads on this thread (BLAS at one thread too)
         out, whole_backward = parallel.run_chunks(lambda lo, hi: attention_arrays(
-            q, k, v, attn_mask, dropout_p, is_causal, scale, generator), bounds, single_blas=True)[0]
+            q, k, v, attn_mask, dropout_p, is_causal, scale, generator), bounds, blas_each=1)[0]
 
         def backward(grad):
-            return parallel.run_chunks(lambda lo, hi: whole_backward(grad), bounds, single_blas=True)[0]
+            return parallel.run_chunks(lambda lo, hi: whole_backward(grad), bounds, blas_each=1)[0]
         return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
     def part(array, lo, hi):                        # the chunk's heads: a slice along `axis`
@@ -428,7 +435,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         part(out, lo, hi)[...], backwards[lo] = attention_arrays(
             part(q, lo, hi), part(k, lo, hi), part(v, lo, hi), attn_mask, dropout_p, is_causal, scale,
             generators[lo])
-    parallel.run_chunks(forward_chunk, bounds, single_blas=True)
+    parallel.run_chunks(forward_chunk, bounds, blas_each=1)
 
     def backward(grad):
         grad_q, grad_k, grad_v = np.empty_like(q), np.empty_like(k), np.empty_like(v)
@@ -436,7 +443,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         def backward_chunk(lo, hi):
             part(grad_q, lo, hi)[...], part(grad_k, lo, hi)[...], part(grad_v, lo, hi)[...] = \
                 backwards[lo](part(grad, lo, hi))
-        parallel.run_chunks(backward_chunk, bounds, single_blas=True)
+        parallel.run_chunks(backward_chunk, bounds, blas_each=1)
         return grad_q, grad_k, grad_v
     return _make(out, (query, key, value), backward, "scaled_dot_product_attention")
 
@@ -551,12 +558,14 @@ def _product_into(target, a, b, accumulate):
 
 
 # ========================================================================================================
-# linear on several threads: each thread multiplies its own slice, BLAS at one thread inside.
-# OpenBLAS's own threads synchronise at every product and wait for a busy core; slices taken from a queue
-# (parallel.py) go to whichever thread is free. Only with workers() > 1: on one thread BLAS keeps its own.
+# linear on several threads: each thread multiplies its own slice, with its share of OpenBLAS's threads
+# (one each where the workers are as many as the cores). OpenBLAS's own threads synchronise at every product
+# and wait for a busy core; slices taken from a queue (parallel.py) go to whichever thread is free. Only
+# with workers() > 1: on one thread BLAS keeps its own.
 
 # A slice must hold at least this many multiply-adds to be worth a thread of its own (~0.3 ms here)
 PARALLEL_MIN_MULTIPLY_ADDS = 4 * 2**20
+LINEAR_SLICES_PER_WORKER = 1    # each slice packs its own copy of the other operand: few, large slices
 
 
 def linear(input, weight, bias=None):
@@ -571,6 +580,7 @@ def linear(input, weight, bias=None):
     x2d = x.reshape(-1, n_in)                               # (N, in)
     N = x2d.shape[0]
     out = np.empty((N, n_out), dtype=x.dtype)               # (N, out)
+    blas_each = threads.blas_share()                        # OpenBLAS's threads shared out among the slices
 
     def min_slice(other):                                   # the fewest rows or features worth a thread
         return -(-PARALLEL_MIN_MULTIPLY_ADDS // max(1, other))
@@ -579,7 +589,7 @@ def linear(input, weight, bias=None):
         np.matmul(x2d, W[lo:hi].T, out=out[:, lo:hi])
         if bias is not None:
             out[:, lo:hi] += bias.data[lo:hi]
-    parallel.parallel_for(n_out, forward_features, min_slice(N * n_in), single_blas=True)
+    parallel.parallel_for(n_out, forward_features, min_slice(N * n_in), blas_each, LINEAR_SLICES_PER_WORKER)
 
     # dx = dy W   by rows;   dW = dy^T x,  db = sum of dy over rows   by output features
     def backward(grad):
@@ -597,9 +607,10 @@ def linear(input, weight, bias=None):
         def backward_rows(lo, hi):
             np.matmul(grad2d[lo:hi], W, out=grad_x[lo:hi])
         if grad_W is not None or grad_b is not None:
-            parallel.parallel_for(n_out, backward_features, min_slice(N * n_in), single_blas=True)
+            parallel.parallel_for(n_out, backward_features, min_slice(N * n_in), blas_each,
+                                  LINEAR_SLICES_PER_WORKER)
         if grad_x is not None:
-            parallel.parallel_for(N, backward_rows, min_slice(n_out * n_in), single_blas=True)
+            parallel.parallel_for(N, backward_rows, min_slice(n_out * n_in), blas_each, LINEAR_SLICES_PER_WORKER)
         grads = (grad_x.reshape(x.shape) if grad_x is not None else None, grad_W)
         return grads + (grad_b,) if bias is not None else grads
 

@@ -19,8 +19,8 @@ Rules that keep it exact, deterministic and safe:
 - Work too small to pay for the hand-off (about 50 microseconds) runs serially: each op passes the smallest
   chunk worth a thread (``min_size``).
 - Nothing process-wide changes except inside a scoped, restored region: ops whose chunks call BLAS run with
-  OpenBLAS at one thread for the length of the region (``threads.blas_threads``), so the two never
-  oversubscribe the cores.
+  OpenBLAS's threads shared out among the chunks for the length of the region (``threads.blas_threads``;
+  one each on a machine with as many cores as workers), so the two never oversubscribe the cores.
 
 Next to read: ``ops.py``, whose fast paths use it.
 """
@@ -35,13 +35,15 @@ from . import threads
 CHUNKS_PER_WORKER = 4       # chunks a worker thread's share is cut into, so that the others can take some
 
 
-def chunk_count(size, min_size):
-    """How many chunks `size` units of work are cut into: CHUNKS_PER_WORKER for each worker thread, fewer if
-    a chunk would be smaller than `min_size` units; 1 with one worker, or on a pool thread (no nesting)."""
+def chunk_count(size, min_size, per_worker=None):
+    """How many chunks `size` units of work are cut into: `per_worker` (default CHUNKS_PER_WORKER) for each
+    worker thread, fewer if a chunk would be smaller than `min_size` units; 1 with one worker, or on a pool
+    thread (no nesting)."""
     count = threads.workers()
     if count == 1 or threads.on_worker_thread():
         return 1
-    return max(1, min(count * CHUNKS_PER_WORKER, size // max(1, min_size)))
+    per_worker = CHUNKS_PER_WORKER if per_worker is None else per_worker
+    return max(1, min(count * per_worker, size // max(1, min_size)))
 
 
 def chunk_bounds(size, parts):
@@ -50,12 +52,12 @@ def chunk_bounds(size, parts):
     return list(zip(edges, edges[1:]))
 
 
-def run_chunks(body, bounds, single_blas=False):
-    """[body(lo, hi) for each (lo, hi) in bounds], the first on the calling thread, the others on the pool;
-    returns the results in chunk order. single_blas: OpenBLAS at one thread meanwhile (restored after),
-    even for a single chunk: the many small products of attention run faster on one BLAS thread anyway."""
-    if single_blas and not threads.on_worker_thread():
-        with threads.blas_threads(1):
+def run_chunks(body, bounds, blas_each=None):
+    """[body(lo, hi) for each (lo, hi) in bounds], on the calling thread and the pool's; returns the results
+    in chunk order. blas_each: OpenBLAS at that many threads meanwhile (restored after), even for a single
+    chunk (attention passes 1: its many small products run faster on one BLAS thread anyway)."""
+    if blas_each is not None and not threads.on_worker_thread():
+        with threads.blas_threads(blas_each):
             return _run_chunks(body, bounds)
     return _run_chunks(body, bounds)
 
@@ -91,10 +93,10 @@ def _run_chunks(body, bounds):
     return results
 
 
-def parallel_for(size, body, min_size=1, single_blas=False):
-    """Cut range(size) into chunk_count(size, min_size) chunks and run body(lo, hi) on each at once;
-    returns the results in chunk order."""
-    return run_chunks(body, chunk_bounds(size, chunk_count(size, min_size)), single_blas)
+def parallel_for(size, body, min_size=1, blas_each=None, per_worker=None):
+    """Cut range(size) into chunk_count(size, min_size, per_worker) chunks and run body(lo, hi) on each at
+    once; returns the results in chunk order."""
+    return run_chunks(body, chunk_bounds(size, chunk_count(size, min_size, per_worker)), blas_each)
 
 
 def chunk_generators(generator, parts):

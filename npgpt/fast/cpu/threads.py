@@ -31,8 +31,9 @@ _blas = None  # (set_num_threads, get_num_threads) of the loaded OpenBLAS, or ()
 
 
 def default_workers():
-    """Threads for data parallelism on the CPU: one per core, at most 4 (the GIL limits more)."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    """Threads for the CPU: one per core this process may run on, at most 4 (the GIL limits more)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 4))
 
 
 def _find_blas_controls():
@@ -68,6 +69,13 @@ def can_control_blas():
     return bool(_find_blas_controls())
 
 
+def blas_share():
+    """OpenBLAS threads for each of workers() threads that all call BLAS at once: its current count shared
+    out (at least 1), so that together they use the threads BLAS would use alone."""
+    controls = _find_blas_controls()
+    return max(1, controls[1]() // workers()) if controls else 1
+
+
 _blas_scopes = {"active": [], "original": None}     # the open blas_threads blocks, oldest first
 _blas_lock = threading.Lock()
 
@@ -100,20 +108,25 @@ def blas_threads(count):
             setter(active[-1][0] if active else _blas_scopes["original"])
 
 
-_settings = {"workers": 1}
+_settings = {"workers": None}      # None until first asked: then default_workers(), or 1 without BLAS control
 
 
 def workers():
-    """The threads npgpt's CPU fast paths share their work among (1: everything on the calling thread)."""
+    """The threads npgpt's CPU fast paths share their work among (1: everything on the calling thread).
+
+    The default is one per core, at most 4 (default_workers()), where npgpt can set OpenBLAS's thread count
+    (without that, threads of ours and of BLAS would oversubscribe the cores): 1 otherwise."""
+    if _settings["workers"] is None:
+        _settings["workers"] = default_workers() if can_control_blas() else 1
     return _settings["workers"]
 
 
 def set_workers(count):
-    """Use `count` threads for the CPU fast paths that split their work (the AdamW update, data-parallel
-    shards). Returns the previous count. npgpt's own setting: no process-wide state changes."""
+    """Use `count` threads for the CPU fast paths (each op's chunks, the AdamW update, data-parallel shards).
+    Returns the previous count. npgpt's own setting: no process-wide state changes."""
     if count < 1:
         raise ValueError(f"set_workers: the thread count must be at least 1, got {count}")
-    previous, _settings["workers"] = _settings["workers"], int(count)
+    previous, _settings["workers"] = workers(), int(count)
     return previous
 
 
