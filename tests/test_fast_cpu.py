@@ -345,15 +345,23 @@ def test_a_call_from_a_pool_thread_runs_serially_and_equals_the_reference(monkey
                         lambda body, bounds, blas_each=None: (chunks_seen.append(len(bounds)),
                                                               real_run_chunks(body, bounds, blas_each))[1])
     rng = np.random.default_rng(17)
-    x = leaf(rng, 6, 9, 16)
-    q, k, v = (leaf(rng, 4, 2, 10, 4) for _ in range(3))
+    arrays = {"x": rng.standard_normal((6, 9, 16)), "W": rng.standard_normal((16, 16)),
+              "q": rng.standard_normal((4, 2, 10, 4)), "k": rng.standard_normal((4, 2, 10, 4)),
+              "v": rng.standard_normal((4, 2, 10, 4))}
     cot = rng.standard_normal((4, 2, 10, 4))
+
+    def run(gelu, layer_norm, linear, attention):
+        """Both computations on leaves of their own (each thread accumulates into its own .grad)."""
+        t = {name: npgpt.Tensor(a.copy(), requires_grad=True) for name, a in arrays.items()}
+        return (values_and_grads(lambda a, w: linear(layer_norm(gelu(a), (16,)), w), [t["x"], t["W"]],
+                                 np.ones((6, 9, 16))),
+                values_and_grads(lambda a, b, c: attention(a, b, c, is_causal=True),
+                                 [t["q"], t["k"], t["v"]], cot))
 
     def work():
         assert threads.on_worker_thread() and parallel.chunk_count(10**6, 1) == 1
-        return (values_and_grads(lambda a: cpu_ops.layer_norm(cpu_ops.gelu(a), (16,)), [x], np.ones((6, 9, 16))),
-                values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True),
-                                 [q, k, v], cot))
+        assert engine.fast_path_for("linear", (arrays["x"], arrays["W"]), {}) is None     # BLAS left alone
+        return run(cpu_ops.gelu, cpu_ops.layer_norm, cpu_ops.linear, cpu_ops.scaled_dot_product_attention)
     previous = threads.set_workers(2)
     try:
         pool = threads._get_pool(2)
@@ -364,12 +372,10 @@ def test_a_call_from_a_pool_thread_runs_serially_and_equals_the_reference(monkey
     finally:
         threads.set_workers(previous)
     assert chunks_seen and set(chunks_seen) == {1}
-    ln_reference = values_and_grads(lambda a: F.layer_norm.reference(F.gelu.reference(a), (16,)), [x],
-                                    np.ones((6, 9, 16)))
-    attention_reference = values_and_grads(
-        lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, is_causal=True), [q, k, v], cot)
-    for ln, attention in results:
-        assert_same(ln, ln_reference)
+    layers_reference, attention_reference = run(F.gelu.reference, F.layer_norm.reference, F.linear.reference,
+                                                F.scaled_dot_product_attention.reference)
+    for layers, attention in results:
+        assert_same(layers, layers_reference)
         assert_same(attention, attention_reference, rtol=1e-10)
     assert not threads.on_worker_thread()                      # the calling thread is not marked
 
@@ -444,7 +450,8 @@ def test_heads_that_cannot_be_split_run_as_one_chunk(workers):
     assert len(cpu_ops.head_chunks(q.data, k.data, v.data, None)[1]) == 1
     assert len(cpu_ops.head_chunks(q.data, q.data, q.data, mask)[1]) == 1
     cot = rng.standard_normal((4, 3, 7, 4))
-    for inputs, kwargs in (([q, k, v], {}), ([q, leaf(rng, 4, 3, 7, 4), leaf(rng, 4, 3, 7, 4)], {"attn_mask": mask})):
+    own_batch = [q, leaf(rng, 4, 3, 7, 4), leaf(rng, 4, 3, 7, 4)]
+    for inputs, kwargs in (([q, k, v], {}), (own_batch, {"attn_mask": mask})):
         assert_same(values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, **kwargs),
                                      inputs, cot),
                     values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, **kwargs),

@@ -7,11 +7,12 @@
     scaled_dot_product_attention   softmax in place on the scores; long causal sequences block by block,
                                    skipping the keys no query of a block sees; the heads shared by the threads
     adamw_step                     the elementwise update cut into pieces shared by the worker threads
-    linear                         with several threads: the products cut into slices, one BLAS thread each
+    linear                         with several threads: the products cut into slices, each with its share
+                                   of OpenBLAS's threads
 
-With ``threads.set_workers(n)``, n > 1, each op splits its rows (or heads, or elements) into n chunks with
-fixed boundaries and runs them at once on the persistent pool (``parallel.py``), so a plain loop of
-``model(x)``, ``F.cross_entropy``, ``loss.backward()`` and ``opt.step()`` uses every core.
+With ``threads.workers()`` > 1 (the default on a machine of several cores), each op splits its rows (or heads,
+or elements) into chunks with fixed boundaries and runs them at once on the persistent pool (``parallel.py``),
+so a plain loop of ``model(x)``, ``F.cross_entropy``, ``loss.backward()`` and ``opt.step()`` uses every core.
 
 Each is registered with the dispatcher (``register`` at the end), and ``tests/test_fast_cpu.py`` holds each
 equal to its reference in ``functional.py`` / ``optim.py``: values and gradients, at 1, 2 and 3 threads.
