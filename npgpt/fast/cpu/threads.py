@@ -163,6 +163,16 @@ def _get_pool(count):
     return _pool
 
 
+def _forget_pool_after_fork():
+    """A forked child has none of its parent's threads: it starts a pool of its own when it needs one."""
+    global _pool, _blas_lock
+    _pool, _blas_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def run_in_parallel(fn, items, count=None):
     """fn(item) for every item, spread over `count` threads (default: workers()), BLAS at one thread meanwhile."""
     count = 1 if on_worker_thread() else count or workers()
