@@ -489,4 +489,3 @@ def test_when_the_pool_is_busy_the_calling_thread_works_every_chunk_itself():
         threads.set_workers(previous)
     assert all(b.result(timeout=60) for b in blockers)
     assert ran_on == [threading.get_ident()] * 8
-
