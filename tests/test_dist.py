@@ -206,7 +206,9 @@ def test_two_ranks_with_dropout_resume_bit_for_bit(mpiexec, corpus, tmp_path):
 
 # ---- faults -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fault,code", [("1:5", 1), ("1:5:kill", None), ("1:5:hang", 2)])
+# A raising rank aborts the job: mpiexec's own exit code then depends on how it ended the other rank
+# (1, or 9 when it killed it), so only "not zero" is asserted there, with the one-line error below.
+@pytest.mark.parametrize("fault,code", [("1:5", None), ("1:5:kill", None), ("1:5:hang", 2)])
 def test_a_failing_rank_stops_the_whole_run_and_keeps_the_checkpoint(mpiexec, corpus, tmp_path, fault, code):
     out_dir = str(tmp_path / "run")
     args = TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "1000", "--eval-interval", "2",
