@@ -38,3 +38,12 @@ def torch():
     """PyTorch, or a skip with the reason (CI installs the CPU build, so the parity tests run there)."""
     return need("torch", "torch")
 
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small training text (the first 20,000 characters of the bundled corpus) as a file path."""
+    from npgpt.program.data import bundled_corpus_path
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(open(bundled_corpus_path(), encoding="utf-8").read()[:20000], encoding="utf-8")
+    return str(path)

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt.program import train as train_module
 from npgpt.program.checkpoint import load_checkpoint
 from npgpt.program.dist import DistError, launched_by_mpiexec, parse_fault, resumed_grad_accum
@@ -38,14 +37,6 @@ def mpiexec():
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    text = open(npgpt.program.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def launch(mpiexec, ranks, args, timeout=60):

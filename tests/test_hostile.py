@@ -19,7 +19,6 @@ import zipfile
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt import backend
 from npgpt.generate import filter_logits, generate, generate_tokens
 from npgpt.model import GPT
@@ -34,14 +33,6 @@ TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-lay
         "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0",
         "--eval-iters", "2"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    text = open(npgpt.program.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt import backend
 from npgpt.program import train as train_module
 from npgpt.program.checkpoint import load_checkpoint
@@ -21,14 +20,6 @@ from npgpt.program.config import TrainConfig
 
 TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1", "--d-ff", "32",
         "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    text = open(npgpt.program.data.bundled_corpus_path(), encoding="utf-8").read()[:20000]
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def run_main(args, capsys):

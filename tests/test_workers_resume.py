@@ -4,18 +4,15 @@ import numpy as np
 
 from npgpt.program import train as train_module
 from npgpt.program.checkpoint import load_checkpoint
-from npgpt.program.data import bundled_corpus_path
 
 TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-layers", "1", "--d-ff", "32",
         "--max-seq-len", "16", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--sample-tokens", "0",
         "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1"]
 
 
-def test_resuming_with_another_worker_count_says_so(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(open(bundled_corpus_path(), encoding="utf-8").read()[:20000], encoding="utf-8")
+def test_resuming_with_another_worker_count_says_so(tmp_path, capsys, corpus):
     out = str(tmp_path / "out")
-    base = TINY + ["--data", str(corpus), "--out-dir", out]
+    base = TINY + ["--data", corpus, "--out-dir", out]
     assert train_module.main(base + ["--max-iters", "2", "--workers", "2"]) == 0
     _, meta = load_checkpoint(f"{out}/ckpt.npz")
     assert meta["workers"] == 2
