@@ -240,7 +240,7 @@ def test_parallel_linear_equals_the_reference(workers, dtype, with_bias):
                 values_and_grads(F.linear.reference, [vector, W], cot[0, 0]), **tolerance(dtype))
 
 
-def test_linear_runs_its_slices_only_with_several_workers():
+def test_linear_runs_its_slices_only_with_several_workers(fast_paths_on):
     x, W = np.zeros((4, 3)), np.zeros((5, 3))
     previous = threads.set_workers(1)
     try:
