@@ -47,3 +47,12 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(open(bundled_corpus_path(), encoding="utf-8").read()[:20000], encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture
+def fast_paths_on():
+    """For tests of the fast paths themselves: on for the test, also in a run with NPGPT_FAST=0."""
+    from npgpt import engine
+    previous = engine.set_fast_paths_enabled(True)
+    yield
+    engine.set_fast_paths_enabled(previous)

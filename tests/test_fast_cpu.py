@@ -34,14 +34,6 @@ def assert_same(fast, reference, rtol=1e-12, atol=1e-12):
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
 
 
-@pytest.fixture
-def fast_paths_on():
-    """These tests hold the fast paths against the reference: on, even in a run with NPGPT_FAST=0."""
-    previous = engine.set_fast_paths_enabled(True)
-    yield
-    engine.set_fast_paths_enabled(previous)
-
-
 def test_the_dispatcher_picks_the_cpu_fast_paths(fast_paths_on):
     x = np.zeros((2, 3, 8, 4))
     assert engine.fast_path_for("scaled_dot_product_attention", (x, x, x), {}) is cpu_ops.scaled_dot_product_attention

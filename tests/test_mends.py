@@ -86,7 +86,7 @@ def test_a_replaced_thread_pool_is_shut_down(monkeypatch):
     larger.shutdown()
 
 
-def test_operands_of_two_dtypes_go_to_the_reference():
+def test_operands_of_two_dtypes_go_to_the_reference(fast_paths_on):
     calls = []
 
     def fake_linear(*args, **kwargs):

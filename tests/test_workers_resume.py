@@ -10,7 +10,7 @@ TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-lay
         "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "1"]
 
 
-def test_resuming_with_another_worker_count_says_so(tmp_path, capsys, corpus):
+def test_resuming_with_another_worker_count_says_so(tmp_path, capsys, corpus, fast_paths_on):
     out = str(tmp_path / "out")
     base = TINY + ["--data", corpus, "--out-dir", out]
     assert train_module.main(base + ["--max-iters", "2", "--workers", "2"]) == 0
