@@ -473,11 +473,17 @@ def dispatchable(op, float_dtypes=SUPPORTED_DTYPES):
 
 
 def _array_arguments(args, kwargs):
-    """The Tensors and arrays among the arguments (one level into lists and tuples)."""
+    """The Tensors and arrays among the arguments, in order, also inside lists and tuples (AdamW's step takes
+    a list of (param, state, group) tuples)."""
     found = []
-    for value in list(args) + list(kwargs.values()):
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        found.extend(v for v in items if isinstance(v, (Tensor, np.ndarray)) or backend.is_gpu_array(v))
+
+    def collect(value):
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+        elif isinstance(value, (Tensor, np.ndarray)) or backend.is_gpu_array(value):
+            found.append(value)
+    collect(list(args) + list(kwargs.values()))
     return found
 
 

@@ -11,8 +11,16 @@ import npgpt
 import npgpt.functional as F
 from npgpt import engine, optim
 from npgpt.fast.cpu import ops as cpu_ops
-from npgpt.fast.cpu import parallel, threads
+from npgpt.fast.cpu import native, parallel, threads
 
+
+@pytest.fixture(autouse=True)
+def numpy_fast_paths():
+    """These tests are of the NumPy fast paths (ops.py): the C kernels, asked first where they are built,
+    are turned off here (tests/test_fast_native.py tests them)."""
+    previous = native.set_enabled(False)
+    yield
+    native.set_enabled(previous)
 
 
 def leaf(rng, *shape, dtype=np.float64):

@@ -1,8 +1,11 @@
-"""CPU fast paths: cache-blocked and multi-threaded versions of some textbook ops (``ops.py``), the worker
-threads (``threads.py``), and the allocator setting the training program opts into (``allocator.py``)."""
+"""CPU fast paths: the C kernels and the ops on them (``kernels.c``, ``native.py``, ``native_ops.py``),
+cache-blocked and multi-threaded NumPy versions of the textbook ops for where the kernels cannot be built
+(``ops.py``), the worker threads (``threads.py``, ``parallel.py``), and the allocator setting the training
+program opts into (``allocator.py``)."""
 
-from . import ops
+from . import native_ops, ops
 
 
 def register():
     ops.register()
+    native_ops.register()       # registered later: asked first

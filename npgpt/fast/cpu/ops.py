@@ -30,7 +30,7 @@ from ... import backend
 from ... import functional as F
 from ... import optim
 from ...engine import _make, register_fast_path
-from . import parallel, threads
+from . import native, parallel, threads
 
 # The smallest chunk worth a thread: below it the hand-off (~50 us a chunk) costs more than it saves
 # (measured on a 2-core machine: GELU of 16K float32 values runs slower on 2 threads, of 32K faster).
@@ -274,39 +274,49 @@ def _sum_in_order(arrays):
 # ========================================================================================================
 # dropout: masks from 16-bit integers
 
-def keep_mask_16bit(shape, p, dtype, generator=None):
-    """(bool mask keeping each element with probability ~1-p, the scale that makes its mean exactly 1).
-
-    The mask comes from 16-bit random integers (half the random bytes of float32 draws), so p is rounded to a
-    multiple of 1/65536, and the scale 65536 / (65536 - threshold) matches that rounding.
-    """
-    rng = generator if generator is not None else backend.global_rng()
+def dropout_threshold(p, dtype):
+    """(threshold, scale): an element is kept where its 16-bit random integer is >= threshold, so p is
+    rounded to a multiple of 1/65536, and scale = 65536 / (65536 - threshold) matches that rounding."""
     threshold = int(round(p * 65536))
-    keep = rng.integers(0, 65536, size=shape, dtype=np.uint16) >= threshold
-    return keep, np.dtype(dtype).type(65536.0 / (65536 - threshold))
+    return threshold, np.dtype(dtype).type(65536.0 / (65536 - threshold))
+
+
+def keep_mask_16bit(shape, p, dtype, generator=None):
+    """(bool mask keeping each element with probability ~1-p, the scale that makes its mean exactly 1), from
+    16-bit random integers: half the random bytes of float32 draws."""
+    rng = generator if generator is not None else backend.global_rng()
+    threshold, scale = dropout_threshold(p, dtype)
+    return rng.integers(0, 65536, size=shape, dtype=np.uint16) >= threshold, scale
 
 
 # Dropout's mask is one pass of random draws and its product one more: (8, 128, 256) ran slower split
 DROPOUT_MIN_ELEMENTS = 16 * PARALLEL_MIN_ELEMENTS
 
 
-def keep_mask_16bit_parallel(shape, p, dtype, generator=None):
-    """keep_mask_16bit, drawn in chunks of the flattened mask on the worker threads. One chunk draws from
-    `generator` itself; several draw from generators seeded once from it (parallel.chunk_generators), so
-    the mask is fixed for a fixed thread count."""
+def random_bits_16_parallel(shape, p, dtype, generator=None):
+    """(bits, threshold, scale): keep_mask_16bit's random integers (uint16, `shape`) before the comparison,
+    drawn in chunks of the flattened array on the worker threads. One chunk draws from `generator` itself;
+    several draw from generators seeded once from it (parallel.chunk_generators), so the bits are fixed for
+    a fixed thread count."""
     size = math.prod(shape)
+    threshold, scale = dropout_threshold(p, dtype)
     bounds = parallel.chunk_bounds(size, parallel.chunk_count(size, DROPOUT_MIN_ELEMENTS))
     if len(bounds) == 1:
-        return keep_mask_16bit(shape, p, dtype, generator)
-    keep = np.empty(size, dtype=bool)
+        rng = generator if generator is not None else backend.global_rng()
+        return rng.integers(0, 65536, size=shape, dtype=np.uint16), threshold, scale
+    bits = np.empty(size, dtype=np.uint16)
     generators = dict(zip((lo for lo, _ in bounds), parallel.chunk_generators(generator, len(bounds))))
-    scale = []
 
     def draw(lo, hi):
-        keep[lo:hi], chunk_scale = keep_mask_16bit(hi - lo, p, dtype, generators[lo])
-        scale.append(chunk_scale)
+        bits[lo:hi] = generators[lo].integers(0, 65536, size=hi - lo, dtype=np.uint16)
     parallel.run_chunks(draw, bounds)
-    return keep.reshape(shape), scale[0]
+    return bits.reshape(shape), threshold, scale
+
+
+def keep_mask_16bit_parallel(shape, p, dtype, generator=None):
+    """keep_mask_16bit, its random integers drawn by random_bits_16_parallel."""
+    bits, threshold, scale = random_bits_16_parallel(shape, p, dtype, generator)
+    return bits >= threshold, scale
 
 
 def _uses_numpy_generator(generator):
@@ -377,7 +387,10 @@ CAUSAL_ATTENTION_BLOCKS = 4     # query blocks: n blocks score (n + 1) / 2n of t
 
 
 def _softmax_in_place(scores):
-    """The scores array becomes softmax(scores) along the keys (the reference's formulas, no new array)."""
+    """The scores array becomes softmax(scores) along the keys (the reference's formulas, no new array): by
+    the C kernel where it is built, else with NumPy."""
+    if native.softmax_rows_in_place(scores) is not None:
+        return scores
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -399,9 +412,20 @@ def _softmax_backward_in_place(grad_attn, probs, mask):
     if mask is not None:
         grad_attn *= mask[0]
         grad_attn *= mask[1]
+    if native.softmax_backward_rows_in_place(grad_attn, probs) is not None:
+        return grad_attn
     grad_attn -= (grad_attn * probs).sum(axis=-1, keepdims=True)
     grad_attn *= probs
     return grad_attn
+
+
+def _causal_softmax_in_place(scores, offset):
+    """scores (..., b, S) of queries at positions offset .. offset + b - 1 become their causal softmax in
+    place: the C kernel skips the keys each query may not see; without it the additive mask and NumPy."""
+    if native.softmax_rows_in_place(scores, scores.shape[-2], offset) is not None:
+        return scores
+    scores += causal_masks.get(scores.shape[-2], scores.shape[-1], offset, scores.dtype)
+    return _softmax_in_place(scores)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -487,13 +511,13 @@ def attention_arrays(q, k, v, attn_mask, dropout_p, is_causal, scale, generator)
     q_scaled = np.multiply(q, scale, out=np.empty(q.shape, dtype=q.dtype))
     scores = np.matmul(q_scaled, k.swapaxes(-1, -2))                    # (..., L, S), scaled
     if is_causal:
-        scores += causal_masks.get(L, S, 0, q.dtype)
-    elif attn_mask is not None:
-        if attn_mask.dtype == bool:
+        probs = _causal_softmax_in_place(scores, 0)
+    else:
+        if attn_mask is not None and attn_mask.dtype == bool:
             scores = np.where(attn_mask, scores, q.dtype.type(-np.inf))
-        else:
+        elif attn_mask is not None:
             scores += attn_mask
-    probs = _softmax_in_place(scores)
+        probs = _softmax_in_place(scores)
     attn, mask = _dropout_attention(probs, dropout_p, q.dtype, generator)
     out = np.matmul(attn, v)                                            # (..., L, Dv)
 
@@ -523,8 +547,7 @@ def causal_attention_blocked(q, k, v, scale, dropout_p, generator):
     for i0 in range(0, L, block):
         i1 = min(L, i0 + block)
         scores = np.matmul(q_scaled[..., i0:i1, :], k[..., :i1, :].swapaxes(-1, -2))   # (..., b, i1)
-        scores += causal_masks.get(i1 - i0, i1, i0, q.dtype)
-        probs = _softmax_in_place(scores)
+        probs = _causal_softmax_in_place(scores, i0)
         attn, mask = _dropout_attention(probs, dropout_p, q.dtype, generator)
         np.matmul(attn, v[..., :i1, :], out=out[..., i0:i1, :])    # the block's rows of O, written in place
         saved.append((i0, i1, probs, attn, mask))

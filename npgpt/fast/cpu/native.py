@@ -1,0 +1,179 @@
+"""The C kernels (``kernels.c``): built once with the machine's C compiler, cached, loaded with ctypes.
+
+    kernels(dtype)     the loaded library for float32 or float64 arrays, or None where it cannot be built
+    status()           what was built, where, and, if nothing was, why
+    set_enabled(flag)  False: never use them (the NumPy fast paths run); True again: the default
+
+The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double``) with ``$CC`` (default
+``cc``) for this machine's CPU (``-march=native``) and keeps the libraries in ``$NPGPT_CACHE_DIR`` (default
+``~/.cache/npgpt``), under a name that hashes the source, the flags and the CPU, so a changed source or
+another machine builds afresh. A build takes about a second; a cached one loads in milliseconds. Each
+library is written under a temporary name and renamed into place, so processes building at once (MPI ranks,
+test workers) never load a half-written file.
+
+Without a C compiler, or with ``NPGPT_CPU_KERNELS=0``, ``kernels()`` returns None and the NumPy fast paths
+(``ops.py``) run instead: the same maths, a few passes more over memory.
+
+ctypes releases the GIL during each call, so chunks of one op run on the worker threads at once.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
+FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+NATIVE_FLAGS = ["-march=native"]        # dropped if the compiler refuses it
+REALS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+_lock = threading.Lock()
+_state = {"libraries": None, "reason": None, "paths": {}, "enabled": True}
+
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+
+
+def _signatures(real):
+    """Each kernel's argument types, in kernels.c's order."""
+    return {
+        "gelu_forward": [_P, _P, _P, _I64, ctypes.c_int],
+        "gelu_backward": [_P, _P, _P, _P, _I64, ctypes.c_int],
+        "layer_norm_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, real],
+        "layer_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64],
+        "logsumexp_rows": [_P, _P, _I64, _I64],
+        "softmax_scaled_rows": [_P, _P, _P, _P, _I64, _I64],
+        "softmax_rows_in_place": [_P, _I64, _I64, _I64, _I64],
+        "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
+        "dropout_apply": [_P, _P, _P, _I64, _I32, real],
+        "adamw_update": [_P, _P, _P, _P, _I64, real, real, real, real, real, real],
+    }
+
+
+def cache_dir():
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "npgpt")
+    return os.environ.get("NPGPT_CACHE_DIR") or default
+
+
+def _cpu_description():
+    """What the CPU can run, for the cache key: the flags line of /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler, real, flags, directory):
+    """The path of kernels.c built for `real` with `flags` (built now unless cached)."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), real.encode(), " ".join(flags).encode(),
+                                     platform.machine().encode(), _cpu_description().encode()])).hexdigest()
+    path = os.path.join(directory, f"kernels-{real}-{key[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".kernels-{real}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, f"-DREAL={real}", SOURCE, "-o", partial, "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:] or ['?']}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def _load():
+    if os.environ.get("NPGPT_CPU_KERNELS", "1") == "0":
+        return None, "turned off by NPGPT_CPU_KERNELS=0"
+    compiler = shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install one): the NumPy fast paths run instead"
+    libraries = {}
+    for dtype, real in REALS.items():
+        last_error = None
+        for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+            try:
+                path = _build(compiler, real, flags, cache_dir())
+                library = ctypes.CDLL(path)
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                last_error = exc
+        else:
+            return None, f"the kernels could not be built: {last_error}"
+        for name, argtypes in _signatures(ctypes.c_float if real == "float" else ctypes.c_double).items():
+            fn = getattr(library, name)
+            fn.argtypes, fn.restype = argtypes, None
+        libraries[dtype] = library
+        _state["paths"][real] = path
+    return libraries, None
+
+
+def set_enabled(enabled):
+    """Use the kernels where they are built (True, the default) or never (False: the NumPy fast paths run).
+    Returns the previous setting."""
+    previous, _state["enabled"] = _state["enabled"], bool(enabled)
+    return previous
+
+
+def kernels(dtype):
+    """The kernels library for arrays of `dtype` (float32 or float64), or None (not built, or turned off)."""
+    if not _state["enabled"]:
+        return None
+    libraries = _state["libraries"]
+    if libraries is None:
+        with _lock:
+            if _state["libraries"] is None:
+                loaded, reason = _load()
+                _state["libraries"], _state["reason"] = loaded or {}, reason
+        libraries = _state["libraries"]
+    return libraries.get(dtype)
+
+
+def status():
+    """{"built": bool, "paths": {real: path}, "reason": why not (or None)}; builds if not yet tried."""
+    kernels(np.dtype(np.float32))
+    return {"built": bool(_state["libraries"]), "paths": dict(_state["paths"]), "reason": _state["reason"]}
+
+
+def address(array, offset=0):
+    """The address of element `offset` of a C-contiguous array (what a kernel's pointer argument takes)."""
+    return array.ctypes.data + offset * array.itemsize
+
+
+# ========================================================================================================
+# attention's row softmax, for ops.scaled_dot_product_attention
+
+def softmax_rows_in_place(scores, causal_length=0, offset=0):
+    """scores (..., L, S), C-contiguous, becomes its softmax along the last axis; causal_length L > 0 gives
+    query i (at position offset + i) probability 0 on the keys after offset + i. Returns scores, or None
+    where the kernels are not built (the caller then does it with NumPy)."""
+    k = kernels(scores.dtype)
+    if k is None or not scores.flags.c_contiguous:
+        return None
+    S = scores.shape[-1]
+    k.softmax_rows_in_place(address(scores), scores.size // max(1, S), S, causal_length, offset)
+    return scores
+
+
+def softmax_backward_rows_in_place(grad, probs):
+    """dP (..., L, S) becomes dS = P (dP - sum_j dP_j P_j) in place; None where the kernels are not built."""
+    k = kernels(grad.dtype)
+    if k is None or not (grad.flags.c_contiguous and probs.flags.c_contiguous) or grad.shape != probs.shape:
+        return None
+    S = grad.shape[-1]
+    k.softmax_backward_rows_in_place(address(grad), address(probs), grad.size // max(1, S), S)
+    return grad

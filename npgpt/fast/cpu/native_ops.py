@@ -1,0 +1,233 @@
+"""CPU fast paths on the C kernels (``kernels.c``, built and loaded by ``native.py``).
+
+    gelu             one pass forward (y and the saved Phi(x) or tanh u), one pass backward
+    layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
+                     from the saved mean and 1/std instead of keeping an (N, C) copy
+    cross_entropy    forward: only logsumexp per row (the probabilities are not kept: 4 bytes an element
+                     less); backward: dz = exp(z - logsumexp) * row scale in one pass
+    dropout          the 16-bit random mask of ops.py, applied and scaled in one pass, kept as its bits
+    adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten)
+
+Attention's row softmax and its backward use the kernels too (``native.softmax_rows_in_place``), inside
+ops.scaled_dot_product_attention, whose heads, blocks and products stay as they are.
+
+Each op cuts its elements or rows into chunks with fixed bounds (``parallel.py``) and calls the kernel once
+per chunk, the chunks on the worker threads at once: ctypes releases the GIL. Registered after ``ops.py``'s
+paths, so asked first; where the kernels could not be built (no C compiler) they do not apply and those run.
+``tests/test_fast_native.py`` holds each equal to its reference.
+"""
+
+import math
+
+import numpy as np
+
+from ... import functional as F
+from ... import optim
+from ...engine import _make, register_fast_path
+from . import native, ops, parallel, threads
+
+# The smallest chunk worth a thread: a kernel does ~1 ns an element, a hand-off costs ~50 us
+KERNEL_MIN_ELEMENTS = 65536
+CHUNKS_PER_WORKER = 2           # few chunks: a kernel call has no per-block overhead to hide
+ADAMW_PIECE = 1 << 20           # elements of a parameter one AdamW call updates
+
+at = native.address
+
+
+def _chunks(size, min_size):
+    return parallel.chunk_bounds(size, parallel.chunk_count(size, min_size, CHUNKS_PER_WORKER))
+
+
+def _rows_min(columns):
+    return -(-KERNEL_MIN_ELEMENTS // max(1, columns))
+
+
+# ========================================================================================================
+# gelu
+
+def gelu(input, approximate="none"):
+    input = F._t(input)
+    if approximate not in ("none", "tanh"):
+        return F.gelu.reference(input, approximate)          # its error
+    x = np.ascontiguousarray(input.data)
+    k = native.kernels(x.dtype)
+    tanh_form = int(approximate == "tanh")
+    out, saved = np.empty_like(x), np.empty_like(x)        # saved: Phi(x), or tanh u
+    bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
+    parallel.run_chunks(lambda lo, hi: k.gelu_forward(at(x, lo), at(out, lo), at(saved, lo), hi - lo,
+                                                      tanh_form), bounds)
+
+    def backward(grad):
+        grad = np.ascontiguousarray(grad, dtype=x.dtype)
+        grad_x = np.empty_like(x)
+        parallel.run_chunks(lambda lo, hi: k.gelu_backward(at(x, lo), at(saved, lo), at(grad, lo),
+                                                           at(grad_x, lo), hi - lo, tanh_form), bounds)
+        return (grad_x,)
+    return _make(out, (input,), backward, "gelu")
+
+
+# ========================================================================================================
+# layer_norm
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    input = F._t(input)
+    x = input.data
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if x.shape[x.ndim - len(shape):] != shape or any(
+            p is not None and tuple(p.shape) != shape for p in (weight, bias)):
+        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)   # errors, broadcast params
+    weight = F._t(weight) if weight is not None else None
+    bias = F._t(bias) if bias is not None else None
+    parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
+    C = math.prod(shape)
+    rows = np.ascontiguousarray(x).reshape(-1, C)           # (N, C)
+    N = rows.shape[0]
+    k = native.kernels(x.dtype)
+    w = np.ascontiguousarray(weight.data).reshape(C) if weight is not None else None
+    b = np.ascontiguousarray(bias.data).reshape(C) if bias is not None else None
+    out = np.empty_like(rows)
+    mean, rstd = np.empty(N, dtype=x.dtype), np.empty(N, dtype=x.dtype)     # (N,) each
+    bounds = _chunks(N, _rows_min(C))
+
+    def pointer(array, row=0):
+        return None if array is None else at(array, row * C)
+
+    parallel.run_chunks(lambda lo, hi: k.layer_norm_forward(
+        at(rows, lo * C), pointer(w), pointer(b), at(out, lo * C), at(mean, lo), at(rstd, lo), hi - lo, C,
+        eps), bounds)
+
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w;  dw = sum dy xhat, db = sum dy, per chunk,
+    # the chunks' sums added in chunk order (fixed for a fixed thread count)
+    def backward(grad):
+        grad_rows = np.ascontiguousarray(grad, dtype=x.dtype).reshape(-1, C)
+        grad_x = np.empty_like(rows) if input.requires_grad else None
+        want_w = weight is not None and weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+
+        def chunk(lo, hi):
+            grad_w = np.zeros(C, dtype=x.dtype) if want_w else None
+            grad_b = np.zeros(C, dtype=x.dtype) if want_b else None
+            k.layer_norm_backward(at(rows, lo * C), pointer(w), at(mean, lo), at(rstd, lo),
+                                  at(grad_rows, lo * C), None if grad_x is None else at(grad_x, lo * C),
+                                  pointer(grad_w), pointer(grad_b), hi - lo, C)
+            return grad_w, grad_b
+        partials = parallel.run_chunks(chunk, bounds)
+        grads = (grad_x.reshape(x.shape) if grad_x is not None else None,)
+        if weight is not None:
+            grads += (ops._sum_in_order([p[0] for p in partials]).reshape(weight.shape) if want_w else None,)
+        if bias is not None:
+            grads += (ops._sum_in_order([p[1] for p in partials]).reshape(bias.shape) if want_b else None,)
+        return grads
+    return _make(out.reshape(x.shape), parents, backward, "layer_norm")
+
+
+# ========================================================================================================
+# cross_entropy
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
+    input = F._t(input)
+    logits = input.data
+    z, labels = F.cross_entropy_rows(logits, target, reduction)
+    F.check_class_ids(labels, z.shape[1], ignore_index)
+    z = np.ascontiguousarray(z)                             # (N, V)
+    N, V = z.shape
+    k = native.kernels(z.dtype)
+    t = np.asarray(labels).reshape(-1)
+    valid = t != ignore_index
+    count = valid.sum()
+    rows = np.arange(N)
+    safe_t = np.where(valid, t, 0)
+    logsumexp = np.empty(N, dtype=z.dtype)
+    bounds = _chunks(N, _rows_min(V))
+    parallel.run_chunks(lambda lo, hi: k.logsumexp_rows(at(z, lo * V), at(logsumexp, lo), hi - lo, V), bounds)
+    losses = (logsumexp - z[rows, safe_t]) * valid
+
+    # dz = (softmax(z) - onehot(t)) * row_scale
+    def backward(grad):
+        row_scale = np.ascontiguousarray(F.cross_entropy_row_scale(grad, valid, count, reduction, z.dtype),
+                                         dtype=z.dtype).reshape(N)
+        grad_z = np.empty_like(z)
+        parallel.run_chunks(lambda lo, hi: k.softmax_scaled_rows(
+            at(z, lo * V), at(logsumexp, lo), at(row_scale, lo), at(grad_z, lo * V), hi - lo, V), bounds)
+        grad_z[rows, safe_t] -= row_scale
+        return (F.grad_logits_shape(grad_z, logits),)
+
+    out = F.cross_entropy_output(losses, count, labels, reduction, z.dtype)
+    return _make(out, (input,), backward, "cross_entropy")
+
+
+# ========================================================================================================
+# dropout
+
+def dropout(input, p=0.5, training=True, generator=None):
+    input = F._t(input)
+    if not 0.0 <= p <= 1.0 or not training or p in (0.0, 1.0):
+        return F.dropout.reference(input, p, training, generator)
+    x = np.ascontiguousarray(input.data)
+    k = native.kernels(x.dtype)
+    bits, threshold, scale = ops.random_bits_16_parallel(x.shape, p, x.dtype, generator)
+    bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
+
+    def apply(values):
+        out = np.empty_like(values)
+        parallel.run_chunks(lambda lo, hi: k.dropout_apply(at(values, lo), at(bits, lo), at(out, lo), hi - lo,
+                                                           threshold, scale), bounds)
+        return out
+
+    def backward(grad):
+        return (apply(np.ascontiguousarray(grad, dtype=x.dtype)),)
+    return _make(apply(x), (input,), backward, "dropout")
+
+
+# ========================================================================================================
+# AdamW
+
+def adamw_step(updates):
+    calls = []      # (kernels, p, g, m, v, lo, hi, scalars): pieces of each parameter
+    for p, state, group in updates:
+        lr, beta1, beta2, eps, decay, t = optim.adamw_settings(state, group)
+        arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        k = native.kernels(p.data.dtype)
+        if k is None or not all(a.flags.c_contiguous and a.dtype == p.data.dtype for a in arrays):
+            calls.append((None, arrays, (lr, beta1, beta2, eps, decay, t)))
+            continue
+        scalars = (beta1, beta2, eps, 1 - lr * decay, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t))
+        for lo in range(0, p.data.size, ADAMW_PIECE):
+            calls.append((k, arrays, (lo, min(p.data.size, lo + ADAMW_PIECE), scalars)))
+
+    def run(call):
+        k, arrays, settings = call
+        if k is None:
+            optim.adamw_update(*arrays, settings)
+            return
+        lo, hi, scalars = settings
+        param, grad, m, v = arrays
+        k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *scalars)
+    threads.run_in_parallel(run, calls)
+
+
+# ========================================================================================================
+
+def _built(*args, **kwargs):
+    """The kernels are built for the dtype of the first array argument."""
+    for a in list(args) + list(kwargs.values()):
+        data = a.data if isinstance(a, F.Tensor) else a
+        if isinstance(data, np.ndarray):
+            return native.kernels(data.dtype) is not None
+    return False
+
+
+def _built_with_numpy_generator(*args, **kwargs):
+    return _built(*args, **kwargs) and ops._no_custom_generator(*args, **kwargs)
+
+
+def _built_for_updates(updates):
+    return bool(updates) and native.kernels(updates[0][0].data.dtype) is not None
+
+
+def register():
+    register_fast_path("gelu", gelu, "cpu", applies=_built)
+    register_fast_path("layer_norm", layer_norm, "cpu", applies=_built)
+    register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)
+    register_fast_path("dropout", dropout, "cpu", applies=_built_with_numpy_generator)
+    register_fast_path("adamw_step", adamw_step, "cpu", applies=_built_for_updates)

@@ -1,0 +1,293 @@
+"""The C kernels (npgpt/fast/cpu/kernels.c) equal the textbook's references: values and gradients, float64
+to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1, 2 and 3 worker threads,
+deterministic for a fixed thread count; and their build: cached, refused cleanly, never half-loaded."""
+
+import os
+
+import numpy as np
+import pytest
+
+import npgpt
+import npgpt.functional as F
+from npgpt import engine, optim
+from npgpt.fast.cpu import native, native_ops, threads
+from npgpt.fast.cpu import ops as cpu_ops
+
+from optional import IN_CI
+
+FLOATS = [np.float64, np.float32]
+
+
+@pytest.fixture(autouse=True)
+def built(fast_paths_on):
+    """The kernels, built: a skip on a machine without a C compiler (a failure in CI, which has one)."""
+    if native.kernels(np.dtype(np.float64)) is None:
+        reason = native.status()["reason"]
+        if IN_CI:
+            pytest.fail(f"CI has a C compiler, yet the kernels were not built: {reason}")
+        pytest.skip(f"the C kernels are not built here: {reason}")
+
+
+@pytest.fixture(params=[1, 2, 3])
+def workers(request, monkeypatch):
+    """1, 2 and 3 worker threads, with chunks small enough that the tests' arrays are cut into several,
+    of ragged sizes."""
+    monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
+    monkeypatch.setattr(native_ops, "ADAMW_PIECE", 333)
+    monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
+    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
+    previous = threads.set_workers(request.param)
+    yield request.param
+    threads.set_workers(previous)
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+
+
+def leaf(rng, *shape, dtype=np.float64, spread=1.0):
+    return npgpt.Tensor((spread * rng.standard_normal(shape)).astype(dtype), requires_grad=True)
+
+
+def values_and_grads(fn, inputs, cotangent):
+    """fn(*inputs) and the gradients of sum(fn(*inputs) * cotangent) with respect to every input."""
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    (out * npgpt.Tensor(cotangent.astype(out.dtype))).sum().backward()
+    return [out.data.copy()] + [t.grad.copy() for t in inputs]
+
+
+def assert_same(fast, reference, dtype):
+    assert len(fast) == len(reference)
+    for got, expected in zip(fast, reference):
+        assert got.dtype == expected.dtype == dtype
+        np.testing.assert_allclose(got, expected, **tolerance(dtype))
+
+
+def test_the_dispatcher_asks_the_kernels_first_and_falls_back_without_them():
+    x = np.zeros((4, 5))
+    assert engine.fast_path_for("gelu", (x,), {}) is native_ops.gelu
+    assert engine.fast_path_for("cross_entropy", (x, np.zeros(4, int)), {}) is native_ops.cross_entropy
+    assert engine.fast_path_for("layer_norm", (x, 5), {}) is native_ops.layer_norm
+    previous = native.set_enabled(False)
+    try:
+        assert engine.fast_path_for("gelu", (x,), {}) is cpu_ops.gelu
+        assert engine.fast_path_for("cross_entropy", (x, np.zeros(4, int)), {}) is cpu_ops.cross_entropy
+    finally:
+        native.set_enabled(previous)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_kernel_equals_the_reference(workers, dtype, approximate):
+    rng = np.random.default_rng(0)
+    x = leaf(rng, 5, 41, dtype=dtype, spread=3.0)
+    x.data[0, :6] = [-12.0, -6.0, -4.5, 0.0, 4.5, 12.0]     # tails, where erf saturates, and zero
+    cot = rng.standard_normal((5, 41))
+    fast = values_and_grads(lambda a: native_ops.gelu(a, approximate), [x], cot)
+    reference = values_and_grads(lambda a: F.gelu.reference(a, approximate), [x], cot)
+    assert_same(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gelu_kernel_keeps_the_left_tail_digits_in_float64(dtype):
+    x = npgpt.Tensor(np.array([-30.0, -20.0, -9.0], dtype=dtype))
+    got, expected = native_ops.gelu(x).data, F.gelu.reference(x).data
+    np.testing.assert_allclose(got, expected, rtol=1e-12 if dtype == np.float64 else 1e-5, atol=0)
+    if dtype == np.float64:
+        assert got[0] != 0 and got[0] > -1e-190       # -30 Phi(-30): about -1.5e-196, not rounded to 0
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_kernel_equals_the_reference(workers, dtype, affine):
+    rng = np.random.default_rng(1)
+    x = leaf(rng, 3, 7, 12, dtype=dtype)
+    x.data += 5.0                                           # an offset the mean must remove
+    w = leaf(rng, 12, dtype=dtype) if affine != "none" else None
+    b = leaf(rng, 12, dtype=dtype) if affine == "both" else None
+    params = [x] + [p for p in (w, b) if p is not None]
+    cot = rng.standard_normal((3, 7, 12))
+
+    def run(layer_norm):
+        return values_and_grads(lambda *a: layer_norm(a[0], 12, *a[1:], eps=1e-5), params, cot)
+    assert_same(run(native_ops.layer_norm), run(F.layer_norm.reference), dtype)
+
+
+def test_layer_norm_kernel_leaves_out_gradients_nobody_needs():
+    rng = np.random.default_rng(2)
+    x = npgpt.Tensor(rng.standard_normal((4, 6)))           # no gradient for the input
+    w, b = leaf(rng, 6), npgpt.Tensor(np.zeros(6))
+    native_ops.layer_norm(x, 6, w, b).sum().backward()
+    assert x.grad is None and b.grad is None
+    np.testing.assert_allclose(w.grad, F.layer_norm.reference(x, 6).data.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_kernel_equals_the_reference(workers, dtype, reduction):
+    rng = np.random.default_rng(3)
+    logits = leaf(rng, 3, 5, 37, dtype=dtype, spread=4.0)   # (B, T, V) logits, as the model gives them
+    target = rng.integers(0, 37, (3, 5))
+    target[0, 1] = target[2, 4] = -100                      # ignored positions
+    cot = rng.standard_normal((3, 5)) if reduction == "none" else np.array(1.3)
+    flat = lambda z: z.reshape(-1, 37)                      # noqa: E731
+    fast = values_and_grads(lambda z: native_ops.cross_entropy(flat(z), target.reshape(-1), reduction=reduction),
+                            [logits], cot.reshape(-1) if reduction == "none" else cot)
+    reference = values_and_grads(lambda z: F.cross_entropy.reference(flat(z), target.reshape(-1),
+                                                                     reduction=reduction),
+                                 [logits], cot.reshape(-1) if reduction == "none" else cot)
+    assert_same(fast, reference, dtype)
+
+
+def test_cross_entropy_kernel_with_huge_logits_stays_finite():
+    logits = npgpt.Tensor(np.array([[1000.0, -1000.0, 0.0], [-np.inf, 2.0, 1.0]], dtype=np.float32),
+                          requires_grad=True)
+    loss = native_ops.cross_entropy(logits, np.array([0, 1]))
+    expected = F.cross_entropy.reference(npgpt.Tensor(logits.data), np.array([0, 1]))
+    np.testing.assert_allclose(loss.data, expected.data, rtol=1e-6)
+    loss.backward()
+    assert np.isfinite(logits.grad).all() and logits.grad[1, 0] == 0
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dropout_kernel_draws_the_numpy_fast_paths_mask(workers, dtype):
+    rng = np.random.default_rng(4)
+    x = leaf(rng, 6, 50, dtype=dtype)
+    cot = rng.standard_normal((6, 50))
+    fast = values_and_grads(lambda a: native_ops.dropout(a, 0.3, generator=np.random.default_rng(9)), [x], cot)
+    numpy_path = values_and_grads(lambda a: cpu_ops.dropout(a, 0.3, generator=np.random.default_rng(9)), [x], cot)
+    for got, expected in zip(fast, numpy_path):
+        np.testing.assert_array_equal(got, expected)        # the same bits, the same products
+    kept = fast[0] != 0
+    np.testing.assert_allclose(fast[0][kept], x.data[kept] * dtype(65536 / (65536 - round(0.3 * 65536))))
+    np.testing.assert_array_equal(fast[1][~kept], 0)
+    assert 0.6 < kept.mean() < 0.8
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("length", [6, 130])
+@pytest.mark.parametrize("masked", ["causal", "bool", "float", "none"])
+def test_attention_softmax_kernel_equals_the_reference(workers, dtype, length, masked):
+    rng = np.random.default_rng(5)
+    q, k, v = (leaf(rng, 2, 3, length, 8, dtype=dtype) for _ in range(3))
+    cot = rng.standard_normal((2, 3, length, 8))
+    kwargs = {"causal": dict(is_causal=True), "none": {},
+              "bool": dict(attn_mask=(rng.random((length, length)) > 0.3) | np.eye(length, dtype=bool)),
+              "float": dict(attn_mask=rng.standard_normal((length, length)).astype(dtype))}[masked]
+    fast = values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, scale=0.7, **kwargs),
+                            [q, k, v], cot)
+    reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, scale=0.7,
+                                                                                         **kwargs), [q, k, v], cot)
+    assert_same(fast, reference, dtype)
+
+
+def test_causal_softmax_kernel_zeroes_exactly_the_keys_a_query_may_not_see():
+    scores = np.random.default_rng(6).standard_normal((2, 3, 5))       # 2 heads, 3 queries at 2, 3, 4
+    probs = native.softmax_rows_in_place(scores.copy(), causal_length=3, offset=2)
+    allowed = F.causal_mask(np, 3, 5, 2)
+    np.testing.assert_array_equal(probs[:, ~allowed], 0)
+    masked = np.where(allowed, scores, -np.inf)
+    expected = np.exp(masked - masked.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, expected / expected.sum(-1, keepdims=True), rtol=1e-13)
+
+
+def adamw_run(dtype, weight_decay, steps=3):
+    """Three AdamW steps on parameters of three shapes with fixed gradients; the parameters after them."""
+    params = [npgpt.Tensor(np.random.default_rng(1).standard_normal(s).astype(dtype), requires_grad=True)
+              for s in [(50, 70), (70,), (3, 4, 5)]]
+    opt = optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
+    grads = np.random.default_rng(2)
+    for _ in range(steps):
+        for p in params:
+            p.grad = grads.standard_normal(p.shape).astype(dtype)
+        opt.step()
+    return [p.data for p in params]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_kernel_equals_the_reference_update(workers, dtype, weight_decay):
+    assert engine.fast_path_for("adamw_step", ([(npgpt.Tensor(np.zeros(2, dtype)), {}, {})],), {}) \
+        is native_ops.adamw_step
+    fast = adamw_run(dtype, weight_decay)
+    previous = engine.set_fast_paths_enabled(False)
+    try:
+        reference = adamw_run(dtype, weight_decay)
+    finally:
+        engine.set_fast_paths_enabled(previous)
+    for got, expected in zip(fast, reference):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, expected, **tolerance(dtype))
+
+
+def test_kernels_are_deterministic_for_a_fixed_thread_count(workers):
+    rng = np.random.default_rng(8)
+    x = leaf(rng, 9, 33, dtype=np.float32)
+    w, b = leaf(rng, 33, dtype=np.float32), leaf(rng, 33, dtype=np.float32)
+    cot = rng.standard_normal((9, 33))
+    runs = [values_and_grads(lambda a, c, d: native_ops.layer_norm(native_ops.gelu(a), 33, c, d), [x, w, b], cot)
+            for _ in range(3)]
+    for other in runs[1:]:
+        for got, first in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, first)
+
+
+# ========================================================================================================
+# The build
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache in tmp_path and a native module that has not tried to build yet."""
+    monkeypatch.setenv("NPGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {"libraries": None, "reason": None, "paths": {}, "enabled": True})
+    return tmp_path / "cache"
+
+
+def test_a_build_is_cached_and_the_cache_is_reused_without_compiling(fresh_build, monkeypatch):
+    assert native.status()["built"]
+    files = sorted(os.listdir(fresh_build))
+    assert len(files) == 2 and all(f.startswith("kernels-") and f.endswith(".so") for f in files)
+    monkeypatch.setattr(native, "_state", {"libraries": None, "reason": None, "paths": {}, "enabled": True})
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again although the cache holds the libraries")
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    assert native.kernels(np.dtype(np.float32)) is not None
+    assert sorted(os.listdir(fresh_build)) == files
+
+
+def test_a_changed_source_builds_anew(fresh_build, monkeypatch, tmp_path):
+    assert native.status()["built"]
+    changed = tmp_path / "kernels.c"
+    changed.write_text(open(native.SOURCE).read() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", str(changed))
+    monkeypatch.setattr(native, "_state", {"libraries": None, "reason": None, "paths": {}, "enabled": True})
+    assert native.status()["built"]
+    assert len(os.listdir(fresh_build)) == 4
+
+
+def test_without_a_compiler_the_numpy_fast_paths_run(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-npgpt")
+    status = native.status()
+    assert not status["built"] and "no C compiler" in status["reason"]
+    x = np.linspace(-3, 3, 12).reshape(3, 4)
+    assert engine.fast_path_for("gelu", (x,), {}) is cpu_ops.gelu
+    np.testing.assert_allclose(F.gelu(x).data, F.gelu.reference(x).data, rtol=1e-12)
+    assert not os.path.exists(fresh_build) or not os.listdir(fresh_build)
+
+
+def test_a_source_that_does_not_compile_leaves_no_file_and_says_why(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "kernels.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", str(broken))
+    status = native.status()
+    assert not status["built"] and "could not be built" in status["reason"]
+    assert os.listdir(fresh_build) == []                    # no half-written library left behind
+
+
+def test_npgpt_cpu_kernels_0_turns_them_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("NPGPT_CPU_KERNELS", "0")
+    assert native.kernels(np.dtype(np.float32)) is None
+    assert "NPGPT_CPU_KERNELS=0" in native.status()["reason"]
