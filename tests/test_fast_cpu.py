@@ -164,7 +164,6 @@ def workers(request, monkeypatch):
     small arrays are split into several of each (and ragged: the sizes below divide by neither 2 nor 3)."""
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_ELEMENTS", 8)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
-    monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_MULTIPLY_ADDS", 8)
     monkeypatch.setattr(cpu_ops, "LAYER_NORM_MIN_ELEMENTS", 8)
     monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
     monkeypatch.setattr(cpu_ops, "ELEMENTWISE_BLOCK_BYTES", 8 * 10)     # 10 float64 / 20 float32 a block
@@ -218,37 +217,6 @@ def test_parallel_layer_norm_equals_the_reference(workers, dtype, affine):
     fast = run(cpu_ops.layer_norm)
     assert all(g.shape == (12,) for g in fast[2:])              # weight and bias gradients arrive summed
     assert_same(fast, run(F.layer_norm.reference), **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_parallel_linear_equals_the_reference(workers, dtype, with_bias):
-    """y and dW by slices of the output features, dx by slices of the rows (11 features, 3 x 7 rows)."""
-    rng = np.random.default_rng(19)
-    x, W = leaf(rng, 3, 7, 5, dtype=dtype), leaf(rng, 11, 5, dtype=dtype)
-    inputs = [x, W] + ([leaf(rng, 11, dtype=dtype)] if with_bias else [])
-    cot = rng.standard_normal((3, 7, 11)).astype(dtype)
-    fast = values_and_grads(cpu_ops.linear, inputs, cot)
-    assert_same(fast, values_and_grads(F.linear.reference, inputs, cot), **tolerance(dtype))
-    assert all(f.dtype == dtype for f in fast)
-    frozen = leaf(rng, 11, 5, dtype=dtype)
-    frozen.requires_grad = False                                 # only dx wanted
-    assert_same(values_and_grads(lambda a: cpu_ops.linear(a, frozen), [x], cot),
-                values_and_grads(lambda a: F.linear.reference(a, frozen), [x], cot), **tolerance(dtype))
-    vector = leaf(rng, 5, dtype=dtype)                           # a single row, as in F.linear
-    assert_same(values_and_grads(cpu_ops.linear, [vector, W], cot[0, 0]),
-                values_and_grads(F.linear.reference, [vector, W], cot[0, 0]), **tolerance(dtype))
-
-
-def test_linear_runs_its_slices_only_with_several_workers(fast_paths_on):
-    x, W = np.zeros((4, 3)), np.zeros((5, 3))
-    previous = threads.set_workers(1)
-    try:
-        assert engine.fast_path_for("linear", (x, W), {}) is None          # one thread: BLAS's own threads
-        threads.set_workers(2)
-        assert engine.fast_path_for("linear", (x, W), {}) is cpu_ops.linear
-    finally:
-        threads.set_workers(previous)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -360,8 +328,7 @@ def test_a_call_from_a_pool_thread_runs_serially_and_equals_the_reference(monkey
 
     def work():
         assert threads.on_worker_thread() and parallel.chunk_count(10**6, 1) == 1
-        assert engine.fast_path_for("linear", (arrays["x"], arrays["W"]), {}) is None     # BLAS left alone
-        return run(cpu_ops.gelu, cpu_ops.layer_norm, cpu_ops.linear, cpu_ops.scaled_dot_product_attention)
+        return run(cpu_ops.gelu, cpu_ops.layer_norm, F.linear, cpu_ops.scaled_dot_product_attention)
     previous = threads.set_workers(2)
     try:
         pool = threads._get_pool(2)

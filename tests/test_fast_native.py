@@ -14,6 +14,7 @@ from npgpt.fast.cpu import native, native_ops, threads
 from npgpt.fast.cpu import ops as cpu_ops
 
 from optional import IN_CI
+from test_fast_cpu import five_line_steps
 
 FLOATS = [np.float64, np.float32]
 
@@ -151,19 +152,47 @@ def test_cross_entropy_kernel_with_huge_logits_stays_finite():
     assert np.isfinite(logits.grad).all() and logits.grad[1, 0] == 0
 
 
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_dropout_kernel_draws_the_numpy_fast_paths_mask(workers, dtype):
+def dropout_run(dtype, p=0.3, seed=9):
     rng = np.random.default_rng(4)
     x = leaf(rng, 6, 50, dtype=dtype)
     cot = rng.standard_normal((6, 50))
-    fast = values_and_grads(lambda a: native_ops.dropout(a, 0.3, generator=np.random.default_rng(9)), [x], cot)
-    numpy_path = values_and_grads(lambda a: cpu_ops.dropout(a, 0.3, generator=np.random.default_rng(9)), [x], cot)
-    for got, expected in zip(fast, numpy_path):
-        np.testing.assert_array_equal(got, expected)        # the same bits, the same products
-    kept = fast[0] != 0
-    np.testing.assert_allclose(fast[0][kept], x.data[kept] * dtype(65536 / (65536 - round(0.3 * 65536))))
-    np.testing.assert_array_equal(fast[1][~kept], 0)
+    return x, values_and_grads(lambda a: native_ops.dropout(a, p, generator=np.random.default_rng(seed)), [x], cot), cot
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dropout_kernel_keeps_zeroes_and_scales_as_dropout_does(workers, dtype):
+    x, (out, grad), cot = dropout_run(dtype)
+    kept = out != 0
+    scale = dtype(65536 / (65536 - round(0.3 * 65536)))     # p rounded to 16 bits, and the scale that matches
+    np.testing.assert_array_equal(out[kept], x.data[kept] * scale)
+    np.testing.assert_array_equal(grad[kept], cot[kept].astype(dtype) * scale)    # the backward's mask is
+    np.testing.assert_array_equal(grad[~kept], 0)                                 # the forward's
+    assert out.dtype == grad.dtype == dtype
     assert 0.6 < kept.mean() < 0.8
+
+
+def test_dropout_kernel_mask_depends_on_the_seed_alone_not_the_thread_count(monkeypatch):
+    masks = {}
+    for count in (1, 2, 3):
+        monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
+        previous = threads.set_workers(count)
+        try:
+            masks[count] = dropout_run(np.float32)[1][0] != 0
+        finally:
+            threads.set_workers(previous)
+    np.testing.assert_array_equal(masks[1], masks[2])
+    np.testing.assert_array_equal(masks[1], masks[3])
+    other_seed = dropout_run(np.float32, seed=10)[1][0] != 0
+    assert (other_seed != masks[1]).mean() > 0.2
+
+
+def test_dropout_kernel_keeps_each_element_with_probability_one_minus_p():
+    x = npgpt.Tensor(np.ones(1 << 20, dtype=np.float32))
+    for p in (0.1, 0.5, 0.9):
+        kept = (native_ops.dropout(x, p, generator=np.random.default_rng(0)).data != 0).mean()
+        assert abs(kept - (1 - p)) < 5 * np.sqrt(p * (1 - p) / x.size)     # within 5 standard errors
+    blocks = native_ops.dropout(x, 0.5, generator=np.random.default_rng(1)).data.reshape(64, -1) != 0
+    assert np.abs(blocks.mean(axis=1) - 0.5).max() < 0.02                   # no stretch of the array is biased
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -291,3 +320,27 @@ def test_npgpt_cpu_kernels_0_turns_them_off(fresh_build, monkeypatch):
     monkeypatch.setenv("NPGPT_CPU_KERNELS", "0")
     assert native.kernels(np.dtype(np.float32)) is None
     assert "NPGPT_CPU_KERNELS=0" in native.status()["reason"]
+
+
+def test_attention_with_the_kernels_dropout_passes_gradcheck(workers):
+    rng = np.random.default_rng(3)
+    q, k, v = (leaf(rng, 2, 2, 130, 4) for _ in range(3))      # 130: the causal blocks, each its own mask
+    npgpt.gradcheck(lambda a, b, c: cpu_ops.scaled_dot_product_attention(
+        a, b, c, is_causal=True, dropout_p=0.2, generator=np.random.default_rng(3)), [q, k, v], max_probes=40)
+
+
+def test_the_five_line_loop_on_the_kernels_equals_the_reference(workers):
+    previous = engine.set_fast_paths_enabled(False)
+    try:
+        reference = five_line_steps(np.float64, dropout=0.0)
+    finally:
+        engine.set_fast_paths_enabled(previous)
+    for (loss, grads), (ref_loss, ref_grads) in zip(five_line_steps(np.float64, dropout=0.0), reference):
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+    first, second = five_line_steps(np.float32, dropout=0.1), five_line_steps(np.float32, dropout=0.1)
+    for (loss, grads), (loss2, grads2) in zip(first, second):      # bit for bit, at a fixed thread count
+        np.testing.assert_array_equal(loss, loss2)
+        for g, g2 in zip(grads, grads2):
+            np.testing.assert_array_equal(g, g2)

@@ -270,11 +270,32 @@ void softmax_backward_rows_in_place(real *grad, const real *probs, index_t rows,
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Dropout with a 16-bit mask:  out = x * scale where bits >= threshold, else 0  (bits: random uint16)
+ * Dropout:  out = x * scale where bits >= threshold, else 0, with 16-bit random bits
+ *
+ * The bits of element j are the top 16 of a hash of (j, seed): two rounds of a 32-bit integer mixer
+ * (Wellons' lowbias32), j's low half and the seed's low half in the first, their high halves in the
+ * second. So the mask is a function of the seed and the element's index alone: the same however the
+ * elements are cut into chunks, and the backward pass draws it again instead of keeping it.
+ * `start` is the index of x[0] in the whole array; out may be x (in place).
  */
-void dropout_apply(const real *x, const uint16_t *bits, real *out, index_t n, int32_t threshold, real scale) {
+static inline uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x7feb352dU;
+    h ^= h >> 15;
+    h *= 0x846ca68bU;
+    h ^= h >> 16;
+    return h;
+}
+
+void dropout_hashed(const real *x, real *out, index_t start, index_t n, uint64_t seed, int32_t threshold,
+                    real scale) {
+    const uint32_t seed_low = (uint32_t)seed, seed_high = (uint32_t)(seed >> 32);
     #pragma omp simd
-    for (index_t i = 0; i < n; i++) out[i] = (int32_t)bits[i] >= threshold ? x[i] * scale : (real)0;
+    for (index_t i = 0; i < n; i++) {
+        const uint64_t j = (uint64_t)(start + i);
+        const uint32_t h = mix32(mix32((uint32_t)j ^ seed_low) ^ (seed_high + (uint32_t)(j >> 32)));
+        out[i] = (int32_t)(h >> 16) >= threshold ? x[i] * scale : (real)0;
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ import threading
 
 import numpy as np
 
+from ... import backend
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 NATIVE_FLAGS = ["-march=native"]        # dropped if the compiler refuses it
@@ -50,7 +52,7 @@ def _signatures(real):
         "softmax_scaled_rows": [_P, _P, _P, _P, _I64, _I64],
         "softmax_rows_in_place": [_P, _I64, _I64, _I64, _I64],
         "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
-        "dropout_apply": [_P, _P, _P, _I64, _I32, real],
+        "dropout_hashed": [_P, _P, _I64, _I64, ctypes.c_uint64, _I32, real],
         "adamw_update": [_P, _P, _P, _P, _I64, real, real, real, real, real, real],
     }
 
@@ -177,3 +179,22 @@ def softmax_backward_rows_in_place(grad, probs):
     S = grad.shape[-1]
     k.softmax_backward_rows_in_place(address(grad), address(probs), grad.size // max(1, S), S)
     return grad
+
+
+# ========================================================================================================
+# dropout's mask, for native_ops.dropout and the attention's dropout in ops.py
+
+def dropout_seed(generator):
+    """The seed of one dropout mask, drawn from `generator` (the global one if None)."""
+    rng = generator if generator is not None else backend.global_rng()
+    return int(rng.integers(0, 2**63 - 1))
+
+
+def dropout_hashed(values, out, seed, threshold, scale, start=0):
+    """out = values * scale where the hashed 16-bit bits of (index, seed) are >= threshold, else 0; values and
+    out C-contiguous of one shape and dtype (out may be values). Returns out, or None without the kernels."""
+    k = kernels(values.dtype)
+    if k is None or not (values.flags.c_contiguous and out.flags.c_contiguous):
+        return None
+    k.dropout_hashed(address(values), address(out), start, values.size, seed, threshold, scale)
+    return out

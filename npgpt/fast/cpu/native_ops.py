@@ -5,7 +5,8 @@
                      from the saved mean and 1/std instead of keeping an (N, C) copy
     cross_entropy    forward: only logsumexp per row (the probabilities are not kept: 4 bytes an element
                      less); backward: dz = exp(z - logsumexp) * row scale in one pass
-    dropout          the 16-bit random mask of ops.py, applied and scaled in one pass, kept as its bits
+    dropout          a 16-bit mask hashed from one seed and each element's index, drawn and applied in one
+                     pass, drawn again by the backward (nothing kept)
     adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten)
 
 Attention's row softmax and its backward use the kernels too (``native.softmax_rows_in_place``), inside
@@ -160,18 +161,21 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
 # dropout
 
 def dropout(input, p=0.5, training=True, generator=None):
+    """Dropout with the kernel's hashed 16-bit mask: one seed drawn from the generator, the mask a function
+    of it and each element's index, so the same for any thread count, and drawn again by the backward."""
     input = F._t(input)
     if not 0.0 <= p <= 1.0 or not training or p in (0.0, 1.0):
         return F.dropout.reference(input, p, training, generator)
     x = np.ascontiguousarray(input.data)
     k = native.kernels(x.dtype)
-    bits, threshold, scale = ops.random_bits_16_parallel(x.shape, p, x.dtype, generator)
+    threshold, scale = ops.dropout_threshold(p, x.dtype)
+    seed = native.dropout_seed(generator)
     bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
 
     def apply(values):
         out = np.empty_like(values)
-        parallel.run_chunks(lambda lo, hi: k.dropout_apply(at(values, lo), at(bits, lo), at(out, lo), hi - lo,
-                                                           threshold, scale), bounds)
+        parallel.run_chunks(lambda lo, hi: k.dropout_hashed(at(values, lo), at(out, lo), lo, hi - lo, seed,
+                                                            threshold, scale), bounds)
         return out
 
     def backward(grad):

@@ -1,4 +1,8 @@
-"""CPU fast paths: the same maths as ``npgpt/functional.py``, arranged for the CPU's caches and cores.
+"""CPU fast paths in NumPy: the same maths as ``npgpt/functional.py``, arranged for the CPU's caches and cores.
+
+Where the C kernels are built (``native.py``), ``native_ops.py``'s GELU, LayerNorm, cross-entropy, dropout
+and AdamW are asked first and these run only without them; the attention below is the one path either way,
+its row softmax by the kernel where there is one.
 
     gelu                           elementwise, block by cache-sized block, the blocks shared by the threads
     layer_norm                     row blocks; the weight and bias gradients summed per chunk, chunk by chunk
@@ -7,8 +11,6 @@
     scaled_dot_product_attention   softmax in place on the scores; long causal sequences block by block,
                                    skipping the keys no query of a block sees; the heads shared by the threads
     adamw_step                     the elementwise update cut into pieces shared by the worker threads
-    linear                         with several threads: the products cut into slices, each with its share
-                                   of OpenBLAS's threads
 
 With ``threads.workers()`` > 1 (the default on a machine of several cores), each op splits its rows (or heads,
 or elements) into chunks with fixed boundaries and runs them at once on the persistent pool (``parallel.py``),
@@ -398,20 +400,29 @@ def _softmax_in_place(scores):
 
 
 def _dropout_attention(probs, dropout_p, dtype, generator):
-    """(A, mask): A = dropout(P) and the (keep, scale) pair its backward needs (None without dropout)."""
+    """(A, mask): A = dropout(P) and mask(dA), which turns dA into dP = dA * keep * scale in place (None
+    without dropout). The kernel's hashed mask where it is built (drawn again by mask), else 16-bit draws."""
     if dropout_p == 0.0:
         return probs, None
-    keep, keep_scale = keep_mask_16bit(probs.shape, dropout_p, dtype, generator)
+    threshold, keep_scale = dropout_threshold(dropout_p, dtype)
+    seed = native.dropout_seed(generator)
+    attn = native.dropout_hashed(probs, np.empty_like(probs), seed, threshold, keep_scale)
+    if attn is not None:
+        return attn, lambda grad: native.dropout_hashed(grad, grad, seed, threshold, keep_scale)
+    keep, keep_scale = keep_mask_16bit(probs.shape, dropout_p, dtype, np.random.default_rng(seed))
     attn = probs * keep
     attn *= keep_scale
-    return attn, (keep, keep_scale)
+
+    def mask(grad):
+        grad *= keep
+        grad *= keep_scale
+    return attn, mask
 
 
 def _softmax_backward_in_place(grad_attn, probs, mask):
-    """dA -> dS in place: dP = dA * mask, then dS = P * (dP - sum_j(dP * P))."""
+    """dA -> dS in place: dP = mask(dA), then dS = P * (dP - sum_j(dP * P))."""
     if mask is not None:
-        grad_attn *= mask[0]
-        grad_attn *= mask[1]
+        mask(grad_attn)
     if native.softmax_backward_rows_in_place(grad_attn, probs) is not None:
         return grad_attn
     grad_attn -= (grad_attn * probs).sum(axis=-1, keepdims=True)
@@ -582,67 +593,6 @@ def _product_into(target, a, b, accumulate):
 
 
 # ========================================================================================================
-# linear on several threads: each thread multiplies its own slice, with its share of OpenBLAS's threads
-# (one each where the workers are as many as the cores). OpenBLAS's own threads synchronise at every product
-# and wait for a busy core; slices taken from a queue (parallel.py) go to whichever thread is free. Only
-# with workers() > 1: on one thread BLAS keeps its own.
-
-# A slice must hold at least this many multiply-adds to be worth a thread of its own (~0.3 ms here)
-PARALLEL_MIN_MULTIPLY_ADDS = 4 * 2**20
-LINEAR_SLICES_PER_WORKER = 1    # each slice packs its own copy of the other operand: few, large slices
-
-
-def linear(input, weight, bias=None):
-    """y = x W^T + b with x (..., in), W (out, in), b (out,): the reference's products cut into slices
-    (y and dW by output features, dx by rows); the bias gradient comes back summed to (out,)."""
-    input, weight = F._t(input), F._t(weight)
-    bias = F._t(bias) if bias is not None else None
-    x, W = input.data, weight.data
-    if W.ndim != 2 or x.ndim == 0 or x.shape[-1] != W.shape[1] or (bias is not None and bias.shape != W.shape[:1]):
-        return F.linear.reference(input, weight, bias)                 # its errors, and odd shapes
-    n_out, n_in = W.shape
-    x2d = x.reshape(-1, n_in)                               # (N, in)
-    N = x2d.shape[0]
-    out = np.empty((N, n_out), dtype=x.dtype)               # (N, out)
-    blas_each = threads.blas_share()                        # OpenBLAS's threads shared out among the slices
-
-    def min_slice(other):                                   # the fewest rows or features worth a thread
-        return -(-PARALLEL_MIN_MULTIPLY_ADDS // max(1, other))
-
-    def forward_features(lo, hi):
-        np.matmul(x2d, W[lo:hi].T, out=out[:, lo:hi])
-        if bias is not None:
-            out[:, lo:hi] += bias.data[lo:hi]
-    parallel.parallel_for(n_out, forward_features, min_slice(N * n_in), blas_each, LINEAR_SLICES_PER_WORKER)
-
-    # dx = dy W   by rows;   dW = dy^T x,  db = sum of dy over rows   by output features
-    def backward(grad):
-        grad2d = grad.reshape(-1, n_out)                    # (N, out)
-        grad_x = np.empty((N, n_in), dtype=x.dtype) if input.requires_grad else None
-        grad_W = np.empty(W.shape, dtype=x.dtype) if weight.requires_grad else None
-        grad_b = np.empty(n_out, dtype=x.dtype) if bias is not None and bias.requires_grad else None
-
-        def backward_features(lo, hi):
-            if grad_W is not None:
-                np.matmul(grad2d[:, lo:hi].T, x2d, out=grad_W[lo:hi])
-            if grad_b is not None:
-                grad_b[lo:hi] = grad2d[:, lo:hi].sum(axis=0)
-
-        def backward_rows(lo, hi):
-            np.matmul(grad2d[lo:hi], W, out=grad_x[lo:hi])
-        if grad_W is not None or grad_b is not None:
-            parallel.parallel_for(n_out, backward_features, min_slice(N * n_in), blas_each,
-                                  LINEAR_SLICES_PER_WORKER)
-        if grad_x is not None:
-            parallel.parallel_for(N, backward_rows, min_slice(n_out * n_in), blas_each, LINEAR_SLICES_PER_WORKER)
-        grads = (grad_x.reshape(x.shape) if grad_x is not None else None, grad_W)
-        return grads + (grad_b,) if bias is not None else grads
-
-    parents = (input, weight, bias) if bias is not None else (input, weight)
-    return _make(out.reshape(*x.shape[:-1], n_out), parents, backward, "linear")
-
-
-# ========================================================================================================
 # AdamW: the elementwise update in pieces, shared by the worker threads
 
 ADAMW_PIECE = 262144        # elements: pieces let threads share even the largest parameter
@@ -683,4 +633,3 @@ def register():
     register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
                        applies=_attention_generator_is_numpy)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_many_workers)
-    register_fast_path("linear", linear, "cpu", applies=_many_workers)

@@ -69,13 +69,6 @@ def can_control_blas():
     return bool(_find_blas_controls())
 
 
-def blas_share():
-    """OpenBLAS threads for each of workers() threads that all call BLAS at once: its current count shared
-    out (at least 1), so that together they use the threads BLAS would use alone."""
-    controls = _find_blas_controls()
-    return max(1, controls[1]() // workers()) if controls else 1
-
-
 _blas_scopes = {"active": [], "original": None}     # the open blas_threads blocks, oldest first
 _blas_lock = threading.Lock()
 
