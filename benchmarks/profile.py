@@ -1,10 +1,15 @@
-"""Where a training step's time goes, op by op: forward, backward, and the optimizer.
+"""Where a training step's time goes, op by op: forward, backward, the optimizer, and the engine itself.
 
-    python -m benchmarks.profile                  # the tutorial GPT at (8, 128), dropout 0.1
+    python -m benchmarks.profile                          # the tutorial GPT at (8, 128), the training program
+    python -m benchmarks.profile --loop                   # the README's five-line loop instead
+    python -m benchmarks.profile --model shakespeare-char --loop     # the small model at its (12, 64)
     python -m benchmarks.profile --batch 16 --seq 256 --steps 5
 
 Forward time of an op is the time from the previous op's result to this op's result (ops run one after
-another, so the gaps tile the forward pass); backward time is measured around each op's backward closure.
+another, so the gaps tile the forward pass: the Python between two ops counts to the second); backward time
+is measured around each op's backward closure. The engine's own share of the backward pass, what is neither
+an op's closure nor the optimizer (the graph's order, gradients summed where a tensor is used twice, leaves'
+.grad), is the backward's wall time minus its ops' closures; it is printed in all and per op.
 """
 
 import argparse
@@ -15,12 +20,12 @@ import time
 import numpy as np
 
 
-def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None):
+def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False):
     import npgpt
-    from npgpt import engine
-    from npgpt import backend
-    from npgpt.program.train import train_step, make_optimizer
+    from npgpt import backend, engine
+    from npgpt import functional as F
     from npgpt.program.config import TrainConfig
+    from npgpt.program.train import make_optimizer, train_step
 
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
@@ -50,10 +55,10 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     from npgpt.fast.cpu.allocator import keep_freed_memory
     from npgpt.fast.cpu.threads import set_workers
     backend.set_device(device)
-    if device == "cpu":
-        keep_freed_memory()
-    else:
+    if device != "cpu":
         npgpt.fast.enable_cuda()
+    elif not loop:
+        keep_freed_memory()         # what the training program does; a user's loop leaves malloc alone
     workers = threads if device == "cpu" else 1
     set_workers(workers)
     backend.manual_seed(0)
@@ -64,52 +69,79 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     opt = make_optimizer(model, config)
     rng = np.random.default_rng(0)
     total = 0.0
-    real_step = opt.step
+    timers = {"optimizer": 0.0, "backward": 0.0}
+    real_step, real_backward = opt.step, npgpt.Tensor.backward
 
-    def timed_step():
-        start = time.perf_counter()
-        real_step()
-        backend.synchronize()
-        timed_step.seconds += time.perf_counter() - start
-    timed_step.seconds = 0.0
-    opt.step = timed_step
-    for i in range(steps + 1):
-        ids = rng.integers(0, vocab, (batch, seq + 1))
-        if i == 1:   # the first step warms up; reset the tallies after it
-            forward.clear(), backward.clear(), counts.clear()
-            timed_step.seconds = 0.0
-            clock["on"] = True
-        start = time.perf_counter()
-        clock["last"] = start
-        train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, workers)
-        backend.synchronize()
-        if i >= 1:
-            total += time.perf_counter() - start
-    engine.set_op_observer(previous_observer)
-    return forward, backward, counts, timed_step.seconds, total, steps
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            if clock["on"]:
+                timers[name] += time.perf_counter() - start
+            return out
+        return run
+    opt.step = timed("optimizer", real_step)
+    npgpt.Tensor.backward = timed("backward", real_backward)
+
+    def five_line_loop(batches):
+        (inputs, targets), = batches
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    try:
+        for i in range(steps + 1):
+            ids = rng.integers(0, vocab, (batch, seq + 1))
+            if i == 1:   # the first step warms up; reset the tallies after it
+                forward.clear(), backward.clear(), counts.clear()
+                clock["on"] = True
+            start = time.perf_counter()
+            clock["last"] = start
+            if loop:
+                five_line_loop([(ids[:, :-1], ids[:, 1:])])
+            else:
+                train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, workers)
+            backend.synchronize()
+            if i >= 1:
+                total += time.perf_counter() - start
+    finally:
+        engine.set_op_observer(previous_observer)
+        npgpt.Tensor.backward = real_backward
+    return forward, backward, counts, timers, total, steps
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
+    p.add_argument("--seq", type=int, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--model", choices=("tutorial", "gpt2-small"), default="tutorial")
+    p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
+    p.add_argument("--loop", action="store_true",
+                   help="time the README's five-line loop (the library alone) instead of the training program")
     args = p.parse_args(argv)
-    from benchmarks.suite import GPT2_SMALL, TUTORIAL
-    forward, backward, counts, optim_s, total, steps = profile(
-        args.batch, args.seq, args.steps, args.dropout, args.threads, args.device,
-        GPT2_SMALL if args.model == "gpt2-small" else TUTORIAL)
+    from benchmarks.suite import GPT2_SMALL, SHAKESPEARE_CHAR, SHAKESPEARE_SHAPE, TUTORIAL
+    small = args.model == "shakespeare-char"
+    model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]
+    batch = args.batch or (SHAKESPEARE_SHAPE[0] if small else 8)
+    seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
+    dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
+    forward, backward, counts, timers, total, steps = profile(
+        batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop)
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
-    print(f"{args.model} training step ({args.batch}, {args.seq}), dropout {args.dropout}, {args.device}: "
-          f"{total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
-    if args.device == "cpu" and args.threads > 1:
+    what = "five-line loop" if args.loop else "training program"
+    print(f"{args.model} {what} step ({batch}, {seq}), dropout {dropout}, {args.device}, {args.threads} "
+          f"threads: {total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
+    data_parallel = args.device == "cpu" and args.threads > 1 and not args.loop
+    if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
-              "than the step; --threads 1 gives a breakdown that adds up)\n")
+              "than the step; --threads 1 or --loop gives a breakdown that adds up)\n")
     print("| op | calls/step | forward ms | backward ms | total ms | share |")
     print("|---|---|---|---|---|---|")
     accounted = 0.0
@@ -118,11 +150,18 @@ def main(argv=None):
         accounted += t
         print(f"| {op} | {counts[op] // steps} | {forward[op] * per:.1f} | {backward[op] * per:.1f} | "
               f"{t * per:.1f} | {t / total * 100:.0f}% |")
+    optim_s = timers["optimizer"]
     accounted += optim_s
     print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
+    if not data_parallel:
+        engine_s = max(0.0, timers["backward"] - sum(backward.values()))
+        accounted += engine_s
+        calls = sum(counts.values()) / steps
+        print(f"| engine: backward bookkeeping | {calls:.0f} ops | | {engine_s * per:.1f} | {engine_s * per:.1f} | "
+              f"{engine_s / total * 100:.0f}% ({engine_s * per / max(calls, 1) * 1000:.0f} us an op) |")
     rest = total - accounted
     if rest > 0:
-        print(f"| engine, zero_grad, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
+        print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
 
 
 if __name__ == "__main__":

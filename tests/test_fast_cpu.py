@@ -456,3 +456,20 @@ def test_when_the_pool_is_busy_the_calling_thread_works_every_chunk_itself():
         threads.set_workers(previous)
     assert all(b.result(timeout=60) for b in blockers)
     assert ran_on == [threading.get_ident()] * 8
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_parallel_add_arrays_equals_numpys_sum_and_is_asked_only_for_large_alike_arrays(workers, dtype,
+                                                                                        monkeypatch, fast_paths_on):
+    monkeypatch.setattr(cpu_ops, "ADD_MIN_ELEMENTS", 5)
+    rng = np.random.default_rng(21)
+    a, b = rng.standard_normal((7, 11)).astype(dtype), rng.standard_normal((7, 11)).astype(dtype)
+    np.testing.assert_array_equal(cpu_ops.add_arrays(a, b), a + b)       # elementwise: exactly NumPy's
+    expected = cpu_ops.add_arrays if workers > 1 else None
+    assert engine.fast_path_for("add_arrays", (a, b), {}) is expected
+    assert engine.fast_path_for("add_arrays", (a, b[:1]), {}) is None     # broadcasting: NumPy's own
+    assert engine.fast_path_for("add_arrays", (a, b.T.copy().T), {}) is None  # not C-contiguous
+    x = npgpt.Tensor(a, requires_grad=True)
+    y = x + npgpt.Tensor(b)
+    (y * y).sum().backward()                                              # the residual's sum and its
+    np.testing.assert_allclose(x.grad, 2 * (a + b), rtol=1e-6)            # gradients meeting

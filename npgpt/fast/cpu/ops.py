@@ -11,6 +11,7 @@ its row softmax by the kernel where there is one.
     scaled_dot_product_attention   softmax in place on the scores; long causal sequences block by block,
                                    skipping the keys no query of a block sees; the heads shared by the threads
     adamw_step                     the elementwise update cut into pieces shared by the worker threads
+    add_arrays                     large sums (the residual stream, gradients meeting) in chunks on the threads
 
 With ``threads.workers()`` > 1 (the default on a machine of several cores), each op splits its rows (or heads,
 or elements) into chunks with fixed boundaries and runs them at once on the persistent pool (``parallel.py``),
@@ -549,7 +550,6 @@ def causal_attention_blocked(q, k, v, scale, dropout_p, generator):
     Queries i0..i1-1 are only scored against keys 0..i1-1. With 4 blocks that is 10 of the 16 score tiles,
     so ~37% of the attention's multiplies, exponentials and dropout draws are never done.
     """
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)     # read by every block: laid out once
     L = q.shape[-2]
     block = max(64, -(-L // CAUSAL_ATTENTION_BLOCKS))
     q_scaled = np.multiply(q, scale, out=np.empty(q.shape, dtype=q.dtype))
@@ -567,7 +567,6 @@ def causal_attention_blocked(q, k, v, scale, dropout_p, generator):
     # Keys and values collect their gradients from every block that sees them; the last block sees every
     # key, so going backwards it writes dK and dV whole and the others add.
     def backward(grad):
-        grad = np.ascontiguousarray(grad)                   # (..., L, Dv), sliced by every block
         grad_q = np.empty(q.shape, dtype=q.dtype)
         grad_k, grad_v = np.empty_like(k), np.empty_like(v)
         for i0, i1, probs, attn, mask in reversed(saved):
@@ -590,6 +589,29 @@ def _product_into(target, a, b, accumulate):
         target += np.matmul(a, b)
     else:
         np.matmul(a, b, out=target)
+
+
+# ========================================================================================================
+# add_arrays: the residual stream's sums, and gradients meeting where a tensor is used twice
+
+ADD_MIN_ELEMENTS = 4 * PARALLEL_MIN_ELEMENTS      # one pass, three arrays: only large ones are worth a split
+
+
+def add_arrays(a, b):
+    """a + b for two C-contiguous arrays of one shape and dtype, chunks of the elements on the worker threads."""
+    out = np.empty_like(a)
+    flat_a, flat_b, flat_out = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+
+    def chunk(lo, hi):
+        np.add(flat_a[lo:hi], flat_b[lo:hi], out=flat_out[lo:hi])
+    parallel.parallel_for(out.size, chunk, ADD_MIN_ELEMENTS)
+    return out
+
+
+def _large_alike_arrays(a, b):
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+            and a.dtype == b.dtype and a.dtype.kind == "f" and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.size >= 2 * ADD_MIN_ELEMENTS and threads.workers() > 1 and not threads.on_worker_thread())
 
 
 # ========================================================================================================
@@ -633,3 +655,4 @@ def register():
     register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
                        applies=_attention_generator_is_numpy)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_many_workers)
+    register_fast_path("add_arrays", add_arrays, "cpu", applies=_large_alike_arrays)
