@@ -476,15 +476,19 @@ def _array_arguments(args, kwargs):
     """The Tensors and arrays among the arguments, in order, also inside lists and tuples (AdamW's step takes
     a list of (param, state, group) tuples)."""
     found = []
-
-    def collect(value):
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                collect(item)
-        elif isinstance(value, (Tensor, np.ndarray)) or backend.is_gpu_array(value):
-            found.append(value)
-    collect(list(args) + list(kwargs.values()))
+    _collect_arrays(args, found)
+    _collect_arrays(kwargs.values(), found)
     return found
+
+
+def _collect_arrays(values, found):
+    for value in values:
+        if isinstance(value, (Tensor, np.ndarray)):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            _collect_arrays(value, found)
+        elif backend.is_gpu_array(value):
+            found.append(value)
 
 
 def _check_float_dtypes(op, args, kwargs, allowed):

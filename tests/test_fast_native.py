@@ -35,6 +35,7 @@ def workers(request, monkeypatch):
     of ragged sizes."""
     monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
     monkeypatch.setattr(native_ops, "ADAMW_PIECE", 333)
+    monkeypatch.setattr(native_ops, "ADAMW_MIN_ELEMENTS", 50)
     monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
     previous = threads.set_workers(request.param)

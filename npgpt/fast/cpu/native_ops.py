@@ -31,6 +31,7 @@ from . import native, ops, parallel, threads
 KERNEL_MIN_ELEMENTS = 65536
 CHUNKS_PER_WORKER = 2           # few chunks: a kernel call has no per-block overhead to hide
 ADAMW_PIECE = 1 << 20           # elements of a parameter one AdamW call updates
+ADAMW_MIN_ELEMENTS = 1 << 19    # the fewest elements (of all parameters) worth a thread of their own
 
 at = native.address
 
@@ -199,15 +200,27 @@ def adamw_step(updates):
         for lo in range(0, p.data.size, ADAMW_PIECE):
             calls.append((k, arrays, (lo, min(p.data.size, lo + ADAMW_PIECE), scalars)))
 
-    def run(call):
-        k, arrays, settings = call
-        if k is None:
-            optim.adamw_update(*arrays, settings)
-            return
-        lo, hi, scalars = settings
-        param, grad, m, v = arrays
-        k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *scalars)
-    threads.run_in_parallel(run, calls)
+    def run(group):
+        for k, arrays, settings in group:
+            if k is None:
+                optim.adamw_update(*arrays, settings)
+                continue
+            lo, hi, scalars = settings
+            param, grad, m, v = arrays
+            k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *scalars)
+    # a few groups of about equal size, one hand-off each (a small model's 50 parameters are 50 tiny calls)
+    sizes = [call[2][1] - call[2][0] if call[0] is not None else call[1][0].size for call in calls]
+    parts = min(len(calls), threads.workers() * CHUNKS_PER_WORKER, max(1, sum(sizes) // ADAMW_MIN_ELEMENTS))
+    groups, group, filled, total = [], [], 0, sum(sizes)
+    for call, size in zip(calls, sizes):
+        group.append(call)
+        filled += size
+        if filled * parts >= total * (len(groups) + 1):     # this group reaches its share of the elements
+            groups.append(group)
+            group = []
+    if group:
+        groups.append(group)
+    threads.run_in_parallel(run, groups)
 
 
 # ========================================================================================================
