@@ -83,41 +83,38 @@ static inline real normal_cdf(real x) {
  *   exact:  y = x Phi(x),                   dy/dx = Phi(x) + x phi(x),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
  *   tanh:   y = x (1 + tanh u) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3)
  *           dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) / 2 * sqrt(2/pi) (1 + 3 * 0.044715 x^2)
- * `saved` keeps Phi(x) (exact) or tanh(u) (tanh) for the backward pass.
+ * The backward recomputes Phi(x) or tanh u from x: a few multiply-adds an element are cheaper than writing
+ * an array of them in the forward pass and reading it back.
+ * tanh u = sign(u) (1 - e) / (1 + e) and 1 - tanh^2 u = 4 e / (1 + e)^2, e = exp(-2|u|) in (0, 1]: the second
+ * keeps its digits where tanh u is near +-1, where 1 - th * th would lose them.
  */
-void gelu_forward(const real *x, real *out, real *saved, index_t n, int tanh_form) {
+void gelu_forward(const real *x, real *out, index_t n, int tanh_form) {
     const real k = (real)0.79788456080286535588, c = (real)0.044715;
     if (tanh_form) {
         #pragma omp simd
         for (index_t i = 0; i < n; i++) {
             const real xi = x[i];
             const real u = k * (xi + c * xi * xi * xi);
-            const real e = exp_real((real)-2 * (u < 0 ? -u : u));          /* exp(-2|u|), in (0, 1] */
-            const real th = (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);   /* tanh u */
-            saved[i] = th;
+            const real e = exp_real((real)-2 * (u < 0 ? -u : u));
+            const real th = (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
             out[i] = (real)0.5 * xi * ((real)1 + th);
         }
     } else {
         #pragma omp simd
-        for (index_t i = 0; i < n; i++) {
-            const real cdf = normal_cdf(x[i]);
-            saved[i] = cdf;
-            out[i] = x[i] * cdf;
-        }
+        for (index_t i = 0; i < n; i++) out[i] = x[i] * normal_cdf(x[i]);
     }
 }
 
-void gelu_backward(const real *x, const real *saved, const real *grad, real *grad_x, index_t n, int tanh_form) {
+void gelu_backward(const real *x, const real *grad, real *grad_x, index_t n, int tanh_form) {
     const real k = (real)0.79788456080286535588, c = (real)0.044715;
     const real inv_sqrt_2pi = (real)0.39894228040143267794;
     if (tanh_form) {
         #pragma omp simd
         for (index_t i = 0; i < n; i++) {
-            /* 1 - tanh^2 u = 4 e / (1 + e)^2 from e = exp(-2|u|) again: 1 - th * th would lose its digits
-             * where tanh u is near +-1 */
-            const real xi = x[i], th = saved[i];
+            const real xi = x[i];
             const real u = k * (xi + c * xi * xi * xi);
             const real e = exp_real((real)-2 * (u < 0 ? -u : u));
+            const real th = (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
             const real sech2 = (real)4 * e / (((real)1 + e) * ((real)1 + e));
             const real du = k * ((real)1 + (real)3 * c * xi * xi);
             grad_x[i] = grad[i] * ((real)0.5 * ((real)1 + th) + (real)0.5 * xi * sech2 * du);
@@ -127,7 +124,7 @@ void gelu_backward(const real *x, const real *saved, const real *grad, real *gra
         for (index_t i = 0; i < n; i++) {
             const real xi = x[i];
             const real pdf = exp_real(xi * xi * (real)-0.5) * inv_sqrt_2pi;
-            grad_x[i] = grad[i] * (saved[i] + xi * pdf);
+            grad_x[i] = grad[i] * (normal_cdf(xi) + xi * pdf);
         }
     }
 }

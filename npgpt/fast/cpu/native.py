@@ -44,8 +44,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 def _signatures(real):
     """Each kernel's argument types, in kernels.c's order."""
     return {
-        "gelu_forward": [_P, _P, _P, _I64, ctypes.c_int],
-        "gelu_backward": [_P, _P, _P, _P, _I64, ctypes.c_int],
+        "gelu_forward": [_P, _P, _I64, ctypes.c_int],
+        "gelu_backward": [_P, _P, _P, _I64, ctypes.c_int],
         "layer_norm_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, real],
         "layer_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64],
         "logsumexp_rows": [_P, _P, _I64, _I64],

@@ -1,6 +1,6 @@
 """CPU fast paths on the C kernels (``kernels.c``, built and loaded by ``native.py``).
 
-    gelu             one pass forward (y and the saved Phi(x) or tanh u), one pass backward
+    gelu             one pass forward, one backward that recomputes Phi(x) (or tanh u) instead of keeping it
     layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
                      from the saved mean and 1/std instead of keeping an (N, C) copy
     cross_entropy    forward: only logsumexp per row (the probabilities are not kept: 4 bytes an element
@@ -54,16 +54,15 @@ def gelu(input, approximate="none"):
     x = np.ascontiguousarray(input.data)
     k = native.kernels(x.dtype)
     tanh_form = int(approximate == "tanh")
-    out, saved = np.empty_like(x), np.empty_like(x)        # saved: Phi(x), or tanh u
+    out = np.empty_like(x)
     bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
-    parallel.run_chunks(lambda lo, hi: k.gelu_forward(at(x, lo), at(out, lo), at(saved, lo), hi - lo,
-                                                      tanh_form), bounds)
+    parallel.run_chunks(lambda lo, hi: k.gelu_forward(at(x, lo), at(out, lo), hi - lo, tanh_form), bounds)
 
-    def backward(grad):
+    def backward(grad):             # Phi(x) (or tanh u) recomputed from x: nothing kept but x itself
         grad = np.ascontiguousarray(grad, dtype=x.dtype)
         grad_x = np.empty_like(x)
-        parallel.run_chunks(lambda lo, hi: k.gelu_backward(at(x, lo), at(saved, lo), at(grad, lo),
-                                                           at(grad_x, lo), hi - lo, tanh_form), bounds)
+        parallel.run_chunks(lambda lo, hi: k.gelu_backward(at(x, lo), at(grad, lo), at(grad_x, lo), hi - lo,
+                                                           tanh_form), bounds)
         return (grad_x,)
     return _make(out, (input,), backward, "gelu")
 
