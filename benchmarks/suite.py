@@ -1,8 +1,9 @@
 """The benchmark suite: npgpt against the PyTorch reference, in separate processes, alternating, medians.
 
 For each shape, one worker process per implementation is started (benchmarks/worker.py) and the parent
-alternates their measurements A B C ... after a warm-up; each figure is the median of its repetitions and the
-ratio is of medians. Every worker gets the same number of threads.
+alternates their measurements A B C ... after a warm-up; before each timed measurement the worker runs
+untimed for SETTLE_S, until the threads of the one before it have stopped spinning. Each figure is the median
+of its repetitions and the ratio is of medians. Every worker gets the same number of threads.
 
 The line-up: npgpt's training program (train_step with its data-parallel threads) and the README's five-line
 loop (the library alone); PyTorch eager as a PyTorch user writes it today, with F.scaled_dot_product_attention
@@ -92,9 +93,14 @@ def child_env(threads):
     return env
 
 
+# Before each timed measurement a worker runs untimed for this long, so that the worker measured before it
+# has gone quiet (its BLAS/OpenMP threads spin for a while after its last step: worker.py's _settle)
+SETTLE_S = 0.2
+
+
 def alternate(workers, op, warmup, repeats, extra=None, key="ms"):
-    """Warm up, then measure A B A B ...; {impl: [values]}."""
-    command = dict(extra or {}, op=op)
+    """Warm up, then measure A B A B ..., each measurement after SETTLE_S of untimed runs; {impl: [values]}."""
+    command = dict(extra or {}, op=op, settle_s=SETTLE_S)
     for _ in range(warmup):
         for w in workers:
             w.ask(command)

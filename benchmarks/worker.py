@@ -14,6 +14,7 @@ noise falls on both alike. Protocol: one JSON command per line on stdin, one JSO
     {"op": "train"}       one timed training step (zero_grad, forward, loss, backward, AdamW step) -> ms
     {"op": "forward"}     one timed inference forward pass (no graph) -> ms
     {"op": "generate", "prompt": 16, "new_tokens": 200}  -> tokens/s
+                          each of these three with "settle_s": S runs untimed for S seconds first (_settle)
     {"op": "sgemm", "n": 2048}                           -> GFLOP/s of one n x n float32 matmul
     {"op": "info"}        versions, threads, BLAS; {"op": "memory"} peak RSS; {"op": "quit"}
 """
@@ -235,6 +236,22 @@ class TorchImpl:
         return out
 
 
+def _settle(run, seconds):
+    """Untimed runs until `seconds` have passed (at least one if seconds > 0), before the timed one.
+
+    The worker measured before this one leaves its threads spinning for a while (OpenBLAS's and OpenMP's
+    threads busy-wait for more work before they sleep), and on a machine of few cores they take this worker's
+    cores: its first step afterwards is slowed by an amount that depends on the other worker. Running on
+    until they have gone to sleep measures each implementation on a machine of its own, and keeps the CPU as
+    warm as in a training run (a pause instead would let it cool)."""
+    if seconds <= 0:
+        return
+    start = time.perf_counter()
+    run()
+    while time.perf_counter() - start < seconds:
+        run()
+
+
 def main():
     impl = None
     for line in sys.stdin:
@@ -254,11 +271,12 @@ def main():
                     keep_freed_memory()
                 impl = (NpgptImpl if kind == "npgpt" else TorchImpl)(cmd)
                 reply = {"ok": True}
-            elif op == "train":
-                reply = {"ms": impl.train()}
-            elif op == "forward":
-                reply = {"ms": impl.forward()}
+            elif op in ("train", "forward"):
+                measure = impl.train if op == "train" else impl.forward
+                _settle(measure, cmd.get("settle_s", 0.0))
+                reply = {"ms": measure()}
             elif op == "generate":
+                _settle(lambda: impl.generate(cmd["prompt"], 4), cmd.get("settle_s", 0.0))
                 reply = {"tokens_per_s": impl.generate(cmd["prompt"], cmd["new_tokens"])}
             elif op == "sgemm":
                 reply = {"gflops": impl.sgemm(cmd["n"])}
