@@ -345,3 +345,11 @@ def test_the_five_line_loop_on_the_kernels_equals_the_reference(workers):
         np.testing.assert_array_equal(loss, loss2)
         for g, g2 in zip(grads, grads2):
             np.testing.assert_array_equal(g, g2)
+
+
+def test_an_unwritable_cache_directory_falls_back_to_the_temporary_one(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("NPGPT_CACHE_DIR", "/proc/npgpt-cannot-be-made-here")
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    status = native.status()
+    assert status["built"], status["reason"]
+    assert all(path.startswith(str(tmp_path / "tmp")) for path in status["paths"].values())

@@ -6,8 +6,8 @@
 
 The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double``) with ``$CC`` (default
 ``cc``) for this machine's CPU (``-march=native``) and keeps the libraries in ``$NPGPT_CACHE_DIR`` (default
-``~/.cache/npgpt``), under a name that hashes the source, the flags and the CPU, so a changed source or
-another machine builds afresh. A build takes about a second; a cached one loads in milliseconds. Each
+``~/.cache/npgpt``; the temporary directory where that cannot be written), under a name that hashes the
+source, the flags and the CPU, so a changed source or another machine builds afresh. A build takes about a second; a cached one loads in milliseconds. Each
 library is written under a temporary name and renamed into place, so processes building at once (MPI ranks,
 test workers) never load a half-written file.
 
@@ -58,8 +58,18 @@ def _signatures(real):
 
 
 def cache_dir():
+    """$NPGPT_CACHE_DIR, else ~/.cache/npgpt; where that cannot be written, a directory of the system's
+    temporary one."""
     default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "npgpt")
-    return os.environ.get("NPGPT_CACHE_DIR") or default
+    for directory in (os.environ.get("NPGPT_CACHE_DIR") or default,
+                      os.path.join(tempfile.gettempdir(), f"npgpt-{os.getuid() if hasattr(os, 'getuid') else 0}")):
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory
+    raise OSError("no writable directory for the kernels: set NPGPT_CACHE_DIR")
 
 
 def _cpu_description():
@@ -83,7 +93,6 @@ def _build(compiler, real, flags, directory):
     path = os.path.join(directory, f"kernels-{real}-{key[:16]}.so")
     if os.path.exists(path):
         return path
-    os.makedirs(directory, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".kernels-{real}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
