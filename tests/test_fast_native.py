@@ -14,7 +14,7 @@ from npgpt.fast.cpu import native, native_ops, threads
 from npgpt.fast.cpu import ops as cpu_ops
 
 from optional import IN_CI
-from test_fast_cpu import five_line_steps
+from test_fast_cpu import assert_five_line_loop_equals_the_reference
 
 FLOATS = [np.float64, np.float32]
 
@@ -215,7 +215,7 @@ def test_attention_softmax_kernel_equals_the_reference(workers, dtype, length, m
 
 def test_causal_softmax_kernel_zeroes_exactly_the_keys_a_query_may_not_see():
     scores = np.random.default_rng(6).standard_normal((2, 3, 5))       # 2 heads, 3 queries at 2, 3, 4
-    probs = native.softmax_rows_in_place(scores.copy(), causal_length=3, offset=2)
+    probs = native.softmax_rows_in_place(scores.copy(), causal=True, offset=2)
     allowed = F.causal_mask(np, 3, 5, 2)
     np.testing.assert_array_equal(probs[:, ~allowed], 0)
     masked = np.where(allowed, scores, -np.inf)
@@ -312,7 +312,9 @@ def test_a_source_that_does_not_compile_leaves_no_file_and_says_why(fresh_build,
     broken = tmp_path / "kernels.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(native, "SOURCE", str(broken))
-    status = native.status()
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    with pytest.warns(RuntimeWarning, match="the NumPy fast paths run instead"):
+        status = native.status()
     assert not status["built"] and "could not be built" in status["reason"]
     assert os.listdir(fresh_build) == []                    # no half-written library left behind
 
@@ -331,20 +333,7 @@ def test_attention_with_the_kernels_dropout_passes_gradcheck(workers):
 
 
 def test_the_five_line_loop_on_the_kernels_equals_the_reference(workers):
-    previous = engine.set_fast_paths_enabled(False)
-    try:
-        reference = five_line_steps(np.float64, dropout=0.0)
-    finally:
-        engine.set_fast_paths_enabled(previous)
-    for (loss, grads), (ref_loss, ref_grads) in zip(five_line_steps(np.float64, dropout=0.0), reference):
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
-    first, second = five_line_steps(np.float32, dropout=0.1), five_line_steps(np.float32, dropout=0.1)
-    for (loss, grads), (loss2, grads2) in zip(first, second):      # bit for bit, at a fixed thread count
-        np.testing.assert_array_equal(loss, loss2)
-        for g, g2 in zip(grads, grads2):
-            np.testing.assert_array_equal(g, g2)
+    assert_five_line_loop_equals_the_reference()
 
 
 def test_an_unwritable_cache_directory_falls_back_to_the_temporary_one(fresh_build, monkeypatch, tmp_path):
@@ -353,3 +342,66 @@ def test_an_unwritable_cache_directory_falls_back_to_the_temporary_one(fresh_bui
     status = native.status()
     assert status["built"], status["reason"]
     assert all(path.startswith(str(tmp_path / "tmp")) for path in status["paths"].values())
+
+
+def test_a_cache_directory_others_may_write_in_is_refused(fresh_build, monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                                       # anyone could plant a library here
+    monkeypatch.setenv("NPGPT_CACHE_DIR", str(shared))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    status = native.status()
+    assert status["built"] and os.listdir(shared) == []
+    assert all(path.startswith(str(tmp_path / "tmp")) for path in status["paths"].values())
+    assert oct(os.stat(os.path.dirname(status["paths"]["float"])).st_mode & 0o777) == oct(0o700)
+
+
+def test_cc_may_hold_arguments(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "cc -DNPGPT_UNUSED_DEFINE=1")
+    assert native.status()["built"]
+
+
+def test_float32_attention_with_a_float64_gradient_equals_the_reference():
+    rng = np.random.default_rng(10)
+    q, k, v = (leaf(rng, 2, 2, 130, 8, dtype=np.float32) for _ in range(3))
+    cot = rng.standard_normal((2, 2, 130, 8))                 # float64: dO arrives in float64
+    for dropout_p in (0.0, 0.3):
+        def attention(fn):
+            return lambda a, b, c: fn(a, b, c, is_causal=True, dropout_p=dropout_p,
+                                      generator=np.random.default_rng(1))
+        fast = values_and_grads(attention(cpu_ops.scaled_dot_product_attention), [q, k, v], cot)
+        for t in (q, k, v):
+            t.grad = None
+        out = cpu_ops.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                                   generator=np.random.default_rng(1))
+        (out * npgpt.Tensor(cot)).sum().backward()           # the float64 cotangent itself, not cast
+        for got, again in zip(fast[1:], [q.grad, k.grad, v.grad]):
+            assert np.isfinite(again).all()
+            np.testing.assert_allclose(again, got, rtol=1e-4, atol=1e-5)
+    reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(a, b, c, is_causal=True),
+                                 [q, k, v], cot)
+    for t in (q, k, v):
+        t.grad = None
+    (cpu_ops.scaled_dot_product_attention(q, k, v, is_causal=True) * npgpt.Tensor(cot)).sum().backward()
+    for got, expected in zip([q.grad, k.grad, v.grad], reference[1:]):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_dimensional_inputs_keep_their_shape():
+    x = npgpt.Tensor(np.array(0.5, dtype=np.float32), requires_grad=True)
+    for op in (native_ops.gelu, lambda t: native_ops.dropout(t, 0.5, generator=np.random.default_rng(0))):
+        y = op(x)
+        assert y.shape == ()
+        x.grad = None
+        y.backward()
+        assert x.grad.shape == ()
+
+
+def test_dropout_with_p_next_to_one_drops_everything():
+    x = npgpt.Tensor(np.ones((4, 5), dtype=np.float32), requires_grad=True)
+    for dropout in (native_ops.dropout, cpu_ops.dropout):
+        y = dropout(x, 1 - 1e-7, generator=np.random.default_rng(0))
+        np.testing.assert_array_equal(y.data, 0)
+        x.grad = None
+        y.sum().backward()
+        np.testing.assert_array_equal(x.grad, 0)

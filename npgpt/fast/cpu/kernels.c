@@ -4,13 +4,15 @@
  * Compiled twice by native.py, once with -DREAL=float and once with -DREAL=double, into two shared
  * libraries; called through ctypes, which releases the GIL, so the worker threads (parallel.py) run chunks
  * of one call at the same time. Every function works on a contiguous slice it is given (a chunk of elements
- * or of rows) and writes only that slice's results, so a chunked call gives the same numbers as a whole one.
+ * or of rows) and writes only that slice's results, so a chunked call gives the same numbers as a whole one
+ * given the same arguments: dropout is told where its slice starts (`start`), the causal softmax gets whole
+ * (L, S) blocks of rows, and LayerNorm's weight and bias gradients are sums the caller adds up per chunk.
  *
  * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention
  * scores (rows, S), rows = B * H * L queries.
  *
  * float: exp and erf are the polynomial and rational approximations below (within a few ulp), which
- * vectorise; double: the C library's exp, erf and erfc (within an ulp or two), for the gradient checks.
+ * vectorise; double: the C library's exp and erfc (within an ulp or two), for the gradient checks.
  */
 
 #include <math.h>
@@ -29,10 +31,11 @@ typedef int64_t index_t;
  *
  * exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts, so r keeps
  * its digits); exp(r) by a degree-6 polynomial (Cephes' expf), 2^n built in the exponent bits. Below
- * -87.3 (where float's exp underflows) the result is 0, as for exp(-inf).
+ * -87.3 (where float's exp leaves the normal numbers) the result is flushed to 0, as for exp(-inf); above
+ * 88 it is clamped to exp(88), which keeps 2^n finite (the kernels only take exp of x <= 0). NaN stays NaN.
  */
 static inline float exp_float(float x) {
-    const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.3f ? -87.3f : x);
+    const float xc = x > 88.0f ? 88.0f : (x < -87.3f ? -87.3f : x);
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
     float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -88,16 +91,20 @@ static inline real normal_cdf(real x) {
  * tanh u = sign(u) (1 - e) / (1 + e) and 1 - tanh^2 u = 4 e / (1 + e)^2, e = exp(-2|u|) in (0, 1]: the second
  * keeps its digits where tanh u is near +-1, where 1 - th * th would lose them.
  */
+static inline real tanh_of_gelu_argument(real x, real *sech2) {
+    const real u = (real)0.79788456080286535588 * (x + (real)0.044715 * x * x * x);
+    const real e = exp_real((real)-2 * (u < 0 ? -u : u));
+    *sech2 = (real)4 * e / (((real)1 + e) * ((real)1 + e));
+    return (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
+}
+
 void gelu_forward(const real *x, real *out, index_t n, int tanh_form) {
-    const real k = (real)0.79788456080286535588, c = (real)0.044715;
     if (tanh_form) {
         #pragma omp simd
         for (index_t i = 0; i < n; i++) {
-            const real xi = x[i];
-            const real u = k * (xi + c * xi * xi * xi);
-            const real e = exp_real((real)-2 * (u < 0 ? -u : u));
-            const real th = (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
-            out[i] = (real)0.5 * xi * ((real)1 + th);
+            real sech2;
+            const real th = tanh_of_gelu_argument(x[i], &sech2);
+            out[i] = (real)0.5 * x[i] * ((real)1 + th);
         }
     } else {
         #pragma omp simd
@@ -112,10 +119,8 @@ void gelu_backward(const real *x, const real *grad, real *grad_x, index_t n, int
         #pragma omp simd
         for (index_t i = 0; i < n; i++) {
             const real xi = x[i];
-            const real u = k * (xi + c * xi * xi * xi);
-            const real e = exp_real((real)-2 * (u < 0 ? -u : u));
-            const real th = (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
-            const real sech2 = (real)4 * e / (((real)1 + e) * ((real)1 + e));
+            real sech2;
+            const real th = tanh_of_gelu_argument(xi, &sech2);
             const real du = k * ((real)1 + (real)3 * c * xi * xi);
             grad_x[i] = grad[i] * ((real)0.5 * ((real)1 + th) + (real)0.5 * xi * sech2 * du);
         }

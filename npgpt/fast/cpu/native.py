@@ -5,9 +5,10 @@
     set_enabled(flag)  False: never use them (the NumPy fast paths run); True again: the default
 
 The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double``) with ``$CC`` (default
-``cc``) for this machine's CPU (``-march=native``) and keeps the libraries in ``$NPGPT_CACHE_DIR`` (default
-``~/.cache/npgpt``; the temporary directory where that cannot be written), under a name that hashes the
-source, the flags and the CPU, so a changed source or another machine builds afresh. A build takes about a second; a cached one loads in milliseconds. Each
+``cc``; it may hold arguments) for this machine's CPU (``-march=native``) and keeps the libraries in
+``$NPGPT_CACHE_DIR`` (default ``~/.cache/npgpt``; a private directory of the temporary one where that cannot
+be used), under a name that hashes the source, the flags and the CPU, so a changed source or another machine
+builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build takes about a second; a cached one loads in milliseconds. Each
 library is written under a temporary name and renamed into place, so processes building at once (MPI ranks,
 test workers) never load a half-written file.
 
@@ -21,10 +22,12 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 
 import numpy as np
 
@@ -57,19 +60,24 @@ def _signatures(real):
     }
 
 
-def cache_dir():
-    """$NPGPT_CACHE_DIR, else ~/.cache/npgpt; where that cannot be written, a directory of the system's
-    temporary one."""
+def cache_dirs():
+    """Where the libraries may be kept, in order: $NPGPT_CACHE_DIR, else ~/.cache/npgpt; then a directory of
+    the system's temporary one, private to this user."""
     default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "npgpt")
-    for directory in (os.environ.get("NPGPT_CACHE_DIR") or default,
-                      os.path.join(tempfile.gettempdir(), f"npgpt-{os.getuid() if hasattr(os, 'getuid') else 0}")):
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(directory, os.W_OK):
-            return directory
-    raise OSError("no writable directory for the kernels: set NPGPT_CACHE_DIR")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return [os.environ.get("NPGPT_CACHE_DIR") or default, os.path.join(tempfile.gettempdir(), f"npgpt-{uid}")]
+
+
+def _private_directory(directory):
+    """Make `directory` (mode 0o700) and return True if it is this user's and nobody else may write in it: a
+    library found there is loaded and run, so one another user could have planted is refused."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError:
+        return False
+    ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return ours and not info.st_mode & 0o022 and os.access(directory, os.W_OK)
 
 
 def _cpu_description():
@@ -85,10 +93,10 @@ def _cpu_description():
 
 
 def _build(compiler, real, flags, directory):
-    """The path of kernels.c built for `real` with `flags` (built now unless cached)."""
+    """The path of kernels.c built for `real` with `flags` in `directory` (built now unless there already)."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), real.encode(), " ".join(flags).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), real.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), _cpu_description().encode()])).hexdigest()
     path = os.path.join(directory, f"kernels-{real}-{key[:16]}.so")
     if os.path.exists(path):
@@ -96,10 +104,10 @@ def _build(compiler, real, flags, directory):
     fd, partial = tempfile.mkstemp(prefix=f".kernels-{real}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, f"-DREAL={real}", SOURCE, "-o", partial, "-lm"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*compiler, *flags, f"-DREAL={real}", SOURCE, "-o", partial, "-lm"],
+                                capture_output=True, text=True, errors="replace", timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:] or ['?']}")
+            raise RuntimeError(f"{compiler[0]} failed: {result.stderr.strip().splitlines()[-1:] or ['?']}")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -107,29 +115,52 @@ def _build(compiler, real, flags, directory):
     return path
 
 
-def _load():
-    if os.environ.get("NPGPT_CPU_KERNELS", "1") == "0":
-        return None, "turned off by NPGPT_CPU_KERNELS=0"
-    compiler = shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None, "no C compiler found (set CC, or install one): the NumPy fast paths run instead"
-    libraries = {}
-    for dtype, real in REALS.items():
-        last_error = None
+def _compiler():
+    """The compiler command as a list ($CC may hold arguments: "ccache gcc"), or None."""
+    if os.environ.get("CC"):
+        words = shlex.split(os.environ["CC"])
+        found = shutil.which(words[0]) if words else None
+        return [found, *words[1:]] if found else None
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def _load_library(compiler, real):
+    """(library, path) of kernels.c for `real`, from the first cache directory where it builds and loads."""
+    last_error = None
+    for directory in cache_dirs():
+        if not _private_directory(directory):
+            last_error = OSError(f"{directory} cannot be written, or others may write in it")
+            continue
         for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
             try:
-                path = _build(compiler, real, flags, cache_dir())
-                library = ctypes.CDLL(path)
-                break
+                path = _build(compiler, real, flags, directory)
+                return ctypes.CDLL(path), path
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 last_error = exc
-        else:
-            return None, f"the kernels could not be built: {last_error}"
-        for name, argtypes in _signatures(ctypes.c_float if real == "float" else ctypes.c_double).items():
-            fn = getattr(library, name)
-            fn.argtypes, fn.restype = argtypes, None
-        libraries[dtype] = library
-        _state["paths"][real] = path
+    raise RuntimeError(f"the kernels could not be built: {last_error}")
+
+
+def _load():
+    """({dtype: library}, None), or (None, the reason there are none)."""
+    if os.environ.get("NPGPT_CPU_KERNELS", "1") == "0":
+        return None, "turned off by NPGPT_CPU_KERNELS=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install one): the NumPy fast paths run instead"
+    libraries, paths = {}, {}
+    try:
+        for dtype, real in REALS.items():
+            library, paths[real] = _load_library(compiler, real)
+            for name, argtypes in _signatures(ctypes.c_float if real == "float" else ctypes.c_double).items():
+                fn = getattr(library, name)
+                fn.argtypes, fn.restype = argtypes, None
+            libraries[dtype] = library
+    except Exception as exc:        # whatever went wrong, the NumPy fast paths still run
+        reason = str(exc) if isinstance(exc, RuntimeError) else f"the kernels could not be loaded: {exc!r}"
+        warnings.warn(f"npgpt: {reason}; the NumPy fast paths run instead", RuntimeWarning, stacklevel=3)
+        return None, reason
+    _state["paths"].update(paths)
     return libraries, None
 
 
@@ -168,22 +199,24 @@ def address(array, offset=0):
 # ========================================================================================================
 # attention's row softmax, for ops.scaled_dot_product_attention
 
-def softmax_rows_in_place(scores, causal_length=0, offset=0):
-    """scores (..., L, S), C-contiguous, becomes its softmax along the last axis; causal_length L > 0 gives
-    query i (at position offset + i) probability 0 on the keys after offset + i. Returns scores, or None
-    where the kernels are not built (the caller then does it with NumPy)."""
+def softmax_rows_in_place(scores, causal=False, offset=0):
+    """scores (..., L, S), C-contiguous, becomes its softmax along the last axis. causal: query i of each
+    (L, S) block sits at position offset + i and gets probability 0 on the keys after it. Returns scores, or
+    None where the kernels are not built (the caller then does it with NumPy)."""
     k = kernels(scores.dtype)
-    if k is None or not scores.flags.c_contiguous:
+    if k is None or not scores.flags.c_contiguous or scores.ndim < 2:
         return None
     S = scores.shape[-1]
-    k.softmax_rows_in_place(address(scores), scores.size // max(1, S), S, causal_length, offset)
+    k.softmax_rows_in_place(address(scores), scores.size // max(1, S), S, scores.shape[-2] if causal else 0,
+                            offset)
     return scores
 
 
 def softmax_backward_rows_in_place(grad, probs):
     """dP (..., L, S) becomes dS = P (dP - sum_j dP_j P_j) in place; None where the kernels are not built."""
     k = kernels(grad.dtype)
-    if k is None or not (grad.flags.c_contiguous and probs.flags.c_contiguous) or grad.shape != probs.shape:
+    if k is None or not (grad.flags.c_contiguous and probs.flags.c_contiguous) or grad.shape != probs.shape \
+            or grad.dtype != probs.dtype:
         return None
     S = grad.shape[-1]
     k.softmax_backward_rows_in_place(address(grad), address(probs), grad.size // max(1, S), S)
@@ -203,7 +236,8 @@ def dropout_hashed(values, out, seed, threshold, scale, start=0):
     """out = values * scale where the hashed 16-bit bits of (index, seed) are >= threshold, else 0; values and
     out C-contiguous of one shape and dtype (out may be values). Returns out, or None without the kernels."""
     k = kernels(values.dtype)
-    if k is None or not (values.flags.c_contiguous and out.flags.c_contiguous):
+    if k is None or not (values.flags.c_contiguous and out.flags.c_contiguous) or values.shape != out.shape \
+            or values.dtype != out.dtype:
         return None
     k.dropout_hashed(address(values), address(out), start, values.size, seed, threshold, scale)
     return out

@@ -3,14 +3,15 @@
     gelu             one pass forward, one backward that recomputes Phi(x) (or tanh u) instead of keeping it
     layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
                      from the saved mean and 1/std instead of keeping an (N, C) copy
-    cross_entropy    forward: only logsumexp per row (the probabilities are not kept: 4 bytes an element
-                     less); backward: dz = exp(z - logsumexp) * row scale in one pass
+    cross_entropy    forward: only logsumexp per row (the (N, V) probabilities are not kept);
+                     backward: dz = exp(z - logsumexp) * row scale in one pass
     dropout          a 16-bit mask hashed from one seed and each element's index, drawn and applied in one
                      pass, drawn again by the backward (nothing kept)
     adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten)
 
-Attention's row softmax and its backward use the kernels too (``native.softmax_rows_in_place``), inside
-ops.scaled_dot_product_attention, whose heads, blocks and products stay as they are.
+Attention's row softmax, its backward and its dropout use the kernels too (``native.softmax_rows_in_place``,
+``native.dropout_hashed``), inside ops.scaled_dot_product_attention, whose heads, blocks and products stay
+as they are.
 
 Each op cuts its elements or rows into chunks with fixed bounds (``parallel.py``) and calls the kernel once
 per chunk, the chunks on the worker threads at once: ctypes releases the GIL. Registered after ``ops.py``'s
@@ -51,7 +52,7 @@ def gelu(input, approximate="none"):
     input = F._t(input)
     if approximate not in ("none", "tanh"):
         return F.gelu.reference(input, approximate)          # its error
-    x = np.ascontiguousarray(input.data)
+    x = np.ascontiguousarray(input.data).reshape(input.data.shape)     # (a 0-d array stays 0-d)
     k = native.kernels(x.dtype)
     tanh_form = int(approximate == "tanh")
     out = np.empty_like(x)
@@ -59,7 +60,7 @@ def gelu(input, approximate="none"):
     parallel.run_chunks(lambda lo, hi: k.gelu_forward(at(x, lo), at(out, lo), hi - lo, tanh_form), bounds)
 
     def backward(grad):             # Phi(x) (or tanh u) recomputed from x: nothing kept but x itself
-        grad = np.ascontiguousarray(grad, dtype=x.dtype)
+        grad = np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)
         grad_x = np.empty_like(x)
         parallel.run_chunks(lambda lo, hi: k.gelu_backward(at(x, lo), at(grad, lo), at(grad_x, lo), hi - lo,
                                                            tanh_form), bounds)
@@ -71,16 +72,11 @@ def gelu(input, approximate="none"):
 # layer_norm
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    input = F._t(input)
+    operands = ops.layer_norm_operands(input, normalized_shape, weight, bias)
+    if operands is None:
+        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)
+    input, weight, bias, parents, C = operands
     x = input.data
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if x.shape[x.ndim - len(shape):] != shape or any(
-            p is not None and tuple(p.shape) != shape for p in (weight, bias)):
-        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)   # errors, broadcast params
-    weight = F._t(weight) if weight is not None else None
-    bias = F._t(bias) if bias is not None else None
-    parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
-    C = math.prod(shape)
     rows = np.ascontiguousarray(x).reshape(-1, C)           # (N, C)
     N = rows.shape[0]
     k = native.kernels(x.dtype)
@@ -166,7 +162,7 @@ def dropout(input, p=0.5, training=True, generator=None):
     input = F._t(input)
     if not 0.0 <= p <= 1.0 or not training or p in (0.0, 1.0):
         return F.dropout.reference(input, p, training, generator)
-    x = np.ascontiguousarray(input.data)
+    x = np.ascontiguousarray(input.data).reshape(input.data.shape)     # (a 0-d array stays 0-d)
     k = native.kernels(x.dtype)
     threshold, scale = ops.dropout_threshold(p, x.dtype)
     seed = native.dropout_seed(generator)
@@ -179,7 +175,7 @@ def dropout(input, p=0.5, training=True, generator=None):
         return out
 
     def backward(grad):
-        return (apply(np.ascontiguousarray(grad, dtype=x.dtype)),)
+        return (apply(np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)),)
     return _make(apply(x), (input,), backward, "dropout")
 
 
@@ -210,6 +206,8 @@ def adamw_step(updates):
     # a few groups of about equal size, one hand-off each (a small model's 50 parameters are 50 tiny calls)
     sizes = [call[2][1] - call[2][0] if call[0] is not None else call[1][0].size for call in calls]
     parts = min(len(calls), threads.workers() * CHUNKS_PER_WORKER, max(1, sum(sizes) // ADAMW_MIN_ELEMENTS))
+    if len({id(p) for p, _, _ in updates}) < len(updates):
+        parts = 1           # a parameter listed twice is updated twice, one update after the other
     groups, group, filled, total = [], [], 0, sum(sizes)
     for call, size in zip(calls, sizes):
         group.append(call)

@@ -191,19 +191,29 @@ LAYER_NORM_BLOCK_BYTES = 256 * 1024
 LAYER_NORM_MIN_ELEMENTS = 16 * PARALLEL_MIN_ELEMENTS
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """The reference's LayerNorm on rows (N, C) of the input, C the product of `normalized_shape`; its
-    weight and bias gradients come back already summed to the parameters' shapes."""
+def layer_norm_operands(input, normalized_shape, weight, bias):
+    """(input, weight, bias, parents, C) as Tensors, C the product of `normalized_shape`; or None where the
+    reference must run instead (its errors, and parameters that broadcast)."""
     input = F._t(input)
     x = input.data
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.shape[x.ndim - len(shape):] != shape or any(
             p is not None and tuple(p.shape) != shape for p in (weight, bias)):
-        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)   # errors, broadcast params
+        return None
     weight = F._t(weight) if weight is not None else None
     bias = F._t(bias) if bias is not None else None
     parents = (input,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
-    C = math.prod(shape)
+    return input, weight, bias, parents, math.prod(shape)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """The reference's LayerNorm on rows (N, C) of the input, C the product of `normalized_shape`; its
+    weight and bias gradients come back already summed to the parameters' shapes."""
+    operands = layer_norm_operands(input, normalized_shape, weight, bias)
+    if operands is None:
+        return F.layer_norm.reference(input, normalized_shape, weight, bias, eps)
+    input, weight, bias, parents, C = operands
+    x = input.data
     rows = x.reshape(-1, C)                                 # (N, C)
     w = weight.data.reshape(C) if weight is not None else None
     b = bias.data.reshape(C) if bias is not None else None
@@ -279,8 +289,11 @@ def _sum_in_order(arrays):
 
 def dropout_threshold(p, dtype):
     """(threshold, scale): an element is kept where its 16-bit random integer is >= threshold, so p is
-    rounded to a multiple of 1/65536, and scale = 65536 / (65536 - threshold) matches that rounding."""
+    rounded to a multiple of 1/65536, and scale = 65536 / (65536 - threshold) matches that rounding (0 where
+    nothing is kept)."""
     threshold = int(round(p * 65536))
+    if threshold >= 65536:          # p within 2^-17 of 1: nothing is kept, as for p = 1
+        return 65536, np.dtype(dtype).type(0.0)
     return threshold, np.dtype(dtype).type(65536.0 / (65536 - threshold))
 
 
@@ -409,7 +422,12 @@ def _dropout_attention(probs, dropout_p, dtype, generator):
     seed = native.dropout_seed(generator)
     attn = native.dropout_hashed(probs, np.empty_like(probs), seed, threshold, keep_scale)
     if attn is not None:
-        return attn, lambda grad: native.dropout_hashed(grad, grad, seed, threshold, keep_scale)
+        def hashed_mask(grad):
+            dense = np.ascontiguousarray(grad)
+            native.dropout_hashed(dense, dense, seed, threshold, dense.dtype.type(keep_scale))
+            if dense is not grad:
+                grad[...] = dense
+        return attn, hashed_mask
     keep, keep_scale = keep_mask_16bit(probs.shape, dropout_p, dtype, np.random.default_rng(seed))
     attn = probs * keep
     attn *= keep_scale
@@ -434,7 +452,7 @@ def _softmax_backward_in_place(grad_attn, probs, mask):
 def _causal_softmax_in_place(scores, offset):
     """scores (..., b, S) of queries at positions offset .. offset + b - 1 become their causal softmax in
     place: the C kernel skips the keys each query may not see; without it the additive mask and NumPy."""
-    if native.softmax_rows_in_place(scores, scores.shape[-2], offset) is not None:
+    if native.softmax_rows_in_place(scores, causal=True, offset=offset) is not None:
         return scores
     scores += causal_masks.get(scores.shape[-2], scores.shape[-1], offset, scores.dtype)
     return _softmax_in_place(scores)
