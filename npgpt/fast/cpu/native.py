@@ -192,8 +192,14 @@ def status():
 
 
 def address(array, offset=0):
-    """The address of element `offset` of a C-contiguous array (what a kernel's pointer argument takes)."""
-    return array.ctypes.data + offset * array.itemsize
+    """The address of element `offset` of a C-contiguous array (what a kernel's pointer argument takes).
+    Through the buffer protocol where the array is writable (a third of the time of `array.ctypes.data`,
+    which builds an object per call: a small model makes thousands of these calls a step)."""
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(array))
+    except (TypeError, ValueError, BufferError):      # read-only, or empty
+        base = array.ctypes.data
+    return base + offset * array.itemsize
 
 
 # ========================================================================================================

@@ -38,6 +38,8 @@ at = native.address
 
 
 def _chunks(size, min_size):
+    if size < 2 * min_size:         # too small to split: skip the thread count's lookups (a small model's
+        return [(0, size)]          # ops are mostly this, and each lookup costs microseconds)
     return parallel.chunk_bounds(size, parallel.chunk_count(size, min_size, CHUNKS_PER_WORKER))
 
 

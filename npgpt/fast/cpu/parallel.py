@@ -56,6 +56,8 @@ def run_chunks(body, bounds, blas_each=None):
     """[body(lo, hi) for each (lo, hi) in bounds], on the calling thread and the pool's; returns the results
     in chunk order. blas_each: OpenBLAS at that many threads meanwhile (restored after), even for a single
     chunk (attention passes 1: its many small products run faster on one BLAS thread anyway)."""
+    if blas_each is None and len(bounds) == 1:
+        return [body(*bounds[0])]
     if blas_each is not None and not threads.on_worker_thread():
         with threads.blas_threads(blas_each):
             return _run_chunks(body, bounds)
