@@ -436,12 +436,14 @@ def register_fast_path(op, impl, device, dtypes=SUPPORTED_DTYPES, applies=None):
     _fast_paths.setdefault(op, []).insert(0, (impl, device, tuple(np.dtype(d) for d in dtypes), applies))
 
 
-def fast_path_for(op, args, kwargs):
-    """The registered implementation that would run op(*args, **kwargs), or None for the reference."""
+def fast_path_for(op, args, kwargs, found=None):
+    """The registered implementation that would run op(*args, **kwargs), or None for the reference.
+    found: the arguments' Tensors and arrays, if the caller has collected them already."""
     paths = _fast_paths.get(op)
     if not paths or not _fast["enabled"]:
         return None
-    arrays = [a.data if isinstance(a, Tensor) else a for a in _array_arguments(args, kwargs)]
+    found = _array_arguments(args, kwargs) if found is None else found
+    arrays = [a.data if isinstance(a, Tensor) else a for a in found]
     if not arrays:
         return None
     dtypes = {a.dtype for a in arrays if a.dtype.kind == "f"}
@@ -463,9 +465,10 @@ def dispatchable(op, float_dtypes=SUPPORTED_DTYPES):
     def decorate(reference):
         @functools.wraps(reference)
         def run(*args, **kwargs):
+            found = _array_arguments(args, kwargs)
             if float_dtypes is not None:
-                _check_float_dtypes(op, args, kwargs, float_dtypes)
-            impl = fast_path_for(op, args, kwargs)
+                _check_float_dtypes(op, found, float_dtypes)
+            impl = fast_path_for(op, args, kwargs, found)
             return (impl or reference)(*args, **kwargs)
         run.reference = reference
         return run
@@ -491,8 +494,8 @@ def _collect_arrays(values, found):
             found.append(value)
 
 
-def _check_float_dtypes(op, args, kwargs, allowed):
-    for a in _array_arguments(args, kwargs):
+def _check_float_dtypes(op, found, allowed):
+    for a in found:
         dtype = a.dtype
         if dtype.kind == "f" and dtype not in allowed:
             raise TypeError(f"{op}: {dtype} is not supported (its formulas need float32 or float64 "
