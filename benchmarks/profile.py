@@ -113,13 +113,20 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     return forward, backward, counts, timers, total, steps
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
-    p.add_argument("--seq", type=int, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=_positive, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
+    p.add_argument("--seq", type=_positive, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
+    p.add_argument("--steps", type=_positive, default=5)
     p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=_positive, default=os.cpu_count())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
     p.add_argument("--loop", action="store_true",

@@ -299,7 +299,8 @@ def test_a_changed_source_builds_anew(fresh_build, monkeypatch, tmp_path):
 
 
 def test_without_a_compiler_the_numpy_fast_paths_run(fresh_build, monkeypatch):
-    monkeypatch.setenv("CC", "no-such-compiler-npgpt")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)      # no cc, no gcc on PATH
     status = native.status()
     assert not status["built"] and "no C compiler" in status["reason"]
     x = np.linspace(-3, 3, 12).reshape(3, 4)
@@ -354,6 +355,14 @@ def test_a_cache_directory_others_may_write_in_is_refused(fresh_build, monkeypat
     assert status["built"] and os.listdir(shared) == []
     assert all(path.startswith(str(tmp_path / "tmp")) for path in status["paths"].values())
     assert oct(os.stat(os.path.dirname(status["paths"]["float"])).st_mode & 0o777) == oct(0o700)
+
+
+def test_a_cc_that_is_not_found_says_so(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-npgpt -O2")
+    with pytest.warns(RuntimeWarning, match="CC='no-such-compiler-npgpt -O2' is not a command"):
+        status = native.status()
+    assert not status["built"]
+    assert engine.fast_path_for("gelu", (np.zeros(3),), {}) is cpu_ops.gelu
 
 
 def test_cc_may_hold_arguments(fresh_build, monkeypatch):

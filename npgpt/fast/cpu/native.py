@@ -146,6 +146,10 @@ def _load():
     if os.environ.get("NPGPT_CPU_KERNELS", "1") == "0":
         return None, "turned off by NPGPT_CPU_KERNELS=0"
     compiler = _compiler()
+    if compiler is None and os.environ.get("CC"):
+        reason = f"CC={os.environ['CC']!r} is not a command found on PATH"
+        warnings.warn(f"npgpt: {reason}; the NumPy fast paths run instead", RuntimeWarning, stacklevel=3)
+        return None, reason
     if compiler is None:
         return None, "no C compiler found (set CC, or install one): the NumPy fast paths run instead"
     libraries, paths = {}, {}

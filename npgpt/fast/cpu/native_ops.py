@@ -176,6 +176,7 @@ def dropout(input, p=0.5, training=True, generator=None):
                                                             threshold, scale), bounds)
         return out
 
+    # y = x * keep * scale, so dy/dx = keep * scale: the same hashed mask applied to the gradient
     def backward(grad):
         return (apply(np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)),)
     return _make(apply(x), (input,), backward, "dropout")
@@ -185,41 +186,40 @@ def dropout(input, p=0.5, training=True, generator=None):
 # AdamW
 
 def adamw_step(updates):
-    calls = []      # (kernels, p, g, m, v, lo, hi, scalars): pieces of each parameter
+    """optim.adamw_update's maths, a kernel call per piece of each parameter, the pieces in a few groups of
+    about equal size on the worker threads (one hand-off a group: a small model's 50 parameters would be 50
+    tiny hand-offs)."""
+    pieces = []     # (kernels or None, (p, g, m, v), lo, hi, settings): None runs the NumPy update whole
     for p, state, group in updates:
         lr, beta1, beta2, eps, decay, t = optim.adamw_settings(state, group)
         arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
         k = native.kernels(p.data.dtype)
         if k is None or not all(a.flags.c_contiguous and a.dtype == p.data.dtype for a in arrays):
-            calls.append((None, arrays, (lr, beta1, beta2, eps, decay, t)))
+            pieces.append((None, arrays, 0, p.data.size, (lr, beta1, beta2, eps, decay, t)))
             continue
+        # the kernel's scalars: decay factor 1 - lr decay, step size lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)
         scalars = (beta1, beta2, eps, 1 - lr * decay, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t))
         for lo in range(0, p.data.size, ADAMW_PIECE):
-            calls.append((k, arrays, (lo, min(p.data.size, lo + ADAMW_PIECE), scalars)))
+            pieces.append((k, arrays, lo, min(p.data.size, lo + ADAMW_PIECE), scalars))
 
     def run(group):
-        for k, arrays, settings in group:
+        for k, (param, grad, m, v), lo, hi, settings in group:
             if k is None:
-                optim.adamw_update(*arrays, settings)
-                continue
-            lo, hi, scalars = settings
-            param, grad, m, v = arrays
-            k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *scalars)
-    # a few groups of about equal size, one hand-off each (a small model's 50 parameters are 50 tiny calls)
-    sizes = [call[2][1] - call[2][0] if call[0] is not None else call[1][0].size for call in calls]
-    parts = min(len(calls), threads.workers() * CHUNKS_PER_WORKER, max(1, sum(sizes) // ADAMW_MIN_ELEMENTS))
+                optim.adamw_update(param, grad, m, v, settings)
+            else:
+                k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *settings)
+
+    total = sum(hi - lo for _, _, lo, hi, _ in pieces)
+    parts = min(len(pieces), threads.workers() * CHUNKS_PER_WORKER, max(1, total // ADAMW_MIN_ELEMENTS))
     if len({id(p) for p, _, _ in updates}) < len(updates):
         parts = 1           # a parameter listed twice is updated twice, one update after the other
-    groups, group, filled, total = [], [], 0, sum(sizes)
-    for call, size in zip(calls, sizes):
-        group.append(call)
-        filled += size
-        if filled * parts >= total * (len(groups) + 1):     # this group reaches its share of the elements
-            groups.append(group)
-            group = []
-    if group:
-        groups.append(group)
-    threads.run_in_parallel(run, groups)
+    # piece i goes to the group of equal shares of the elements that its first element falls in
+    groups = [[] for _ in range(parts)]
+    start = 0
+    for piece in pieces:
+        groups[start * parts // max(1, total)].append(piece)
+        start += piece[3] - piece[2]
+    threads.run_in_parallel(run, [g for g in groups if g])
 
 
 # ========================================================================================================

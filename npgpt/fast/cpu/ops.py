@@ -309,30 +309,21 @@ def keep_mask_16bit(shape, p, dtype, generator=None):
 DROPOUT_MIN_ELEMENTS = 16 * PARALLEL_MIN_ELEMENTS
 
 
-def random_bits_16_parallel(shape, p, dtype, generator=None):
-    """(bits, threshold, scale): keep_mask_16bit's random integers (uint16, `shape`) before the comparison,
-    drawn in chunks of the flattened array on the worker threads. One chunk draws from `generator` itself;
-    several draw from generators seeded once from it (parallel.chunk_generators), so the bits are fixed for
-    a fixed thread count."""
+def keep_mask_16bit_parallel(shape, p, dtype, generator=None):
+    """keep_mask_16bit, drawn in chunks of the flattened mask on the worker threads. One chunk draws from
+    `generator` itself; several draw from generators seeded once from it (parallel.chunk_generators), so
+    the mask is fixed for a fixed thread count."""
     size = math.prod(shape)
-    threshold, scale = dropout_threshold(p, dtype)
     bounds = parallel.chunk_bounds(size, parallel.chunk_count(size, DROPOUT_MIN_ELEMENTS))
     if len(bounds) == 1:
-        rng = generator if generator is not None else backend.global_rng()
-        return rng.integers(0, 65536, size=shape, dtype=np.uint16), threshold, scale
-    bits = np.empty(size, dtype=np.uint16)
+        return keep_mask_16bit(shape, p, dtype, generator)
+    keep = np.empty(size, dtype=bool)
     generators = dict(zip((lo for lo, _ in bounds), parallel.chunk_generators(generator, len(bounds))))
 
     def draw(lo, hi):
-        bits[lo:hi] = generators[lo].integers(0, 65536, size=hi - lo, dtype=np.uint16)
+        keep[lo:hi] = keep_mask_16bit(hi - lo, p, dtype, generators[lo])[0]
     parallel.run_chunks(draw, bounds)
-    return bits.reshape(shape), threshold, scale
-
-
-def keep_mask_16bit_parallel(shape, p, dtype, generator=None):
-    """keep_mask_16bit, its random integers drawn by random_bits_16_parallel."""
-    bits, threshold, scale = random_bits_16_parallel(shape, p, dtype, generator)
-    return bits >= threshold, scale
+    return keep.reshape(shape), dropout_threshold(p, dtype)[1]
 
 
 def _uses_numpy_generator(generator):
@@ -418,17 +409,18 @@ def _dropout_attention(probs, dropout_p, dtype, generator):
     without dropout). The kernel's hashed mask where it is built (drawn again by mask), else 16-bit draws."""
     if dropout_p == 0.0:
         return probs, None
-    threshold, keep_scale = dropout_threshold(dropout_p, dtype)
-    seed = native.dropout_seed(generator)
-    attn = native.dropout_hashed(probs, np.empty_like(probs), seed, threshold, keep_scale)
-    if attn is not None:
-        def hashed_mask(grad):
+    if native.kernels(probs.dtype) is not None and probs.flags.c_contiguous:
+        threshold, keep_scale = dropout_threshold(dropout_p, dtype)
+        seed = native.dropout_seed(generator)
+        attn = native.dropout_hashed(probs, np.empty_like(probs), seed, threshold, keep_scale)
+
+        def hashed_mask(grad):                  # the same hash of (seed, index): the forward's mask
             dense = np.ascontiguousarray(grad)
             native.dropout_hashed(dense, dense, seed, threshold, dense.dtype.type(keep_scale))
             if dense is not grad:
                 grad[...] = dense
         return attn, hashed_mask
-    keep, keep_scale = keep_mask_16bit(probs.shape, dropout_p, dtype, np.random.default_rng(seed))
+    keep, keep_scale = keep_mask_16bit(probs.shape, dropout_p, dtype, generator)
     attn = probs * keep
     attn *= keep_scale
 
