@@ -223,6 +223,97 @@ def test_causal_softmax_kernel_zeroes_exactly_the_keys_a_query_may_not_see():
     np.testing.assert_allclose(probs, expected / expected.sum(-1, keepdims=True), rtol=1e-13)
 
 
+def attention_tolerance(dtype):
+    return tolerance(dtype) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+def attention_inputs(rng, case, dtype):
+    """Q, K, V leaves for one case: "model" as the model makes them, strided views (B, H, T, D) into one
+    (B, T, 3 H D) projection; "3d" (B, T, D); "cross" L != S and Dv != D; "long" 130 positions of width 64."""
+    if case == "model":
+        qkv = rng.standard_normal((2, 37, 3 * 3 * 24)).astype(dtype)           # B 2, T 37, H 3, D 24
+        views = [qkv[..., i * 72:(i + 1) * 72].reshape(2, 37, 3, 24).transpose(0, 2, 1, 3) for i in range(3)]
+        return [npgpt.Tensor(view, requires_grad=True) for view in views]
+    shapes = {"3d": [(3, 9, 8)] * 3, "cross": [(2, 2, 5, 8), (2, 2, 9, 8), (2, 2, 9, 20)],
+              "long": [(1, 2, 130, 64)] * 3}[case]
+    return [leaf(rng, *shape, dtype=dtype) for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ["model", "3d", "cross", "long"])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
+    rng = np.random.default_rng(11)
+    inputs = attention_inputs(rng, case, dtype)
+    assert engine.fast_path_for("scaled_dot_product_attention", inputs, {"is_causal": is_causal}) is \
+        native_ops.scaled_dot_product_attention
+    cot = rng.standard_normal(inputs[0].shape[:-1] + inputs[2].shape[-1:])
+    # float32 against the float64 reference on the same inputs: the kernel sums in another order than the
+    # float32 reference, so the two differ by twice the rounding of either
+    exact = [npgpt.Tensor(t.data.astype(np.float64), requires_grad=True) for t in inputs]
+    for scale in (None, 0.7):
+        fast = values_and_grads(lambda a, b, c: native_ops.scaled_dot_product_attention(
+            a, b, c, is_causal=is_causal, scale=scale), inputs, cot)
+        reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(
+            a, b, c, is_causal=is_causal, scale=scale), exact, cot)
+        for got, expected in zip(fast, reference):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, expected, **attention_tolerance(dtype))
+    with npgpt.no_grad():           # nothing kept for a backward, the same output
+        again = native_ops.scaled_dot_product_attention(*inputs, is_causal=is_causal, scale=0.7)
+    np.testing.assert_array_equal(again.data, fast[0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_attention_kernel_dropout_is_the_hashed_mask_of_each_weight(workers, dtype):
+    """A = P * mask: the mask of weight (head, i, j) is the dropout kernel's hashed bit of that index of the
+    (heads, L, S) weights, from one seed drawn from the generator; the gradients are the reference's
+    formulas with that mask (worked here in float64)."""
+    rng = np.random.default_rng(12)
+    q, k, v = attention_inputs(rng, "long", dtype)
+    cot = rng.standard_normal(q.shape)
+    p, scale = 0.3, 0.125
+    fast = values_and_grads(lambda a, b, c: native_ops.scaled_dot_product_attention(
+        a, b, c, is_causal=True, dropout_p=p, generator=np.random.default_rng(4)), [q, k, v], cot)
+    threshold, keep_scale = cpu_ops.dropout_threshold(p, np.float64)
+    seed = native.dropout_seed(np.random.default_rng(4))
+    mask = native.dropout_hashed(np.ones((1, 2, 130, 130)), np.empty((1, 2, 130, 130)), seed, threshold,
+                                 keep_scale)                          # keep * scale, or 0
+    Q, K, V, G = (np.asarray(a, dtype=np.float64) for a in (q.data, k.data, v.data, cot))
+    scores = np.where(F.causal_mask(np, 130, 130), scale * Q @ K.swapaxes(-1, -2), -np.inf)
+    P = np.exp(scores - scores.max(-1, keepdims=True))
+    P /= P.sum(-1, keepdims=True)
+    A = P * mask
+    grad_P = (G @ V.swapaxes(-1, -2)) * mask
+    grad_S = P * (grad_P - (grad_P * P).sum(-1, keepdims=True))
+    expected = [A @ V, scale * grad_S @ K, scale * grad_S.swapaxes(-1, -2) @ Q, A.swapaxes(-1, -2) @ G]
+    assert 0.25 < (mask == 0).mean() < 0.35                              # about p of the weights dropped
+    for got, want in zip(fast, expected):
+        np.testing.assert_allclose(got, want, **attention_tolerance(dtype))
+
+
+def test_attention_kernel_with_dropout_passes_gradcheck(workers):
+    rng = np.random.default_rng(3)
+    q, k, v = attention_inputs(rng, "model", np.float64)
+    npgpt.gradcheck(lambda a, b, c: native_ops.scaled_dot_product_attention(
+        a, b, c, is_causal=True, dropout_p=0.2, generator=np.random.default_rng(3)), [q, k, v], max_probes=40)
+
+
+def test_attention_kernel_leaves_masks_broadcasts_and_reversed_views_to_the_numpy_path():
+    rng = np.random.default_rng(13)
+    q, k, v = (rng.standard_normal((2, 3, 6, 8)) for _ in range(3))
+    mask = np.tril(np.ones((6, 6), dtype=bool))
+    cases = [((q, k, v), {"attn_mask": mask}),
+             ((q, k[:1], v[:1]), {}),                                      # K and V broadcast over B
+             ((q[..., ::-1, :], k, v), {}),                                # a reversed axis
+             ((q[None], k[None], v[None]), {}),                            # five dimensions
+             ((q, k, v), {"dropout_p": 0.1, "generator": object()})]       # not a NumPy generator
+    for args, kwargs in cases:
+        assert not native_ops.attention_applies(*args, **kwargs)
+    assert engine.fast_path_for("scaled_dot_product_attention", (q, k, v), {"attn_mask": mask}) is \
+        cpu_ops.scaled_dot_product_attention
+
+
 def adamw_run(dtype, weight_decay, steps=3):
     """Three AdamW steps on parameters of three shapes with fixed gradients; the parameters after them."""
     params = [npgpt.Tensor(np.random.default_rng(1).standard_normal(s).astype(dtype), requires_grad=True)

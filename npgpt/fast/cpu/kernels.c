@@ -8,8 +8,9 @@
  * given the same arguments: dropout is told where its slice starts (`start`), the causal softmax gets whole
  * (L, S) blocks of rows, and LayerNorm's weight and bias gradients are sums the caller adds up per chunk.
  *
- * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention
- * scores (rows, S), rows = B * H * L queries.
+ * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention's
+ * softmax: scores (rows, S), rows = B * H * L queries; the whole attention: Q, K, V (B, H, rows, D), a range
+ * of heads per call.
  *
  * float: exp and erf are the polynomial and rational approximations below (within a few ulp), which
  * vectorise; double: the C library's exp and erfc (within an ulp or two), for the gradient checks.
@@ -207,6 +208,21 @@ static inline real row_max(const real *z, index_t n) {
     return peak;
 }
 
+/* z[0 .. n) becomes softmax(z[0 .. n)) */
+static inline void softmax_row_in_place(real *z, index_t n) {
+    const real peak = row_max(z, n);
+    real sum = 0;
+    #pragma omp simd reduction(+:sum)
+    for (index_t j = 0; j < n; j++) {
+        const real e = exp_real(z[j] - peak);
+        z[j] = e;
+        sum += e;
+    }
+    const real inv = (real)1 / sum;
+    #pragma omp simd
+    for (index_t j = 0; j < n; j++) z[j] *= inv;
+}
+
 /* Cross-entropy's forward: logsumexp (N,) of each row of the logits (N, V); nothing else is written. */
 void logsumexp_rows(const real *z, real *logsumexp, index_t rows, index_t V) {
     for (index_t r = 0; r < rows; r++) {
@@ -243,17 +259,7 @@ void softmax_rows_in_place(real *scores, index_t rows, index_t S, index_t causal
             visible = offset + r % causal_length + 1;
             visible = visible > S ? S : visible;
         }
-        const real peak = row_max(sr, visible);
-        real sum = 0;
-        #pragma omp simd reduction(+:sum)
-        for (index_t j = 0; j < visible; j++) {
-            const real e = exp_real(sr[j] - peak);
-            sr[j] = e;
-            sum += e;
-        }
-        const real inv = (real)1 / sum;
-        #pragma omp simd
-        for (index_t j = 0; j < visible; j++) sr[j] *= inv;
+        softmax_row_in_place(sr, visible);
         for (index_t j = visible; j < S; j++) sr[j] = 0;
     }
 }
@@ -316,5 +322,279 @@ void adamw_update(real *p, const real *g, real *m, real *v, index_t n, real beta
         m[i] = mi;
         v[i] = vi;
         p[i] = p[i] * decay_factor - step_size * (mi / (sqrt_real(vi) * rsqrt_correction + eps));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Attention, one head at a time, its scores never leaving the cache (functional.scaled_dot_product_attention):
+ *   S = scale Q K^T (L, S);  P = softmax(S) along the keys (causal: query i sees keys 0 .. i);
+ *   A = dropout(P), the hashed mask above for element (head, i, j) of the (heads, L, S) probabilities;  O = A V
+ * and its backward, with delta_i = sum_j dA_ij A_ij = sum_d dO_id O_id:
+ *   dV = A^T dO;  dA = dO V^T;  dS = P (dA * mask * keep_scale - delta);  dQ = scale dS K;  dK = scale dS^T Q
+ *
+ * Q, K, V (B, H, rows, D) are read where they lie: `layout` holds H, L, S, D, Dv, then for each of Q, K, V
+ * its strides in elements along B, H and the rows (the last axis is contiguous). O, P and dO are contiguous
+ * (heads, L, Dv / S); so are dQ, dK, dV. Heads head_lo .. head_hi - 1 are done, so threads split the heads.
+ *
+ * Two small products do all the multiplying, each on ROWS rows at once so that one load from memory feeds
+ * ROWS multiply-adds, with LANES-wide blocks of their result kept in registers:
+ *   products_with_columns:  out_r[j] = sum_d x_r[d] Yt[d][j]   (Yt is K or V transposed, keys in the lanes)
+ *   weighted_rows:          out_r[:] = sum_j w_r[j] Y[j][:]     (Y is V, K, Q or dO, head dims in the lanes)
+ * A query's key row is padded to a multiple of LANES; the padding's scores are computed and then ignored.
+ */
+#define LANES ((index_t)(64 / sizeof(real)))       /* reals in a 64-byte SIMD register */
+#define ROWS 4
+
+static inline index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
+
+static inline index_t visible_keys(index_t i, index_t S, int causal) {
+    return causal ? (i + 1 < S ? i + 1 : S) : S;
+}
+
+static inline real dropout_keep(uint64_t index, uint32_t seed_low, uint32_t seed_high, int32_t threshold) {
+    const uint32_t h = mix32(mix32((uint32_t)index ^ seed_low) ^ (seed_high + (uint32_t)(index >> 32)));
+    return (int32_t)(h >> 16) >= threshold ? (real)1 : (real)0;
+}
+
+/* xt (cols, padded_rows) = x (rows, cols) transposed, the columns after `rows` zero; 8 x 8 tiles, so that
+ * both the reads and the writes stay within a few cache lines */
+static void transpose_padded(const real *x, index_t row_stride, index_t rows, index_t cols, index_t padded_rows,
+                             real *xt) {
+    for (index_t r0 = 0; r0 < rows; r0 += 8)
+        for (index_t c0 = 0; c0 < cols; c0 += 8) {
+            const index_t r1 = r0 + 8 < rows ? r0 + 8 : rows, c1 = c0 + 8 < cols ? c0 + 8 : cols;
+            for (index_t c = c0; c < c1; c++)
+                for (index_t r = r0; r < r1; r++) xt[c * padded_rows + r] = x[r * row_stride + c];
+        }
+    for (index_t c = 0; c < cols; c++)
+        for (index_t r = rows; r < padded_rows; r++) xt[c * padded_rows + r] = 0;
+}
+
+/* One SIMD register's worth of reals (64 bytes: 16 floats or 8 doubles), in GCC's vector extension (also
+ * clang's), loaded from and stored to any real's address. Named variables of it, not arrays, so that the
+ * compiler keeps the ROWS x 4 sums of a block in registers. */
+typedef real vec __attribute__((vector_size(64), aligned(sizeof(real)), may_alias));
+#define LOAD(p) (*(const vec *)(p))
+#define STORE(p, v) (*(vec *)(p) = (v))
+
+/* out_r[jb + :4 LANES] = scale sum_d x_r[d] yt[d * yt_stride + jb + :4 LANES], r < ROWS (out_r at r * out_stride) */
+static void products_with_columns_4(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
+                                    index_t jb, real scale, real *out, index_t out_stride) {
+    vec a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+    vec a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+    for (index_t d = 0; d < depth; d++) {
+        const real *y = yt + d * yt_stride + jb;
+        const vec y0 = LOAD(y), y1 = LOAD(y + LANES), y2 = LOAD(y + 2 * LANES), y3 = LOAD(y + 3 * LANES);
+        const real x0 = x[0][d], x1 = x[1][d], x2 = x[2][d], x3 = x[3][d];
+        a00 += x0 * y0; a01 += x0 * y1; a02 += x0 * y2; a03 += x0 * y3;
+        a10 += x1 * y0; a11 += x1 * y1; a12 += x1 * y2; a13 += x1 * y3;
+        a20 += x2 * y0; a21 += x2 * y1; a22 += x2 * y2; a23 += x2 * y3;
+        a30 += x3 * y0; a31 += x3 * y1; a32 += x3 * y2; a33 += x3 * y3;
+    }
+    real *o = out + jb;
+    STORE(o, a00 * scale); STORE(o + LANES, a01 * scale); STORE(o + 2 * LANES, a02 * scale);
+    STORE(o + 3 * LANES, a03 * scale);
+    o += out_stride;
+    STORE(o, a10 * scale); STORE(o + LANES, a11 * scale); STORE(o + 2 * LANES, a12 * scale);
+    STORE(o + 3 * LANES, a13 * scale);
+    o += out_stride;
+    STORE(o, a20 * scale); STORE(o + LANES, a21 * scale); STORE(o + 2 * LANES, a22 * scale);
+    STORE(o + 3 * LANES, a23 * scale);
+    o += out_stride;
+    STORE(o, a30 * scale); STORE(o + LANES, a31 * scale); STORE(o + 2 * LANES, a32 * scale);
+    STORE(o + 3 * LANES, a33 * scale);
+}
+
+/* the same for one register's width, jb + :LANES */
+static void products_with_columns_1(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
+                                    index_t jb, real scale, real *out, index_t out_stride) {
+    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (index_t d = 0; d < depth; d++) {
+        const vec y = LOAD(yt + d * yt_stride + jb);
+        a0 += x[0][d] * y; a1 += x[1][d] * y; a2 += x[2][d] * y; a3 += x[3][d] * y;
+    }
+    STORE(out + jb, a0 * scale); STORE(out + out_stride + jb, a1 * scale);
+    STORE(out + 2 * out_stride + jb, a2 * scale); STORE(out + 3 * out_stride + jb, a3 * scale);
+}
+
+/* out_r[j] = scale sum_d x_r[d] yt[d * yt_stride + j] for j < n (n a multiple of LANES), r < ROWS */
+static void products_with_columns(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
+                                  index_t n, real scale, real *out, index_t out_stride) {
+    index_t jb = 0;
+    for (; jb + 4 * LANES <= n; jb += 4 * LANES)
+        products_with_columns_4(x, yt, yt_stride, depth, jb, scale, out, out_stride);
+    for (; jb < n; jb += LANES)
+        products_with_columns_1(x, yt, yt_stride, depth, jb, scale, out, out_stride);
+}
+
+/* out[r][db + :4 LANES] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + db + :4 LANES] */
+static void weighted_rows_4(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
+                            index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS]) {
+    vec a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+    vec a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+    for (index_t j = lo; j < hi; j++) {
+        const real *yj = y + j * y_stride + db, *wj = w + j * w_col;
+        const vec y0 = LOAD(yj), y1 = LOAD(yj + LANES), y2 = LOAD(yj + 2 * LANES), y3 = LOAD(yj + 3 * LANES);
+        const real w0 = wj[0], w1 = wj[w_row], w2 = wj[2 * w_row], w3 = wj[3 * w_row];
+        a00 += w0 * y0; a01 += w0 * y1; a02 += w0 * y2; a03 += w0 * y3;
+        a10 += w1 * y0; a11 += w1 * y1; a12 += w1 * y2; a13 += w1 * y3;
+        a20 += w2 * y0; a21 += w2 * y1; a22 += w2 * y2; a23 += w2 * y3;
+        a30 += w3 * y0; a31 += w3 * y1; a32 += w3 * y2; a33 += w3 * y3;
+    }
+    real *o = out[0] + db;
+    STORE(o, a00 * scale); STORE(o + LANES, a01 * scale); STORE(o + 2 * LANES, a02 * scale);
+    STORE(o + 3 * LANES, a03 * scale);
+    o = out[1] + db;
+    STORE(o, a10 * scale); STORE(o + LANES, a11 * scale); STORE(o + 2 * LANES, a12 * scale);
+    STORE(o + 3 * LANES, a13 * scale);
+    o = out[2] + db;
+    STORE(o, a20 * scale); STORE(o + LANES, a21 * scale); STORE(o + 2 * LANES, a22 * scale);
+    STORE(o + 3 * LANES, a23 * scale);
+    o = out[3] + db;
+    STORE(o, a30 * scale); STORE(o + LANES, a31 * scale); STORE(o + 2 * LANES, a32 * scale);
+    STORE(o + 3 * LANES, a33 * scale);
+}
+
+/* the same for one register's width, db + :LANES */
+static void weighted_rows_1(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
+                            index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS]) {
+    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (index_t j = lo; j < hi; j++) {
+        const vec yj = LOAD(y + j * y_stride + db);
+        const real *wj = w + j * w_col;
+        a0 += wj[0] * yj; a1 += wj[w_row] * yj; a2 += wj[2 * w_row] * yj; a3 += wj[3 * w_row] * yj;
+    }
+    STORE(out[0] + db, a0 * scale); STORE(out[1] + db, a1 * scale);
+    STORE(out[2] + db, a2 * scale); STORE(out[3] + db, a3 * scale);
+}
+
+/* out[r][:width] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + :width], r < ROWS */
+static void weighted_rows(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
+                          index_t lo, index_t hi, index_t width, real scale, real *const out[ROWS]) {
+    index_t db = 0;
+    for (; db + 4 * LANES <= width; db += 4 * LANES) weighted_rows_4(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+    for (; db + LANES <= width; db += LANES) weighted_rows_1(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+    for (; db < width; db++)                                   /* a head width not a multiple of LANES */
+        for (int r = 0; r < ROWS; r++) {
+            real sum = 0;
+            for (index_t j = lo; j < hi; j++) sum += w[r * w_row + j * w_col] * y[j * y_stride + db];
+            out[r][db] = sum * scale;
+        }
+}
+
+/* The scratch (in reals) each call needs: forward K^T, a block of score rows and a row for unused results;
+ * backward V^T, dS and A for the head's queries, and the same spare rows. */
+index_t attention_scratch_size(index_t L, index_t S, index_t D, index_t Dv, int backward) {
+    const index_t padded = round_up(S, LANES), width = D > Dv ? D : Dv;
+    if (!backward) return D * padded + ROWS * padded + width;
+    return Dv * padded + 2 * round_up(L, ROWS) * padded + width;
+}
+
+void attention_forward(const real *q, const real *k, const real *v, real *out, real *probs,
+                       const index_t *layout, index_t head_lo, index_t head_hi, real scale, int causal,
+                       uint64_t seed, int32_t threshold, real keep_scale, real *scratch) {
+    const index_t H = layout[0], L = layout[1], S = layout[2], D = layout[3], Dv = layout[4];
+    const index_t padded = round_up(S, LANES);
+    const uint32_t seed_low = (uint32_t)seed, seed_high = (uint32_t)(seed >> 32);
+    real *kt = scratch, *rows = kt + D * padded, *spare = rows + ROWS * padded;    /* (D, padded), (ROWS, padded) */
+    for (index_t head = head_lo; head < head_hi; head++) {
+        const index_t b = head / H, h = head % H;
+        const real *qh = q + b * layout[5] + h * layout[6];
+        const real *kh = k + b * layout[8] + h * layout[9];
+        const real *vh = v + b * layout[11] + h * layout[12];
+        transpose_padded(kh, layout[10], S, D, padded, kt);
+        for (index_t i0 = 0; i0 < L; i0 += ROWS) {
+            const index_t count = L - i0 < ROWS ? L - i0 : ROWS;
+            const real *qr[ROWS];
+            real *orow[ROWS];
+            for (int r = 0; r < ROWS; r++) {               /* rows past L repeat the last; their results unused */
+                const index_t i = i0 + (r < count ? r : count - 1);
+                qr[r] = qh + i * layout[7];
+                orow[r] = r < count ? out + (head * L + i) * Dv : spare;
+            }
+            const index_t n_block = visible_keys(i0 + count - 1, S, causal);
+            products_with_columns(qr, kt, padded, D, round_up(n_block, LANES), scale, rows, padded);
+            for (index_t r = 0; r < count; r++) {
+                const index_t i = i0 + r, n = visible_keys(i, S, causal);
+                real *p = rows + r * padded;
+                softmax_row_in_place(p, n);
+                for (index_t j = n; j < padded; j++) p[j] = 0;
+                if (probs) {                                /* NULL where no backward will need P */
+                    real *saved = probs + (head * L + i) * S;
+                    for (index_t j = 0; j < S; j++) saved[j] = p[j];
+                }
+                if (threshold >= 0) {
+                    const uint64_t start = (uint64_t)(head * L + i) * (uint64_t)S;
+                    #pragma omp simd
+                    for (index_t j = 0; j < n; j++)
+                        p[j] *= keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold);
+                }
+            }
+            weighted_rows(rows, padded, 1, vh, layout[13], 0, n_block, Dv, 1, orow);
+        }
+    }
+}
+
+void attention_backward(const real *q, const real *k, const real *v, const real *out, const real *probs,
+                        const real *grad_out, real *grad_q, real *grad_k, real *grad_v, const index_t *layout,
+                        index_t head_lo, index_t head_hi, real scale, int causal, uint64_t seed,
+                        int32_t threshold, real keep_scale, real *scratch) {
+    const index_t H = layout[0], L = layout[1], S = layout[2], D = layout[3], Dv = layout[4];
+    const index_t padded = round_up(S, LANES), L_rows = round_up(L, ROWS);
+    const uint32_t seed_low = (uint32_t)seed, seed_high = (uint32_t)(seed >> 32);
+    real *vt = scratch, *ds = vt + Dv * padded, *attn = ds + L_rows * padded, *spare = attn + L_rows * padded;
+    for (index_t head = head_lo; head < head_hi; head++) {
+        const index_t b = head / H, h = head % H;
+        const real *qh = q + b * layout[5] + h * layout[6];
+        const real *kh = k + b * layout[8] + h * layout[9];
+        const real *vh = v + b * layout[11] + h * layout[12];
+        const real *oh = out + head * L * Dv, *doh = grad_out + head * L * Dv, *ph = probs + head * L * S;
+        real *dqh = grad_q + head * L * D, *dkh = grad_k + head * S * D, *dvh = grad_v + head * S * Dv;
+        transpose_padded(vh, layout[13], S, Dv, padded, vt);
+        /* by query rows: dA, then dS and A, then dQ */
+        for (index_t i0 = 0; i0 < L; i0 += ROWS) {
+            const index_t count = L - i0 < ROWS ? L - i0 : ROWS;
+            const real *dor[ROWS];
+            real *dqr[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                const index_t i = i0 + (r < count ? r : count - 1);
+                dor[r] = doh + i * Dv;
+                dqr[r] = r < count ? dqh + i * D : spare;
+            }
+            const index_t n_block = visible_keys(i0 + count - 1, S, causal);
+            products_with_columns(dor, vt, padded, Dv, round_up(n_block, LANES), 1, ds + i0 * padded, padded);
+            for (index_t r = 0; r < ROWS; r++) {
+                const index_t i = i0 + r, n = r < count ? visible_keys(i, S, causal) : 0;
+                real *dsi = ds + i * padded, *ai = attn + i * padded;
+                if (n > 0) {
+                    const real *doi = doh + i * Dv, *oi = oh + i * Dv, *pi = ph + i * S;
+                    const uint64_t start = (uint64_t)(head * L + i) * (uint64_t)S;
+                    real delta = 0;
+                    #pragma omp simd reduction(+:delta)
+                    for (index_t d = 0; d < Dv; d++) delta += doi[d] * oi[d];
+                    #pragma omp simd
+                    for (index_t j = 0; j < n; j++) {
+                        const real keep = threshold >= 0
+                            ? keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold) : (real)1;
+                        ai[j] = pi[j] * keep;
+                        dsi[j] = pi[j] * (dsi[j] * keep - delta) * scale;
+                    }
+                }
+                for (index_t j = n; j < padded; j++) dsi[j] = ai[j] = 0;
+            }
+            weighted_rows(ds + i0 * padded, padded, 1, kh, layout[10], 0, n_block, D, 1, dqr);
+        }
+        /* by key rows: dK = dS^T Q and dV = A^T dO, over the queries that see the keys */
+        for (index_t j0 = 0; j0 < S; j0 += ROWS) {
+            const index_t count = S - j0 < ROWS ? S - j0 : ROWS;
+            real *dkr[ROWS], *dvr[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                dkr[r] = r < count ? dkh + (j0 + r) * D : spare;
+                dvr[r] = r < count ? dvh + (j0 + r) * Dv : spare;
+            }
+            const index_t first = causal ? (j0 < L ? j0 : L) : 0;
+            weighted_rows(ds + j0, 1, padded, qh, layout[7], first, L, D, 1, dkr);
+            weighted_rows(attn + j0, 1, padded, doh, Dv, first, L, Dv, 1, dvr);
+        }
     }
 }

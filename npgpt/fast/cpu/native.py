@@ -44,6 +44,9 @@ _state = {"libraries": None, "reason": None, "paths": {}, "enabled": True}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
+RESULT_TYPES = {"attention_scratch_size": _I64}        # the others return nothing
+
+
 def _signatures(real):
     """Each kernel's argument types, in kernels.c's order."""
     return {
@@ -57,6 +60,11 @@ def _signatures(real):
         "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
         "dropout_hashed": [_P, _P, _I64, _I64, ctypes.c_uint64, _I32, real],
         "adamw_update": [_P, _P, _P, _P, _I64, real, real, real, real, real, real],
+        "attention_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int, ctypes.c_uint64, _I32,
+                              real, _P],
+        "attention_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int,
+                               ctypes.c_uint64, _I32, real, _P],
+        "attention_scratch_size": [_I64, _I64, _I64, _I64, ctypes.c_int],
     }
 
 
@@ -158,7 +166,7 @@ def _load():
             library, paths[real] = _load_library(compiler, real)
             for name, argtypes in _signatures(ctypes.c_float if real == "float" else ctypes.c_double).items():
                 fn = getattr(library, name)
-                fn.argtypes, fn.restype = argtypes, None
+                fn.argtypes, fn.restype = argtypes, RESULT_TYPES.get(name)
             libraries[dtype] = library
     except Exception as exc:        # whatever went wrong, the NumPy fast paths still run
         reason = str(exc) if isinstance(exc, RuntimeError) else f"the kernels could not be loaded: {exc!r}"

@@ -9,9 +9,14 @@
                      pass, drawn again by the backward (nothing kept)
     adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten)
 
-Attention's row softmax, its backward and its dropout use the kernels too (``native.softmax_rows_in_place``,
-``native.dropout_hashed``), inside ops.scaled_dot_product_attention, whose heads, blocks and products stay
-as they are.
+    scaled_dot_product_attention
+                     a head at a time: scores, softmax, dropout and A V while the head's scores are in
+                     the cache; only P is kept, the backward draws the mask again. Q, K, V are read where
+                     they lie (the model's are strided views into one projection)
+
+Where that attention does not apply (a mask, broadcast batch dimensions), ops.scaled_dot_product_attention
+runs, with the kernels' row softmax, its backward and its dropout (``native.softmax_rows_in_place``,
+``native.dropout_hashed``).
 
 Each op cuts its elements or rows into chunks with fixed bounds (``parallel.py``) and calls the kernel once
 per chunk, the chunks on the worker threads at once: ctypes releases the GIL. Registered after ``ops.py``'s
@@ -25,7 +30,7 @@ import numpy as np
 
 from ... import functional as F
 from ... import optim
-from ...engine import _make, register_fast_path
+from ...engine import _make, is_grad_enabled, register_fast_path
 from . import native, ops, parallel, threads
 
 # The smallest chunk worth a thread: a kernel does ~1 ns an element, a hand-off costs ~50 us
@@ -223,6 +228,84 @@ def adamw_step(updates):
 
 
 # ========================================================================================================
+# scaled_dot_product_attention: the whole of a head's attention in one kernel call, forward and backward
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, generator=None):
+    """Attention by the kernels, head by head: each head's scores are made, softmaxed, dropped out and
+    multiplied by V while they are in the cache, and only P (needed by the backward) is written out. The
+    dropout mask is the hashed one (drawn again by the backward). The heads are split among the threads.
+    Applies (attention_applies) to Q, K, V of shape (B, H, rows, D) or (B, rows, D) alike in B and H,
+    read in place where their last axis is contiguous, and no attn_mask."""
+    query, key, value = F._t(query), F._t(key), F._t(value)
+    q, k, v = query.data, key.data, value.data
+    F.check_attention_inputs(q, k, v, attn_mask, is_causal)
+    dtype = q.dtype
+    scale = dtype.type(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    q4, k4, v4 = (a[:, None] if a.ndim == 3 else a for a in (q, k, v))        # (B, H, rows, D)
+    B, H, L, D = q4.shape
+    S, Dv = k4.shape[2], v4.shape[3]
+    strides = [s // dtype.itemsize for a in (q4, k4, v4) for s in a.strides[:3]]
+    layout = np.array([H, L, S, D, Dv] + strides, dtype=np.int64)
+    kern = native.kernels(dtype)
+    seed, threshold, keep_scale = 0, -1, 1.0            # threshold -1: no dropout
+    if dropout_p > 0.0:
+        threshold, keep_scale = ops.dropout_threshold(dropout_p, dtype)
+        seed = native.dropout_seed(generator)
+    keep_scale = dtype.type(keep_scale)
+    causal = int(bool(is_causal))
+    records = engine_records(query, key, value)
+    out = np.empty((B, H, L, Dv), dtype=dtype)
+    probs = np.empty((B, H, L, S), dtype=dtype) if records else None       # P, for the backward
+    bounds = _chunks(B * H, max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S))))
+    pointers = (native.address(q4), native.address(k4), native.address(v4), at(out))
+
+    def forward_chunk(lo, hi):
+        scratch = np.empty(kern.attention_scratch_size(L, S, D, Dv, 0), dtype=dtype)
+        kern.attention_forward(*pointers, None if probs is None else at(probs), at(layout), lo, hi, scale,
+                               causal, seed, threshold, keep_scale, at(scratch))
+    parallel.run_chunks(forward_chunk, bounds)
+
+    def backward(grad):
+        grad_out = np.ascontiguousarray(grad, dtype=dtype).reshape(out.shape)
+        grad_q, grad_k = np.empty(q4.shape, dtype=dtype), np.empty(k4.shape, dtype=dtype)
+        grad_v = np.empty(v4.shape, dtype=dtype)
+
+        def backward_chunk(lo, hi):
+            scratch = np.empty(kern.attention_scratch_size(L, S, D, Dv, 1), dtype=dtype)
+            kern.attention_backward(*pointers, at(probs), at(grad_out), at(grad_q), at(grad_k), at(grad_v),
+                                    at(layout), lo, hi, scale, causal, seed, threshold, keep_scale, at(scratch))
+        parallel.run_chunks(backward_chunk, bounds)
+        return grad_q.reshape(q.shape), grad_k.reshape(k.shape), grad_v.reshape(v.shape)
+    return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward, "scaled_dot_product_attention")
+
+
+def engine_records(*tensors):
+    """Whether the engine will keep this op's backward: grad mode on and some input needing a gradient."""
+    return is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      generator=None):
+    """The kernel takes Q, K, V of 3 or 4 dimensions with the same batch dimensions, the last axis
+    contiguous and no negative strides; no attn_mask; the global generator or a NumPy one."""
+    arrays = [t.data if isinstance(t, F.Tensor) else t for t in (query, key, value)]
+    if attn_mask is not None or not all(isinstance(a, np.ndarray) for a in arrays):
+        return False
+    q, k, v = arrays
+    if not (q.dtype == k.dtype == v.dtype) or native.kernels(q.dtype) is None or q.ndim not in (3, 4) or \
+            not (q.ndim == k.ndim == v.ndim) or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        return False
+    if min(q.shape[-2:]) == 0 or k.shape[-2] == 0 or v.shape[-1] == 0 or \
+            q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        return False
+    if any(a.strides[-1] != a.itemsize or min(a.strides) < 0 or any(s % a.itemsize for s in a.strides)
+           for a in arrays):
+        return False
+    return ops._uses_numpy_generator(generator)
+
+
+# ========================================================================================================
 
 def _built(*args, **kwargs):
     """The kernels are built for the dtype of the first array argument."""
@@ -247,3 +330,5 @@ def register():
     register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)
     register_fast_path("dropout", dropout, "cpu", applies=_built_with_numpy_generator)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_built_for_updates)
+    register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
+                       applies=attention_applies)
