@@ -17,7 +17,11 @@
  */
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
 
 #ifndef REAL
 #define REAL float
@@ -597,4 +601,354 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
             weighted_rows(attn + j0, 1, padded, doh, Dv, first, L, Dv, 1, dvr);
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The threads: a small pool of this library's own, so that one kernel call splits its work among the cores
+ * with a hand-off of microseconds (Python's threads need the interpreter's lock and a wake-up each, which
+ * costs as much as a small op's whole work).
+ *
+ * run_parallel(threads, size, min_chunk, body, job) cuts [0, size) into parallel_chunks(...) chunks with
+ * fixed bounds (chunk c: [c size / n, (c + 1) size / n)) and runs body(job, lo, hi, c) on each, the calling
+ * thread and up to threads - 1 pool threads taking chunks from a shared counter. The bounds depend on the
+ * size and the thread count alone, so a sum the caller adds up per chunk is the same on every run.
+ * A pool thread spins for SPIN_NS after its last chunk (the next op usually follows within microseconds),
+ * then sleeps until the next task. One task runs at a time; a call that finds the pool busy (another thread
+ * of the program) does its chunks itself. After a fork the child has no pool threads: the calling thread then
+ * does every chunk, which is also what happens when a pool thread cannot be started.
+ */
+#define MAX_HELPERS 63
+#define CHUNKS_PER_THREAD 2
+#define SPIN_NS 50000
+
+typedef void (*chunk_body)(const void *job, index_t lo, index_t hi, index_t chunk);
+
+static struct {
+    pthread_mutex_t busy, sleep_lock;
+    pthread_cond_t wake;
+    int helpers;                            /* started */
+    int sleepers;
+    atomic_ulong generation;                /* one more per task */
+    atomic_int open, joined;                /* the task's fields may be read while open; joined: readers */
+    atomic_long next, done;                 /* chunks taken, chunks finished */
+    chunk_body body;
+    const void *job;
+    index_t size, chunks;
+    int takers;                             /* pool threads 0 .. takers - 1 take part */
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
+            .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void take_chunks(void) {
+    for (;;) {
+        const long c = atomic_fetch_add(&pool.next, 1);
+        if (c >= pool.chunks) return;
+        pool.body(pool.job, c * pool.size / pool.chunks, (c + 1) * pool.size / pool.chunks, c);
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *helper_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    unsigned long seen = atomic_load(&pool.generation);
+    for (;;) {
+        const int64_t spin_until = now_ns() + SPIN_NS;
+        unsigned spins = 0;
+        while (atomic_load(&pool.generation) == seen) {
+            cpu_relax();
+            if (++spins % 256 == 0 && now_ns() > spin_until) {
+                pthread_mutex_lock(&pool.sleep_lock);
+                pool.sleepers++;
+                while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+                pool.sleepers--;
+                pthread_mutex_unlock(&pool.sleep_lock);
+            }
+        }
+        seen = atomic_load(&pool.generation);
+        atomic_fetch_add(&pool.joined, 1);
+        if (atomic_load(&pool.open) && id < pool.takers) take_chunks();
+        atomic_fetch_sub(&pool.joined, 1);
+    }
+    return NULL;
+}
+
+static index_t chunk_count(index_t size, index_t min_chunk, int threads, int per_thread) {
+    if (threads <= 1 || size < 2 * min_chunk) return 1;
+    index_t n = size / (min_chunk > 0 ? min_chunk : 1);
+    const index_t most = (index_t)threads * per_thread;
+    return n < most ? n : most;
+}
+
+index_t parallel_chunks(index_t size, index_t min_chunk, int threads) {
+    return chunk_count(size, min_chunk, threads, CHUNKS_PER_THREAD);
+}
+
+static void run_parallel_chunks(int threads, index_t size, index_t min_chunk, int per_thread, chunk_body body,
+                                const void *job) {
+    const index_t chunks = chunk_count(size, min_chunk, threads, per_thread);
+    int wanted = threads - 1 < chunks - 1 ? threads - 1 : (int)(chunks - 1);
+    wanted = wanted > MAX_HELPERS ? MAX_HELPERS : wanted;
+    if (wanted <= 0 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (index_t c = 0; c < chunks; c++) body(job, c * size / chunks, (c + 1) * size / chunks, c);
+        return;
+    }
+    while (pool.helpers < wanted) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)pool.helpers);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.helpers++;
+    }
+    pool.body = body;
+    pool.job = job;
+    pool.size = size;
+    pool.chunks = chunks;
+    pool.takers = wanted;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.open, 1);
+    atomic_fetch_add(&pool.generation, 1);
+    pthread_mutex_lock(&pool.sleep_lock);
+    if (pool.sleepers > 0) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.sleep_lock);
+    take_chunks();
+    while (atomic_load(&pool.done) < chunks) cpu_relax();      /* the pool threads' last chunks */
+    atomic_store(&pool.open, 0);
+    while (atomic_load(&pool.joined) > 0) cpu_relax();        /* nobody reads the task's fields any more */
+    pthread_mutex_unlock(&pool.busy);
+}
+
+static void run_parallel(int threads, index_t size, index_t min_chunk, chunk_body body, const void *job) {
+    run_parallel_chunks(threads, size, min_chunk, CHUNKS_PER_THREAD, body, job);
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The kernels above, each cut into chunks on the pool: *_parallel(..., threads, min_chunk) */
+
+typedef struct { const real *x, *grad; real *out; int tanh_form; } gelu_job;
+
+static void gelu_forward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const gelu_job *j = job;
+    gelu_forward(j->x + lo, j->out + lo, hi - lo, j->tanh_form);
+}
+
+static void gelu_backward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const gelu_job *j = job;
+    gelu_backward(j->x + lo, j->grad + lo, j->out + lo, hi - lo, j->tanh_form);
+}
+
+void gelu_forward_parallel(const real *x, real *out, index_t n, int tanh_form, int threads, index_t min_chunk) {
+    const gelu_job job = {x, NULL, out, tanh_form};
+    run_parallel(threads, n, min_chunk, gelu_forward_chunk, &job);
+}
+
+void gelu_backward_parallel(const real *x, const real *grad, real *grad_x, index_t n, int tanh_form, int threads,
+                            index_t min_chunk) {
+    const gelu_job job = {x, grad, grad_x, tanh_form};
+    run_parallel(threads, n, min_chunk, gelu_backward_chunk, &job);
+}
+
+typedef struct {
+    const real *x, *w, *b, *mean_in, *rstd_in, *grad;
+    real *out, *mean, *rstd, *grad_w, *grad_b;          /* grad_w, grad_b: (chunks, C), one row per chunk */
+    index_t C;
+    real eps;
+} layer_norm_job;
+
+static void layer_norm_forward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const layer_norm_job *j = job;
+    layer_norm_forward(j->x + lo * j->C, j->w, j->b, j->out + lo * j->C, j->mean + lo, j->rstd + lo, hi - lo,
+                       j->C, j->eps);
+}
+
+static void layer_norm_backward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const layer_norm_job *j = job;
+    layer_norm_backward(j->x + lo * j->C, j->w, j->mean_in + lo, j->rstd_in + lo, j->grad + lo * j->C,
+                        j->out ? j->out + lo * j->C : NULL, j->grad_w ? j->grad_w + chunk * j->C : NULL,
+                        j->grad_b ? j->grad_b + chunk * j->C : NULL, hi - lo, j->C);
+}
+
+void layer_norm_forward_parallel(const real *x, const real *w, const real *b, real *out, real *mean, real *rstd,
+                                 index_t rows, index_t C, real eps, int threads, index_t min_rows) {
+    const layer_norm_job job = {x, w, b, NULL, NULL, NULL, out, mean, rstd, NULL, NULL, C, eps};
+    run_parallel(threads, rows, min_rows, layer_norm_forward_chunk, &job);
+}
+
+/* grad_w, grad_b (either may be NULL): (parallel_chunks(rows, min_rows, threads), C) of zeros, each chunk's
+ * sums in its own row, for the caller to add up in order */
+void layer_norm_backward_parallel(const real *x, const real *w, const real *mean, const real *rstd,
+                                  const real *grad, real *grad_x, real *grad_w, real *grad_b, index_t rows,
+                                  index_t C, int threads, index_t min_rows) {
+    const layer_norm_job job = {x, w, NULL, mean, rstd, grad, grad_x, NULL, NULL, grad_w, grad_b, C, 0};
+    run_parallel(threads, rows, min_rows, layer_norm_backward_chunk, &job);
+}
+
+typedef struct { const real *z, *row_scale; real *logsumexp, *grad_z; index_t V; } softmax_job;
+
+static void logsumexp_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const softmax_job *j = job;
+    logsumexp_rows(j->z + lo * j->V, j->logsumexp + lo, hi - lo, j->V);
+}
+
+static void softmax_scaled_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const softmax_job *j = job;
+    softmax_scaled_rows(j->z + lo * j->V, j->logsumexp + lo, j->row_scale + lo, j->grad_z + lo * j->V, hi - lo,
+                        j->V);
+}
+
+void logsumexp_rows_parallel(const real *z, real *logsumexp, index_t rows, index_t V, int threads,
+                             index_t min_rows) {
+    const softmax_job job = {z, NULL, logsumexp, NULL, V};
+    run_parallel(threads, rows, min_rows, logsumexp_chunk, &job);
+}
+
+void softmax_scaled_rows_parallel(const real *z, const real *logsumexp, const real *row_scale, real *grad_z,
+                                  index_t rows, index_t V, int threads, index_t min_rows) {
+    const softmax_job job = {z, row_scale, (real *)logsumexp, grad_z, V};
+    run_parallel(threads, rows, min_rows, softmax_scaled_chunk, &job);
+}
+
+typedef struct { const real *x; real *out; uint64_t seed; int32_t threshold; real scale; } dropout_job;
+
+static void dropout_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const dropout_job *j = job;
+    dropout_hashed(j->x + lo, j->out + lo, lo, hi - lo, j->seed, j->threshold, j->scale);
+}
+
+void dropout_hashed_parallel(const real *x, real *out, index_t n, uint64_t seed, int32_t threshold, real scale,
+                             int threads, index_t min_chunk) {
+    const dropout_job job = {x, out, seed, threshold, scale};
+    run_parallel(threads, n, min_chunk, dropout_chunk, &job);
+}
+
+typedef struct {
+    const real *q, *k, *v, *out, *probs, *grad_out;
+    real *out_w, *probs_w, *grad_q, *grad_k, *grad_v;
+    const index_t *layout;
+    real scale, keep_scale;
+    int causal;
+    uint64_t seed;
+    int32_t threshold;
+    atomic_int *failures;
+} attention_job;
+
+/* each chunk of heads takes its scratch from the heap (tens of KB); a failed allocation leaves its heads
+ * undone and is counted in the job's failures, which the caller turns into MemoryError */
+
+static void attention_forward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const attention_job *j = job;
+    const index_t *l = j->layout;
+    real *scratch = malloc(sizeof(real) * attention_scratch_size(l[1], l[2], l[3], l[4], 0));
+    if (!scratch) { atomic_fetch_add(j->failures, 1); return; }
+    attention_forward(j->q, j->k, j->v, j->out_w, j->probs_w, l, lo, hi, j->scale, j->causal, j->seed,
+                      j->threshold, j->keep_scale, scratch);
+    free(scratch);
+}
+
+static void attention_backward_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const attention_job *j = job;
+    const index_t *l = j->layout;
+    real *scratch = malloc(sizeof(real) * attention_scratch_size(l[1], l[2], l[3], l[4], 1));
+    if (!scratch) { atomic_fetch_add(j->failures, 1); return; }
+    attention_backward(j->q, j->k, j->v, j->out, j->probs, j->grad_out, j->grad_q, j->grad_k, j->grad_v, l, lo,
+                       hi, j->scale, j->causal, j->seed, j->threshold, j->keep_scale, scratch);
+    free(scratch);
+}
+
+/* returns 0, or -1 where scratch memory could not be had */
+int attention_forward_parallel(const real *q, const real *k, const real *v, real *out, real *probs,
+                               const index_t *layout, index_t heads, real scale, int causal, uint64_t seed,
+                               int32_t threshold, real keep_scale, int threads, index_t min_heads) {
+    atomic_int failures = 0;
+    const attention_job job = {q, k, v, NULL, NULL, NULL, out, probs, NULL, NULL, NULL, layout, scale, keep_scale,
+                               causal, seed, threshold, &failures};
+    run_parallel(threads, heads, min_heads, attention_forward_chunk, &job);
+    return atomic_load(&failures) ? -1 : 0;
+}
+
+int attention_backward_parallel(const real *q, const real *k, const real *v, const real *out, const real *probs,
+                                const real *grad_out, real *grad_q, real *grad_k, real *grad_v,
+                                const index_t *layout, index_t heads, real scale, int causal, uint64_t seed,
+                                int32_t threshold, real keep_scale, int threads, index_t min_heads) {
+    atomic_int failures = 0;
+    const attention_job job = {q, k, v, out, probs, grad_out, NULL, NULL, grad_q, grad_k, grad_v, layout, scale,
+                               keep_scale, causal, seed, threshold, &failures};
+    run_parallel(threads, heads, min_heads, attention_backward_chunk, &job);
+    return atomic_load(&failures) ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Matrix products on the pool: C = op(A) op(B) (+ bias on each row), row-major, by the BLAS NumPy loaded,
+ * called on each thread for its own block of C's rows (or columns, where C is wide and short), with BLAS
+ * itself at one thread meanwhile (the caller's scope). One set of threads then does all of a step's work:
+ * no BLAS threads are left spinning while the pool's run the next op.
+ * `gemm` is the address of cblas_sgemm or cblas_dgemm (matching REAL) with 64-bit (int64 = 1) or 32-bit
+ * integers.
+ */
+typedef void (*gemm64_fn)(int, int, int, int64_t, int64_t, int64_t, real, const real *, int64_t, const real *,
+                          int64_t, real, real *, int64_t);
+typedef void (*gemm32_fn)(int, int, int, int32_t, int32_t, int32_t, real, const real *, int32_t, const real *,
+                          int32_t, real, real *, int32_t);
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+typedef struct {
+    void *gemm;
+    int int64, trans_a, trans_b, by_columns;
+    index_t M, N, K, lda, ldb, ldc;
+    const real *A, *B, *bias;
+    real *C;
+} gemm_job;
+
+static void gemm_block(const gemm_job *j, index_t M, index_t N, const real *A, const real *B, real *C) {
+    const int ta = j->trans_a ? TRANS : NO_TRANS, tb = j->trans_b ? TRANS : NO_TRANS;
+    if (M == 0 || N == 0) return;
+    if (j->int64)
+        ((gemm64_fn)j->gemm)(ROW_MAJOR, ta, tb, M, N, j->K, 1, A, j->lda, B, j->ldb, 0, C, j->ldc);
+    else
+        ((gemm32_fn)j->gemm)(ROW_MAJOR, ta, tb, (int32_t)M, (int32_t)N, (int32_t)j->K, 1, A, (int32_t)j->lda, B,
+                             (int32_t)j->ldb, 0, C, (int32_t)j->ldc);
+}
+
+static void gemm_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const gemm_job *j = job;
+    index_t r0 = 0, r1 = j->M, c0 = 0, c1 = j->N;
+    if (j->by_columns) {
+        c0 = lo, c1 = hi;
+        gemm_block(j, j->M, hi - lo, j->A, j->trans_b ? j->B + lo * j->ldb : j->B + lo, j->C + lo);
+    } else {
+        r0 = lo, r1 = hi;
+        gemm_block(j, hi - lo, j->N, j->trans_a ? j->A + lo : j->A + lo * j->lda, j->B, j->C + lo * j->ldc);
+    }
+    if (j->bias)
+        for (index_t r = r0; r < r1; r++) {
+            real *row = j->C + r * j->ldc;
+            #pragma omp simd
+            for (index_t c = c0; c < c1; c++) row[c] += j->bias[c];
+        }
+}
+
+/* C (M, N) = op(A) (M, K) op(B) (K, N) [+ bias (N,)]: rows of C split among the threads, or its columns
+ * where it has fewer rows than columns; blocks of at least min_block rows (columns). */
+void gemm_parallel(void *gemm, int int64, int trans_a, int trans_b, index_t M, index_t N, index_t K,
+                   const real *A, index_t lda, const real *B, index_t ldb, real *C, index_t ldc, const real *bias,
+                   int threads, index_t min_block) {
+    const int by_columns = N > M;
+    const gemm_job job = {gemm, int64, trans_a, trans_b, by_columns, M, N, K, lda, ldb, ldc, A, B, bias, C};
+    run_parallel_chunks(threads, by_columns ? N : M, min_block, 1, gemm_chunk, &job);
 }

@@ -34,7 +34,7 @@ import numpy as np
 from ... import backend
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
-FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]        # dropped if the compiler refuses it
 REALS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
@@ -44,7 +44,8 @@ _state = {"libraries": None, "reason": None, "paths": {}, "enabled": True}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
-RESULT_TYPES = {"attention_scratch_size": _I64}        # the others return nothing
+RESULT_TYPES = {"attention_scratch_size": _I64, "parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
+                "attention_backward_parallel": ctypes.c_int}        # the others return nothing
 
 
 def _signatures(real):
@@ -65,6 +66,21 @@ def _signatures(real):
         "attention_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int,
                                ctypes.c_uint64, _I32, real, _P],
         "attention_scratch_size": [_I64, _I64, _I64, _I64, ctypes.c_int],
+        # the same, cut into chunks on the kernels' thread pool: (..., threads, the smallest chunk)
+        "parallel_chunks": [_I64, _I64, ctypes.c_int],
+        "gelu_forward_parallel": [_P, _P, _I64, ctypes.c_int, ctypes.c_int, _I64],
+        "gelu_backward_parallel": [_P, _P, _P, _I64, ctypes.c_int, ctypes.c_int, _I64],
+        "layer_norm_forward_parallel": [_P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int, _I64],
+        "layer_norm_backward_parallel": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int, _I64],
+        "logsumexp_rows_parallel": [_P, _P, _I64, _I64, ctypes.c_int, _I64],
+        "softmax_scaled_rows_parallel": [_P, _P, _P, _P, _I64, _I64, ctypes.c_int, _I64],
+        "dropout_hashed_parallel": [_P, _P, _I64, ctypes.c_uint64, _I32, real, ctypes.c_int, _I64],
+        "attention_forward_parallel": [_P, _P, _P, _P, _P, _P, _I64, real, ctypes.c_int, ctypes.c_uint64, _I32,
+                                       real, ctypes.c_int, _I64],
+        "attention_backward_parallel": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, real, ctypes.c_int,
+                                        ctypes.c_uint64, _I32, real, ctypes.c_int, _I64],
+        "gemm_parallel": [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64, _I64, _I64, _P, _I64, _P, _I64, _P,
+                          _I64, _P, ctypes.c_int, _I64],
     }
 
 

@@ -48,6 +48,12 @@ def _chunks(size, min_size):
     return parallel.chunk_bounds(size, parallel.chunk_count(size, min_size, CHUNKS_PER_WORKER))
 
 
+def _threads():
+    """The threads a kernel call may use: npgpt's worker count, 1 on a worker thread of its own (the
+    training program's data-parallel shards)."""
+    return 1 if threads.on_worker_thread() else threads.workers()
+
+
 def _rows_min(columns):
     return -(-KERNEL_MIN_ELEMENTS // max(1, columns))
 
@@ -63,16 +69,87 @@ def gelu(input, approximate="none"):
     k = native.kernels(x.dtype)
     tanh_form = int(approximate == "tanh")
     out = np.empty_like(x)
-    bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
-    parallel.run_chunks(lambda lo, hi: k.gelu_forward(at(x, lo), at(out, lo), hi - lo, tanh_form), bounds)
+    k.gelu_forward_parallel(at(x), at(out), x.size, tanh_form, _threads(), KERNEL_MIN_ELEMENTS)
 
     def backward(grad):             # Phi(x) (or tanh u) recomputed from x: nothing kept but x itself
         grad = np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)
         grad_x = np.empty_like(x)
-        parallel.run_chunks(lambda lo, hi: k.gelu_backward(at(x, lo), at(grad, lo), at(grad_x, lo), hi - lo,
-                                                           tanh_form), bounds)
+        k.gelu_backward_parallel(at(x), at(grad), at(grad_x), x.size, tanh_form, _threads(), KERNEL_MIN_ELEMENTS)
         return (grad_x,)
     return _make(out, (input,), backward, "gelu")
+
+
+# ========================================================================================================
+# linear: its three products on the kernels' threads
+
+def linear(input, weight, bias=None):
+    """y = x W^T + b, dx = dy W, dW = dy^T x (the reference's maths) as products on the kernels' pool: each
+    thread a block of the result's rows (or columns) by the BLAS, at one thread meanwhile, the bias added in
+    the same pass. db is dy itself, which the engine sums, as the reference's."""
+    input, weight = F._t(input), F._t(weight)
+    bias = F._t(bias) if bias is not None else None
+    x, W = input.data, weight.data
+    if x.shape[-1] != W.shape[1] or x.ndim == 0:
+        return F.linear.reference(input, weight, bias)              # its error
+    dtype = x.dtype
+    n_in, n_out = W.shape[1], W.shape[0]
+    x2d = _rows_view(x.reshape(-1, n_in))                           # (N, in)
+    w2d = _rows_view(W)                                             # (out, in)
+    b = np.ascontiguousarray(bias.data, dtype=dtype) if bias is not None else None
+    out = np.empty((x2d.shape[0], n_out), dtype=dtype)              # (N, out)
+    _product(x2d, w2d, out, trans_b=True, bias=b)
+
+    def backward(grad):
+        grad2d = _rows_view(np.asarray(grad, dtype=dtype).reshape(-1, n_out))       # (N, out)
+        grad_x = grad_W = None
+        if input.requires_grad:
+            grad_x = np.empty((x2d.shape[0], n_in), dtype=dtype)
+            _product(grad2d, w2d, grad_x)                           # (N, out) @ (out, in)
+            grad_x = grad_x.reshape(x.shape)
+        if weight.requires_grad:
+            grad_W = np.empty((n_out, n_in), dtype=dtype)
+            _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
+        return (grad_x, grad_W, grad) if bias is not None else (grad_x, grad_W)
+
+    parents = (input, weight, bias) if bias is not None else (input, weight)
+    return _make(out.reshape(*x.shape[:-1], n_out), parents, backward, "linear")
+
+
+GEMM_MIN_ROWS = 64          # the thinnest block of a product worth a thread
+
+
+def _rows_view(a):
+    """a (rows, cols) as BLAS reads it: unit stride along the columns, rows at a positive stride (a copy
+    where it is not)."""
+    if a.strides[-1] != a.itemsize or a.strides[0] < a.itemsize * max(1, a.shape[1]) or a.strides[0] % a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
+def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
+    """out (M, N) = op(a) op(b) [+ bias], op the transpose where asked; out contiguous."""
+    M, N = out.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        out[...] = 0 if bias is None else bias
+        return
+    gemm, int64 = threads.blas_gemm(out.dtype)
+    k = native.kernels(out.dtype)
+    with threads.blas_threads(1):
+        k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
+                        a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
+                        None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
+
+
+def linear_applies(input, weight, bias=None):
+    """The kernels and the BLAS's product are found for the dtype, all operands alike in it."""
+    arrays = [t.data if isinstance(t, F.Tensor) else t for t in (input, weight, bias) if t is not None]
+    if not all(isinstance(a, np.ndarray) for a in arrays) or len({a.dtype for a in arrays}) != 1:
+        return False
+    dtype = arrays[0].dtype
+    return arrays[1].ndim == 2 and native.kernels(dtype) is not None and threads.blas_gemm(dtype) is not None
 
 
 # ========================================================================================================
@@ -91,36 +168,29 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     b = np.ascontiguousarray(bias.data).reshape(C) if bias is not None else None
     out = np.empty_like(rows)
     mean, rstd = np.empty(N, dtype=x.dtype), np.empty(N, dtype=x.dtype)     # (N,) each
-    bounds = _chunks(N, _rows_min(C))
+    min_rows = _rows_min(C)
 
-    def pointer(array, row=0):
-        return None if array is None else at(array, row * C)
+    def pointer(array):
+        return None if array is None else at(array)
 
-    parallel.run_chunks(lambda lo, hi: k.layer_norm_forward(
-        at(rows, lo * C), pointer(w), pointer(b), at(out, lo * C), at(mean, lo), at(rstd, lo), hi - lo, C,
-        eps), bounds)
+    k.layer_norm_forward_parallel(at(rows), pointer(w), pointer(b), at(out), at(mean), at(rstd), N, C, eps,
+                                  _threads(), min_rows)
 
-    # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w;  dw = sum dy xhat, db = sum dy, per chunk,
-    # the chunks' sums added in chunk order (fixed for a fixed thread count)
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w;  dw = sum dy xhat, db = sum dy, per chunk (a
+    # row each of grad_w, grad_b), the chunks' sums added in chunk order (fixed for a fixed thread count)
     def backward(grad):
         grad_rows = np.ascontiguousarray(grad, dtype=x.dtype).reshape(-1, C)
         grad_x = np.empty_like(rows) if input.requires_grad else None
-        want_w = weight is not None and weight.requires_grad
-        want_b = bias is not None and bias.requires_grad
-
-        def chunk(lo, hi):
-            grad_w = np.zeros(C, dtype=x.dtype) if want_w else None
-            grad_b = np.zeros(C, dtype=x.dtype) if want_b else None
-            k.layer_norm_backward(at(rows, lo * C), pointer(w), at(mean, lo), at(rstd, lo),
-                                  at(grad_rows, lo * C), None if grad_x is None else at(grad_x, lo * C),
-                                  pointer(grad_w), pointer(grad_b), hi - lo, C)
-            return grad_w, grad_b
-        partials = parallel.run_chunks(chunk, bounds)
+        workers = _threads()
+        chunks = k.parallel_chunks(N, min_rows, workers)
+        grad_w = np.zeros((chunks, C), dtype=x.dtype) if weight is not None and weight.requires_grad else None
+        grad_b = np.zeros((chunks, C), dtype=x.dtype) if bias is not None and bias.requires_grad else None
+        k.layer_norm_backward_parallel(at(rows), pointer(w), at(mean), at(rstd), at(grad_rows), pointer(grad_x),
+                                       pointer(grad_w), pointer(grad_b), N, C, workers, min_rows)
         grads = (grad_x.reshape(x.shape) if grad_x is not None else None,)
-        if weight is not None:
-            grads += (ops._sum_in_order([p[0] for p in partials]).reshape(weight.shape) if want_w else None,)
-        if bias is not None:
-            grads += (ops._sum_in_order([p[1] for p in partials]).reshape(bias.shape) if want_b else None,)
+        for param, partial in ((weight, grad_w), (bias, grad_b)):
+            if param is not None:
+                grads += (None if partial is None else ops._sum_in_order(list(partial)).reshape(param.shape),)
         return grads
     return _make(out.reshape(x.shape), parents, backward, "layer_norm")
 
@@ -142,8 +212,7 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     rows = np.arange(N)
     safe_t = np.where(valid, t, 0)
     logsumexp = np.empty(N, dtype=z.dtype)
-    bounds = _chunks(N, _rows_min(V))
-    parallel.run_chunks(lambda lo, hi: k.logsumexp_rows(at(z, lo * V), at(logsumexp, lo), hi - lo, V), bounds)
+    k.logsumexp_rows_parallel(at(z), at(logsumexp), N, V, _threads(), _rows_min(V))
     losses = (logsumexp - z[rows, safe_t]) * valid
 
     # dz = (softmax(z) - onehot(t)) * row_scale
@@ -151,8 +220,8 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
         row_scale = np.ascontiguousarray(F.cross_entropy_row_scale(grad, valid, count, reduction, z.dtype),
                                          dtype=z.dtype).reshape(N)
         grad_z = np.empty_like(z)
-        parallel.run_chunks(lambda lo, hi: k.softmax_scaled_rows(
-            at(z, lo * V), at(logsumexp, lo), at(row_scale, lo), at(grad_z, lo * V), hi - lo, V), bounds)
+        k.softmax_scaled_rows_parallel(at(z), at(logsumexp), at(row_scale), at(grad_z), N, V, _threads(),
+                                       _rows_min(V))
         grad_z[rows, safe_t] -= row_scale
         return (F.grad_logits_shape(grad_z, logits),)
 
@@ -173,12 +242,11 @@ def dropout(input, p=0.5, training=True, generator=None):
     k = native.kernels(x.dtype)
     threshold, scale = ops.dropout_threshold(p, x.dtype)
     seed = native.dropout_seed(generator)
-    bounds = _chunks(x.size, KERNEL_MIN_ELEMENTS)
 
     def apply(values):
         out = np.empty_like(values)
-        parallel.run_chunks(lambda lo, hi: k.dropout_hashed(at(values, lo), at(out, lo), lo, hi - lo, seed,
-                                                            threshold, scale), bounds)
+        k.dropout_hashed_parallel(at(values), at(out), values.size, seed, threshold, scale, _threads(),
+                                  KERNEL_MIN_ELEMENTS)
         return out
 
     # y = x * keep * scale, so dy/dx = keep * scale: the same hashed mask applied to the gradient
@@ -257,25 +325,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     records = engine_records(query, key, value)
     out = np.empty((B, H, L, Dv), dtype=dtype)
     probs = np.empty((B, H, L, S), dtype=dtype) if records else None       # P, for the backward
-    bounds = _chunks(B * H, max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S))))
+    min_heads = max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S)))
     pointers = (native.address(q4), native.address(k4), native.address(v4), at(out))
-
-    def forward_chunk(lo, hi):
-        scratch = np.empty(kern.attention_scratch_size(L, S, D, Dv, 0), dtype=dtype)
-        kern.attention_forward(*pointers, None if probs is None else at(probs), at(layout), lo, hi, scale,
-                               causal, seed, threshold, keep_scale, at(scratch))
-    parallel.run_chunks(forward_chunk, bounds)
+    settings = (at(layout), B * H, scale, causal, seed, threshold, keep_scale)
+    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), *settings, _threads(),
+                                       min_heads):
+        raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
 
     def backward(grad):
         grad_out = np.ascontiguousarray(grad, dtype=dtype).reshape(out.shape)
         grad_q, grad_k = np.empty(q4.shape, dtype=dtype), np.empty(k4.shape, dtype=dtype)
         grad_v = np.empty(v4.shape, dtype=dtype)
-
-        def backward_chunk(lo, hi):
-            scratch = np.empty(kern.attention_scratch_size(L, S, D, Dv, 1), dtype=dtype)
-            kern.attention_backward(*pointers, at(probs), at(grad_out), at(grad_q), at(grad_k), at(grad_v),
-                                    at(layout), lo, hi, scale, causal, seed, threshold, keep_scale, at(scratch))
-        parallel.run_chunks(backward_chunk, bounds)
+        if kern.attention_backward_parallel(*pointers, at(probs), at(grad_out), at(grad_q), at(grad_k), at(grad_v),
+                                            *settings, _threads(), min_heads):
+            raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
         return grad_q.reshape(q.shape), grad_k.reshape(k.shape), grad_v.reshape(v.shape)
     return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward, "scaled_dot_product_attention")
 
@@ -325,6 +388,7 @@ def _built_for_updates(updates):
 
 
 def register():
+    register_fast_path("linear", linear, "cpu", applies=linear_applies)
     register_fast_path("gelu", gelu, "cpu", applies=_built)
     register_fast_path("layer_norm", layer_norm, "cpu", applies=_built)
     register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)

@@ -36,22 +36,29 @@ def default_workers():
     return max(1, min(cores or 1, 4))
 
 
+def _openblas_libraries():
+    """The OpenBLAS libraries this process has loaded (NumPy's), opened with ctypes."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line and ".so" in line}
+    except OSError:
+        return []
+    libraries = []
+    for path in sorted(paths):
+        try:
+            libraries.append(ctypes.CDLL(path))
+        except OSError:
+            continue
+    return libraries
+
+
 def _find_blas_controls():
     """openblas_set/get_num_threads of the OpenBLAS that NumPy loaded (any symbol suffix), or ()."""
     global _blas
     if _blas is not None:
         return _blas
     _blas = ()
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line and ".so" in line}
-    except OSError:
-        return _blas
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in _openblas_libraries():
         for prefix in ("openblas", "scipy_openblas"):
             for suffix in ("", "64_", "_64"):
                 try:
@@ -63,6 +70,34 @@ def _find_blas_controls():
                 _blas = (setter, getter)
                 return _blas
     return _blas
+
+
+_gemms = {}
+
+
+def blas_gemm(dtype):
+    """(address, int64) of cblas_sgemm (float32) or cblas_dgemm (float64) in the OpenBLAS NumPy loaded, int64
+    true where its integers are 64-bit; None where there is none (or its thread count cannot be set, which
+    the kernels' products need: BLAS at one thread on each of their threads)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _gemms:
+        _gemms[dtype] = None
+        letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}.get(dtype)
+        for lib in _openblas_libraries() if letter and can_control_blas() else []:
+            for prefix, suffix, int64 in (("scipy_", "64_", True), ("", "64_", True), ("", "_64", True),
+                                          ("scipy_", "", False), ("", "", False)):
+                try:
+                    fn = getattr(lib, f"{prefix}cblas_{letter}gemm{suffix}")
+                except AttributeError:
+                    continue
+                if not int64:       # an unsuffixed name: 64-bit integers only if the build says so
+                    config = getattr(lib, f"{prefix}openblas_get_config", None)
+                    if config is not None:
+                        config.restype = ctypes.c_char_p
+                        int64 = b"USE64BITINT" in (config() or b"")
+                _gemms[dtype] = (ctypes.cast(fn, ctypes.c_void_p).value, int64)
+                return _gemms[dtype]
+    return _gemms[dtype]
 
 
 def can_control_blas():
