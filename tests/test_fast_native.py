@@ -34,8 +34,8 @@ def workers(request, monkeypatch):
     """1, 2 and 3 worker threads, with chunks small enough that the tests' arrays are cut into several,
     of ragged sizes."""
     monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
-    monkeypatch.setattr(native_ops, "ADAMW_PIECE", 333)
     monkeypatch.setattr(native_ops, "ADAMW_MIN_ELEMENTS", 50)
+    monkeypatch.setattr(native_ops, "GEMM_MIN_ROWS", 5)
     monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
     previous = threads.set_workers(request.param)

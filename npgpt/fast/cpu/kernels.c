@@ -952,3 +952,60 @@ void gemm_parallel(void *gemm, int int64, int trans_a, int trans_b, index_t M, i
     const gemm_job job = {gemm, int64, trans_a, trans_b, by_columns, M, N, K, lda, ldb, ldc, A, B, bias, C};
     run_parallel_chunks(threads, by_columns ? N : M, min_block, 1, gemm_chunk, &job);
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Sums: out = a + b (flat); column sums of x (rows, C), one row of `partial` (chunks, C) per chunk of rows,
+ * for the caller to add up in chunk order (a bias's gradient: db = sum over the rows of dy). */
+typedef struct { const real *a, *b; real *out; index_t C; } sum_job;
+
+static void add_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const sum_job *j = job;
+    #pragma omp simd
+    for (index_t i = lo; i < hi; i++) j->out[i] = j->a[i] + j->b[i];
+}
+
+void add_parallel(const real *a, const real *b, real *out, index_t n, int threads, index_t min_chunk) {
+    const sum_job job = {a, b, out, 0};
+    run_parallel(threads, n, min_chunk, add_chunk, &job);
+}
+
+static void column_sums_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const sum_job *j = job;
+    real *sums = j->out + chunk * j->C;
+    for (index_t r = lo; r < hi; r++) {
+        const real *row = j->a + r * j->C;
+        #pragma omp simd
+        for (index_t c = 0; c < j->C; c++) sums[c] += row[c];
+    }
+}
+
+void column_sums_parallel(const real *x, real *partial, index_t rows, index_t C, int threads, index_t min_rows) {
+    const sum_job job = {x, NULL, partial, C};
+    run_parallel(threads, rows, min_rows, column_sums_chunk, &job);
+}
+
+/* AdamW over many parameters at once: parameter i has `sizes[i]` elements, its p, g, m, v at
+ * pointers[4 i .. 4 i + 3] and its six scalars (adamw_update's) at scalars[6 i ..]; the elements of all of
+ * them, end to end, are cut into chunks, so the threads share the work whatever the parameters' sizes. */
+typedef struct { const uint64_t *pointers; const index_t *starts; const real *scalars; index_t count; } adamw_job;
+
+static void adamw_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const adamw_job *j = job;
+    for (index_t i = 0; i < j->count; i++) {
+        const index_t begin = j->starts[i], end = j->starts[i + 1];
+        const index_t a = lo > begin ? lo : begin, b = hi < end ? hi : end;
+        if (a >= b) continue;
+        real *const *ptr = (real *const *)(j->pointers + 4 * i);
+        const real *s = j->scalars + 6 * i;
+        const index_t off = a - begin;
+        adamw_update(ptr[0] + off, ptr[1] + off, ptr[2] + off, ptr[3] + off, b - a, s[0], s[1], s[2], s[3], s[4],
+                     s[5]);
+    }
+}
+
+/* starts: (count + 1,) the running totals of the sizes, from 0 */
+void adamw_update_many(const uint64_t *pointers, const index_t *starts, const real *scalars, index_t count,
+                       int threads, index_t min_chunk) {
+    const adamw_job job = {pointers, starts, scalars, count};
+    run_parallel(threads, starts[count], min_chunk, adamw_chunk, &job);
+}

@@ -1,5 +1,7 @@
 """CPU fast paths on the C kernels (``kernels.c``, built and loaded by ``native.py``).
 
+    linear           y = x W^T + b, dx = dy W, dW = dy^T x: the BLAS's products, one block of the result's
+                     rows (or columns) per thread, the bias added in the same pass; db summed by the kernels
     gelu             one pass forward, one backward that recomputes Phi(x) (or tanh u) instead of keeping it
     layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
                      from the saved mean and 1/std instead of keeping an (N, C) copy
@@ -7,21 +9,26 @@
                      backward: dz = exp(z - logsumexp) * row scale in one pass
     dropout          a 16-bit mask hashed from one seed and each element's index, drawn and applied in one
                      pass, drawn again by the backward (nothing kept)
-    adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten)
-
     scaled_dot_product_attention
                      a head at a time: scores, softmax, dropout and A V while the head's scores are in
                      the cache; only P is kept, the backward draws the mask again. Q, K, V are read where
                      they lie (the model's are strided views into one projection)
+    adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten), all parameters in one call
+    add_arrays       a + b, the residual stream's sums and the engine's sums of gradients
 
 Where that attention does not apply (a mask, broadcast batch dimensions), ops.scaled_dot_product_attention
 runs, with the kernels' row softmax, its backward and its dropout (``native.softmax_rows_in_place``,
 ``native.dropout_hashed``).
 
-Each op cuts its elements or rows into chunks with fixed bounds (``parallel.py``) and calls the kernel once
-per chunk, the chunks on the worker threads at once: ctypes releases the GIL. Registered after ``ops.py``'s
-paths, so asked first; where the kernels could not be built (no C compiler) they do not apply and those run.
-``tests/test_fast_native.py`` holds each equal to its reference.
+Threads: each op is one call into the library, which cuts the elements (rows, heads) into chunks with fixed
+bounds and runs them on its own small thread pool (kernels.c's run_parallel), the interpreter's lock
+released. The bounds depend only on the size and the thread count (threads.workers(), 1 on the training
+program's data-parallel threads), so sums added chunk by chunk are the same on every run. The products run the
+BLAS at one thread on each pool thread, inside a threads.blas_threads(1) block: all of a step's work is then
+done by one set of threads, and none of BLAS's own is left spinning on a core while the next op runs.
+
+Registered after ``ops.py``'s paths, so asked first; where the kernels could not be built (no C compiler)
+they do not apply and those run. ``tests/test_fast_native.py`` holds each equal to its reference.
 """
 
 import math
@@ -31,21 +38,13 @@ import numpy as np
 from ... import functional as F
 from ... import optim
 from ...engine import _make, is_grad_enabled, register_fast_path
-from . import native, ops, parallel, threads
+from . import native, ops, threads
 
 # The smallest chunk worth a thread: a kernel does ~1 ns an element, a hand-off costs ~50 us
 KERNEL_MIN_ELEMENTS = 65536
-CHUNKS_PER_WORKER = 2           # few chunks: a kernel call has no per-block overhead to hide
-ADAMW_PIECE = 1 << 20           # elements of a parameter one AdamW call updates
-ADAMW_MIN_ELEMENTS = 1 << 19    # the fewest elements (of all parameters) worth a thread of their own
+ADAMW_MIN_ELEMENTS = 1 << 17    # the fewest elements (of all parameters) worth a chunk of their own
 
 at = native.address
-
-
-def _chunks(size, min_size):
-    if size < 2 * min_size:         # too small to split: skip the thread count's lookups (a small model's
-        return [(0, size)]          # ops are mostly this, and each lookup costs microseconds)
-    return parallel.chunk_bounds(size, parallel.chunk_count(size, min_size, CHUNKS_PER_WORKER))
 
 
 def _threads():
@@ -85,7 +84,7 @@ def gelu(input, approximate="none"):
 def linear(input, weight, bias=None):
     """y = x W^T + b, dx = dy W, dW = dy^T x (the reference's maths) as products on the kernels' pool: each
     thread a block of the result's rows (or columns) by the BLAS, at one thread meanwhile, the bias added in
-    the same pass. db is dy itself, which the engine sums, as the reference's."""
+    the same pass. db = the sum of dy over the rows, by chunks of rows added up in order."""
     input, weight = F._t(input), F._t(weight)
     bias = F._t(bias) if bias is not None else None
     x, W = input.data, weight.data
@@ -109,7 +108,9 @@ def linear(input, weight, bias=None):
         if weight.requires_grad:
             grad_W = np.empty((n_out, n_in), dtype=dtype)
             _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
-        return (grad_x, grad_W, grad) if bias is not None else (grad_x, grad_W)
+        if bias is None:
+            return grad_x, grad_W
+        return grad_x, grad_W, (_column_sums(grad2d) if bias.requires_grad else None)
 
     parents = (input, weight, bias) if bias is not None else (input, weight)
     return _make(out.reshape(*x.shape[:-1], n_out), parents, backward, "linear")
@@ -141,6 +142,17 @@ def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
         k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
                         a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
                         None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
+
+
+def _column_sums(a):
+    """a (rows, C) summed over its rows: each chunk of rows into its own row of partial sums, the chunks'
+    sums then added in chunk order (the same for a fixed thread count)."""
+    a = np.ascontiguousarray(a)
+    rows, C = a.shape
+    k, workers, min_rows = native.kernels(a.dtype), _threads(), _rows_min(C)
+    partial = np.zeros((k.parallel_chunks(rows, min_rows, workers), C), dtype=a.dtype)
+    k.column_sums_parallel(at(a), at(partial), rows, C, workers, min_rows)
+    return ops._sum_in_order(list(partial))
 
 
 def linear_applies(input, weight, bias=None):
@@ -259,40 +271,46 @@ def dropout(input, p=0.5, training=True, generator=None):
 # AdamW
 
 def adamw_step(updates):
-    """optim.adamw_update's maths, a kernel call per piece of each parameter, the pieces in a few groups of
-    about equal size on the worker threads (one hand-off a group: a small model's 50 parameters would be 50
-    tiny hand-offs)."""
-    pieces = []     # (kernels or None, (p, g, m, v), lo, hi, settings): None runs the NumPy update whole
+    """optim.adamw_update's maths in one kernel call per dtype for all the parameters: their elements, end to
+    end, cut into chunks on the kernels' threads (a small model's 50 parameters are one hand-off, not 50).
+    A parameter whose arrays are not contiguous in its dtype gets the NumPy update."""
+    batches = {}    # dtype -> [(p, g, m, v), ...] and their scalars
     for p, state, group in updates:
         lr, beta1, beta2, eps, decay, t = optim.adamw_settings(state, group)
         arrays = (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
         k = native.kernels(p.data.dtype)
         if k is None or not all(a.flags.c_contiguous and a.dtype == p.data.dtype for a in arrays):
-            pieces.append((None, arrays, 0, p.data.size, (lr, beta1, beta2, eps, decay, t)))
+            optim.adamw_update(*arrays, (lr, beta1, beta2, eps, decay, t))
             continue
         # the kernel's scalars: decay factor 1 - lr decay, step size lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)
         scalars = (beta1, beta2, eps, 1 - lr * decay, lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t))
-        for lo in range(0, p.data.size, ADAMW_PIECE):
-            pieces.append((k, arrays, lo, min(p.data.size, lo + ADAMW_PIECE), scalars))
+        batch = batches.setdefault(p.data.dtype, ([], []))
+        batch[0].append(arrays)
+        batch[1].append(scalars)
+    # a parameter listed twice is updated twice, one update after the other: then one chunk, in order
+    workers = _threads() if len({id(p) for p, _, _ in updates}) == len(updates) else 1
+    for dtype, (arrays, scalars) in batches.items():
+        pointers = np.array([[at(a) for a in group] for group in arrays], dtype=np.uint64)      # (n, 4)
+        starts = np.concatenate([[0], np.cumsum([group[0].size for group in arrays])]).astype(np.int64)
+        scalars = np.array(scalars, dtype=dtype)                                              # (n, 6)
+        native.kernels(dtype).adamw_update_many(at(pointers), at(starts), at(scalars), len(arrays), workers,
+                                                ADAMW_MIN_ELEMENTS)
 
-    def run(group):
-        for k, (param, grad, m, v), lo, hi, settings in group:
-            if k is None:
-                optim.adamw_update(param, grad, m, v, settings)
-            else:
-                k.adamw_update(at(param, lo), at(grad, lo), at(m, lo), at(v, lo), hi - lo, *settings)
 
-    total = sum(hi - lo for _, _, lo, hi, _ in pieces)
-    parts = min(len(pieces), threads.workers() * CHUNKS_PER_WORKER, max(1, total // ADAMW_MIN_ELEMENTS))
-    if len({id(p) for p, _, _ in updates}) < len(updates):
-        parts = 1           # a parameter listed twice is updated twice, one update after the other
-    # piece i goes to the group of equal shares of the elements that its first element falls in
-    groups = [[] for _ in range(parts)]
-    start = 0
-    for piece in pieces:
-        groups[start * parts // max(1, total)].append(piece)
-        start += piece[3] - piece[2]
-    threads.run_in_parallel(run, [g for g in groups if g])
+# ========================================================================================================
+# add_arrays: the residual stream's sums, and gradients meeting where a tensor is used twice
+
+def add_arrays(a, b):
+    out = np.empty_like(a)
+    native.kernels(a.dtype).add_parallel(at(a), at(b), at(out), a.size, _threads(), KERNEL_MIN_ELEMENTS)
+    return out
+
+
+def add_applies(a, b):
+    """Two C-contiguous float arrays of one shape and dtype, large enough to share, the kernels built."""
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+            and a.dtype == b.dtype and a.dtype.kind == "f" and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.size >= 2 * KERNEL_MIN_ELEMENTS and native.kernels(a.dtype) is not None)
 
 
 # ========================================================================================================
@@ -394,5 +412,6 @@ def register():
     register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)
     register_fast_path("dropout", dropout, "cpu", applies=_built_with_numpy_generator)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_built_for_updates)
+    register_fast_path("add_arrays", add_arrays, "cpu", applies=add_applies)
     register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
                        applies=attention_applies)
