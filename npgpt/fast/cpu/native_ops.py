@@ -38,7 +38,7 @@ import numpy as np
 from ... import functional as F
 from ... import optim
 from ...engine import _make, is_grad_enabled, register_fast_path
-from . import native, ops, threads
+from . import buffers, native, ops, threads
 
 # The smallest chunk worth a thread: a kernel does ~1 ns an element, a hand-off costs ~50 us
 KERNEL_MIN_ELEMENTS = 65536
@@ -67,12 +67,12 @@ def gelu(input, approximate="none"):
     x = np.ascontiguousarray(input.data).reshape(input.data.shape)     # (a 0-d array stays 0-d)
     k = native.kernels(x.dtype)
     tanh_form = int(approximate == "tanh")
-    out = np.empty_like(x)
+    out = buffers.empty_like(x)
     k.gelu_forward_parallel(at(x), at(out), x.size, tanh_form, _threads(), KERNEL_MIN_ELEMENTS)
 
     def backward(grad):             # Phi(x) (or tanh u) recomputed from x: nothing kept but x itself
         grad = np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)
-        grad_x = np.empty_like(x)
+        grad_x = buffers.empty_like(x)
         k.gelu_backward_parallel(at(x), at(grad), at(grad_x), x.size, tanh_form, _threads(), KERNEL_MIN_ELEMENTS)
         return (grad_x,)
     return _make(out, (input,), backward, "gelu")
@@ -95,18 +95,18 @@ def linear(input, weight, bias=None):
     x2d = _rows_view(x.reshape(-1, n_in))                           # (N, in)
     w2d = _rows_view(W)                                             # (out, in)
     b = np.ascontiguousarray(bias.data, dtype=dtype) if bias is not None else None
-    out = np.empty((x2d.shape[0], n_out), dtype=dtype)              # (N, out)
+    out = buffers.empty((x2d.shape[0], n_out), dtype)                 # (N, out)
     _product(x2d, w2d, out, trans_b=True, bias=b)
 
     def backward(grad):
         grad2d = _rows_view(np.asarray(grad, dtype=dtype).reshape(-1, n_out))       # (N, out)
         grad_x = grad_W = None
         if input.requires_grad:
-            grad_x = np.empty((x2d.shape[0], n_in), dtype=dtype)
+            grad_x = buffers.empty((x2d.shape[0], n_in), dtype)
             _product(grad2d, w2d, grad_x)                           # (N, out) @ (out, in)
             grad_x = grad_x.reshape(x.shape)
         if weight.requires_grad:
-            grad_W = np.empty((n_out, n_in), dtype=dtype)
+            grad_W = buffers.empty((n_out, n_in), dtype)
             _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
         if bias is None:
             return grad_x, grad_W
@@ -178,7 +178,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     k = native.kernels(x.dtype)
     w = np.ascontiguousarray(weight.data).reshape(C) if weight is not None else None
     b = np.ascontiguousarray(bias.data).reshape(C) if bias is not None else None
-    out = np.empty_like(rows)
+    out = buffers.empty_like(rows)
     mean, rstd = np.empty(N, dtype=x.dtype), np.empty(N, dtype=x.dtype)     # (N,) each
     min_rows = _rows_min(C)
 
@@ -192,7 +192,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     # row each of grad_w, grad_b), the chunks' sums added in chunk order (fixed for a fixed thread count)
     def backward(grad):
         grad_rows = np.ascontiguousarray(grad, dtype=x.dtype).reshape(-1, C)
-        grad_x = np.empty_like(rows) if input.requires_grad else None
+        grad_x = buffers.empty_like(rows) if input.requires_grad else None
         workers = _threads()
         chunks = k.parallel_chunks(N, min_rows, workers)
         grad_w = np.zeros((chunks, C), dtype=x.dtype) if weight is not None and weight.requires_grad else None
@@ -231,7 +231,7 @@ def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     def backward(grad):
         row_scale = np.ascontiguousarray(F.cross_entropy_row_scale(grad, valid, count, reduction, z.dtype),
                                          dtype=z.dtype).reshape(N)
-        grad_z = np.empty_like(z)
+        grad_z = buffers.empty_like(z)
         k.softmax_scaled_rows_parallel(at(z), at(logsumexp), at(row_scale), at(grad_z), N, V, _threads(),
                                        _rows_min(V))
         grad_z[rows, safe_t] -= row_scale
@@ -256,7 +256,7 @@ def dropout(input, p=0.5, training=True, generator=None):
     seed = native.dropout_seed(generator)
 
     def apply(values):
-        out = np.empty_like(values)
+        out = buffers.empty_like(values)
         k.dropout_hashed_parallel(at(values), at(out), values.size, seed, threshold, scale, _threads(),
                                   KERNEL_MIN_ELEMENTS)
         return out
@@ -301,7 +301,7 @@ def adamw_step(updates):
 # add_arrays: the residual stream's sums, and gradients meeting where a tensor is used twice
 
 def add_arrays(a, b):
-    out = np.empty_like(a)
+    out = buffers.empty_like(a)
     native.kernels(a.dtype).add_parallel(at(a), at(b), at(out), a.size, _threads(), KERNEL_MIN_ELEMENTS)
     return out
 
@@ -341,8 +341,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     keep_scale = dtype.type(keep_scale)
     causal = int(bool(is_causal))
     records = engine_records(query, key, value)
-    out = np.empty((B, H, L, Dv), dtype=dtype)
-    probs = np.empty((B, H, L, S), dtype=dtype) if records else None       # P, for the backward
+    out = buffers.empty((B, H, L, Dv), dtype)
+    probs = buffers.empty((B, H, L, S), dtype) if records else None       # P, for the backward
     min_heads = max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S)))
     pointers = (native.address(q4), native.address(k4), native.address(v4), at(out))
     settings = (at(layout), B * H, scale, causal, seed, threshold, keep_scale)
@@ -352,8 +352,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     def backward(grad):
         grad_out = np.ascontiguousarray(grad, dtype=dtype).reshape(out.shape)
-        grad_q, grad_k = np.empty(q4.shape, dtype=dtype), np.empty(k4.shape, dtype=dtype)
-        grad_v = np.empty(v4.shape, dtype=dtype)
+        grad_q, grad_k = buffers.empty(q4.shape, dtype), buffers.empty(k4.shape, dtype)
+        grad_v = buffers.empty(v4.shape, dtype)
         if kern.attention_backward_parallel(*pointers, at(probs), at(grad_out), at(grad_q), at(grad_k), at(grad_v),
                                             *settings, _threads(), min_heads):
             raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
