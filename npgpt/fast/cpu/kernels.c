@@ -336,9 +336,9 @@ void adamw_update(real *p, const real *g, real *m, real *v, index_t n, real beta
  * and its backward, with delta_i = sum_j dA_ij A_ij = sum_d dO_id O_id:
  *   dV = A^T dO;  dA = dO V^T;  dS = P (dA * mask * keep_scale - delta);  dQ = scale dS K;  dK = scale dS^T Q
  *
- * Q, K, V (B, H, rows, D) are read where they lie: `layout` holds H, L, S, D, Dv, then for each of Q, K, V
- * its strides in elements along B, H and the rows (the last axis is contiguous). O, P and dO are contiguous
- * (heads, L, Dv / S); so are dQ, dK, dV. Heads head_lo .. head_hi - 1 are done, so threads split the heads.
+ * Q, K, V, O, dO, dQ, dK, dV (B, H, rows, D) lie anywhere their last axis is contiguous: `layout` holds H, L,
+ * S, D, Dv, then for each of them in that order its strides in elements along B, H and the rows. P is
+ * contiguous (heads, L, S). Heads head_lo .. head_hi - 1 are done, so threads split the heads.
  *
  * Two small products do all the multiplying, each on ROWS rows at once so that one load from memory feeds
  * ROWS multiply-adds, with LANES-wide blocks of their result kept in registers:
@@ -506,6 +506,7 @@ void attention_forward(const real *q, const real *k, const real *v, real *out, r
         const real *qh = q + b * layout[5] + h * layout[6];
         const real *kh = k + b * layout[8] + h * layout[9];
         const real *vh = v + b * layout[11] + h * layout[12];
+        real *oh = out + b * layout[14] + h * layout[15];
         transpose_padded(kh, layout[10], S, D, padded, kt);
         for (index_t i0 = 0; i0 < L; i0 += ROWS) {
             const index_t count = L - i0 < ROWS ? L - i0 : ROWS;
@@ -514,7 +515,7 @@ void attention_forward(const real *q, const real *k, const real *v, real *out, r
             for (int r = 0; r < ROWS; r++) {               /* rows past L repeat the last; their results unused */
                 const index_t i = i0 + (r < count ? r : count - 1);
                 qr[r] = qh + i * layout[7];
-                orow[r] = r < count ? out + (head * L + i) * Dv : spare;
+                orow[r] = r < count ? oh + i * layout[16] : spare;
             }
             const index_t n_block = visible_keys(i0 + count - 1, S, causal);
             products_with_columns(qr, kt, padded, D, round_up(n_block, LANES), scale, rows, padded);
@@ -552,8 +553,11 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
         const real *qh = q + b * layout[5] + h * layout[6];
         const real *kh = k + b * layout[8] + h * layout[9];
         const real *vh = v + b * layout[11] + h * layout[12];
-        const real *oh = out + head * L * Dv, *doh = grad_out + head * L * Dv, *ph = probs + head * L * S;
-        real *dqh = grad_q + head * L * D, *dkh = grad_k + head * S * D, *dvh = grad_v + head * S * Dv;
+        const real *oh = out + b * layout[14] + h * layout[15], *ph = probs + head * L * S;
+        const real *doh = grad_out + b * layout[17] + h * layout[18];
+        real *dqh = grad_q + b * layout[20] + h * layout[21], *dkh = grad_k + b * layout[23] + h * layout[24];
+        real *dvh = grad_v + b * layout[26] + h * layout[27];
+        const index_t o_row = layout[16], do_row = layout[19];
         transpose_padded(vh, layout[13], S, Dv, padded, vt);
         /* by query rows: dA, then dS and A, then dQ */
         for (index_t i0 = 0; i0 < L; i0 += ROWS) {
@@ -562,8 +566,8 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
             real *dqr[ROWS];
             for (int r = 0; r < ROWS; r++) {
                 const index_t i = i0 + (r < count ? r : count - 1);
-                dor[r] = doh + i * Dv;
-                dqr[r] = r < count ? dqh + i * D : spare;
+                dor[r] = doh + i * do_row;
+                dqr[r] = r < count ? dqh + i * layout[22] : spare;
             }
             const index_t n_block = visible_keys(i0 + count - 1, S, causal);
             products_with_columns(dor, vt, padded, Dv, round_up(n_block, LANES), 1, ds + i0 * padded, padded);
@@ -571,7 +575,7 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
                 const index_t i = i0 + r, n = r < count ? visible_keys(i, S, causal) : 0;
                 real *dsi = ds + i * padded, *ai = attn + i * padded;
                 if (n > 0) {
-                    const real *doi = doh + i * Dv, *oi = oh + i * Dv, *pi = ph + i * S;
+                    const real *doi = doh + i * do_row, *oi = oh + i * o_row, *pi = ph + i * S;
                     const uint64_t start = (uint64_t)(head * L + i) * (uint64_t)S;
                     real delta = 0;
                     #pragma omp simd reduction(+:delta)
@@ -593,12 +597,12 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
             const index_t count = S - j0 < ROWS ? S - j0 : ROWS;
             real *dkr[ROWS], *dvr[ROWS];
             for (int r = 0; r < ROWS; r++) {
-                dkr[r] = r < count ? dkh + (j0 + r) * D : spare;
-                dvr[r] = r < count ? dvh + (j0 + r) * Dv : spare;
+                dkr[r] = r < count ? dkh + (j0 + r) * layout[25] : spare;
+                dvr[r] = r < count ? dvh + (j0 + r) * layout[28] : spare;
             }
             const index_t first = causal ? (j0 < L ? j0 : L) : 0;
             weighted_rows(ds + j0, 1, padded, qh, layout[7], first, L, D, 1, dkr);
-            weighted_rows(attn + j0, 1, padded, doh, Dv, first, L, Dv, 1, dvr);
+            weighted_rows(attn + j0, 1, padded, doh, do_row, first, L, Dv, 1, dvr);
         }
     }
 }
@@ -612,14 +616,14 @@ void attention_backward(const real *q, const real *k, const real *v, const real 
  * fixed bounds (chunk c: [c size / n, (c + 1) size / n)) and runs body(job, lo, hi, c) on each, the calling
  * thread and up to threads - 1 pool threads taking chunks from a shared counter. The bounds depend on the
  * size and the thread count alone, so a sum the caller adds up per chunk is the same on every run.
- * A pool thread spins for SPIN_NS after its last chunk (the next op usually follows within microseconds),
- * then sleeps until the next task. One task runs at a time; a call that finds the pool busy (another thread
- * of the program) does its chunks itself. After a fork the child has no pool threads: the calling thread then
- * does every chunk, which is also what happens when a pool thread cannot be started.
+ * A pool thread spins for SPIN_NS (1 ms) after its last chunk, then sleeps until the next task: the next op
+ * usually follows within microseconds, and a wake-up from sleep costs tens of them. One task runs at a time;
+ * a call that finds the pool busy (another thread of the program) does its chunks itself, as does one whose
+ * pool thread cannot be started. A forked child starts with an empty pool of its own (pthread_atfork).
  */
 #define MAX_HELPERS 63
 #define CHUNKS_PER_THREAD 2
-#define SPIN_NS 50000
+#define SPIN_NS 1000000
 
 typedef void (*chunk_body)(const void *job, index_t lo, index_t hi, index_t chunk);
 
@@ -696,6 +700,21 @@ index_t parallel_chunks(index_t size, index_t min_chunk, int threads) {
     return chunk_count(size, min_chunk, threads, CHUNKS_PER_THREAD);
 }
 
+/* in a forked child the pool threads are gone and the locks may have been held by them: start afresh */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.helpers = 0;
+    pool.sleepers = 0;
+    atomic_store(&pool.open, 0);
+    atomic_store(&pool.joined, 0);
+}
+
+static pthread_once_t pool_fork_handler = PTHREAD_ONCE_INIT;
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, pool_after_fork_in_child); }
+
 static void run_parallel_chunks(int threads, index_t size, index_t min_chunk, int per_thread, chunk_body body,
                                 const void *job) {
     const index_t chunks = chunk_count(size, min_chunk, threads, per_thread);
@@ -705,6 +724,7 @@ static void run_parallel_chunks(int threads, index_t size, index_t min_chunk, in
         for (index_t c = 0; c < chunks; c++) body(job, c * size / chunks, (c + 1) * size / chunks, c);
         return;
     }
+    pthread_once(&pool_fork_handler, register_fork_handler);
     while (pool.helpers < wanted) {
         pthread_t t;
         pthread_attr_t attr;
@@ -1008,4 +1028,32 @@ void adamw_update_many(const uint64_t *pointers, const index_t *starts, const re
                        int threads, index_t min_chunk) {
     const adamw_job job = {pointers, starts, scalars, count};
     run_parallel(threads, starts[count], min_chunk, adamw_chunk, &job);
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Embedding's backward: dW (V, C) = 0, then dW[ids[n]] += dy[n] for each of the N rows of dy (N, C), in row
+ * order. The zeroing is cut by rows of dW, the sums by blocks of columns (each thread its own columns of
+ * every row, so no two threads add into one element and the order of the sums is fixed). */
+typedef struct { const int64_t *ids; const real *grad; real *grad_w; index_t N, C; } embedding_job;
+
+static void zero_rows_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const embedding_job *j = job;
+    for (index_t i = lo * j->C; i < hi * j->C; i++) j->grad_w[i] = 0;
+}
+
+static void scatter_columns_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const embedding_job *j = job;
+    for (index_t n = 0; n < j->N; n++) {
+        const real *g = j->grad + n * j->C;
+        real *w = j->grad_w + j->ids[n] * j->C;
+        #pragma omp simd
+        for (index_t c = lo; c < hi; c++) w[c] += g[c];
+    }
+}
+
+void embedding_backward_parallel(const int64_t *ids, const real *grad, real *grad_w, index_t N, index_t V,
+                                 index_t C, int threads, index_t min_rows, index_t min_columns) {
+    const embedding_job job = {ids, grad, grad_w, N, C};
+    run_parallel(threads, V, min_rows, zero_rows_chunk, &job);
+    run_parallel(threads, C, min_columns, scatter_columns_chunk, &job);
 }

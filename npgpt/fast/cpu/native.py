@@ -79,6 +79,7 @@ def _signatures(real):
                                        real, ctypes.c_int, _I64],
         "attention_backward_parallel": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, real, ctypes.c_int,
                                         ctypes.c_uint64, _I32, real, ctypes.c_int, _I64],
+        "embedding_backward_parallel": [_P, _P, _P, _I64, _I64, _I64, ctypes.c_int, _I64, _I64],
         "add_parallel": [_P, _P, _P, _I64, ctypes.c_int, _I64],
         "column_sums_parallel": [_P, _P, _I64, _I64, ctypes.c_int, _I64],
         "adamw_update_many": [_P, _P, _P, _I64, ctypes.c_int, _I64],

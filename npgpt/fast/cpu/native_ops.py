@@ -165,6 +165,39 @@ def linear_applies(input, weight, bias=None):
 
 
 # ========================================================================================================
+# embedding: the backward's zeros and sums on the kernels' pool
+
+def embedding(input, weight):
+    """out = W[ids] (NumPy's gather); dW = 0, then dW[ids[n]] += dy[n] by the kernels (each thread its own
+    columns), into a cached array: no (V, C) of fresh zeros a step."""
+    weight = F._t(weight)
+    W = weight.data
+    ids = F.embedding_ids(input)
+    F.check_ids(ids, W.shape[0])
+    out = W[ids]                                            # (..., C)
+    flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    V, C = W.shape
+
+    def backward(grad):
+        grad_rows = np.ascontiguousarray(grad, dtype=W.dtype).reshape(-1, C)    # (N, C)
+        grad_W = buffers.empty((V, C), W.dtype)
+        native.kernels(W.dtype).embedding_backward_parallel(at(flat_ids), at(grad_rows), at(grad_W),
+                                                            flat_ids.size, V, C, _threads(), _rows_min(C),
+                                                            EMBEDDING_MIN_COLUMNS)
+        return (grad_W,)
+    return _make(out, (weight,), backward, "embedding")
+
+
+EMBEDDING_MIN_COLUMNS = 32      # the narrowest block of columns worth a thread of its own
+
+
+def embedding_applies(input, weight):
+    W = weight.data if isinstance(weight, F.Tensor) else weight
+    return isinstance(W, np.ndarray) and W.ndim == 2 and W.flags.c_contiguous and \
+        native.kernels(W.dtype) is not None
+
+
+# ========================================================================================================
 # layer_norm
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -331,8 +364,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4, k4, v4 = (a[:, None] if a.ndim == 3 else a for a in (q, k, v))        # (B, H, rows, D)
     B, H, L, D = q4.shape
     S, Dv = k4.shape[2], v4.shape[3]
-    strides = [s // dtype.itemsize for a in (q4, k4, v4) for s in a.strides[:3]]
-    layout = np.array([H, L, S, D, Dv] + strides, dtype=np.int64)
     kern = native.kernels(dtype)
     seed, threshold, keep_scale = 0, -1, 1.0            # threshold -1: no dropout
     if dropout_p > 0.0:
@@ -341,24 +372,39 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     keep_scale = dtype.type(keep_scale)
     causal = int(bool(is_causal))
     records = engine_records(query, key, value)
-    out = buffers.empty((B, H, L, Dv), dtype)
+    # O, and later dQ, dK, dV, laid out (B, rows, H, D) and seen as (B, H, rows, D): the model's next step,
+    # heads side by side (B, T, H D), is then a free reshape, as is the step before its Q, K, V
+    out = _heads_side_by_side(B, H, L, Dv, dtype)
     probs = buffers.empty((B, H, L, S), dtype) if records else None       # P, for the backward
     min_heads = max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S)))
-    pointers = (native.address(q4), native.address(k4), native.address(v4), at(out))
-    settings = (at(layout), B * H, scale, causal, seed, threshold, keep_scale)
-    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), *settings, _threads(),
-                                       min_heads):
+
+    def layout(grad_out=None, grads=()):
+        arrays = (q4, k4, v4, out, grad_out if grad_out is not None else out) + tuple(grads or (q4, k4, v4))
+        strides = [s // dtype.itemsize for a in arrays for s in a.strides[:3]]
+        return np.array([H, L, S, D, Dv] + strides, dtype=np.int64)
+
+    pointers = (native.address(q4), native.address(k4), native.address(v4), native.address(out))
+    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), at(layout()), B * H, scale,
+                                       causal, seed, threshold, keep_scale, _threads(), min_heads):
         raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
 
     def backward(grad):
-        grad_out = np.ascontiguousarray(grad, dtype=dtype).reshape(out.shape)
-        grad_q, grad_k = buffers.empty(q4.shape, dtype), buffers.empty(k4.shape, dtype)
-        grad_v = buffers.empty(v4.shape, dtype)
-        if kern.attention_backward_parallel(*pointers, at(probs), at(grad_out), at(grad_q), at(grad_k), at(grad_v),
-                                            *settings, _threads(), min_heads):
+        grad_out = np.asarray(grad, dtype=dtype).reshape(out.shape)
+        if grad_out.strides[-1] != dtype.itemsize or min(grad_out.strides) < 0:
+            grad_out = np.ascontiguousarray(grad_out)
+        grads = (_heads_side_by_side(B, H, L, D, dtype), _heads_side_by_side(B, H, S, D, dtype),
+                 _heads_side_by_side(B, H, S, Dv, dtype))
+        arrays = pointers + (at(probs), native.address(grad_out)) + tuple(native.address(g) for g in grads)
+        if kern.attention_backward_parallel(*arrays, at(layout(grad_out, grads)), B * H, scale, causal, seed,
+                                            threshold, keep_scale, _threads(), min_heads):
             raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
-        return grad_q.reshape(q.shape), grad_k.reshape(k.shape), grad_v.reshape(v.shape)
+        return tuple(g.reshape(a.shape) for g, a in zip(grads, (q, k, v)))
     return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward, "scaled_dot_product_attention")
+
+
+def _heads_side_by_side(B, H, rows, D, dtype):
+    """A (B, H, rows, D) view of a (B, rows, H, D) array."""
+    return buffers.empty((B, rows, H, D), dtype).transpose(0, 2, 1, 3)
 
 
 def engine_records(*tensors):
@@ -407,6 +453,7 @@ def _built_for_updates(updates):
 
 def register():
     register_fast_path("linear", linear, "cpu", applies=linear_applies)
+    register_fast_path("embedding", embedding, "cpu", applies=embedding_applies)
     register_fast_path("gelu", gelu, "cpu", applies=_built)
     register_fast_path("layer_norm", layer_norm, "cpu", applies=_built)
     register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)
