@@ -505,3 +505,137 @@ def test_dropout_with_p_next_to_one_drops_everything():
         x.grad = None
         y.sum().backward()
         np.testing.assert_array_equal(x.grad, 0)
+
+
+# ---- linear, embedding and sums on the kernels' pool ----------------------------------------------------
+
+def linear_inputs(rng, case, dtype):
+    """(x, W, b) leaves: "3d" (2, 7, 33) @ (65, 33)^T + b; "wide" fewer rows than outputs (the result's
+    columns are split), no bias; "strided" x a transposed view (copied for BLAS), b without a gradient."""
+    if case == "3d":
+        return leaf(rng, 2, 7, 33, dtype=dtype), leaf(rng, 65, 33, dtype=dtype), leaf(rng, 65, dtype=dtype)
+    if case == "wide":
+        return leaf(rng, 9, 20, dtype=dtype), leaf(rng, 130, 20, dtype=dtype), None
+    x = npgpt.Tensor(rng.standard_normal((24, 40)).astype(dtype).T, requires_grad=True)       # (40, 24)
+    return x, leaf(rng, 31, 24, dtype=dtype), npgpt.Tensor(rng.standard_normal(31).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ["3d", "wide", "strided"])
+def test_linear_kernel_equals_the_reference(workers, dtype, case):
+    rng = np.random.default_rng(20)
+    x, W, b = linear_inputs(rng, case, dtype)
+    assert engine.fast_path_for("linear", (x, W, b), {}) is native_ops.linear
+    inputs = [t for t in (x, W, b) if t is not None and t.requires_grad]
+    cot = rng.standard_normal(x.shape[:-1] + W.shape[:1])
+
+    def run(fn):
+        for t in inputs:
+            t.grad = None
+        out = fn(x, W, b)
+        (out * npgpt.Tensor(cot.astype(dtype))).sum().backward()
+        return [out.data.copy()] + [t.grad.copy() for t in inputs]
+    assert_same(run(native_ops.linear), run(F.linear.reference), dtype)
+
+
+def test_linear_kernel_leaves_the_blas_thread_count_as_it_was(workers):
+    set_count, get_count = threads._find_blas_controls()
+    before = get_count()
+    rng = np.random.default_rng(21)
+    x, W, b = linear_inputs(rng, "3d", np.float32)
+    native_ops.linear(x, W, b).sum().backward()
+    assert get_count() == before
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_embedding_kernel_equals_the_reference(workers, dtype):
+    rng = np.random.default_rng(22)
+    W = leaf(rng, 13, 40, dtype=dtype)
+    ids = rng.integers(0, 13, (3, 11))                      # repeats: their rows' gradients add up
+    assert engine.fast_path_for("embedding", (ids, W), {}) is native_ops.embedding
+    cot = rng.standard_normal((3, 11, 40))
+    fast = values_and_grads(lambda w: native_ops.embedding(ids, w), [W], cot)
+    reference = values_and_grads(lambda w: F.embedding.reference(ids, w), [W], cot)
+    assert_same(fast, reference, dtype)
+    with pytest.raises(IndexError, match="must lie in"):
+        native_ops.embedding(np.array([13]), W)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_add_kernel_equals_numpys_sum(workers, dtype):
+    rng = np.random.default_rng(23)
+    a, b = (rng.standard_normal((37, 11)).astype(dtype) for _ in range(2))
+    assert native_ops.add_applies(a, b)
+    np.testing.assert_array_equal(native_ops.add_arrays(a, b), a + b)
+    assert not native_ops.add_applies(a, b.T.copy().T)      # not C-contiguous: NumPy's own sum
+
+
+def test_pool_called_from_many_threads_at_once_gives_each_its_own_answer(workers):
+    """One task runs on the pool at a time; a call that finds it busy works its chunks itself."""
+    import concurrent.futures
+    rng = np.random.default_rng(24)
+    inputs = [leaf(rng, 300, 40) for _ in range(8)]
+    expected = [native_ops.gelu(x).data for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda x: native_ops.gelu(x).data, inputs))
+            for g, e in zip(got, expected):
+                np.testing.assert_array_equal(g, e)
+
+
+def test_a_forked_child_runs_the_kernels_on_a_pool_of_its_own():
+    import multiprocessing
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    previous = threads.set_workers(2)
+    try:
+        x = leaf(np.random.default_rng(25), 400, 300)
+        expected = native_ops.gelu(x).data            # the parent's pool has started
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_gelu_in_child, (x.data,)).get(timeout=60)
+        np.testing.assert_array_equal(got, expected)
+    finally:
+        threads.set_workers(previous)
+
+
+def _gelu_in_child(x):
+    threads.set_workers(2)
+    return native_ops.gelu(npgpt.Tensor(x)).data
+
+
+def test_the_five_line_loop_leaves_the_blas_thread_count_as_it_was():
+    set_count, get_count = threads._find_blas_controls()
+    before = get_count()
+    assert_five_line_loop_equals_the_reference()
+    assert get_count() == before
+
+
+# ---- the cache of large arrays -------------------------------------------------------------------------
+
+def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
+    from npgpt.fast.cpu import buffers
+    monkeypatch.setattr(buffers, "_arrays", [])
+    first = buffers.empty((512, 1024), np.float32)          # 2 MB: kept
+    address = first.ctypes.data
+    held = first
+    assert buffers.empty((512, 1024), np.float32) is not held      # in use: a new one
+    del first, held
+    again = buffers.empty((512, 1024), np.float32)
+    assert again.ctypes.data == address                     # the free one, as it was
+    view = again.reshape(-1)                                # a view holds its base
+    del again
+    assert buffers.empty((512, 1024), np.float32).ctypes.data != address
+    del view
+    assert buffers.empty((512, 1024), np.float64).dtype == np.float64       # another dtype: its own array
+    assert buffers.empty((3, 4), np.float32).base is None and len(buffers._arrays) == 3   # small: never kept
+
+
+def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monkeypatch):
+    from npgpt.fast.cpu import buffers
+    monkeypatch.setattr(buffers, "_arrays", [])
+    monkeypatch.setattr(buffers, "MAX_BYTES", 5 << 20)
+    held = [buffers.empty((1 << 20,), np.float32) for _ in range(2)]     # 8 MB asked, 4 MB kept each...
+    assert buffers.held_bytes() == 4 << 20                  # ... one kept: a second would pass the limit
+    assert buffers.release() == 4 << 20                     # in use: still kept
+    del held
+    assert buffers.release() == 0
