@@ -25,7 +25,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     from npgpt import backend, engine
     from npgpt import functional as F
     from npgpt.program.config import TrainConfig
-    from npgpt.program.train import make_optimizer, train_step
+    from npgpt.program.train import data_parallel_shards, make_optimizer, train_step
 
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
@@ -61,6 +61,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         keep_freed_memory()         # what the training program does; a user's loop leaves malloc alone
     workers = threads if device == "cpu" else 1
     set_workers(workers)
+    shards = data_parallel_shards(workers)
     backend.manual_seed(0)
     config = TrainConfig(dropout=dropout, grad_clip=0.0, weight_decay=0.01)
     model_config = model_config or dict(vocab_size=10000)
@@ -103,7 +104,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
             if loop:
                 five_line_loop([(ids[:, :-1], ids[:, 1:])])
             else:
-                train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, workers)
+                train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, shards)
             backend.synchronize()
             if i >= 1:
                 total += time.perf_counter() - start
@@ -145,7 +146,8 @@ def main(argv=None):
     what = "five-line loop" if args.loop else "training program"
     print(f"{args.model} {what} step ({batch}, {seq}), dropout {dropout}, {args.device}, {args.threads} "
           f"threads: {total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
-    data_parallel = args.device == "cpu" and args.threads > 1 and not args.loop
+    from npgpt.program.train import data_parallel_shards
+    data_parallel = args.device == "cpu" and not args.loop and data_parallel_shards(args.threads) > 1
     if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
               "than the step; --threads 1 or --loop gives a breakdown that adds up)\n")

@@ -5,8 +5,11 @@ them, so npgpt and PyTorch never share a process (their thread pools would slow 
 noise falls on both alike. Protocol: one JSON command per line on stdin, one JSON reply per line on stdout.
 
     {"op": "setup", "impl": "npgpt"|"torch", "device": "cpu"|"gpu", "batch": B, "seq": T, ...}
-                          npgpt: "variant": "program" (the training program's step: train_step with its
-                          data-parallel threads) or "loop" (the README's five-line loop, nothing else);
+                          "keep_freed_memory": false leaves out glibc's setting of npgpt.fast.cpu.allocator,
+                          which every worker gets by default (both sides alike)
+                          npgpt: "variant": "program" (the training program's step: train_step, with its
+                          data-parallel threads where the C kernels are not built) or "loop" (the README's
+                          five-line loop, nothing else);
                           on the GPU "cuda_graph": false launches every kernel from Python.
                           torch: "variant": "sdpa" (F.scaled_dot_product_attention, a KV cache for
                           generation), "tutorial" (the tutorial's masked_fill attention, no cache) or
@@ -84,8 +87,9 @@ class NpgptImpl:
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function,
         # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.train` does
         from npgpt.fast.cuda.graph import GraphStep
-        from npgpt.program.train import train_step
-        self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=self.workers)
+        from npgpt.program.train import data_parallel_shards, train_step
+        shards = data_parallel_shards(self.workers, self.model.token_embedding.weight.dtype)
+        self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=shards)
         if self.variant == "loop":
             self.step = self._five_line_loop
         self.graph = None
@@ -265,8 +269,9 @@ def main():
                     import torch  # noqa: F401
                 baseline = _rss_mb()
                 kind, device = cmd["impl"], cmd["device"]
-                if device == "cpu":
-                    # the setting `python -m npgpt.train` opts into, applied to both sides alike
+                if device == "cpu" and cmd.get("keep_freed_memory", True):
+                    # the setting `python -m npgpt.train` opts into, applied to both sides alike (PyTorch
+                    # gains from it; npgpt's fast paths reuse their own large arrays anyway)
                     from npgpt.fast.cpu.allocator import keep_freed_memory
                     keep_freed_memory()
                 impl = (NpgptImpl if kind == "npgpt" else TorchImpl)(cmd)

@@ -65,7 +65,8 @@ class TrainConfig:
     device: str = _f("auto", "'cpu', 'gpu' (CuPy) or 'auto' (the GPU when one answers); NPGPT_DEVICE sets it too",
                      ("cpu", "gpu", "auto"))
     dtype: str = _f("float32", "'float32' or 'float64'", ("float32", "float64"))
-    workers: int = _f(0, "CPU threads splitting each batch (data parallelism); 0: one per core, at most 4")
+    workers: int = _f(0, "CPU threads each op's work is split among (without the C kernels: data-parallel "
+                         "shards of each batch); 0: one per core, at most 4")
     cuda_graph: str = _f("on", "on the GPU, record the training step once as a CUDA graph and replay it "
                                "(npgpt/fast/cuda/graph.py, with the CUDA fast paths on); 'off' launches every kernel from Python", ("on", "off"))
     seed: int = _f(1337, "seed for initialisation, batches and dropout")

@@ -46,6 +46,7 @@ from ..model import GPT
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
 from .. import fast
 from ..fast.cpu.allocator import keep_freed_memory
+from ..fast.cpu import native
 from ..fast.cpu.threads import can_control_blas, default_workers, set_workers, sharded_backward, split_rows
 from ..engine import no_grad
 from .tokenizer import (TokenizerError, build_tokenizer, explain_token_count, load_pretrained_tokenizer,
@@ -105,6 +106,13 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
     if grad_stats is not None:
         grad_stats.step_done()
     return loss
+
+
+def data_parallel_shards(workers, dtype="float32"):
+    """The row shards train_step runs on parallel threads, one per worker thread, where the CPU's C kernels
+    are not built; with them none, since each op then splits its own work among the kernels' thread pool
+    (`workers` threads), the products included, and the Python between ops is the same on either path."""
+    return 1 if native.kernels(np.dtype(dtype)) is not None else workers
 
 
 @no_grad()
@@ -185,6 +193,7 @@ class Run:
             cores = world.threads_per_rank if world is not None else default_workers()
             self.workers = config.workers or (cores if can_control_blas() else 1)
         set_workers(self.workers)
+        self.shards = data_parallel_shards(self.workers, config.dtype)
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
@@ -264,10 +273,10 @@ class Run:
         if self.graph_step is not None:
             return self.graph_step(micro_batches)
         if self.world is None:
-            return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
+            return train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.shards,
                               grad_stats)
         with self.world.stepping(self.step + 1, self.config.seed):   # dropout masks fixed by (seed, rank, step)
-            loss = train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.workers,
+            loss = train_step(self.model, self.optimizer, micro_batches, self.config.grad_clip, self.shards,
                               grad_stats, self.world)
         if self.config.check_replicas:
             self.world.check_replicas(self.model, self.optimizer, self.data_rng, self.step + 1)

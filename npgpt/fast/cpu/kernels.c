@@ -1,12 +1,13 @@
-/* npgpt's CPU kernels: the textbook's elementwise and row-wise maths (npgpt/functional.py, optim.py) as C
- * loops the compiler turns into SIMD code, each a single pass over memory where NumPy needs several.
+/* npgpt's CPU kernels: the textbook's elementwise, row-wise and per-head maths (npgpt/functional.py,
+ * optim.py) as C loops the compiler turns into SIMD code, each a single pass over memory where NumPy needs
+ * several; and a small thread pool that runs them, and the BLAS's matrix products, in chunks.
  *
  * Compiled twice by native.py, once with -DREAL=float and once with -DREAL=double, into two shared
- * libraries; called through ctypes, which releases the GIL, so the worker threads (parallel.py) run chunks
- * of one call at the same time. Every function works on a contiguous slice it is given (a chunk of elements
- * or of rows) and writes only that slice's results, so a chunked call gives the same numbers as a whole one
- * given the same arguments: dropout is told where its slice starts (`start`), the causal softmax gets whole
+ * libraries, and called through ctypes, which releases the GIL. Every kernel works on a slice it is given (a
+ * chunk of elements, rows or heads) and writes only that slice's results, so a chunked call gives the same
+ * numbers as a whole one: dropout is told where its slice starts (`start`), the causal softmax gets whole
  * (L, S) blocks of rows, and LayerNorm's weight and bias gradients are sums the caller adds up per chunk.
+ * The *_parallel entry points at the end cut one op into such chunks on the pool (run_parallel).
  *
  * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention's
  * softmax: scores (rows, S), rows = B * H * L queries; the whole attention: Q, K, V (B, H, rows, D), a range
@@ -476,8 +477,10 @@ static void weighted_rows_1(const real *w, index_t w_row, index_t w_col, const r
 static void weighted_rows(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
                           index_t lo, index_t hi, index_t width, real scale, real *const out[ROWS]) {
     index_t db = 0;
-    for (; db + 4 * LANES <= width; db += 4 * LANES) weighted_rows_4(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
-    for (; db + LANES <= width; db += LANES) weighted_rows_1(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+    for (; db + 4 * LANES <= width; db += 4 * LANES)
+        weighted_rows_4(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+    for (; db + LANES <= width; db += LANES)
+        weighted_rows_1(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
     for (; db < width; db++)                                   /* a head width not a multiple of LANES */
         for (int r = 0; r < ROWS; r++) {
             real sum = 0;

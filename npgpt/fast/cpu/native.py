@@ -8,9 +8,9 @@ The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double`
 ``cc``; it may hold arguments) for this machine's CPU (``-march=native``) and keeps the libraries in
 ``$NPGPT_CACHE_DIR`` (default ``~/.cache/npgpt``; a private directory of the temporary one where that cannot
 be used), under a name that hashes the source, the flags and the CPU, so a changed source or another machine
-builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build takes about a second; a cached one loads in milliseconds. Each
-library is written under a temporary name and renamed into place, so processes building at once (MPI ranks,
-test workers) never load a half-written file.
+builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build
+takes about a second; a cached one loads in milliseconds. Each library is written under a temporary name and
+renamed into place, so processes building at once (MPI ranks, test workers) never load a half-written file.
 
 Without a C compiler, or with ``NPGPT_CPU_KERNELS=0``, ``kernels()`` returns None and the NumPy fast paths
 (``ops.py``) run instead: the same maths, a few passes more over memory.

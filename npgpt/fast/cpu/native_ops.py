@@ -40,7 +40,8 @@ from ... import optim
 from ...engine import _make, is_grad_enabled, register_fast_path
 from . import buffers, native, ops, threads
 
-# The smallest chunk worth a thread: a kernel does ~1 ns an element, a hand-off costs ~50 us
+# The smallest chunk worth a thread: a kernel does ~1 ns an element, so 64K elements are ~60 us of work, far
+# more than the pool's hand-off of a few microseconds, and still a split of a small model's larger ops
 KERNEL_MIN_ELEMENTS = 65536
 ADAMW_MIN_ELEMENTS = 1 << 17    # the fewest elements (of all parameters) worth a chunk of their own
 
@@ -88,7 +89,7 @@ def linear(input, weight, bias=None):
     input, weight = F._t(input), F._t(weight)
     bias = F._t(bias) if bias is not None else None
     x, W = input.data, weight.data
-    if x.shape[-1] != W.shape[1] or x.ndim == 0:
+    if x.ndim == 0 or x.shape[-1] != W.shape[1]:
         return F.linear.reference(input, weight, bias)              # its error
     dtype = x.dtype
     n_in, n_out = W.shape[1], W.shape[0]
@@ -384,8 +385,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return np.array([H, L, S, D, Dv] + strides, dtype=np.int64)
 
     pointers = (native.address(q4), native.address(k4), native.address(v4), native.address(out))
-    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), at(layout()), B * H, scale,
-                                       causal, seed, threshold, keep_scale, _threads(), min_heads):
+    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), at(layout()), B * H,
+                                       scale, causal, seed, threshold, keep_scale, _threads(), min_heads):
         raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
 
     def backward(grad):
@@ -399,7 +400,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                             threshold, keep_scale, _threads(), min_heads):
             raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
         return tuple(g.reshape(a.shape) for g, a in zip(grads, (q, k, v)))
-    return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward, "scaled_dot_product_attention")
+    return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward,
+                 "scaled_dot_product_attention")
 
 
 def _heads_side_by_side(B, H, rows, D, dtype):
