@@ -36,6 +36,7 @@ def workers(request, monkeypatch):
     monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
     monkeypatch.setattr(native_ops, "ADAMW_MIN_ELEMENTS", 50)
     monkeypatch.setattr(native_ops, "GEMM_MIN_ROWS", 5)
+    monkeypatch.setattr(native_ops, "SMALL_PRODUCT", 0)
     monkeypatch.setattr(cpu_ops, "DROPOUT_MIN_ELEMENTS", 32)
     monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_SCORES", 8)
     previous = threads.set_workers(request.param)
@@ -536,6 +537,12 @@ def test_linear_kernel_equals_the_reference(workers, dtype, case):
         (out * npgpt.Tensor(cot.astype(dtype))).sum().backward()
         return [out.data.copy()] + [t.grad.copy() for t in inputs]
     assert_same(run(native_ops.linear), run(F.linear.reference), dtype)
+
+
+def test_a_small_product_is_the_references_one_numpy_call():
+    x, W = np.zeros((1, 1, 256), np.float32), np.zeros((768, 256), np.float32)     # generation's one row
+    assert engine.fast_path_for("linear", (x, W), {}) is None
+    assert engine.fast_path_for("linear", (np.zeros((64, 256), np.float32), W), {}) is native_ops.linear
 
 
 def test_linear_kernel_leaves_the_blas_thread_count_as_it_was(workers):

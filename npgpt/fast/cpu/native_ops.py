@@ -118,6 +118,8 @@ def linear(input, weight, bias=None):
 
 
 GEMM_MIN_ROWS = 64          # the thinnest block of a product worth a thread
+SMALL_PRODUCT = 1 << 22     # multiply-adds below which linear is the reference's one NumPy call (generation's
+                            # single row, say): the pool's hand-offs and the BLAS scope would cost more
 
 
 def _rows_view(a):
@@ -157,12 +159,15 @@ def _column_sums(a):
 
 
 def linear_applies(input, weight, bias=None):
-    """The kernels and the BLAS's product are found for the dtype, all operands alike in it."""
+    """The kernels and the BLAS's product are found for the dtype, all operands alike in it, and the
+    products are large enough to share."""
     arrays = [t.data if isinstance(t, F.Tensor) else t for t in (input, weight, bias) if t is not None]
     if not all(isinstance(a, np.ndarray) for a in arrays) or len({a.dtype for a in arrays}) != 1:
         return False
-    dtype = arrays[0].dtype
-    return arrays[1].ndim == 2 and native.kernels(dtype) is not None and threads.blas_gemm(dtype) is not None
+    x, W, dtype = arrays[0], arrays[1], arrays[0].dtype
+    if W.ndim != 2 or x.ndim == 0 or x.size // max(1, x.shape[-1]) * W.size < SMALL_PRODUCT:
+        return False
+    return native.kernels(dtype) is not None and threads.blas_gemm(dtype) is not None
 
 
 # ========================================================================================================
