@@ -25,7 +25,8 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     from npgpt import backend, engine
     from npgpt import functional as F
     from npgpt.program.config import TrainConfig
-    from npgpt.program.train import data_parallel_shards, make_optimizer, train_step
+    from npgpt.fast.cpu.threads import data_parallel_shards
+    from npgpt.program.train import make_optimizer, train_step
 
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
@@ -146,7 +147,7 @@ def main(argv=None):
     what = "five-line loop" if args.loop else "training program"
     print(f"{args.model} {what} step ({batch}, {seq}), dropout {dropout}, {args.device}, {args.threads} "
           f"threads: {total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
-    from npgpt.program.train import data_parallel_shards
+    from npgpt.fast.cpu.threads import data_parallel_shards
     data_parallel = args.device == "cpu" and not args.loop and data_parallel_shards(args.threads) > 1
     if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "

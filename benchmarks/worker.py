@@ -87,7 +87,8 @@ class NpgptImpl:
         # zero_grad, forward, cross-entropy, backward, AdamW step: the training loop's own step function,
         # on the GPU recorded once as a CUDA graph and replayed, as `python -m npgpt.train` does
         from npgpt.fast.cuda.graph import GraphStep
-        from npgpt.program.train import data_parallel_shards, train_step
+        from npgpt.fast.cpu.threads import data_parallel_shards
+        from npgpt.program.train import train_step
         shards = data_parallel_shards(self.workers, self.model.token_embedding.weight.dtype)
         self.step = lambda batches: train_step(self.model, self.opt, batches, grad_clip=0.0, workers=shards)
         if self.variant == "loop":

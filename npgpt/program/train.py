@@ -46,8 +46,8 @@ from ..model import GPT
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
 from .. import fast
 from ..fast.cpu.allocator import keep_freed_memory
-from ..fast.cpu import native
-from ..fast.cpu.threads import can_control_blas, default_workers, set_workers, sharded_backward, split_rows
+from ..fast.cpu.threads import (can_control_blas, data_parallel_shards, default_workers, set_workers,
+                                sharded_backward, split_rows)
 from ..engine import no_grad
 from .tokenizer import (TokenizerError, build_tokenizer, explain_token_count, load_pretrained_tokenizer,
                         tokenizer_from_dict)
@@ -106,13 +106,6 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
     if grad_stats is not None:
         grad_stats.step_done()
     return loss
-
-
-def data_parallel_shards(workers, dtype="float32"):
-    """The row shards train_step runs on parallel threads, one per worker thread, where the CPU's C kernels
-    are not built; with them none, since each op then splits its own work among the kernels' thread pool
-    (`workers` threads), the products included, and the Python between ops is the same on either path."""
-    return 1 if native.kernels(np.dtype(dtype)) is not None else workers
 
 
 @no_grad()

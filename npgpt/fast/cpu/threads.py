@@ -24,6 +24,7 @@ import numpy as np
 
 from ... import backend
 from ...engine import accumulate_grad
+from . import native
 
 _pool = None
 _local = threading.local()      # .worker: True on a pool thread, and while the caller works a chunk itself
@@ -156,6 +157,13 @@ def set_workers(count):
         raise ValueError(f"set_workers: the thread count must be at least 1, got {count}")
     previous, _settings["workers"] = workers(), int(count)
     return previous
+
+
+def data_parallel_shards(workers, dtype="float32"):
+    """The row shards a training step should run on parallel threads (sharded_backward): one per worker
+    thread where the C kernels are not built; with them one, since each op then splits its own work among the
+    kernels' thread pool, the matrix products included (and on a small model that ran faster)."""
+    return 1 if native.kernels(np.dtype(dtype)) is not None else workers
 
 
 def on_worker_thread():
