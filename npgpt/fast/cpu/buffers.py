@@ -1,9 +1,9 @@
 """Large arrays of the CPU fast paths, kept and handed out again once nothing else holds them.
 
 A training step makes the same large arrays every time: the logits and their gradient ((B T, V), 40 MB at
-the tutorial's (8, 128)), the weights' gradients, the activations. The C library allocates arrays of this
-size by mapping fresh pages from the system, and each page then costs a fault on first touch: 40 MB is
-10,000 of them, milliseconds a step. So the fast paths take their large outputs from ``empty()``: an
+the tutorial's (8, 128)), the weights' gradients, the activations. glibc's malloc gives blocks of this size
+fresh pages from the system, and each page then costs a fault on first touch: 40 MB is 10,000 of them,
+milliseconds a step. So the fast paths take their large outputs from ``empty()``: an
 array of the same shape and dtype that this cache made earlier and that nobody holds any more (its only
 reference is the cache's own, which Python's reference count tells exactly) is returned as it is, its old
 values still in it (the ops overwrite every element); otherwise a new one is made and remembered.
