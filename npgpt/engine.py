@@ -571,11 +571,17 @@ def _make(data, parents, backward, op):
     (No gradient flows through an integer or boolean result.)"""
     if _observer["fn"] is not None:
         backward = _observer["fn"](op, backward)
-    needs_grad = is_grad_enabled() and data.dtype.kind == "f" and any(p.requires_grad for p in parents)
+    needs_grad = data.dtype.kind == "f" and records_graph(parents)
     out = Tensor(data, requires_grad=needs_grad)
     if needs_grad:
         out._parents, out._backward, out._op = parents, backward, op
     return out
+
+
+def records_graph(parents):
+    """Whether an op on these parents is recorded for backward: grad mode is on and some parent needs a
+    gradient. (An op may skip saving what only its backward would use when it is not.)"""
+    return is_grad_enabled() and any(p.requires_grad for p in parents)
 
 
 _observer = {"fn": None}

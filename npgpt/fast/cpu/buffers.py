@@ -13,6 +13,7 @@ ordinary one. What is kept stays allocated between steps: ``release()`` gives it
 use stay theirs). This is npgpt's own memory, not a setting of the process's allocator.
 """
 
+import math
 import sys
 import threading
 
@@ -21,31 +22,32 @@ import numpy as np
 MIN_BYTES = 1 << 20
 MAX_BYTES = 1 << 30
 
-_arrays = []            # every array made here and kept, in use or free
+_arrays = {}            # (shape, dtype) -> every array of that kind made here and kept, in use or free
+_held = {"bytes": 0}    # their bytes in all
 _lock = threading.Lock()
-# references to a free array while the scan below looks at it: the list's, the loop's name, getrefcount's own
+# references to a free array while a scan looks at it: its list's, the loop's name, getrefcount's own
 _FREE_REFS = 3
 
 
 def empty(shape, dtype):
     """An uninitialised array of `shape` and `dtype`, reused from the cache where one is free."""
     dtype = np.dtype(dtype)
-    shape = tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = tuple(int(n) for n in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype=dtype)
+    key = (shape, dtype)
     with _lock:
-        held = 0
-        for array in _arrays:
-            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == _FREE_REFS:
+        kept = _arrays.setdefault(key, [])
+        for array in kept:
+            if sys.getrefcount(array) == _FREE_REFS:
                 return array
-            held += array.nbytes
-        if held + nbytes > MAX_BYTES:
+        if _held["bytes"] + nbytes > MAX_BYTES:
             _drop_free()
-            held = sum(a.nbytes for a in _arrays)
         array = np.empty(shape, dtype=dtype)
-        if held + nbytes <= MAX_BYTES:
-            _arrays.append(array)
+        if _held["bytes"] + nbytes <= MAX_BYTES:
+            _arrays.setdefault(key, []).append(array)
+            _held["bytes"] += nbytes
         return array
 
 
@@ -54,7 +56,11 @@ def empty_like(array):
 
 
 def _drop_free():
-    _arrays[:] = [a for a in _arrays if sys.getrefcount(a) > _FREE_REFS]
+    for key in list(_arrays):
+        _arrays[key] = [a for a in _arrays[key] if sys.getrefcount(a) > _FREE_REFS]
+        if not _arrays[key]:
+            del _arrays[key]
+    _held["bytes"] = sum(a.nbytes for kept in _arrays.values() for a in kept)
 
 
 def release():
@@ -62,10 +68,10 @@ def release():
     arrays in use."""
     with _lock:
         _drop_free()
-        return sum(a.nbytes for a in _arrays)
+        return _held["bytes"]
 
 
 def held_bytes():
     """Bytes of the arrays kept, in use or free."""
     with _lock:
-        return sum(a.nbytes for a in _arrays)
+        return _held["bytes"]

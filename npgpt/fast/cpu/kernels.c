@@ -7,7 +7,8 @@
  * chunk of elements, rows or heads) and writes only that slice's results, so a chunked call gives the same
  * numbers as a whole one: dropout is told where its slice starts (`start`), the causal softmax gets whole
  * (L, S) blocks of rows, and LayerNorm's weight and bias gradients are sums the caller adds up per chunk.
- * The *_parallel entry points at the end cut one op into such chunks on the pool (run_parallel).
+ * The library's entry points are the *_parallel functions at the end, which cut one op into such chunks on
+ * the pool (run_parallel), and the attention softmax and dropout that ops.py's NumPy attention calls whole.
  *
  * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention's
  * softmax: scores (rows, S), rows = B * H * L queries; the whole attention: Q, K, V (B, H, rows, D), a range
@@ -104,7 +105,7 @@ static inline real tanh_of_gelu_argument(real x, real *sech2) {
     return (u < 0 ? (real)-1 : (real)1) * ((real)1 - e) / ((real)1 + e);
 }
 
-void gelu_forward(const real *x, real *out, index_t n, int tanh_form) {
+static void gelu_forward(const real *x, real *out, index_t n, int tanh_form) {
     if (tanh_form) {
         #pragma omp simd
         for (index_t i = 0; i < n; i++) {
@@ -118,7 +119,7 @@ void gelu_forward(const real *x, real *out, index_t n, int tanh_form) {
     }
 }
 
-void gelu_backward(const real *x, const real *grad, real *grad_x, index_t n, int tanh_form) {
+static void gelu_backward(const real *x, const real *grad, real *grad_x, index_t n, int tanh_form) {
     const real k = (real)0.79788456080286535588, c = (real)0.044715;
     const real inv_sqrt_2pi = (real)0.39894228040143267794;
     if (tanh_form) {
@@ -145,7 +146,7 @@ void gelu_backward(const real *x, const real *grad, real *grad_x, index_t n, int
  * rstd = 1 / sqrt(var + eps),  xhat = (x - mean) rstd,  y = xhat w + b.  mean and rstd (N,) are kept;
  * the backward recomputes xhat from them. weight and bias may be NULL.
  */
-void layer_norm_forward(const real *x, const real *w, const real *b, real *out, real *mean, real *rstd,
+static void layer_norm_forward(const real *x, const real *w, const real *b, real *out, real *mean, real *rstd,
                         index_t rows, index_t C, real eps) {
     for (index_t r = 0; r < rows; r++) {
         const real *xr = x + r * C;
@@ -170,7 +171,7 @@ void layer_norm_forward(const real *x, const real *w, const real *b, real *out, 
 
 /* With g = dy w:  dx = rstd (g - mean(g) - xhat mean(g xhat));  dw += sum over rows of dy xhat, db += sum
  * of dy, added into this chunk's own grad_w, grad_b (C,) (either may be NULL), as is grad_x. */
-void layer_norm_backward(const real *x, const real *w, const real *mean, const real *rstd, const real *grad,
+static void layer_norm_backward(const real *x, const real *w, const real *mean, const real *rstd, const real *grad,
                          real *grad_x, real *grad_w, real *grad_b, index_t rows, index_t C) {
     for (index_t r = 0; r < rows; r++) {
         const real *xr = x + r * C, *gr = grad + r * C;
@@ -229,7 +230,7 @@ static inline void softmax_row_in_place(real *z, index_t n) {
 }
 
 /* Cross-entropy's forward: logsumexp (N,) of each row of the logits (N, V); nothing else is written. */
-void logsumexp_rows(const real *z, real *logsumexp, index_t rows, index_t V) {
+static void logsumexp_rows(const real *z, real *logsumexp, index_t rows, index_t V) {
     for (index_t r = 0; r < rows; r++) {
         const real *zr = z + r * V;
         const real peak = row_max(zr, V);
@@ -242,7 +243,7 @@ void logsumexp_rows(const real *z, real *logsumexp, index_t rows, index_t V) {
 
 /* Cross-entropy's backward without the one-hot: dz = softmax(z) * row_scale = exp(z - logsumexp) * row_scale
  * (the caller subtracts row_scale at each row's target). */
-void softmax_scaled_rows(const real *z, const real *logsumexp, const real *row_scale, real *grad_z,
+static void softmax_scaled_rows(const real *z, const real *logsumexp, const real *row_scale, real *grad_z,
                          index_t rows, index_t V) {
     for (index_t r = 0; r < rows; r++) {
         const real *zr = z + r * V;
@@ -317,7 +318,7 @@ void dropout_hashed(const real *x, real *out, index_t start, index_t n, uint64_t
  *   p -= lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
  * decay_factor = 1 - lr * decay, step_size = lr / (1 - beta1^t), rsqrt_correction = 1 / sqrt(1 - beta2^t).
  */
-void adamw_update(real *p, const real *g, real *m, real *v, index_t n, real beta1, real beta2, real eps,
+static void adamw_update(real *p, const real *g, real *m, real *v, index_t n, real beta1, real beta2, real eps,
                   real decay_factor, real step_size, real rsqrt_correction) {
     #pragma omp simd
     for (index_t i = 0; i < n; i++) {
@@ -491,13 +492,13 @@ static void weighted_rows(const real *w, index_t w_row, index_t w_col, const rea
 
 /* The scratch (in reals) each call needs: forward K^T, a block of score rows and a row for unused results;
  * backward V^T, dS and A for the head's queries, and the same spare rows. */
-index_t attention_scratch_size(index_t L, index_t S, index_t D, index_t Dv, int backward) {
+static index_t attention_scratch_size(index_t L, index_t S, index_t D, index_t Dv, int backward) {
     const index_t padded = round_up(S, LANES), width = D > Dv ? D : Dv;
     if (!backward) return D * padded + ROWS * padded + width;
     return Dv * padded + 2 * round_up(L, ROWS) * padded + width;
 }
 
-void attention_forward(const real *q, const real *k, const real *v, real *out, real *probs,
+static void attention_forward(const real *q, const real *k, const real *v, real *out, real *probs,
                        const index_t *layout, index_t head_lo, index_t head_hi, real scale, int causal,
                        uint64_t seed, int32_t threshold, real keep_scale, real *scratch) {
     const index_t H = layout[0], L = layout[1], S = layout[2], D = layout[3], Dv = layout[4];
@@ -543,7 +544,7 @@ void attention_forward(const real *q, const real *k, const real *v, real *out, r
     }
 }
 
-void attention_backward(const real *q, const real *k, const real *v, const real *out, const real *probs,
+static void attention_backward(const real *q, const real *k, const real *v, const real *out, const real *probs,
                         const real *grad_out, real *grad_q, real *grad_k, real *grad_v, const index_t *layout,
                         index_t head_lo, index_t head_hi, real scale, int causal, uint64_t seed,
                         int32_t threshold, real keep_scale, real *scratch) {

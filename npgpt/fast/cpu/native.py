@@ -44,29 +44,18 @@ _state = {"libraries": None, "reason": None, "paths": {}, "enabled": True}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
-RESULT_TYPES = {"attention_scratch_size": _I64, "parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
+RESULT_TYPES = {"parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
                 "attention_backward_parallel": ctypes.c_int}        # the others return nothing
 
 
 def _signatures(real):
     """Each kernel's argument types, in kernels.c's order."""
     return {
-        "gelu_forward": [_P, _P, _I64, ctypes.c_int],
-        "gelu_backward": [_P, _P, _P, _I64, ctypes.c_int],
-        "layer_norm_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, real],
-        "layer_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64],
-        "logsumexp_rows": [_P, _P, _I64, _I64],
-        "softmax_scaled_rows": [_P, _P, _P, _P, _I64, _I64],
+        # called whole by ops.py's NumPy attention (and its tests)
         "softmax_rows_in_place": [_P, _I64, _I64, _I64, _I64],
         "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
         "dropout_hashed": [_P, _P, _I64, _I64, ctypes.c_uint64, _I32, real],
-        "adamw_update": [_P, _P, _P, _P, _I64, real, real, real, real, real, real],
-        "attention_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int, ctypes.c_uint64, _I32,
-                              real, _P],
-        "attention_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, real, ctypes.c_int,
-                               ctypes.c_uint64, _I32, real, _P],
-        "attention_scratch_size": [_I64, _I64, _I64, _I64, ctypes.c_int],
-        # the same, cut into chunks on the kernels' thread pool: (..., threads, the smallest chunk)
+        # one op each, cut into chunks on the kernels' thread pool: (..., threads, the smallest chunk)
         "parallel_chunks": [_I64, _I64, ctypes.c_int],
         "gelu_forward_parallel": [_P, _P, _I64, ctypes.c_int, ctypes.c_int, _I64],
         "gelu_backward_parallel": [_P, _P, _P, _I64, ctypes.c_int, ctypes.c_int, _I64],

@@ -37,7 +37,7 @@ import numpy as np
 
 from ... import functional as F
 from ... import optim
-from ...engine import _make, is_grad_enabled, register_fast_path
+from ...engine import _make, records_graph, register_fast_path
 from . import buffers, native, ops, threads
 
 # The smallest chunk worth a thread: a kernel does ~1 ns an element, so 64K elements are ~60 us of work, far
@@ -377,7 +377,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         seed = native.dropout_seed(generator)
     keep_scale = dtype.type(keep_scale)
     causal = int(bool(is_causal))
-    records = engine_records(query, key, value)
+    records = records_graph((query, key, value))
     # O, and later dQ, dK, dV, laid out (B, rows, H, D) and seen as (B, H, rows, D): the model's next step,
     # heads side by side (B, T, H D), is then a free reshape, as is the step before its Q, K, V
     out = _heads_side_by_side(B, H, L, Dv, dtype)
@@ -412,11 +412,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def _heads_side_by_side(B, H, rows, D, dtype):
     """A (B, H, rows, D) view of a (B, rows, H, D) array."""
     return buffers.empty((B, rows, H, D), dtype).transpose(0, 2, 1, 3)
-
-
-def engine_records(*tensors):
-    """Whether the engine will keep this op's backward: grad mode on and some input needing a gradient."""
-    return is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
