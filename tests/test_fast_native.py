@@ -590,6 +590,26 @@ def test_pool_called_from_many_threads_at_once_gives_each_its_own_answer(workers
                 np.testing.assert_array_equal(g, e)
 
 
+def test_more_threads_than_cores_give_the_same_numbers_as_that_count_asks_for(monkeypatch):
+    """The pool runs no more threads than cores, but the chunks are cut for the count asked for: so 64
+    threads give 64's numbers (LayerNorm's parameter sums in 64's chunks), the same on every run."""
+    monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
+    rng = np.random.default_rng(26)
+    x, w, b = leaf(rng, 300, 16), leaf(rng, 16), leaf(rng, 16)
+    cot = rng.standard_normal((300, 16))
+    runs = []
+    for _ in range(2):
+        previous = threads.set_workers(64)
+        try:
+            runs.append(values_and_grads(lambda a, c, d: native_ops.layer_norm(a, 16, c, d), [x, w, b], cot))
+        finally:
+            threads.set_workers(previous)
+    for a, c in zip(*runs):
+        np.testing.assert_array_equal(a, c)
+    reference = values_and_grads(lambda a, c, d: F.layer_norm.reference(a, 16, c, d), [x, w, b], cot)
+    assert_same(runs[0], reference, np.float64)
+
+
 def test_a_forked_child_runs_the_kernels_on_a_pool_of_its_own():
     import multiprocessing
     if "fork" not in multiprocessing.get_all_start_methods():

@@ -23,3 +23,11 @@ def test_resuming_with_another_worker_count_says_so(tmp_path, capsys, corpus, fa
     assert train_module.main(base + ["--max-iters", "6", "--workers", "1", "--resume"]) == 0
     assert "worker thread(s)" not in capsys.readouterr().out          # the same count: nothing to say
     assert np.isfinite(load_checkpoint(f"{out}/ckpt.npz")[1]["best_val"])
+
+
+def test_more_workers_than_cores_says_so_and_trains(tmp_path, capsys, corpus, fast_paths_on):
+    from npgpt.fast.cpu.threads import usable_cores
+    many = str(usable_cores() + 3)
+    args = TINY + ["--data", corpus, "--out-dir", str(tmp_path / "out"), "--max-iters", "2", "--workers", many]
+    assert train_module.main(args) == 0
+    assert f"--workers {many} is more than the {usable_cores()} cores" in capsys.readouterr().out

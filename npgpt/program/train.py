@@ -47,7 +47,7 @@ from ..optim import AdamW, clip_grad_norm_, cosine_lr
 from .. import fast
 from ..fast.cpu.allocator import keep_freed_memory
 from ..fast.cpu.threads import (can_control_blas, data_parallel_shards, default_workers, set_workers,
-                                sharded_backward, split_rows)
+                                sharded_backward, split_rows, usable_cores)
 from ..engine import no_grad
 from .tokenizer import (TokenizerError, build_tokenizer, explain_token_count, load_pretrained_tokenizer,
                         tokenizer_from_dict)
@@ -185,6 +185,9 @@ class Run:
             keep_freed_memory()             # the program's one process-wide setting (fast/cpu/allocator.py)
             cores = world.threads_per_rank if world is not None else default_workers()
             self.workers = config.workers or (cores if can_control_blas() else 1)
+            if config.workers > usable_cores() and self.rank == 0:
+                print(f"note: --workers {config.workers} is more than the {usable_cores()} cores this process may "
+                      f"run on; no more threads than cores run at once", flush=True)
         set_workers(self.workers)
         self.shards = data_parallel_shards(self.workers, config.dtype)
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")

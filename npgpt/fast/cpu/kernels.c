@@ -18,12 +18,15 @@
  * vectorise; double: the C library's exp and erfc (within an ulp or two), for the gradient checks.
  */
 
+#define _GNU_SOURCE             /* sched_getaffinity and CPU_COUNT */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef REAL
 #define REAL float
@@ -704,6 +707,17 @@ index_t parallel_chunks(index_t size, index_t min_chunk, int threads) {
     return chunk_count(size, min_chunk, threads, CHUNKS_PER_THREAD);
 }
 
+/* the cores this process may run on: a pool thread beyond them spins against one that works. (The chunks'
+ * bounds still follow the thread count asked for, so the sums are the same however many threads run.) */
+static int usable_cores(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
+}
+
 /* in a forked child the pool threads are gone and the locks may have been held by them: start afresh */
 static void pool_after_fork_in_child(void) {
     pthread_mutex_init(&pool.busy, NULL);
@@ -723,6 +737,8 @@ static void run_parallel_chunks(int threads, index_t size, index_t min_chunk, in
                                 const void *job) {
     const index_t chunks = chunk_count(size, min_chunk, threads, per_thread);
     int wanted = threads - 1 < chunks - 1 ? threads - 1 : (int)(chunks - 1);
+    const int cores = usable_cores();
+    wanted = wanted > cores - 1 ? cores - 1 : wanted;         /* more would only spin on a busy core */
     wanted = wanted > MAX_HELPERS ? MAX_HELPERS : wanted;
     if (wanted <= 0 || pthread_mutex_trylock(&pool.busy) != 0) {
         for (index_t c = 0; c < chunks; c++) body(job, c * size / chunks, (c + 1) * size / chunks, c);

@@ -31,10 +31,14 @@ _local = threading.local()      # .worker: True on a pool thread, and while the 
 _blas = None  # (set_num_threads, get_num_threads) of the loaded OpenBLAS, or () when not found
 
 
+def usable_cores():
+    """The cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def default_workers():
     """Threads for the CPU: one per core this process may run on, at most 4 (the GIL limits more)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, 4))
+    return min(usable_cores(), 4)
 
 
 def _openblas_libraries():
