@@ -529,8 +529,12 @@ static void attention_forward(const real *q, const real *k, const real *v, real 
             for (index_t r = 0; r < count; r++) {
                 const index_t i = i0 + r, n = visible_keys(i, S, causal);
                 real *p = rows + r * padded;
-                softmax_row_in_place(p, n);
-                for (index_t j = n; j < padded; j++) p[j] = 0;
+                /* the masked keys up to a whole register become -inf (exp gives 0): the softmax then runs on
+                 * whole registers, with no element-by-element tail */
+                const index_t width = round_up(n, LANES);
+                for (index_t j = n; j < width; j++) p[j] = -(real)INFINITY;
+                softmax_row_in_place(p, width);
+                for (index_t j = width; j < padded; j++) p[j] = 0;
                 if (probs) {                                /* NULL where no backward will need P */
                     real *saved = probs + (head * L + i) * S;
                     for (index_t j = 0; j < S; j++) saved[j] = p[j];
@@ -587,12 +591,21 @@ static void attention_backward(const real *q, const real *k, const real *v, cons
                     real delta = 0;
                     #pragma omp simd reduction(+:delta)
                     for (index_t d = 0; d < Dv; d++) delta += doi[d] * oi[d];
-                    #pragma omp simd
-                    for (index_t j = 0; j < n; j++) {
-                        const real keep = threshold >= 0
-                            ? keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold) : (real)1;
-                        ai[j] = pi[j] * keep;
-                        dsi[j] = pi[j] * (dsi[j] * keep - delta) * scale;
+                    /* P is 0 past the visible keys: whole registers up to S cost less than a tail */
+                    const index_t width = round_up(n, LANES) < S ? round_up(n, LANES) : S;
+                    if (threshold >= 0) {
+                        #pragma omp simd
+                        for (index_t j = 0; j < width; j++) {
+                            const real keep = keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold);
+                            ai[j] = pi[j] * keep;
+                            dsi[j] = pi[j] * (dsi[j] * keep - delta) * scale;
+                        }
+                    } else {
+                        #pragma omp simd
+                        for (index_t j = 0; j < width; j++) {
+                            ai[j] = pi[j];
+                            dsi[j] = pi[j] * (dsi[j] - delta) * scale;
+                        }
                     }
                 }
                 for (index_t j = n; j < padded; j++) dsi[j] = ai[j] = 0;
