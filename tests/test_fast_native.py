@@ -3,6 +3,7 @@ to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1, 2 
 deterministic for a fixed thread count; and their build: cached, refused cleanly, never half-loaded."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -365,6 +366,34 @@ def fresh_build(monkeypatch, tmp_path):
     monkeypatch.setenv("NPGPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_state", {"libraries": None, "reason": None, "paths": {}, "enabled": True})
     return tmp_path / "cache"
+
+
+def test_a_new_build_deletes_the_builds_unused_for_30_days_and_keeps_the_others(fresh_build):
+    fresh_build.mkdir(parents=True)
+    day = 86400
+    stale = {f"kernels-{real}-0123456789abcdef.so": 31 for real in ("float", "double")}
+    recent = {"kernels-float-fedcba9876543210.so": 29, "kernels-double-fedcba9876543210.so": 1}
+    others = {"notes.txt": 400, "kernels-float-0123456789abcdef.txt": 400}     # not builds: untouched
+    for name, age in {**stale, **recent, **others}.items():
+        path = fresh_build / name
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age * day, time.time() - age * day))
+    assert native.status()["built"]
+    left = set(os.listdir(fresh_build))
+    assert not left & set(stale)
+    assert set(recent) | set(others) <= left
+    assert len(left) == len(recent) + len(others) + 2          # and the two just built
+
+
+def test_loading_a_cached_build_marks_it_used(fresh_build, monkeypatch):
+    assert native.status()["built"]
+    paths = [fresh_build / name for name in os.listdir(fresh_build)]
+    old = time.time() - 40 * 86400
+    for path in paths:
+        os.utime(path, (old, old))
+    monkeypatch.setattr(native, "_state", {"libraries": None, "reason": None, "paths": {}, "enabled": True})
+    assert native.kernels(np.dtype(np.float32)) is not None
+    assert all(path.stat().st_mtime > time.time() - 3600 for path in paths)
 
 
 def test_a_build_is_cached_and_the_cache_is_reused_without_compiling(fresh_build, monkeypatch):

@@ -11,6 +11,7 @@ be used), under a name that hashes the source, the flags and the CPU, so a chang
 builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build
 takes about a second; a cached one loads in milliseconds. Each library is written under a temporary name and
 renamed into place, so processes building at once (MPI ranks, test workers) never load a half-written file.
+A new build deletes the directory's builds that no process has loaded for 30 days.
 
 Without a C compiler, or with ``NPGPT_CPU_KERNELS=0``, ``kernels()`` returns None and the NumPy fast paths
 (``ops.py``) run instead: the same maths, a few passes more over memory.
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -117,6 +119,10 @@ def _build(compiler, real, flags, directory):
                                      platform.machine().encode(), _cpu_description().encode()])).hexdigest()
     path = os.path.join(directory, f"kernels-{real}-{key[:16]}.so")
     if os.path.exists(path):
+        try:
+            os.utime(path)              # its time is its last use, which _remove_unused_builds goes by
+        except OSError:
+            pass
         return path
     fd, partial = tempfile.mkstemp(prefix=f".kernels-{real}-", suffix=".so", dir=directory)
     os.close(fd)
@@ -129,7 +135,32 @@ def _build(compiler, real, flags, directory):
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    _remove_unused_builds(directory, real, path)
     return path
+
+
+UNUSED_BUILD_DAYS = 30      # a build of another source, flags or CPU not loaded for this long is deleted
+
+
+def _remove_unused_builds(directory, real, keep):
+    """Delete the builds of kernels.c for `real` in `directory`, other than `keep`, that no process has
+    loaded for UNUSED_BUILD_DAYS (each load touches its file), so that old versions of the source do not pile
+    up in the cache. One another checkout still uses stays; one deleted is rebuilt when next needed."""
+    cutoff = time.time() - UNUSED_BUILD_DAYS * 86400
+    prefix = f"kernels-{real}-"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        if not (name.startswith(prefix) and name.endswith(".so")) or path == keep:
+            continue
+        try:
+            if os.path.getmtime(path) < cutoff:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def _compiler():
