@@ -351,7 +351,25 @@ static void adamw_update(real *p, const real *g, real *m, real *v, index_t n, re
  *   weighted_rows:          out_r[:] = sum_j w_r[j] Y[j][:]     (Y is V, K, Q or dO, head dims in the lanes)
  * A query's key row is padded to a multiple of LANES; the padding's scores are computed and then ignored.
  */
-#define LANES ((index_t)(64 / sizeof(real)))       /* reals in a 64-byte SIMD register */
+/* The SIMD register the compiler targets (-march=native): 64 bytes with AVX-512, 32 with AVX, 16 otherwise
+ * (SSE, NEON). A block of a product's result is ROWS rows of BLOCK registers, summed in registers while the
+ * depth runs, so ROWS x BLOCK sums, BLOCK loads and a broadcast must fit in the register file: 32 registers
+ * with AVX-512 and on ARM64 (4 x 4 + 4 + 1 = 21), 16 with AVX or SSE (4 x 2 + 2 + 1 = 11). A block wider than
+ * the register file spills its sums to the stack at every step of the depth, several times slower. */
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#define BLOCK 4
+#elif defined(__AVX__)
+#define VECTOR_BYTES 32
+#define BLOCK 2
+#elif defined(__aarch64__)
+#define VECTOR_BYTES 16
+#define BLOCK 4
+#else
+#define VECTOR_BYTES 16
+#define BLOCK 2
+#endif
+#define LANES ((index_t)(VECTOR_BYTES / sizeof(real)))     /* reals in a SIMD register */
 #define ROWS 4
 
 static inline index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
@@ -379,112 +397,88 @@ static void transpose_padded(const real *x, index_t row_stride, index_t rows, in
         for (index_t r = rows; r < padded_rows; r++) xt[c * padded_rows + r] = 0;
 }
 
-/* One SIMD register's worth of reals (64 bytes: 16 floats or 8 doubles), in GCC's vector extension (also
- * clang's), loaded from and stored to any real's address. Named variables of it, not arrays, so that the
- * compiler keeps the ROWS x 4 sums of a block in registers. */
-typedef real vec __attribute__((vector_size(64), aligned(sizeof(real)), may_alias));
+/* One SIMD register's worth of reals in GCC's vector extension (also clang's), loaded from and stored to any
+ * real's address. The blocks below are arrays of them whose loops have constant bounds (ROWS, and BLOCK or
+ * 1), which the compiler unrolls whole, so that each sum stays in a register. */
+typedef real vec __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(real)), may_alias));
 #define LOAD(p) (*(const vec *)(p))
 #define STORE(p, v) (*(vec *)(p) = (v))
+#define INLINE static inline __attribute__((always_inline))
 
-/* out_r[jb + :4 LANES] = scale sum_d x_r[d] yt[d * yt_stride + jb + :4 LANES], r < ROWS (out_r at r * out_stride) */
-static void products_with_columns_4(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
-                                    index_t jb, real scale, real *out, index_t out_stride) {
-    vec a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-    vec a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+/* out_r[jb + :regs LANES] = scale sum_d x_r[d] yt[d * yt_stride + jb + :regs LANES], r < ROWS (out_r at
+ * r * out_stride); regs is BLOCK or 1 */
+INLINE void products_with_columns_block(const real *const x[ROWS], const real *yt, index_t yt_stride,
+                                        index_t depth, index_t jb, real scale, real *out, index_t out_stride,
+                                        const int regs) {
+    vec sum[ROWS][BLOCK];
+    #pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) sum[r][c] = (vec){0};
     for (index_t d = 0; d < depth; d++) {
         const real *y = yt + d * yt_stride + jb;
-        const vec y0 = LOAD(y), y1 = LOAD(y + LANES), y2 = LOAD(y + 2 * LANES), y3 = LOAD(y + 3 * LANES);
-        const real x0 = x[0][d], x1 = x[1][d], x2 = x[2][d], x3 = x[3][d];
-        a00 += x0 * y0; a01 += x0 * y1; a02 += x0 * y2; a03 += x0 * y3;
-        a10 += x1 * y0; a11 += x1 * y1; a12 += x1 * y2; a13 += x1 * y3;
-        a20 += x2 * y0; a21 += x2 * y1; a22 += x2 * y2; a23 += x2 * y3;
-        a30 += x3 * y0; a31 += x3 * y1; a32 += x3 * y2; a33 += x3 * y3;
+        vec yd[BLOCK];
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) yd[c] = LOAD(y + c * LANES);
+        #pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const real xr = x[r][d];
+            #pragma GCC unroll 4
+            for (int c = 0; c < regs; c++) sum[r][c] += xr * yd[c];
+        }
     }
-    real *o = out + jb;
-    STORE(o, a00 * scale); STORE(o + LANES, a01 * scale); STORE(o + 2 * LANES, a02 * scale);
-    STORE(o + 3 * LANES, a03 * scale);
-    o += out_stride;
-    STORE(o, a10 * scale); STORE(o + LANES, a11 * scale); STORE(o + 2 * LANES, a12 * scale);
-    STORE(o + 3 * LANES, a13 * scale);
-    o += out_stride;
-    STORE(o, a20 * scale); STORE(o + LANES, a21 * scale); STORE(o + 2 * LANES, a22 * scale);
-    STORE(o + 3 * LANES, a23 * scale);
-    o += out_stride;
-    STORE(o, a30 * scale); STORE(o + LANES, a31 * scale); STORE(o + 2 * LANES, a32 * scale);
-    STORE(o + 3 * LANES, a33 * scale);
-}
-
-/* the same for one register's width, jb + :LANES */
-static void products_with_columns_1(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
-                                    index_t jb, real scale, real *out, index_t out_stride) {
-    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (index_t d = 0; d < depth; d++) {
-        const vec y = LOAD(yt + d * yt_stride + jb);
-        a0 += x[0][d] * y; a1 += x[1][d] * y; a2 += x[2][d] * y; a3 += x[3][d] * y;
-    }
-    STORE(out + jb, a0 * scale); STORE(out + out_stride + jb, a1 * scale);
-    STORE(out + 2 * out_stride + jb, a2 * scale); STORE(out + 3 * out_stride + jb, a3 * scale);
+    #pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) STORE(out + r * out_stride + jb + c * LANES, sum[r][c] * scale);
 }
 
 /* out_r[j] = scale sum_d x_r[d] yt[d * yt_stride + j] for j < n (n a multiple of LANES), r < ROWS */
 static void products_with_columns(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
                                   index_t n, real scale, real *out, index_t out_stride) {
     index_t jb = 0;
-    for (; jb + 4 * LANES <= n; jb += 4 * LANES)
-        products_with_columns_4(x, yt, yt_stride, depth, jb, scale, out, out_stride);
+    for (; jb + BLOCK * LANES <= n; jb += BLOCK * LANES)
+        products_with_columns_block(x, yt, yt_stride, depth, jb, scale, out, out_stride, BLOCK);
     for (; jb < n; jb += LANES)
-        products_with_columns_1(x, yt, yt_stride, depth, jb, scale, out, out_stride);
+        products_with_columns_block(x, yt, yt_stride, depth, jb, scale, out, out_stride, 1);
 }
 
-/* out[r][db + :4 LANES] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + db + :4 LANES] */
-static void weighted_rows_4(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
-                            index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS]) {
-    vec a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-    vec a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+/* out[r][db + :regs LANES] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + db + :regs LANES];
+ * regs is BLOCK or 1 */
+INLINE void weighted_rows_block(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
+                                index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS],
+                                const int regs) {
+    vec sum[ROWS][BLOCK];
+    #pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) sum[r][c] = (vec){0};
     for (index_t j = lo; j < hi; j++) {
         const real *yj = y + j * y_stride + db, *wj = w + j * w_col;
-        const vec y0 = LOAD(yj), y1 = LOAD(yj + LANES), y2 = LOAD(yj + 2 * LANES), y3 = LOAD(yj + 3 * LANES);
-        const real w0 = wj[0], w1 = wj[w_row], w2 = wj[2 * w_row], w3 = wj[3 * w_row];
-        a00 += w0 * y0; a01 += w0 * y1; a02 += w0 * y2; a03 += w0 * y3;
-        a10 += w1 * y0; a11 += w1 * y1; a12 += w1 * y2; a13 += w1 * y3;
-        a20 += w2 * y0; a21 += w2 * y1; a22 += w2 * y2; a23 += w2 * y3;
-        a30 += w3 * y0; a31 += w3 * y1; a32 += w3 * y2; a33 += w3 * y3;
+        vec yd[BLOCK];
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) yd[c] = LOAD(yj + c * LANES);
+        #pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const real wr = wj[r * w_row];
+            #pragma GCC unroll 4
+            for (int c = 0; c < regs; c++) sum[r][c] += wr * yd[c];
+        }
     }
-    real *o = out[0] + db;
-    STORE(o, a00 * scale); STORE(o + LANES, a01 * scale); STORE(o + 2 * LANES, a02 * scale);
-    STORE(o + 3 * LANES, a03 * scale);
-    o = out[1] + db;
-    STORE(o, a10 * scale); STORE(o + LANES, a11 * scale); STORE(o + 2 * LANES, a12 * scale);
-    STORE(o + 3 * LANES, a13 * scale);
-    o = out[2] + db;
-    STORE(o, a20 * scale); STORE(o + LANES, a21 * scale); STORE(o + 2 * LANES, a22 * scale);
-    STORE(o + 3 * LANES, a23 * scale);
-    o = out[3] + db;
-    STORE(o, a30 * scale); STORE(o + LANES, a31 * scale); STORE(o + 2 * LANES, a32 * scale);
-    STORE(o + 3 * LANES, a33 * scale);
-}
-
-/* the same for one register's width, db + :LANES */
-static void weighted_rows_1(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
-                            index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS]) {
-    vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (index_t j = lo; j < hi; j++) {
-        const vec yj = LOAD(y + j * y_stride + db);
-        const real *wj = w + j * w_col;
-        a0 += wj[0] * yj; a1 += wj[w_row] * yj; a2 += wj[2 * w_row] * yj; a3 += wj[3 * w_row] * yj;
-    }
-    STORE(out[0] + db, a0 * scale); STORE(out[1] + db, a1 * scale);
-    STORE(out[2] + db, a2 * scale); STORE(out[3] + db, a3 * scale);
+    #pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < regs; c++) STORE(out[r] + db + c * LANES, sum[r][c] * scale);
 }
 
 /* out[r][:width] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + :width], r < ROWS */
 static void weighted_rows(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
                           index_t lo, index_t hi, index_t width, real scale, real *const out[ROWS]) {
     index_t db = 0;
-    for (; db + 4 * LANES <= width; db += 4 * LANES)
-        weighted_rows_4(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+    for (; db + BLOCK * LANES <= width; db += BLOCK * LANES)
+        weighted_rows_block(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out, BLOCK);
     for (; db + LANES <= width; db += LANES)
-        weighted_rows_1(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out);
+        weighted_rows_block(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out, 1);
     for (; db < width; db++)                                   /* a head width not a multiple of LANES */
         for (int r = 0; r < ROWS; r++) {
             real sum = 0;
