@@ -266,6 +266,48 @@ def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     np.testing.assert_array_equal(again.data, fast[0])
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+# Each SIMD width the attention's register blocks are written for (kernels.c: VECTOR_BYTES, BLOCK), built
+# with the flags that select it; the native build covers the CPU's own
+ATTENTION_BUILDS = {"16-byte registers (no -march)": ([], 16), "AVX2": (["-mavx2", "-mfma"], 32),
+                    "AVX-512": (["-mavx512f", "-mfma"], 64)}
+ATTENTION_BUILD_CPU_FLAGS = {"AVX2": {"avx2", "fma"}, "AVX-512": {"avx512f", "fma"}}
+
+
+@pytest.mark.parametrize("build", list(ATTENTION_BUILDS))
+def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_build, monkeypatch, build):
+    needs = ATTENTION_BUILD_CPU_FLAGS.get(build, set())
+    if os.uname().machine not in ("x86_64", "AMD64") or not needs <= set(_cpu_flags()):
+        pytest.skip(f"this CPU cannot run the {build} build")
+    flags, width = ATTENTION_BUILDS[build]
+    monkeypatch.setattr(native, "NATIVE_FLAGS", flags)
+    assert native.status()["vector_bytes"] == width
+    previous = threads.set_workers(2)
+    try:
+        rng = np.random.default_rng(5)
+        for dtype in FLOATS:
+            for case in ("model", "cross", "long"):
+                inputs = attention_inputs(rng, case, dtype)
+                cot = rng.standard_normal(inputs[0].shape[:-1] + inputs[2].shape[-1:])
+                exact = [npgpt.Tensor(t.data.astype(np.float64), requires_grad=True) for t in inputs]
+                for is_causal in (True, False):
+                    fast = values_and_grads(lambda a, b, c: native_ops.scaled_dot_product_attention(
+                        a, b, c, is_causal=is_causal), inputs, cot)
+                    reference = values_and_grads(lambda a, b, c: F.scaled_dot_product_attention.reference(
+                        a, b, c, is_causal=is_causal), exact, cot)
+                    for got, expected in zip(fast, reference):
+                        np.testing.assert_allclose(got, expected, **attention_tolerance(dtype))
+    finally:
+        threads.set_workers(previous)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_attention_kernel_dropout_is_the_hashed_mask_of_each_weight(workers, dtype):
     """A = P * mask: the mask of weight (head, i, j) is the dropout kernel's hashed bit of that index of the

@@ -372,6 +372,8 @@ static void adamw_update(real *p, const real *g, real *m, real *v, index_t n, re
 #define LANES ((index_t)(VECTOR_BYTES / sizeof(real)))     /* reals in a SIMD register */
 #define ROWS 4
 
+int vector_bytes(void) { return VECTOR_BYTES; }      /* which of the above was built, for native.status() */
+
 static inline index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 
 static inline index_t visible_keys(index_t i, index_t S, int causal) {

@@ -47,12 +47,13 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
 RESULT_TYPES = {"parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
-                "attention_backward_parallel": ctypes.c_int}        # the others return nothing
+                "attention_backward_parallel": ctypes.c_int, "vector_bytes": ctypes.c_int}  # the others: nothing
 
 
 def _signatures(real):
     """Each kernel's argument types, in kernels.c's order."""
     return {
+        "vector_bytes": [],     # the SIMD register width the attention's blocks were built for
         # called whole by ops.py's NumPy attention (and its tests)
         "softmax_rows_in_place": [_P, _I64, _I64, _I64, _I64],
         "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
@@ -238,9 +239,13 @@ def kernels(dtype):
 
 
 def status():
-    """{"built": bool, "paths": {real: path}, "reason": why not (or None)}; builds if not yet tried."""
+    """{"built": bool, "paths": {real: path}, "vector_bytes": the SIMD register width built for (64 with
+    AVX-512, 32 with AVX2, 16 otherwise; None unbuilt), "reason": why not built (or None)}; builds if not yet
+    tried."""
     kernels(np.dtype(np.float32))
-    return {"built": bool(_state["libraries"]), "paths": dict(_state["paths"]), "reason": _state["reason"]}
+    library = (_state["libraries"] or {}).get(np.dtype(np.float32))
+    return {"built": bool(_state["libraries"]), "paths": dict(_state["paths"]),
+            "vector_bytes": library.vector_bytes() if library is not None else None, "reason": _state["reason"]}
 
 
 def address(array, offset=0):
