@@ -185,6 +185,10 @@ def test_chunk_bounds_are_fixed_and_cover_the_rows():
         assert parallel.chunk_count(1000, 10) == 3 * parallel.CHUNKS_PER_WORKER
         assert parallel.chunk_count(25, 10) == 2              # chunks below the minimum size: fewer of them
         assert parallel.chunk_count(9, 10) == 1
+        assert parallel.chunk_count(50, 10) == 3              # 5 would fit: a multiple of the workers, 3
+        assert parallel.chunk_count(80, 10) == 6
+        threads.set_workers(2)
+        assert parallel.chunk_count(30, 10) == 2              # not 3: one worker would do two, the other one
         threads.set_workers(1)
         assert parallel.chunk_count(1000, 10) == 1
     finally:
@@ -239,7 +243,7 @@ def test_parallel_dropout_draws_each_chunk_from_its_own_seed(workers):
     # the expected mask, drawn here as the op is documented to: one chunk from the generator itself, or
     # one seed per chunk drawn once from it, each chunk's 16-bit integers from its own seed
     generator = np.random.default_rng(5)
-    parts = {1: 1, 2: 3, 3: 3}[workers]                       # chunks of at least 32 elements
+    parts = {1: 1, 2: 2, 3: 3}[workers]                       # chunks of at least 32, a multiple of the workers
     assert parallel.chunk_count(99, cpu_ops.DROPOUT_MIN_ELEMENTS) == parts
     bounds = parallel.chunk_bounds(99, parts)
     if workers == 1:
@@ -277,7 +281,8 @@ def test_parallel_attention_splits_the_heads_when_the_batch_is_one(workers):
     rng = np.random.default_rng(15)
     q, k, v = (leaf(rng, 1, 5, 9, 4, dtype=np.float32) for _ in range(3))
     axis, bounds = cpu_ops.head_chunks(q.data, k.data, v.data, None)
-    assert (axis, len(bounds)) == ((1, 5) if workers > 1 else (0, 1))     # one chunk a head
+    # the 5 heads as chunks of whole heads, as many as the workers share evenly
+    assert (axis, len(bounds)) == ((1, {2: 4, 3: 3}[workers]) if workers > 1 else (0, 1))
     cot = rng.standard_normal((1, 5, 9, 4)).astype(np.float32)
     fast = values_and_grads(lambda a, b, c: cpu_ops.scaled_dot_product_attention(a, b, c, is_causal=True),
                             [q, k, v], cot)

@@ -661,6 +661,15 @@ def test_pool_called_from_many_threads_at_once_gives_each_its_own_answer(workers
                 np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_the_pool_cuts_work_into_chunks_that_share_out_evenly(dtype):
+    chunks = native.kernels(np.dtype(dtype)).parallel_chunks      # (size, min_chunk, threads)
+    assert chunks(1000, 10, 3) == 6                 # two a thread
+    assert chunks(48, 16, 2) == 2                   # 3 would fit: one thread would do two, the other one
+    assert chunks(50, 10, 3) == 3 and chunks(80, 10, 3) == 6
+    assert chunks(25, 10, 3) == 2 and chunks(19, 10, 2) == 1 and chunks(1000, 10, 1) == 1
+
+
 def test_more_threads_than_cores_give_the_same_numbers_as_that_count_asks_for(monkeypatch):
     """The pool runs no more threads than cores, but the chunks are cut for the count asked for: so 64
     threads give 64's numbers (LayerNorm's parameter sums in 64's chunks), the same on every run."""

@@ -705,11 +705,14 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
+/* per_thread chunks a thread, fewer where a chunk would hold less than min_chunk; more chunks than threads
+ * only in a multiple of the threads, since equal chunks shared unequally leave a thread idle (3 chunks on 2
+ * threads take as long as 4: one thread does two while the other does one) */
 static index_t chunk_count(index_t size, index_t min_chunk, int threads, int per_thread) {
     if (threads <= 1 || size < 2 * min_chunk) return 1;
-    index_t n = size / (min_chunk > 0 ? min_chunk : 1);
-    const index_t most = (index_t)threads * per_thread;
-    return n < most ? n : most;
+    const index_t n = size / (min_chunk > 0 ? min_chunk : 1), most = (index_t)threads * per_thread;
+    if (n >= most) return most;
+    return n > threads ? n / threads * threads : n;
 }
 
 index_t parallel_chunks(index_t size, index_t min_chunk, int threads) {

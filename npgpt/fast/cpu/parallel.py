@@ -37,13 +37,17 @@ CHUNKS_PER_WORKER = 4       # chunks a worker thread's share is cut into, so tha
 
 def chunk_count(size, min_size, per_worker=None):
     """How many chunks `size` units of work are cut into: `per_worker` (default CHUNKS_PER_WORKER) for each
-    worker thread, fewer if a chunk would be smaller than `min_size` units; 1 with one worker, or on a pool
-    thread (no nesting)."""
+    worker thread, fewer if a chunk would be smaller than `min_size` units, and more chunks than workers only
+    in a multiple of the workers (3 equal chunks on 2 workers take as long as 4: one does two while the other
+    does one); 1 with one worker, or on a pool thread (no nesting)."""
     count = threads.workers()
     if count == 1 or threads.on_worker_thread():
         return 1
     per_worker = CHUNKS_PER_WORKER if per_worker is None else per_worker
-    return max(1, min(count * per_worker, size // max(1, min_size)))
+    fitting = size // max(1, min_size)
+    if fitting >= count * per_worker:
+        return count * per_worker
+    return max(1, fitting // count * count if fitting > count else fitting)
 
 
 def chunk_bounds(size, parts):
