@@ -40,9 +40,10 @@ from ... import optim
 from ...engine import _make, records_graph, register_fast_path
 from . import buffers, native, ops, threads
 
-# The smallest chunk worth a thread: a kernel does ~1 ns an element, so 64K elements are ~60 us of work, far
-# more than the pool's hand-off of a few microseconds, and still a split of a small model's larger ops
-KERNEL_MIN_ELEMENTS = 65536
+# The smallest chunk worth a thread: a kernel does ~1 ns an element, so 32K elements are ~30 us of work, far
+# more than the pool's hand-off of a few microseconds, and the small model's (12 x 64, 128) activations
+# (98K elements: LayerNorm, the residual sums) still split in two
+KERNEL_MIN_ELEMENTS = 32768
 ADAMW_MIN_ELEMENTS = 1 << 17    # the fewest elements (of all parameters) worth a chunk of their own
 
 at = native.address
