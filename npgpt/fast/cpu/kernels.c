@@ -407,80 +407,59 @@ typedef real vec __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(real))
 #define STORE(p, v) (*(vec *)(p) = (v))
 #define INLINE static inline __attribute__((always_inline))
 
-/* out_r[jb + :regs LANES] = scale sum_d x_r[d] yt[d * yt_stride + jb + :regs LANES], r < ROWS (out_r at
- * r * out_stride); regs is BLOCK or 1 */
-INLINE void products_with_columns_block(const real *const x[ROWS], const real *yt, index_t yt_stride,
-                                        index_t depth, index_t jb, real scale, real *out, index_t out_stride,
-                                        const int regs) {
+/* The one small product both attention passes are made of, on ROWS rows and `regs` registers of columns
+ * (regs is BLOCK or 1):
+ *   out[r][col + :regs LANES] = scale sum_{t = lo}^{hi - 1} a[r][t * a_step] y[t * y_stride + col + :regs LANES]
+ * each a[r][t] broadcast against a row of y already in registers, so one load of y feeds ROWS multiply-adds */
+INLINE void block_product(const real *const a[ROWS], index_t a_step, const real *y, index_t y_stride,
+                          index_t lo, index_t hi, index_t col, real scale, real *const out[ROWS], const int regs) {
     vec sum[ROWS][BLOCK];
     #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
         #pragma GCC unroll 4
         for (int c = 0; c < regs; c++) sum[r][c] = (vec){0};
-    for (index_t d = 0; d < depth; d++) {
-        const real *y = yt + d * yt_stride + jb;
-        vec yd[BLOCK];
+    for (index_t t = lo; t < hi; t++) {
+        const real *yt = y + t * y_stride + col;
+        vec yv[BLOCK];
         #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) yd[c] = LOAD(y + c * LANES);
+        for (int c = 0; c < regs; c++) yv[c] = LOAD(yt + c * LANES);
         #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
-            const real xr = x[r][d];
+            const real ar = a[r][t * a_step];
             #pragma GCC unroll 4
-            for (int c = 0; c < regs; c++) sum[r][c] += xr * yd[c];
+            for (int c = 0; c < regs; c++) sum[r][c] += ar * yv[c];
         }
     }
     #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
         #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) STORE(out + r * out_stride + jb + c * LANES, sum[r][c] * scale);
+        for (int c = 0; c < regs; c++) STORE(out[r] + col + c * LANES, sum[r][c] * scale);
 }
 
-/* out_r[j] = scale sum_d x_r[d] yt[d * yt_stride + j] for j < n (n a multiple of LANES), r < ROWS */
+/* out_r[j] = scale sum_d x_r[d] yt[d * yt_stride + j] for j < n (n a multiple of LANES), r < ROWS (out_r at
+ * out + r * out_stride): a query's scores against the keys (or dO's against V), keys in the lanes */
 static void products_with_columns(const real *const x[ROWS], const real *yt, index_t yt_stride, index_t depth,
                                   index_t n, real scale, real *out, index_t out_stride) {
+    real *rows[ROWS];
+    for (int r = 0; r < ROWS; r++) rows[r] = out + r * out_stride;
     index_t jb = 0;
     for (; jb + BLOCK * LANES <= n; jb += BLOCK * LANES)
-        products_with_columns_block(x, yt, yt_stride, depth, jb, scale, out, out_stride, BLOCK);
+        block_product(x, 1, yt, yt_stride, 0, depth, jb, scale, rows, BLOCK);
     for (; jb < n; jb += LANES)
-        products_with_columns_block(x, yt, yt_stride, depth, jb, scale, out, out_stride, 1);
+        block_product(x, 1, yt, yt_stride, 0, depth, jb, scale, rows, 1);
 }
 
-/* out[r][db + :regs LANES] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + db + :regs LANES];
- * regs is BLOCK or 1 */
-INLINE void weighted_rows_block(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
-                                index_t lo, index_t hi, index_t db, real scale, real *const out[ROWS],
-                                const int regs) {
-    vec sum[ROWS][BLOCK];
-    #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; r++)
-        #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) sum[r][c] = (vec){0};
-    for (index_t j = lo; j < hi; j++) {
-        const real *yj = y + j * y_stride + db, *wj = w + j * w_col;
-        vec yd[BLOCK];
-        #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) yd[c] = LOAD(yj + c * LANES);
-        #pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) {
-            const real wr = wj[r * w_row];
-            #pragma GCC unroll 4
-            for (int c = 0; c < regs; c++) sum[r][c] += wr * yd[c];
-        }
-    }
-    #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; r++)
-        #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) STORE(out[r] + db + c * LANES, sum[r][c] * scale);
-}
-
-/* out[r][:width] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + :width], r < ROWS */
+/* out[r][:width] = scale sum_{j = lo}^{hi - 1} w[r * w_row + j * w_col] y[j * y_stride + :width], r < ROWS:
+ * weights times rows of V, K, Q or dO, head dims in the lanes */
 static void weighted_rows(const real *w, index_t w_row, index_t w_col, const real *y, index_t y_stride,
                           index_t lo, index_t hi, index_t width, real scale, real *const out[ROWS]) {
+    const real *wr[ROWS];
+    for (int r = 0; r < ROWS; r++) wr[r] = w + r * w_row;
     index_t db = 0;
     for (; db + BLOCK * LANES <= width; db += BLOCK * LANES)
-        weighted_rows_block(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out, BLOCK);
+        block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, BLOCK);
     for (; db + LANES <= width; db += LANES)
-        weighted_rows_block(w, w_row, w_col, y, y_stride, lo, hi, db, scale, out, 1);
+        block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, 1);
     for (; db < width; db++)                                   /* a head width not a multiple of LANES */
         for (int r = 0; r < ROWS; r++) {
             real sum = 0;
