@@ -345,13 +345,13 @@ static void adamw_update(real *p, const real *g, real *m, real *v, index_t n, re
  * S, D, Dv, then for each of them in that order its strides in elements along B, H and the rows. P is
  * contiguous (heads, L, S). Heads head_lo .. head_hi - 1 are done, so threads split the heads.
  *
- * Two small products do all the multiplying, each on ROWS rows at once so that one load from memory feeds
- * ROWS multiply-adds, with LANES-wide blocks of their result kept in registers:
+ * Two small products do all the multiplying, both block_product below on other strides: each on ROWS rows
+ * at once so that one load from memory feeds ROWS multiply-adds, a block of the result in registers:
  *   products_with_columns:  out_r[j] = sum_d x_r[d] Yt[d][j]   (Yt is K or V transposed, keys in the lanes)
  *   weighted_rows:          out_r[:] = sum_j w_r[j] Y[j][:]     (Y is V, K, Q or dO, head dims in the lanes)
  * A query's key row is padded to a multiple of LANES; the padding's scores are computed and then ignored.
- */
-/* The SIMD register the compiler targets (-march=native): 64 bytes with AVX-512, 32 with AVX, 16 otherwise
+ *
+ * The SIMD register the compiler targets (-march=native): 64 bytes with AVX-512, 32 with AVX, 16 otherwise
  * (SSE, NEON). A block of a product's result is ROWS rows of BLOCK registers, summed in registers while the
  * depth runs, so ROWS x BLOCK sums, BLOCK loads and a broadcast must fit in the register file: 32 registers
  * with AVX-512 and on ARM64 (4 x 4 + 4 + 1 = 21), 16 with AVX or SSE (4 x 2 + 2 + 1 = 11). A block wider than
