@@ -266,14 +266,6 @@ def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     np.testing.assert_array_equal(again.data, fast[0])
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
 # Each SIMD width the attention's register blocks are written for (kernels.c: VECTOR_BYTES, BLOCK), built
 # with the flags that select it; the native build covers the CPU's own
 ATTENTION_BUILDS = {"16-byte registers (no -march)": ([], 16), "AVX2": (["-mavx2", "-mfma"], 32),
@@ -284,7 +276,8 @@ ATTENTION_BUILD_CPU_FLAGS = {"AVX2": {"avx2", "fma"}, "AVX-512": {"avx512f", "fm
 @pytest.mark.parametrize("build", list(ATTENTION_BUILDS))
 def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_build, monkeypatch, build):
     needs = ATTENTION_BUILD_CPU_FLAGS.get(build, set())
-    if os.uname().machine not in ("x86_64", "AMD64") or not needs <= set(_cpu_flags()):
+    cpu_flags = set(native._cpu_description().split())       # the flags line of /proc/cpuinfo
+    if os.uname().machine not in ("x86_64", "AMD64") or not needs <= cpu_flags:
         pytest.skip(f"this CPU cannot run the {build} build")
     flags, width = ATTENTION_BUILDS[build]
     monkeypatch.setattr(native, "NATIVE_FLAGS", flags)
