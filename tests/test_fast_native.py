@@ -231,24 +231,28 @@ def attention_tolerance(dtype):
 
 def attention_inputs(rng, case, dtype):
     """Q, K, V leaves for one case: "model" as the model makes them, strided views (B, H, T, D) into one
-    (B, T, 3 H D) projection; "3d" (B, T, D); "cross" L != S and Dv != D; "long" 130 positions of width 64."""
+    (B, T, 3 H D) projection; "3d" (B, T, D); "cross" L != S and Dv != D; "long" 130 positions of width 64;
+    "one query" and "two queries" against 130 keys, of widths that are not a whole number of registers
+    (the kernel's block of queries repeats the last one)."""
     if case == "model":
         qkv = rng.standard_normal((2, 37, 3 * 3 * 24)).astype(dtype)           # B 2, T 37, H 3, D 24
         views = [qkv[..., i * 72:(i + 1) * 72].reshape(2, 37, 3, 24).transpose(0, 2, 1, 3) for i in range(3)]
         return [npgpt.Tensor(view, requires_grad=True) for view in views]
     shapes = {"3d": [(3, 9, 8)] * 3, "cross": [(2, 2, 5, 8), (2, 2, 9, 8), (2, 2, 9, 20)],
-              "long": [(1, 2, 130, 64)] * 3}[case]
+              "long": [(1, 2, 130, 64)] * 3, "one query": [(2, 3, 1, 20), (2, 3, 130, 20), (2, 3, 130, 12)],
+              "two queries": [(1, 2, 2, 64), (1, 2, 130, 64), (1, 2, 130, 64)]}[case]
     return [leaf(rng, *shape, dtype=dtype) for shape in shapes]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("case", ["model", "3d", "cross", "long"])
+@pytest.mark.parametrize("case", ["model", "3d", "cross", "long", "one query", "two queries"])
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     rng = np.random.default_rng(11)
     inputs = attention_inputs(rng, case, dtype)
-    assert engine.fast_path_for("scaled_dot_product_attention", inputs, {"is_causal": is_causal}) is \
-        native_ops.scaled_dot_product_attention
+    chosen = engine.fast_path_for("scaled_dot_product_attention", inputs, {"is_causal": is_causal})
+    # one query (generation's) is left to the NumPy paths, whose products run on the BLAS
+    assert (chosen is native_ops.scaled_dot_product_attention) == (case != "one query")
     cot = rng.standard_normal(inputs[0].shape[:-1] + inputs[2].shape[-1:])
     # float32 against the float64 reference on the same inputs: the kernel sums in another order than the
     # float32 reference, so the two differ by twice the rounding of either
@@ -286,7 +290,7 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
     try:
         rng = np.random.default_rng(5)
         for dtype in FLOATS:
-            for case in ("model", "cross", "long"):
+            for case in ("model", "cross", "long", "one query"):
                 inputs = attention_inputs(rng, case, dtype)
                 cot = rng.standard_normal(inputs[0].shape[:-1] + inputs[2].shape[-1:])
                 exact = [npgpt.Tensor(t.data.astype(np.float64), requires_grad=True) for t in inputs]
@@ -302,29 +306,34 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_attention_kernel_dropout_is_the_hashed_mask_of_each_weight(workers, dtype):
+@pytest.mark.parametrize("case", ["long", "one query"])
+def test_attention_kernel_dropout_is_the_hashed_mask_of_each_weight(workers, dtype, case):
     """A = P * mask: the mask of weight (head, i, j) is the dropout kernel's hashed bit of that index of the
     (heads, L, S) weights, from one seed drawn from the generator; the gradients are the reference's
     formulas with that mask (worked here in float64)."""
     rng = np.random.default_rng(12)
-    q, k, v = attention_inputs(rng, "long", dtype)
-    cot = rng.standard_normal(q.shape)
-    p, scale = 0.3, 0.125
+    q, k, v = attention_inputs(rng, case, dtype)
+    cot = rng.standard_normal(q.shape[:-1] + v.shape[-1:])
+    p, scale = 0.3, 1 / np.sqrt(q.shape[-1])
+    is_causal = case == "long"                  # one query against a causal mask would see one key
     fast = values_and_grads(lambda a, b, c: native_ops.scaled_dot_product_attention(
-        a, b, c, is_causal=True, dropout_p=p, generator=np.random.default_rng(4)), [q, k, v], cot)
+        a, b, c, is_causal=is_causal, dropout_p=p, generator=np.random.default_rng(4)), [q, k, v], cot)
     threshold, keep_scale = cpu_ops.dropout_threshold(p, np.float64)
     seed = native.dropout_seed(np.random.default_rng(4))
-    mask = native.dropout_hashed(np.ones((1, 2, 130, 130)), np.empty((1, 2, 130, 130)), seed, threshold,
+    weights_shape = q.shape[:-1] + k.shape[-2:-1]                    # (B, H, L, S)
+    mask = native.dropout_hashed(np.ones(weights_shape), np.empty(weights_shape), seed, threshold,
                                  keep_scale)                          # keep * scale, or 0
     Q, K, V, G = (np.asarray(a, dtype=np.float64) for a in (q.data, k.data, v.data, cot))
-    scores = np.where(F.causal_mask(np, 130, 130), scale * Q @ K.swapaxes(-1, -2), -np.inf)
+    L, S = weights_shape[-2:]
+    scores = scale * Q @ K.swapaxes(-1, -2)
+    scores = np.where(F.causal_mask(np, L, S), scores, -np.inf) if is_causal else scores
     P = np.exp(scores - scores.max(-1, keepdims=True))
     P /= P.sum(-1, keepdims=True)
     A = P * mask
     grad_P = (G @ V.swapaxes(-1, -2)) * mask
     grad_S = P * (grad_P - (grad_P * P).sum(-1, keepdims=True))
     expected = [A @ V, scale * grad_S @ K, scale * grad_S.swapaxes(-1, -2) @ Q, A.swapaxes(-1, -2) @ G]
-    assert 0.25 < (mask == 0).mean() < 0.35                              # about p of the weights dropped
+    assert 0.2 < (mask == 0).mean() < 0.4                                # about p of the weights dropped
     for got, want in zip(fast, expected):
         np.testing.assert_allclose(got, want, **attention_tolerance(dtype))
 

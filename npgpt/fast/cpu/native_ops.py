@@ -418,11 +418,15 @@ def _heads_side_by_side(B, H, rows, D, dtype):
 def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                       generator=None):
     """The kernel takes Q, K, V of 3 or 4 dimensions with the same batch dimensions, the last axis
-    contiguous and no negative strides; no attn_mask; the global generator or a NumPy one."""
+    contiguous and no negative strides; no attn_mask; the global generator or a NumPy one; and more than one
+    query. One query (generation's new position against its cache) is the reference's: its two batched
+    products run on the BLAS, while the kernel's blocks of ROWS queries and its K^T are made for many."""
     arrays = [t.data if isinstance(t, F.Tensor) else t for t in (query, key, value)]
     if attn_mask is not None or not all(isinstance(a, np.ndarray) for a in arrays):
         return False
     q, k, v = arrays
+    if q.ndim >= 2 and q.shape[-2] == 1:
+        return False
     if not (q.dtype == k.dtype == v.dtype) or native.kernels(q.dtype) is None or q.ndim not in (3, 4) or \
             not (q.ndim == k.ndim == v.ndim) or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         return False
