@@ -443,13 +443,17 @@ def fast_path_for(op, args, kwargs, found=None):
     if not paths or not _fast["enabled"]:
         return None
     found = _array_arguments(args, kwargs) if found is None else found
-    arrays = [a.data if isinstance(a, Tensor) else a for a in found]
-    if not arrays:
+    dtype = None
+    for a in found:
+        if a.dtype.kind == "f":
+            if dtype is None:
+                dtype = a.dtype
+            elif a.dtype != dtype:  # mixed float dtypes: the reference promotes them as NumPy does
+                return None
+    if dtype is None:
         return None
-    dtypes = {a.dtype for a in arrays if a.dtype.kind == "f"}
-    if len(dtypes) != 1:        # mixed float dtypes: the reference promotes them as NumPy does
-        return None
-    dtype, device = dtypes.pop(), backend.device_of(arrays[0])
+    first = found[0]
+    device = backend.device_of(first.data if isinstance(first, Tensor) else first)
     for impl, path_device, path_dtypes, applies in paths:
         if path_device == device and dtype in path_dtypes and (applies is None or applies(*args, **kwargs)):
             return impl
@@ -484,8 +488,13 @@ def _array_arguments(args, kwargs):
     return found
 
 
+_NEVER_ARRAYS = frozenset((int, float, bool, str, slice, type(None)))    # (an op's options: skipped at once)
+
+
 def _collect_arrays(values, found):
     for value in values:
+        if type(value) in _NEVER_ARRAYS:
+            continue
         if isinstance(value, (Tensor, np.ndarray)):
             found.append(value)
         elif isinstance(value, (list, tuple)):
