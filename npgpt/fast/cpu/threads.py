@@ -109,36 +109,50 @@ def can_control_blas():
     return bool(_find_blas_controls())
 
 
-_blas_scopes = {"active": [], "original": None}     # the open blas_threads blocks, oldest first
+_blas_scopes = {"active": [], "original": None, "set": None}  # the open blocks, oldest first; the count set
 _blas_lock = threading.Lock()
 
 
-@contextmanager
-def blas_threads(count):
-    """Run the block with OpenBLAS limited to `count` threads (a no-op where OpenBLAS is not found).
+class blas_threads:
+    """``with blas_threads(count):`` runs the block with OpenBLAS limited to `count` threads (a no-op where
+    OpenBLAS is not found).
 
     OpenBLAS has one process-wide count, and blocks may open and close on several threads in any order; so
     the open blocks are kept in a list: the count is always the latest open block's, and when the last one
-    closes the count from before the first is restored.
+    closes the count from before the first is restored. A block that would set the count already in force
+    leaves it be. (A class, not a generator: a small model opens one of these for each of its ~75 products
+    a step.)
     """
-    controls = _find_blas_controls()
-    if not controls:
-        yield
-        return
-    setter, getter = controls
-    scope = [count]                     # a list, so that each block is its own entry (compared by identity)
-    with _blas_lock:
-        if not _blas_scopes["active"]:
-            _blas_scopes["original"] = getter()
-        _blas_scopes["active"].append(scope)
+
+    def __init__(self, count):
+        self.count = count
+
+    def __enter__(self):
+        controls = _find_blas_controls()
+        if controls:
+            setter, getter = controls
+            with _blas_lock:
+                active = _blas_scopes["active"]
+                if not active:
+                    _blas_scopes["original"] = _blas_scopes["set"] = getter()
+                active.append(self)
+                _set_blas_count(setter, self.count)
+        return self
+
+    def __exit__(self, *exc):
+        controls = _find_blas_controls()
+        if controls:
+            with _blas_lock:
+                active = _blas_scopes["active"]
+                del active[next(i for i, block in enumerate(active) if block is self)]
+                _set_blas_count(controls[0], active[-1].count if active else _blas_scopes["original"])
+        return False
+
+
+def _set_blas_count(setter, count):
+    if _blas_scopes["set"] != count:
         setter(count)
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            active = _blas_scopes["active"]
-            del active[next(i for i, s in enumerate(active) if s is scope)]
-            setter(active[-1][0] if active else _blas_scopes["original"])
+        _blas_scopes["set"] = count
 
 
 _settings = {"workers": None}      # None until first asked: then default_workers(), or 1 without BLAS control
