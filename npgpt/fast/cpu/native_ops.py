@@ -419,8 +419,8 @@ def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                       generator=None):
     """The kernel takes Q, K, V of 3 or 4 dimensions with the same batch dimensions, the last axis
     contiguous and no negative strides; no attn_mask; the global generator or a NumPy one; and more than one
-    query. One query (generation's new position against its cache) is the reference's: its two batched
-    products run on the BLAS, while the kernel's blocks of ROWS queries and its K^T are made for many."""
+    query. One query (generation's new position against its cache) is left to the NumPy paths, whose two
+    batched products run on the BLAS: the kernel's blocks of queries and its K^T are made for many."""
     arrays = [t.data if isinstance(t, F.Tensor) else t for t in (query, key, value)]
     if attn_mask is not None or not all(isinstance(a, np.ndarray) for a in arrays):
         return False
