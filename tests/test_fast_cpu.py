@@ -418,6 +418,29 @@ def test_blas_thread_scopes_restore_the_count_whatever_order_they_close_in():
     assert count() == before                    # the attention's single-thread BLAS regions are all closed
 
 
+def test_blas_thread_scopes_set_the_count_only_where_it_changes(monkeypatch):
+    """A fake OpenBLAS records each set: a block whose count is already in force sets nothing, and the last
+    block to close restores the count from before the first."""
+    counts, calls = [4], []
+
+    def setter(n):
+        calls.append(n)
+        counts[0] = n
+    monkeypatch.setattr(threads, "_find_blas_controls", lambda: (setter, lambda: counts[0]))
+    monkeypatch.setattr(threads, "_blas_scopes", {"active": [], "original": None, "set": None})
+    with threads.blas_threads(1):
+        with threads.blas_threads(1):
+            assert counts[0] == 1
+        with threads.blas_threads(2):
+            assert counts[0] == 2
+        assert counts[0] == 1
+    assert counts[0] == 4
+    assert calls == [1, 2, 1, 4]
+    with threads.blas_threads(4):                # the count already in force: nothing to set or restore
+        pass
+    assert calls == [1, 2, 1, 4]
+
+
 def test_heads_that_cannot_be_split_run_as_one_chunk(workers):
     """Q, K, V whose batch dimensions broadcast, or a mask with batch dimensions of its own: one chunk,
     still the reference's numbers."""

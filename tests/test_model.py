@@ -117,6 +117,23 @@ def test_dropout_train_is_seeded_and_eval_equals_no_dropout():
     np.testing.assert_allclose(model(ids).numpy(), plain(ids).numpy(), rtol=1e-6, atol=1e-7)
 
 
+def test_dropout_module_in_eval_mode_or_at_zero_is_the_identity_without_drawing():
+    x = npgpt.Tensor(np.arange(12.0).reshape(3, 4), requires_grad=True)
+    state = backend.global_rng().bit_generator.state
+    off = npgpt.nn.Dropout(0.0)
+    off.train()
+    on = npgpt.nn.Dropout(0.5)
+    on.eval()
+    for layer in (off, on):
+        assert layer(x) is x                           # the input itself: no op, no graph node
+    assert backend.global_rng().bit_generator.state == state      # and no random numbers drawn
+    raw = on(np.ones(3))
+    assert isinstance(raw, npgpt.Tensor) and np.array_equal(raw.data, np.ones(3))
+    on.train()
+    dropped = on(npgpt.Tensor(np.ones((50, 50))))
+    assert 0.4 < (dropped.data == 0).mean() < 0.6 and set(np.unique(dropped.data)) == {0.0, 2.0}
+
+
 def test_memory_stays_flat_over_training_steps():
     npgpt.manual_seed(4)
     model = GPT(**ODD, dropout=0.1)
