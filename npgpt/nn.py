@@ -217,7 +217,8 @@ class Dropout(Module):
         self.p = p
 
     def forward(self, x):
-        if not self.training or self.p == 0.0:      # the identity: nothing to draw, nothing to record
+        # the identity in eval mode or at p = 0: nothing to draw, nothing to record (a bad p: F.dropout's error)
+        if (not self.training or self.p == 0.0) and 0.0 <= self.p <= 1.0:
             return x if isinstance(x, Tensor) else Tensor(x)
         return F.dropout(x, self.p, self.training)
 

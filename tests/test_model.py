@@ -129,6 +129,10 @@ def test_dropout_module_in_eval_mode_or_at_zero_is_the_identity_without_drawing(
     assert backend.global_rng().bit_generator.state == state      # and no random numbers drawn
     raw = on(np.ones(3))
     assert isinstance(raw, npgpt.Tensor) and np.array_equal(raw.data, np.ones(3))
+    on.p = 1.5                                         # set after construction: still refused in eval mode
+    with pytest.raises(ValueError, match="p must lie in"):
+        on(x)
+    on.p = 0.5
     on.train()
     dropped = on(npgpt.Tensor(np.ones((50, 50))))
     assert 0.4 < (dropped.data == 0).mean() < 0.6 and set(np.unique(dropped.data)) == {0.0, 2.0}
