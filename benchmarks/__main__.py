@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks.load import LoadMeter, describe
 from benchmarks.suite import ROOT, child_env, format_speed, machine_description, run_speed
 
 
@@ -23,10 +24,11 @@ def run_quality(budget, device, threads, log=print):
     results = {}
     for impl in ("npgpt", "torch"):
         log(f"[quality] training {impl} for {budget:.0f} s")
-        out = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--budget", str(budget),
-                              "--device", device, "--threads", str(threads)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        with LoadMeter() as load:     # the run is this process's child: its CPU time counts as the benchmark's
+            out = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--budget",
+                                  str(budget), "--device", device, "--threads", str(threads)],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        results[impl] = dict(json.loads(out.stdout.strip().splitlines()[-1]), load=load.as_dict())
     return {"budget_s": budget, "preset": "shakespeare-char", "results": results}
 
 
@@ -45,6 +47,9 @@ def format_quality(q):
     if r["npgpt"].get("seconds_to_target") and r["torch"].get("seconds_to_target"):
         lines += ["", f"npgpt / PyTorch time to {target}: "
                       f"**{r['npgpt']['seconds_to_target'] / r['torch']['seconds_to_target']:.2f}x**"]
+    loads = {f"{name}'s run": r[impl].get("load") for impl, name in (("npgpt", "npgpt"), ("torch", "PyTorch"))}
+    lines += ["", describe(loads, consequence="the two runs, one after the other, did not have the machine alike; "
+                                              "rerun on a quiet machine.")]
     return "\n".join(lines)
 
 

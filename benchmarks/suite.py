@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 
+from benchmarks.load import LoadMeter, describe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
 GPT2_SMALL = dict(vocab_size=50304, d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024)
@@ -183,36 +185,41 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
         eager = ([Worker("npgpt", env, dict(setup, cuda_graph=False), label="npgpt_eager")]
                  if device == "gpu" else [])
         try:
-            if index == 0:
-                report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers if w.impl in ("npgpt", "torch")}
-                n = 8192 if device == "gpu" else 2048
-                report["sgemm_n"] = n
-                report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"]
-                                          for w in workers if w.impl in ("npgpt", "torch")}
-            case = {"batch": batch, "seq": seq, "model": case_model, "dropout": case_dropout,
-                    "name": {id(GPT2_SMALL): "GPT-2 small", id(SHAKESPEARE_CHAR): "shakespeare-char"}.get(
-                        id(case_model), "tutorial")}
-            if not small:
-                forward_workers = [w for w in workers if w.impl != "npgpt_loop"]   # the same forward as npgpt's
-                fwd = _measure(forward_workers, "forward", warmup, repeats, missing=report["unavailable"])
-                case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
-                case["forward_samples"] = fwd
-                log(f"[{batch}x{seq}] forward done")
-            trn_workers = list(workers) + eager
-            trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
-                           missing=report["unavailable"])
-            case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers if w.impl in ("npgpt", "torch")}
-            log(f"[{batch}x{seq}] train done")
-            case["train_ms"] = {k: statistics.median(v) for k, v in trn.items()}
-            case["train_samples"] = trn
-            if index == 0:
-                new_tokens = 50 if quick else 200
-                gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
-                gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
-                                extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
-                report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
-                                      "tokens_per_s": {k: statistics.median(v) for k, v in gen.items()}}
-                log(f"[{batch}x{seq}] generation done")
+            # every worker of the case is alive from here to the end of its measurements
+            with LoadMeter([w.proc.pid for w in workers + eager]) as load:
+                if index == 0:
+                    report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers
+                                          if w.impl in ("npgpt", "torch")}
+                    n = 8192 if device == "gpu" else 2048
+                    report["sgemm_n"] = n
+                    report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"]
+                                              for w in workers if w.impl in ("npgpt", "torch")}
+                case = {"batch": batch, "seq": seq, "model": case_model, "dropout": case_dropout,
+                        "name": {id(GPT2_SMALL): "GPT-2 small", id(SHAKESPEARE_CHAR): "shakespeare-char"}.get(
+                            id(case_model), "tutorial")}
+                if not small:
+                    forward_workers = [w for w in workers if w.impl != "npgpt_loop"]   # npgpt's same forward
+                    fwd = _measure(forward_workers, "forward", warmup, repeats, missing=report["unavailable"])
+                    case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
+                    case["forward_samples"] = fwd
+                    log(f"[{batch}x{seq}] forward done")
+                trn_workers = list(workers) + eager
+                trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
+                               missing=report["unavailable"])
+                case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers
+                                     if w.impl in ("npgpt", "torch")}
+                log(f"[{batch}x{seq}] train done")
+                case["train_ms"] = {k: statistics.median(v) for k, v in trn.items()}
+                case["train_samples"] = trn
+                if index == 0:
+                    new_tokens = 50 if quick else 200
+                    gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
+                    gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
+                                    extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
+                    report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
+                                          "tokens_per_s": {k: statistics.median(v) for k, v in gen.items()}}
+                    log(f"[{batch}x{seq}] generation done")
+            case["load"] = load.as_dict()
             report["cases"].append(case)
         finally:
             for w in workers + eager:
@@ -246,6 +253,10 @@ def _blas_line(versions):
 
 def format_speed(report):
     m, v = report["machine"], report.get("versions", {})
+
+    def label(c):
+        return f"({c['batch']}, {c['seq']})" + (f" {c['name']}" if c.get("name", "tutorial") != "tutorial" else "")
+
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; each implementation runs with "
              f"{m['threads_per_implementation']} threads, in its own process, alternating, medians of "
              f"{report['repeats']} after {report['warmup']} warm-up.",
@@ -259,6 +270,7 @@ def format_speed(report):
              f"GFLOP/s; MFU below is against {report['sgemm_peak_gflops']:.0f}"
              + (f" (and, in brackets, against the nominal bf16 peak of {report['bf16_peak_tflops']:.0f} TFLOP/s)"
                 if report.get("bf16_peak_tflops") else "") + ".",
+             describe({label(c): c.get("load") for c in report["cases"]}),
              "",
              f"Tutorial GPT (vocab {report['model']['vocab_size']}, d_model {report['model']['d_model']}, "
              f"{report['model']['num_heads']} heads, {report['model']['num_layers']} layers, d_ff "
@@ -275,9 +287,6 @@ def format_speed(report):
     def mfu(c, impl):
         text = f"{c['mfu'][impl] * 100:.0f}%"
         return text + (f" ({c['mfu_bf16'][impl] * 100:.1f}%)" if "mfu_bf16" in c else "")
-
-    def label(c):
-        return f"({c['batch']}, {c['seq']})" + (f" {c['name']}" if c.get("name", "tutorial") != "tutorial" else "")
 
     order = ["npgpt", "npgpt_loop", "npgpt_eager", "torch", "torch_tutorial", "torch_compile"]
     for c in report["cases"]:

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark suite: it runs, prints the table and writes the JSON (no timing assertions)."""
+"""The benchmark suite: a smoke run that prints the table and writes the JSON (no timing assertions), the FLOPs
+formula, and the meter of how busy the machine was."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import pytest
 from optional import need
 
+from benchmarks import load
 from benchmarks.suite import forward_flops, train_flops, TUTORIAL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +31,66 @@ def test_quick_suite_runs_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| train step (8, 128) |" in proc.stdout and "| generate" in proc.stdout
     assert "kernel" in proc.stdout          # the BLAS kernel NumPy ran is printed
+    assert "Load from outside the benchmark" in proc.stdout
     report = json.loads(out.read_text())
     case = report["speed"]["cases"][0]
     assert case["train_ms"]["npgpt"] > 0 and case["train_ms"]["torch"] > 0
     assert case["train_ratio"] == pytest.approx(case["train_ms"]["npgpt"] / case["train_ms"]["torch"])
     assert report["speed"]["sgemm_peak_gflops"] > 0
     assert report["machine"]["cores"] >= 1
+    if load.available():
+        assert 0 <= case["load"]["other"] <= 1 and case["load"]["own_seconds"] > 0
+
+
+def test_machine_ticks_reads_the_cpu_line_of_proc_stat():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    text = "cpu  100 5 20 1000 7 3 2 9 4 0\ncpu0 50 2 10 500 3 1 1 4 2 0\n"
+    busy, steal, total = load.machine_ticks(text)
+    assert (busy, steal, total) == (100 + 5 + 20 + 3 + 2, 9, 130 + 1000 + 7 + 9)    # guest is inside user
+    assert load.machine_ticks("cpu 1 2 3 4\n") == (6, 0, 10)                     # an old kernel: 4 fields
+    with pytest.raises(ValueError):
+        load.machine_ticks("intr 1 2 3\n")
+
+
+def test_process_ticks_counts_from_the_last_bracket():
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    text = "1234 (a) b (c) S 1 1234 1234 0 -1 4194304 100 0 0 0 42 17 0 0 20 0 1 0 5 6 7\n"
+    assert load.process_ticks(text) == 42 + 17
+
+
+BURN = "import sys, time\nwhile time.process_time() < {s}: pass\nprint('done', flush=True)\nsys.stdin.read()"
+
+
+@pytest.mark.skipif(not load.available(), reason="no /proc/stat: the load meter measures nothing here")
+def test_a_process_outside_the_benchmark_counts_as_other_load():
+    child = subprocess.Popen([sys.executable, "-c", BURN.format(s=1.0)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        with load.LoadMeter([child.pid]) as counted, load.LoadMeter() as not_counted:
+            assert child.stdout.readline() == "done\n"       # it has spent 1 s of CPU, most of it in here
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    burned = counted.own_seconds - not_counted.own_seconds
+    assert 0.5 < burned < 1.1
+    assert not_counted.other > counted.other
+    assert "BUSY" in load.describe({"the test": not_counted.as_dict()})
+
+
+@pytest.mark.skipif(not load.available(), reason="no /proc/stat: the load meter measures nothing here")
+def test_a_child_waited_for_counts_as_the_benchmarks_own_time():
+    with load.LoadMeter() as meter:       # the quality suite's way: its runs are children, waited for
+        subprocess.run([sys.executable, "-c", BURN.format(s=0.5)], input="", text=True, capture_output=True,
+                       check=True)
+    assert meter.own_seconds >= 0.5
+
+
+def test_describe_flags_busy_sections_and_says_when_nothing_was_measured():
+    quiet = {"other": 0.004, "steal": 0.0, "own_seconds": 10.0}
+    busy = {"other": 0.3, "steal": 0.0, "own_seconds": 10.0}
+    stolen = {"other": 0.0, "steal": 0.08, "own_seconds": 10.0}
+    text = load.describe({"(8, 128)": quiet, "(16, 256)": busy, "(4, 512)": stolen})
+    assert "(8, 128) 0.4%" in text and "(16, 256) 30.0%" in text and "steal 8.0%" in text
+    assert "BUSY during (16, 256), (4, 512)" in text
+    assert "BUSY" not in load.describe({"(8, 128)": quiet})
+    assert "not measured" in load.describe({"(8, 128)": None})
