@@ -3,7 +3,15 @@
     python -m benchmarks.profile                          # the tutorial GPT at (8, 128), the training program
     python -m benchmarks.profile --loop                   # the README's five-line loop instead
     python -m benchmarks.profile --model shakespeare-char --loop     # the small model at its (12, 64)
+    python -m benchmarks.profile --forward                # an inference forward pass (no graph), op by op
     python -m benchmarks.profile --batch 16 --seq 256 --steps 5
+    python -m benchmarks.profile --anchor-ms 303          # PyTorch's time for the same step, from the suite
+
+Under the table, the products' floor: the FLOPs of linear's products (forward, and dx and dW in the
+backward), their time and speed against this machine's float32 GEMM peak (2048^3, measured here), and the
+step's time if every other op cost nothing. With --anchor-ms (PyTorch's median for the same step or forward
+pass, from `python -m benchmarks`), that floor and the step are also given as ratios to it, with what a
+target ratio leaves for everything that is not a product.
 
 Forward time of an op is the time from the previous op's result to this op's result (ops run one after
 another, so the gaps tile the forward pass: the Python between two ops counts to the second); backward time
@@ -20,7 +28,7 @@ import time
 import numpy as np
 
 
-def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False):
+def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
     import npgpt
     from npgpt import backend, engine
     from npgpt import functional as F
@@ -85,6 +93,11 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         return run
     opt.step = timed("optimizer", real_step)
     npgpt.Tensor.backward = timed("backward", real_backward)
+    # the BLAS products themselves (linear's fast path on the CPU), for the floor under the table
+    from npgpt.fast.cpu import native_ops
+    real_product = native_ops._product
+    timers["products"] = 0.0
+    native_ops._product = timed("products", real_product)
 
     def five_line_loop(batches):
         (inputs, targets), = batches
@@ -94,6 +107,13 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         loss.backward()
         opt.step()
 
+    def inference(batches):
+        (inputs, _), = batches
+        with npgpt.no_grad():
+            model(inputs)
+
+    if forward_only:
+        model.eval()
     try:
         for i in range(steps + 1):
             ids = rng.integers(0, vocab, (batch, seq + 1))
@@ -102,7 +122,9 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
                 clock["on"] = True
             start = time.perf_counter()
             clock["last"] = start
-            if loop:
+            if forward_only:
+                inference([(ids[:, :-1], ids[:, 1:])])
+            elif loop:
                 five_line_loop([(ids[:, :-1], ids[:, 1:])])
             else:
                 train_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 0.0, shards)
@@ -112,7 +134,46 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     finally:
         engine.set_op_observer(previous_observer)
         npgpt.Tensor.backward = real_backward
+        native_ops._product = real_product
     return forward, backward, counts, timers, total, steps
+
+
+def product_flops(model, batch, seq, forward_only=False):
+    """FLOPs of linear's products in one forward pass (Q, K, V, O, the two of the feed-forward network, in
+    every layer, and the output projection), times 3 for a training step: the backward makes dx and dW, each
+    a product of the forward's size."""
+    L, C, F, V = model["num_layers"], model["d_model"], model["d_ff"], model["vocab_size"]
+    forward = 2 * batch * seq * (L * (4 * C * C + 2 * C * F) + C * V)
+    return forward if forward_only else 3 * forward
+
+
+def gemm_peak_gflops(n=2048, repeats=5):
+    """The best of a few n x n float32 products by NumPy: this machine's GEMM peak as npgpt's BLAS sees it."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target=0.75):
+    """The products' floor in words: their speed, the step if nothing else cost anything, and, against an
+    anchor (PyTorch's time for the same work), both as ratios and what `target` leaves for the rest."""
+    speed = flops / (products_ms / 1e3) / 1e9
+    lines = [f"Products (linear's, on the BLAS): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
+             f"{speed / peak_gflops:.0%} of this machine's float32 GEMM peak ({peak_gflops:.0f} GFLOP/s at "
+             f"2048^3); everything else: {step_ms - products_ms:.1f} ms of the {step_ms:.1f} ms."]
+    if anchor_ms:
+        budget = target * anchor_ms
+        lines.append(f"Against {anchor_ms:.1f} ms (--anchor-ms): this run {step_ms / anchor_ms:.2f}x; the "
+                     f"products alone {products_ms / anchor_ms:.2f}x, and at the GEMM peak "
+                     f"{flops / (peak_gflops * 1e9) * 1e3 / anchor_ms:.2f}x. {target:.2f}x is {budget:.1f} ms: "
+                     + (f"{budget - products_ms:.1f} ms for everything but the products (now "
+                        f"{step_ms - products_ms:.1f} ms)." if budget > products_ms else
+                        f"less than the products alone take."))
+    return lines
 
 
 def _positive(text):
@@ -133,7 +194,15 @@ def main(argv=None):
     p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
     p.add_argument("--loop", action="store_true",
                    help="time the README's five-line loop (the library alone) instead of the training program")
+    p.add_argument("--forward", action="store_true",
+                   help="time an inference forward pass (eval mode, no graph) instead of a training step")
+    p.add_argument("--anchor-ms", type=float, default=None,
+                   help="PyTorch's median for the same step (or forward pass) from `python -m benchmarks`: "
+                        "the floor is then also given as a ratio to it")
+    p.add_argument("--target", type=float, default=0.75, help="the ratio to PyTorch to size the rest against")
     args = p.parse_args(argv)
+    if args.forward and args.loop:
+        p.error("--forward times the forward pass alone; leave out --loop")
     from benchmarks.suite import GPT2_SMALL, SHAKESPEARE_CHAR, SHAKESPEARE_SHAPE, TUTORIAL
     small = args.model == "shakespeare-char"
     model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]
@@ -141,14 +210,16 @@ def main(argv=None):
     seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
     forward, backward, counts, timers, total, steps = profile(
-        batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop)
+        batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
+        forward_only=args.forward)
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
-    what = "five-line loop" if args.loop else "training program"
-    print(f"{args.model} {what} step ({batch}, {seq}), dropout {dropout}, {args.device}, {args.threads} "
-          f"threads: {total * per:.1f} ms per step (mean of {steps}; ops timed one by one)\n")
+    what = "forward pass" if args.forward else ("five-line loop step" if args.loop else "training program step")
+    print(f"{args.model} {what} ({batch}, {seq}), dropout {0.0 if args.forward else dropout}, {args.device}, "
+          f"{args.threads} threads: {total * per:.1f} ms (mean of {steps}; ops timed one by one)\n")
     from npgpt.fast.cpu.threads import data_parallel_shards
-    data_parallel = args.device == "cpu" and not args.loop and data_parallel_shards(args.threads) > 1
+    data_parallel = (args.device == "cpu" and not (args.loop or args.forward)
+                     and data_parallel_shards(args.threads) > 1)
     if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
               "than the step; --threads 1 or --loop gives a breakdown that adds up)\n")
@@ -162,8 +233,9 @@ def main(argv=None):
               f"{t * per:.1f} | {t / total * 100:.0f}% |")
     optim_s = timers["optimizer"]
     accounted += optim_s
-    print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
-    if not data_parallel:
+    if not args.forward:
+        print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
+    if not (data_parallel or args.forward):
         engine_s = max(0.0, timers["backward"] - sum(backward.values()))
         accounted += engine_s
         calls = sum(counts.values()) / steps
@@ -172,6 +244,12 @@ def main(argv=None):
     rest = total - accounted
     if rest > 0:
         print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
+    if args.device == "cpu" and not data_parallel and timers["products"] > 0:
+        print()
+        products_ms = timers["products"] * per
+        for line in floor_lines(total * per, products_ms, product_flops(model, batch, seq, args.forward),
+                                gemm_peak_gflops(), args.anchor_ms, args.target):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,45 @@ def test_describe_flags_busy_sections_and_says_when_nothing_was_measured():
     assert "BUSY during (16, 256), (4, 512)" in text
     assert "BUSY" not in load.describe({"(8, 128)": quiet})
     assert "not measured" in load.describe({"(8, 128)": None})
+
+
+def test_product_flops_counts_linears_three_times_a_training_step():
+    from benchmarks.profile import product_flops
+    # by hand, C=2, F=3, V=5, one layer, B=1, T=4: weights 4*4 + 2*2*3 = 28, output projection 10, 2 FLOPs each
+    model = dict(num_layers=1, d_model=2, d_ff=3, vocab_size=5)
+    assert product_flops(model, 1, 4, forward_only=True) == 2 * 4 * 38
+    assert product_flops(model, 1, 4) == 3 * 2 * 4 * 38       # forward, dx and dW: three products of one size
+
+
+def test_floor_lines_give_the_products_speed_and_what_a_target_leaves():
+    from benchmarks.profile import floor_lines
+    # 16 GFLOP in 80 ms is 200 GFLOP/s, 80% of a 250 GFLOP/s peak; 20 ms of a 100 ms step is the rest
+    speed, against = floor_lines(100.0, 80.0, 16e9, 250.0, anchor_ms=120.0, target=0.75)
+    assert "200 GFLOP/s, 80% of" in speed and "everything else: 20.0 ms of the 100.0 ms" in speed
+    # 100/120 = 0.83x; 80/120 = 0.67x; at the peak 64 ms = 0.53x; 0.75 x 120 = 90 ms leaves 10 ms for the rest
+    assert "this run 0.83x" in against and "products alone 0.67x" in against and "at the GEMM peak 0.53x" in against
+    assert "0.75x is 90.0 ms: 10.0 ms for everything but the products (now 20.0 ms)" in against
+    # a target below the products' own time says so
+    _, short = floor_lines(100.0, 80.0, 16e9, 250.0, anchor_ms=100.0, target=0.75)
+    assert "0.75x is 75.0 ms: less than the products alone take" in short
+    assert len(floor_lines(100.0, 80.0, 16e9, 250.0)) == 1         # no anchor, no ratios
+
+
+@pytest.mark.parametrize("mode", [["--loop"], ["--forward"]])
+def test_profile_prints_the_ops_and_the_products_floor(mode):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--model", "shakespeare-char", "--steps", "2",
+                           "--anchor-ms", "50"] + mode, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # per layer Q, K and V in one product, then O and the feed-forward network's two; and the output projection
+    assert "| linear | 17 |" in out and "| split | 4 |" in out and "| scaled_dot_product_attention | 4 |" in out
+    assert ("AdamW step" in out) == (mode == ["--loop"])           # a forward pass has no optimizer step
+    flops = 3 * 2 * 12 * 64 * (4 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 65) // (3 if mode == ["--forward"] else 1)
+    from npgpt.fast.cpu import native
+    # the products are timed where linear runs on the C kernels' pool (built wherever there is a C compiler)
+    assert ("Products (linear's, on the BLAS)" in out) == native.status()["built"]
+    if native.status()["built"]:
+        assert f"{flops / 1e9:.2f} GFLOP in" in out and "Against 50.0 ms (--anchor-ms)" in out
+        products_ms = float(out.split("GFLOP in ")[1].split(" ms")[0])
+        step_ms = float(out.split("ms of the ")[1].split(" ms")[0])
+        assert 0 < products_ms < step_ms

@@ -507,3 +507,42 @@ def test_parallel_add_arrays_equals_numpys_sum_and_is_asked_only_for_large_alike
     y = x + npgpt.Tensor(b)
     (y * y).sum().backward()                                              # the residual's sum and its
     np.testing.assert_allclose(x.grad, 2 * (a + b), rtol=1e-6)            # gradients meeting
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cat_of_pieces_lying_end_to_end_is_a_view_and_of_any_others_a_copy(dtype):
+    block = np.arange(2 * 5 * 12, dtype=dtype).reshape(2, 5, 12)
+    other = block.copy()
+    views = {"along the last axis": ([block[..., 0:4], block[..., 4:9], block[..., 9:12]], 2),
+             "along the rows": ([block[:, 0:2], block[:, 2:5]], 1),
+             "a stretch of the middle": ([block[..., 3:4], block[..., 4:6]], 2)}
+    copies = {"out of order": ([block[..., 4:9], block[..., 0:4]], 2),
+              "with a gap": ([block[..., 0:4], block[..., 5:9]], 2),
+              "of two arrays": ([block[..., 0:4], other[..., 4:9]], 2),
+              "reversed": ([block[..., ::-1][..., 0:4], block[..., ::-1][..., 4:9]], 2),
+              "one piece": ([block[..., 0:4]], 2),
+              "whole arrays": ([block, other], 0)}
+    for name, (pieces, axis) in {**views, **copies}.items():
+        joined = engine.cat_arrays(pieces, axis)
+        np.testing.assert_array_equal(joined, np.concatenate(pieces, axis=axis), err_msg=name)
+        assert joined.dtype == dtype
+        assert np.shares_memory(joined, block) == (name in views), name
+        assert cpu_ops.cat_applies(pieces, axis) == (name in views), name
+
+
+def test_stacked_parameters_are_joined_by_cat_without_a_copy_and_stay_stacked_after_to(fast_paths_on):
+    model = npgpt.GPT(vocab_size=11, d_model=12, num_heads=3, num_layers=1, d_ff=16, max_seq_len=8,
+                      dropout=0.0, attention_bias=True)
+    attention = model.blocks[0].attention
+    for dtype in (np.float64, np.float32):          # to() converts each Parameter, then stacks them again
+        model.to(dtype)
+        for group in attention.stacked_parameters():
+            joined = npgpt.cat(group).data
+            assert joined.dtype == dtype and all(np.shares_memory(joined, p.data) for p in group)
+            np.testing.assert_array_equal(joined, np.concatenate([p.data for p in group]))
+    weights = [attention.W_q.weight, attention.W_k.weight, attention.W_v.weight]
+    before = [w.data.copy() for w in weights]
+    model.load_state_dict(model.state_dict())         # in place: still stacked, values kept
+    assert npgpt.cat(weights).data.base is weights[0].data.base
+    for w, b in zip(weights, before):
+        np.testing.assert_array_equal(w.data, b)
