@@ -147,14 +147,17 @@ def product_flops(model, batch, seq, forward_only=False):
     return forward if forward_only else 3 * forward
 
 
-def gemm_peak_gflops(n=2048, repeats=5):
-    """The best of a few n x n float32 products by NumPy: this machine's GEMM peak as npgpt's BLAS sees it."""
+def gemm_peak_gflops(threads, n=2048, repeats=5):
+    """The best of a few n x n float32 products by NumPy's BLAS on `threads` threads: this machine's GEMM peak
+    for the threads the profiled step had."""
+    from npgpt.fast.cpu.threads import blas_threads
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
+    with blas_threads(threads):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
 
@@ -248,7 +251,7 @@ def main(argv=None):
         print()
         products_ms = timers["products"] * per
         for line in floor_lines(total * per, products_ms, product_flops(model, batch, seq, args.forward),
-                                gemm_peak_gflops(), args.anchor_ms, args.target):
+                                gemm_peak_gflops(args.threads), args.anchor_ms, args.target):
             print(line)
 
 

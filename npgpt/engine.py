@@ -200,6 +200,7 @@ class Tensor:
             if node.is_leaf and into is not None:
                 into[id(node)] = node_grad
                 continue
+            # (the node of an op with several results gets a list, one gradient per result: no .grad of its own)
             if node.is_leaf or (node._retain_grad and not isinstance(node_grad, list)):
                 accumulate_grad(node, node_grad)
                 shared.add(id(node_grad))       # now node.grad: whatever it flows on to must not alias it
@@ -398,7 +399,7 @@ class Tensor:
             return (grad.swapaxes(dim0, dim1),)
         return _make(self.data.swapaxes(dim0, dim1), (self,), backward, "transpose")
 
-    def split(self, split_size_or_sections, dim=-1):
+    def split(self, split_size_or_sections, dim=0):
         """Cut along `dim` into pieces of `split_size_or_sections` elements (the last one shorter where they do
         not divide), or of the sizes in that list; as torch.Tensor.split, each piece is a view.
 
@@ -407,13 +408,18 @@ class Tensor:
         (zeros for a piece that got none)."""
         axis = _normalize_axes(dim, self.ndim)[0]
         length = self.shape[axis]
-        if isinstance(split_size_or_sections, (int, np.integer)):
+        def is_count(n):
+            return isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+        if is_count(split_size_or_sections):
             if split_size_or_sections <= 0:
                 raise ValueError(f"split: the size of a piece must be positive, not {split_size_or_sections}")
             sizes = [min(split_size_or_sections, length - start)
                      for start in range(0, length, split_size_or_sections)] or [0]
         else:
-            sizes = [int(n) for n in split_size_or_sections]
+            sizes = list(split_size_or_sections) if isinstance(split_size_or_sections, (list, tuple)) else [None]
+            if not all(is_count(n) for n in sizes):
+                raise TypeError(f"split: give the size of a piece, or a list of sizes, as whole numbers, not "
+                                f"{split_size_or_sections!r}")
             if sum(sizes) != length or min(sizes, default=0) < 0:
                 raise ValueError(f"split: sizes {sizes} must be non-negative and add up to {length}, the length "
                                  f"of dim {dim}")
@@ -559,8 +565,12 @@ def cat_arrays(arrays, axis):
     return backend.get_array_module(arrays[0]).concatenate(arrays, axis=axis)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Ops that need a function of their own
+
 def cat(tensors, dim=0):
-    """Tensors laid end to end along `dim` (torch.cat); dL/d(each) is its own slice of dL/d(out)."""
+    """Tensors laid end to end along `dim` (torch.cat); dL/d(each) is its own slice of dL/d(out). Where the
+    tensors already lie end to end in one array, a fast path may return a read-only view of it, not a copy."""
     tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("cat: give at least one tensor")
@@ -577,9 +587,6 @@ def cat(tensors, dim=0):
         return tuple(grad[before + (slice(end - n, end),)] for n, end in zip(lengths, itertools.accumulate(lengths)))
     return _make(cat_arrays([t.data for t in tensors], axis), tuple(tensors), backward, "cat")
 
-
-# --------------------------------------------------------------------------------------------------------
-# Ops that need a function of their own
 
 @dispatchable("matmul")
 def matmul(a, b):
@@ -673,7 +680,8 @@ def _make_many(datas, parents, backward, op):
 
 
 def _add_slots(a, b):
-    """Two gradients of an op with several results, slot by slot."""
+    """Two gradients of an op with several results, slot by slot. (Each result fills only its own slot, once,
+    its uses summed before, so the sum meets None on one side; it adds rather than assume so.)"""
     return [y if x is None else x if y is None else add_arrays(x, y) for x, y in zip(a, b)]
 
 

@@ -39,7 +39,8 @@ class MultiHeadAttention(nn.Module):
 
     def stacked_parameters(self):
         """W_q, W_k, W_v's weights live as the three (C, C) blocks of one (3C, C) array (and their biases of
-        one (3C,)), so that forward()'s cat of them is that array, not a copy."""
+        one (3C,)), so that forward()'s cat of them can be a view of that array instead of a copy. The values
+        are the same either way."""
         layers = (self.W_q, self.W_k, self.W_v)
         groups = [[layer.weight for layer in layers]]
         if all(layer.bias is not None for layer in layers):
@@ -54,8 +55,8 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.num_heads, self.d_k
         # W_q(x), W_k(x), W_v(x) as one product: x times the three weights stacked (3C, C), then cut in three.
-        # The numbers are W_q(x), W_k(x), W_v(x)'s; one product three times as wide runs faster than three
-        # small ones, and in the backward dL/dx is one product too, where three would be made and summed.
+        # Mathematically the same as the three; one product three times as wide runs faster than three small
+        # ones, and in the backward dL/dx is one product too, where three would be made and summed.
         weight = cat([self.W_q.weight, self.W_k.weight, self.W_v.weight])              # (3C, C)
         bias = None if self.W_q.bias is None else cat([self.W_q.bias, self.W_k.bias, self.W_v.bias])
         q, k, v = F.linear(x, weight, bias).split(C, dim=-1)                          # 3 x (B, T, C)

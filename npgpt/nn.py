@@ -134,7 +134,8 @@ class Module:
 
     def to(self, target):
         """Convert every Parameter in place: a dtype (np.float32, np.float64) or a device ('cpu' / 'gpu').
-        Parameters stacked in one array (stacked_parameters) are stacked again after."""
+        Converting gives each Parameter an array of its own, so groups that lived stacked in one array
+        (stacked_parameters) are stacked again after."""
         if target not in ("cpu", "gpu") and np.dtype(target) not in SUPPORTED_DTYPES:
             raise TypeError(f"Module.to: parameters can be float32 or float64, not {np.dtype(target)}")
         for p in self.parameters():
@@ -270,8 +271,8 @@ def _normal(shape, std, dtype=None):
 
 def stack_parameters(params):
     """Make the Parameters consecutive blocks of one new array along their first axis, values unchanged (each
-    Parameter's data becomes a view of its block). cat() of them is then that array itself: the fast paths
-    see that the pieces lie end to end and return a view instead of a copy. Returns the array."""
+    Parameter's data becomes a view of its block), so that cat() of them can be a view of that array instead
+    of a copy. Returns the array."""
     xp = backend.get_array_module(params[0].data)
     storage = xp.concatenate([p.data for p in params])
     end = 0

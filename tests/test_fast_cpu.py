@@ -528,6 +528,10 @@ def test_cat_of_pieces_lying_end_to_end_is_a_view_and_of_any_others_a_copy(dtype
         assert joined.dtype == dtype
         assert np.shares_memory(joined, block) == (name in views), name
         assert cpu_ops.cat_applies(pieces, axis) == (name in views), name
+        if name in views:               # a new array to its caller: writing into it must not reach the pieces
+            assert not joined.flags.writeable
+    broadcast = np.broadcast_to(np.arange(3.0, dtype=dtype), (4, 3))      # a zero stride: each element read twice
+    assert not cpu_ops.cat_applies([broadcast[0:2], broadcast[2:4]], 0)
 
 
 def test_stacked_parameters_are_joined_by_cat_without_a_copy_and_stay_stacked_after_to(fast_paths_on):

@@ -151,6 +151,7 @@ def test_split_pieces_are_views_and_cat_undoes_split(device):
     np.testing.assert_array_equal(backend.to_numpy(k.data), [[3, 4, 5], [15, 16, 17]])
     assert xp.shares_memory(k.data, x.data)                     # a view, as torch.split's pieces are
     assert [p.shape[1] for p in x.split(5, dim=-1)] == [5, 5, 2]
+    assert [p.shape for p in x.split(1)] == [(1, 12), (1, 12)]          # dim 0 unless told, as in PyTorch
     np.testing.assert_array_equal(backend.to_numpy(npgpt.cat(x.split(5, dim=1), dim=1).data),
                                   backend.to_numpy(x.data))
 
@@ -175,6 +176,10 @@ def test_split_and_cat_refuse_bad_arguments_with_the_fix(device):
         x.split([2, 2], dim=1)
     with pytest.raises(ValueError, match="must be positive"):
         x.split(0)
+    with pytest.raises(TypeError, match="whole numbers"):
+        x.split([2.5, 3.5], dim=1)
+    with pytest.raises(TypeError, match="whole numbers"):
+        x.split(True)
     with pytest.raises(ValueError, match="out of range"):
         x.split(2, dim=2)
     with pytest.raises(ValueError, match="differ outside dim 0"):

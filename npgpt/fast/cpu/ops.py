@@ -638,17 +638,20 @@ def cat_arrays(arrays, axis):
     base = first.base
     offset = first.__array_interface__["data"][0] - base.__array_interface__["data"][0]
     try:
-        return np.ndarray(tuple(shape), first.dtype, buffer=base, offset=offset, strides=first.strides)
+        joined = np.ndarray(tuple(shape), first.dtype, buffer=base, offset=offset, strides=first.strides)
     except (TypeError, ValueError, BufferError):     # a base that lends no plain buffer (not contiguous)
-        return np.lib.stride_tricks.as_strided(first, shape=tuple(shape), strides=first.strides)
+        joined = np.lib.stride_tricks.as_strided(first, shape=tuple(shape), strides=first.strides)
+    joined.flags.writeable = False      # cat's result is new to its caller: writing into it must not reach the pieces
+    return joined
 
 
 def cat_applies(arrays, axis):
     """NumPy views of one array, alike in dtype, strides and every length but along `axis`, each starting in
-    memory where the one before it ends along `axis`: then the joined view reads exactly their elements."""
+    memory where the one before it ends along `axis`, none of them overlapping itself (a zero stride): then
+    the joined view reads exactly their elements, each once."""
     first = arrays[0] if len(arrays) > 1 else None
     base = getattr(first, "base", None)
-    if type(base) is not np.ndarray or type(first) is not np.ndarray or first.strides[axis] <= 0:
+    if type(base) is not np.ndarray or type(first) is not np.ndarray or min(first.strides, default=1) <= 0:
         return False
     strides, dtype, others = first.strides, first.dtype, first.shape[:axis] + first.shape[axis + 1:]
     address, step = first.__array_interface__["data"][0], strides[axis]
