@@ -664,7 +664,7 @@ def _make_many(datas, parents, backward, op):
         backward = _observer["fn"](op, backward)
     if not records_graph(parents):
         return tuple(Tensor(d) for d in datas)
-    node = Tensor(parents[0].data, requires_grad=True)      # stands for the op: its data is not used
+    node = OpNode(parents[0].data, requires_grad=True)      # stands for the op: its data is not used
     node._parents, node._backward, node._op = parents, backward, op
     results, count = [], len(datas)
     for i, data in enumerate(datas):
@@ -677,6 +677,11 @@ def _make_many(datas, parents, backward, op):
         result._parents, result._backward, result._op = (node,), to_slot, f"{op}[{i}]"
         results.append(result)
     return tuple(results)
+
+
+class OpNode(Tensor):
+    """The node of an op with several results: it stands for the op, not for a value of its own (a graph
+    picture draws the op and its results, not this)."""
 
 
 def _add_slots(a, b):
