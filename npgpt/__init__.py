@@ -20,7 +20,7 @@ from . import nn
 from . import optim
 from .backend import manual_seed, set_device, get_device
 from .gradcheck import GradcheckError, gradcheck
-from .engine import Tensor, cat, is_grad_enabled, no_grad, tensor
+from .engine import Tensor, is_grad_enabled, no_grad, tensor
 from . import fast      # registers the fast paths with the dispatcher (NPGPT_FAST=0: none run)
 
 __version__ = "0.1.0"
@@ -37,5 +37,5 @@ def __getattr__(name):
         return tokenizer
     raise AttributeError(f"module 'npgpt' has no attribute {name!r}")
 
-__all__ = ["Tensor", "tensor", "cat", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError", "GPT",
+__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError", "GPT",
            "functional", "nn", "optim", "backend", "fast", "manual_seed", "set_device", "get_device"]

@@ -10,10 +10,6 @@ exactly one place, ``_sum_to_shape``: an op may return a gradient of its broadca
 engine sums it back to the input's shape. Afterwards the graph is released, so memory does not grow from one
 training step to the next.
 
-An op with several results (``Tensor.split``) is one node of its own, which each result points to: a
-result's gradient goes into its own slot of the node's gradient (a list, one entry per result), and the op's
-backward runs once, with all of them, after the last result's has arrived (``_make_many``).
-
 Rules for closures: a backward never writes into the incoming gradient, and returns fresh arrays or views of
 that gradient, never an array saved from the forward pass, so the engine may add into what it receives.
 
@@ -28,7 +24,6 @@ Next to read: ``npgpt/functional.py``, the transformer's layer ops and their han
 """
 
 import functools
-import itertools
 import os
 import threading
 from contextlib import contextmanager
@@ -200,8 +195,7 @@ class Tensor:
             if node.is_leaf and into is not None:
                 into[id(node)] = node_grad
                 continue
-            # (the node of an op with several results gets a list, one gradient per result: no .grad of its own)
-            if node.is_leaf or (node._retain_grad and not isinstance(node_grad, list)):
+            if node.is_leaf or node._retain_grad:
                 accumulate_grad(node, node_grad)
                 shared.add(id(node_grad))       # now node.grad: whatever it flows on to must not alias it
             if node.is_leaf:
@@ -214,11 +208,8 @@ class Tensor:
                 if id(parent_grad) in seen:  # the same array handed to two parents (e.g. a + b)
                     shared.add(id(parent_grad))
                 seen.add(id(parent_grad))
-                key = id(parent)
-                if isinstance(parent_grad, list):       # to the node of an op with several results
-                    pending[key] = parent_grad if key not in pending else _add_slots(pending[key], parent_grad)
-                    continue
                 parent_grad = _sum_to_shape(parent_grad, parent.shape)
+                key = id(parent)
                 pending[key] = parent_grad if key not in pending else add_arrays(pending[key], parent_grad)
             if not retain_graph:  # release the graph: intermediates can now be freed
                 node._parents, node._backward, node._released = (), None, True
@@ -399,39 +390,6 @@ class Tensor:
             return (grad.swapaxes(dim0, dim1),)
         return _make(self.data.swapaxes(dim0, dim1), (self,), backward, "transpose")
 
-    def split(self, split_size_or_sections, dim=0):
-        """Cut along `dim` into pieces of `split_size_or_sections` elements (the last one shorter where they do
-        not divide), or of the sizes in that list; as torch.Tensor.split, each piece is a view.
-
-        One op with several results: each piece's gradient goes into its own slot of the op's node, and the
-        op's backward runs once, with all of them: dL/dx is the pieces' gradients laid end to end along `dim`
-        (zeros for a piece that got none)."""
-        axis = _normalize_axes(dim, self.ndim)[0]
-        length = self.shape[axis]
-        def is_count(n):
-            return isinstance(n, (int, np.integer)) and not isinstance(n, bool)
-        if is_count(split_size_or_sections):
-            if split_size_or_sections <= 0:
-                raise ValueError(f"split: the size of a piece must be positive, not {split_size_or_sections}")
-            sizes = [min(split_size_or_sections, length - start)
-                     for start in range(0, length, split_size_or_sections)] or [0]
-        else:
-            sizes = list(split_size_or_sections) if isinstance(split_size_or_sections, (list, tuple)) else [None]
-            if not all(is_count(n) for n in sizes):
-                raise TypeError(f"split: give the size of a piece, or a list of sizes, as whole numbers, not "
-                                f"{split_size_or_sections!r}")
-            if sum(sizes) != length or min(sizes, default=0) < 0:
-                raise ValueError(f"split: sizes {sizes} must be non-negative and add up to {length}, the length "
-                                 f"of dim {dim}")
-        before = (slice(None),) * axis
-        pieces = [self.data[before + (slice(end - n, end),)] for n, end in zip(sizes, itertools.accumulate(sizes))]
-        shapes, dtype, xp = [p.shape for p in pieces], self.dtype, backend.get_array_module(self.data)
-
-        def backward(grads):
-            return (cat_arrays([g if g is not None else xp.zeros(shape, dtype=dtype)
-                                for g, shape in zip(grads, shapes)], axis),)
-        return _make_many(pieces, (self,), backward, "split")
-
     def __getitem__(self, index):
         index = _raw_index(index)
         shape, dtype = self.shape, self.dtype
@@ -559,34 +517,8 @@ def add_arrays(a, b):
     return a + b
 
 
-@dispatchable("cat_arrays", float_dtypes=None)
-def cat_arrays(arrays, axis):
-    """Raw arrays laid end to end along `axis`: split's backward, and cat's forward."""
-    return backend.get_array_module(arrays[0]).concatenate(arrays, axis=axis)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Ops that need a function of their own
-
-def cat(tensors, dim=0):
-    """Tensors laid end to end along `dim` (torch.cat); dL/d(each) is its own slice of dL/d(out). Where the
-    tensors already lie end to end in one array, a fast path may return a read-only view of it, not a copy."""
-    tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
-    if not tensors:
-        raise ValueError("cat: give at least one tensor")
-    axis = _normalize_axes(dim, tensors[0].ndim)[0]
-    if len({t.dtype for t in tensors}) > 1:
-        raise TypeError(f"cat: the tensors' dtypes differ ({', '.join(str(t.dtype) for t in tensors)}); convert "
-                        "them to one with .astype() first")
-    if len({t.shape[:axis] + t.shape[axis + 1:] for t in tensors}) > 1 or len({t.ndim for t in tensors}) > 1:
-        raise ValueError(f"cat: shapes {[t.shape for t in tensors]} differ outside dim {dim}; only their "
-                         "lengths along it may differ")
-    before, lengths = (slice(None),) * axis, [t.shape[axis] for t in tensors]
-
-    def backward(grad):
-        return tuple(grad[before + (slice(end - n, end),)] for n, end in zip(lengths, itertools.accumulate(lengths)))
-    return _make(cat_arrays([t.data for t in tensors], axis), tuple(tensors), backward, "cat")
-
 
 @dispatchable("matmul")
 def matmul(a, b):
@@ -653,41 +585,6 @@ def _make(data, parents, backward, op):
     if needs_grad:
         out._parents, out._backward, out._op = parents, backward, op
     return out
-
-
-def _make_many(datas, parents, backward, op):
-    """Wrap the results of an op with several results (split). The op is one node, which the results point
-    to: each result hands its gradient to its own slot of the node's gradient, a list with one entry per
-    result (None until one arrives), and the node's `backward(list)` runs once all of them are in: every
-    result comes after the node in topological order, so reversed, before it."""
-    if _observer["fn"] is not None:
-        backward = _observer["fn"](op, backward)
-    if not records_graph(parents):
-        return tuple(Tensor(d) for d in datas)
-    node = OpNode(parents[0].data, requires_grad=True)      # stands for the op: its data is not used
-    node._parents, node._backward, node._op = parents, backward, op
-    results, count = [], len(datas)
-    for i, data in enumerate(datas):
-        result = Tensor(data, requires_grad=True)
-
-        def to_slot(grad, i=i):
-            slots = [None] * count
-            slots[i] = grad
-            return (slots,)
-        result._parents, result._backward, result._op = (node,), to_slot, f"{op}[{i}]"
-        results.append(result)
-    return tuple(results)
-
-
-class OpNode(Tensor):
-    """The node of an op with several results: it stands for the op, not for a value of its own (a graph
-    picture draws the op and its results, not this)."""
-
-
-def _add_slots(a, b):
-    """Two gradients of an op with several results, slot by slot. (Each result fills only its own slot, once,
-    its uses summed before, so the sum meets None on one side; it adds rather than assume so.)"""
-    return [y if x is None else x if y is None else add_arrays(x, y) for x, y in zip(a, b)]
 
 
 def records_graph(parents):

@@ -16,7 +16,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from . import nn
-from .engine import Tensor, cat
+from .engine import Tensor
 
 
 class MultiHeadAttention(nn.Module):
@@ -34,18 +34,6 @@ class MultiHeadAttention(nn.Module):
         self.W_v = nn.Linear(d_model, d_model, bias=bias)
         self.W_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        for group in self.stacked_parameters():
-            nn.stack_parameters(group)
-
-    def stacked_parameters(self):
-        """W_q, W_k, W_v's weights live as the three (C, C) blocks of one (3C, C) array (and their biases of
-        one (3C,)), so that forward()'s cat of them can be a view of that array instead of a copy. The values
-        are the same either way."""
-        layers = (self.W_q, self.W_k, self.W_v)
-        groups = [[layer.weight for layer in layers]]
-        if all(layer.bias is not None for layer in layers):
-            groups.append([layer.bias for layer in layers])
-        return groups
 
     def forward(self, x, mask=None, is_causal=False, kv_cache=None):
         """x (B, T, C). mask: bool (T, T), True where attention is blocked (the tutorial's convention).
@@ -54,15 +42,9 @@ class MultiHeadAttention(nn.Module):
         """
         B, T, C = x.shape
         H, D = self.num_heads, self.d_k
-        # W_q(x), W_k(x), W_v(x) as one product: x times the three weights stacked (3C, C), then cut in three.
-        # Mathematically the same as the three; one product three times as wide runs faster than three small
-        # ones, and in the backward dL/dx is one product too, where three would be made and summed.
-        weight = cat([self.W_q.weight, self.W_k.weight, self.W_v.weight])              # (3C, C)
-        bias = None if self.W_q.bias is None else cat([self.W_q.bias, self.W_k.bias, self.W_v.bias])
-        q, k, v = F.linear(x, weight, bias).split(C, dim=-1)                          # 3 x (B, T, C)
-        q = q.view(B, T, H, D).transpose(1, 2)               # (B, H, T, D)
-        k = k.view(B, T, H, D).transpose(1, 2)               # (B, H, T, D)
-        v = v.view(B, T, H, D).transpose(1, 2)               # (B, H, T, D)
+        q = self.W_q(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
+        k = self.W_k(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
+        v = self.W_v(x).view(B, T, H, D).transpose(1, 2)     # (B, H, T, D)
         attn_mask = None if mask is None else ~(mask.data if isinstance(mask, Tensor) else mask)
         if kv_cache is not None:
             k, v, attn_mask = kv_cache.extend(k, v)           # (B, H, S, D), S = earlier + T

@@ -133,9 +133,7 @@ class Module:
         return self
 
     def to(self, target):
-        """Convert every Parameter in place: a dtype (np.float32, np.float64) or a device ('cpu' / 'gpu').
-        Converting gives each Parameter an array of its own, so groups that lived stacked in one array
-        (stacked_parameters) are stacked again after."""
+        """Convert every Parameter in place: a dtype (np.float32, np.float64) or a device ('cpu' / 'gpu')."""
         if target not in ("cpu", "gpu") and np.dtype(target) not in SUPPORTED_DTYPES:
             raise TypeError(f"Module.to: parameters can be float32 or float64, not {np.dtype(target)}")
         for p in self.parameters():
@@ -144,14 +142,7 @@ class Module:
             else:
                 p.data = p.data.astype(target)
             p.grad = None
-        for module in self.modules():
-            for group in module.stacked_parameters():
-                stack_parameters(group)
         return self
-
-    def stacked_parameters(self):
-        """Groups of this module's Parameters that live as consecutive blocks of one array (none here)."""
-        return []
 
     def __repr__(self):
         lines = [f"{type(self).__name__}({self.extra_repr()}"]
@@ -267,19 +258,6 @@ def _uniform(shape, bound, dtype=None):
 def _normal(shape, std, dtype=None):
     rng = backend.global_rng()
     return (rng.standard_normal(shape) * std).astype(dtype or DEFAULT_DTYPE)
-
-
-def stack_parameters(params):
-    """Make the Parameters consecutive blocks of one new array along their first axis, values unchanged (each
-    Parameter's data becomes a view of its block), so that cat() of them can be a view of that array instead
-    of a copy. Returns the array."""
-    xp = backend.get_array_module(params[0].data)
-    storage = xp.concatenate([p.data for p in params])
-    end = 0
-    for p in params:
-        end += p.shape[0]
-        p.data = storage[end - p.shape[0]:end]
-    return storage
 
 
 def init_normal_(param, mean=0.0, std=1.0):

@@ -124,8 +124,8 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
                            "--anchor-ms", "50"] + mode, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    # per layer Q, K and V in one product, then O and the feed-forward network's two; and the output projection
-    assert "| linear | 17 |" in out and "| split | 4 |" in out and "| scaled_dot_product_attention | 4 |" in out
+    # per layer Q, K, V, O and the feed-forward network's two; and the output projection
+    assert "| linear | 25 |" in out and "| scaled_dot_product_attention | 4 |" in out
     assert ("AdamW step" in out) == (mode == ["--loop"])           # a forward pass has no optimizer step
     flops = 3 * 2 * 12 * 64 * (4 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 65) // (3 if mode == ["--forward"] else 1)
     from npgpt.fast.cpu import native

@@ -751,29 +751,3 @@ def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monk
     assert buffers.release() == 4 << 20                     # in use: still kept
     del held
     assert buffers.release() == 0
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_attention_kernel_writes_dq_dk_dv_side_by_side_where_one_projection_made_q_k_v(workers, dtype):
-    # the model's Q, K, V: one (B, T, 3 H D) projection, split in three, each seen as (B, H, T, D)
-    rng = np.random.default_rng(3)
-    B, T, H, D = 2, 37, 3, 24
-    projection = leaf(rng, B, T, 3 * H * D, dtype=dtype)
-    cot = rng.standard_normal((B, H, T, D))
-
-    def attention(p, kernel):
-        q, k, v = (piece.view(B, T, H, D).transpose(1, 2) for piece in p.split(H * D, dim=-1))
-        return kernel(q, k, v, is_causal=True)
-    exact = npgpt.Tensor(projection.data.astype(np.float64), requires_grad=True)
-    fast = values_and_grads(lambda p: attention(p, native_ops.scaled_dot_product_attention), [projection], cot)
-    reference = values_and_grads(lambda p: attention(p, F.scaled_dot_product_attention.reference), [exact], cot)
-    for got, expected in zip(fast, reference):
-        np.testing.assert_allclose(got, expected, **attention_tolerance(dtype))
-    # the kernel's dQ, dK, dV, as split's backward receives them, lie end to end: joined without a copy
-    q, k, v = (piece.view(B, T, H, D).transpose(1, 2) for piece in projection.split(H * D, dim=-1))
-    out = native_ops.scaled_dot_product_attention(q, k, v, is_causal=True)
-    grads = [g.transpose(0, 2, 1, 3).reshape(B, T, H * D) for g in out._backward(cot.astype(dtype))]
-    assert cpu_ops.cat_applies(grads, 2)
-    joined = engine.cat_arrays(grads, 2)
-    assert joined.shape == (B, T, 3 * H * D) and all(np.shares_memory(joined, g) for g in grads)
-    np.testing.assert_array_equal(joined, np.concatenate(grads, axis=2))

@@ -6,7 +6,6 @@ from hypothesis import given, strategies as st
 
 import npgpt
 from npgpt import backend
-from optional import need
 from strategies import broadcast_pairs, nonscalar_shapes, rand, seeds, shapes
 
 pytestmark = pytest.mark.textbook      # run again with NPGPT_FAST=0 in CI
@@ -123,85 +122,3 @@ def test_composite_expression(device):
     npgpt.gradcheck(lambda x, y: ((x * y + 1.0).tanh() @ (y.exp() / 2.0)).log(), [rand((3, 4), 1, 1.0, 2.0), b])
     npgpt.gradcheck(lambda x, y: ((x - x.mean(axis=-1, keepdims=True)) ** 2 + y).sqrt(),
                     [a, rand((4,), 3, 0.5, 1.0)])
-
-
-# ---- split and cat: an op with several results, and its inverse -------------------------------------------
-
-@given(shape=nonscalar_shapes, seed=seeds, data=st.data())
-def test_split_and_cat_pass_gradcheck(device, shape, seed, data):
-    ndim = len(shape)
-    dim = data.draw(st.integers(-ndim, ndim - 1))
-    length = shape[dim]
-    size = data.draw(st.integers(1, length))                    # the last piece is shorter where it must be
-    cut = data.draw(st.integers(0, length))
-    x = rand(shape, seed)
-    # every piece used, each in its own way, so that a piece's gradient landing in another's slot would show
-    npgpt.gradcheck(lambda t: sum((p * (i + 1.0)).tanh().sum() for i, p in enumerate(t.split(size, dim=dim))), [x])
-    npgpt.gradcheck(lambda t: t.split([cut, length - cut], dim=dim)[0].exp(), [x])       # one piece unused
-    other = rand(shape[:dim % ndim] + (5,) + shape[dim % ndim + 1:], seed + 1)      # longer than any of x's
-    npgpt.gradcheck(lambda a, b: npgpt.cat([a.tanh(), b, a], dim=dim) ** 2 * 0.5 + npgpt.cat([b, a, a.exp()], dim=dim),
-                    [x, other])
-
-
-def test_split_pieces_are_views_and_cat_undoes_split(device):
-    xp = backend.current()
-    x = npgpt.Tensor(xp.arange(24.0).reshape(2, 12), requires_grad=True)
-    q, k, v, rest = x.split([3, 3, 3, 3], dim=1)
-    assert all(p.shape == (2, 3) for p in (q, k, v, rest))
-    np.testing.assert_array_equal(backend.to_numpy(k.data), [[3, 4, 5], [15, 16, 17]])
-    assert xp.shares_memory(k.data, x.data)                     # a view, as torch.split's pieces are
-    assert [p.shape[1] for p in x.split(5, dim=-1)] == [5, 5, 2]
-    assert [p.shape for p in x.split(1)] == [(1, 12), (1, 12)]          # dim 0 unless told, as in PyTorch
-    np.testing.assert_array_equal(backend.to_numpy(npgpt.cat(x.split(5, dim=1), dim=1).data),
-                                  backend.to_numpy(x.data))
-
-
-def test_split_gradients_land_in_their_own_slots_and_a_missing_one_is_zero(device):
-    xp = backend.current()
-    x = npgpt.Tensor(xp.zeros((2, 6)), requires_grad=True)
-    a, b, c = x.split(2, dim=1)
-    (a.sum() * 1.0 + c.sum() * 3.0 + (c * 2.0).sum()).backward()      # b unused; c used twice
-    np.testing.assert_array_equal(backend.to_numpy(x.grad), [[1, 1, 0, 0, 5, 5]] * 2)
-    y = npgpt.Tensor(xp.zeros((4,)), requires_grad=True)
-    first, second = y.split(2)
-    second.retain_grad()
-    (second * 7.0).sum().backward()                               # backward from one piece alone
-    np.testing.assert_array_equal(backend.to_numpy(y.grad), [0, 0, 7, 7])
-    np.testing.assert_array_equal(backend.to_numpy(second.grad), [7, 7])
-
-
-def test_split_and_cat_refuse_bad_arguments_with_the_fix(device):
-    x = rand((2, 6), 0)
-    with pytest.raises(ValueError, match="add up to 6"):
-        x.split([2, 2], dim=1)
-    with pytest.raises(ValueError, match="must be positive"):
-        x.split(0)
-    with pytest.raises(TypeError, match="whole numbers"):
-        x.split([2.5, 3.5], dim=1)
-    with pytest.raises(TypeError, match="whole numbers"):
-        x.split(True)
-    with pytest.raises(ValueError, match="out of range"):
-        x.split(2, dim=2)
-    with pytest.raises(ValueError, match="differ outside dim 0"):
-        npgpt.cat([x, rand((2, 5), 1)])
-    with pytest.raises(TypeError, match=r"dtypes differ.*astype"):
-        npgpt.cat([x, rand((2, 6), 1, dtype=np.float32)])
-    with pytest.raises(ValueError, match="at least one tensor"):
-        npgpt.cat([])
-
-
-def test_split_and_cat_equal_torch(device):
-    torch = need("torch", "torch")
-    rng = np.random.default_rng(0)
-    x_np, y_np, g_np = rng.standard_normal((3, 7)), rng.standard_normal((2, 7)), rng.standard_normal((5, 7))
-    x, y = rand((3, 7), 0), rand((2, 7), 0)
-    x.data[...], y.data[...] = backend.current().asarray(x_np), backend.current().asarray(y_np)
-    xt, yt = (torch.tensor(a, requires_grad=True) for a in (x_np, y_np))
-    pieces, pieces_t = x.split([1, 4, 2], dim=1), xt.split([1, 4, 2], dim=1)
-    out = npgpt.cat([npgpt.cat([pieces[2], pieces[0], pieces[1]], dim=1), y], dim=0)
-    out_t = torch.cat([torch.cat([pieces_t[2], pieces_t[0], pieces_t[1]], dim=1), yt], dim=0)
-    np.testing.assert_allclose(backend.to_numpy(out.data), out_t.detach().numpy(), rtol=0, atol=0)
-    (out * npgpt.Tensor(backend.current().asarray(g_np))).sum().backward()
-    (out_t * torch.tensor(g_np)).sum().backward()
-    np.testing.assert_allclose(backend.to_numpy(x.grad), xt.grad.numpy(), rtol=0, atol=0)
-    np.testing.assert_allclose(backend.to_numpy(y.grad), yt.grad.numpy(), rtol=0, atol=0)

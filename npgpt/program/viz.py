@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from .. import backend
-from ..engine import OpNode, Tensor
+from ..engine import Tensor
 
 
 class Graph:
@@ -40,12 +40,7 @@ class Graph:
             seen.add(id(t))
             self.tensors.append(t)
             stack.extend(t._parents)
-        # an op with several results (split) is one node that its results point to: drawn as each result's
-        # own op box (split[0], split[1], ...) fed by the op's inputs
-        def inputs(t):
-            return [q for p in t._parents for q in (p._parents if isinstance(p, OpNode) else (p,))]
-        self.tensors = [t for t in self.tensors if not isinstance(t, OpNode)]
-        self.parents = {id(t): inputs(t) for t in self.tensors}
+        self.parents = {id(t): list(t._parents) for t in self.tensors}
         self.ops = {id(t): t._op for t in self.tensors if t._parents}
         for t in self.tensors:
             if t._parents and t.requires_grad:

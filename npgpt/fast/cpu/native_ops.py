@@ -399,9 +399,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         grad_out = np.asarray(grad, dtype=dtype).reshape(out.shape)
         if grad_out.strides[-1] != dtype.itemsize or min(grad_out.strides) < 0:
             grad_out = np.ascontiguousarray(grad_out)
-        grads = (_three_heads_side_by_side(B, H, L, D, dtype) if L == S and D == Dv else
-                 (_heads_side_by_side(B, H, L, D, dtype), _heads_side_by_side(B, H, S, D, dtype),
-                  _heads_side_by_side(B, H, S, Dv, dtype)))
+        grads = (_heads_side_by_side(B, H, L, D, dtype), _heads_side_by_side(B, H, S, D, dtype),
+                 _heads_side_by_side(B, H, S, Dv, dtype))
         arrays = pointers + (at(probs), native.address(grad_out)) + tuple(native.address(g) for g in grads)
         if kern.attention_backward_parallel(*arrays, at(layout(grad_out, grads)), B * H, scale, causal, seed,
                                             threshold, keep_scale, _threads(), min_heads):
@@ -414,14 +413,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def _heads_side_by_side(B, H, rows, D, dtype):
     """A (B, H, rows, D) view of a (B, rows, H, D) array."""
     return buffers.empty((B, rows, H, D), dtype).transpose(0, 2, 1, 3)
-
-
-def _three_heads_side_by_side(B, H, rows, D, dtype):
-    """dQ, dK, dV of self-attention as (B, H, rows, D) views of one (B, rows, 3, H, D) array: where the model
-    cut Q, K, V from one projection (B, rows, 3 H D), their gradients then lie end to end as that
-    projection's gradient, and split's backward joins them without a copy (ops.cat_arrays)."""
-    block = buffers.empty((B, rows, 3, H, D), dtype)
-    return tuple(block[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
 
 def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

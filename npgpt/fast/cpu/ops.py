@@ -12,7 +12,6 @@ its row softmax by the kernel where there is one.
                                    skipping the keys no query of a block sees; the heads shared by the threads
     adamw_step                     the elementwise update cut into pieces shared by the worker threads
     add_arrays                     large sums (the residual stream, gradients meeting) in chunks on the threads
-    cat_arrays                     pieces lying end to end in one array (split's backward): a view, no copy
 
 With ``threads.workers()`` > 1 (the default on a machine of several cores), each op splits its rows (or heads,
 or elements) into chunks with fixed boundaries and runs them at once on the persistent pool (``parallel.py``),
@@ -626,44 +625,6 @@ def _large_alike_arrays(a, b):
 
 
 # ========================================================================================================
-# cat_arrays: pieces that already lie end to end in one array are joined by a view of it
-
-def cat_arrays(arrays, axis):
-    """The pieces joined along `axis` as one view of the array they lie in (cat_applies checked that they
-    tile a stretch of it): split's backward, where the attention wrote dQ, dK, dV side by side, and cat of
-    Parameters stacked in one array (nn.stack_parameters), cost no copy."""
-    first = arrays[0]
-    shape = list(first.shape)
-    shape[axis] = sum(a.shape[axis] for a in arrays)
-    base = first.base
-    offset = first.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-    try:
-        joined = np.ndarray(tuple(shape), first.dtype, buffer=base, offset=offset, strides=first.strides)
-    except (TypeError, ValueError, BufferError):     # a base that lends no plain buffer (not contiguous)
-        joined = np.lib.stride_tricks.as_strided(first, shape=tuple(shape), strides=first.strides)
-    joined.flags.writeable = False      # cat's result is new to its caller: writing into it must not reach the pieces
-    return joined
-
-
-def cat_applies(arrays, axis):
-    """NumPy views of one array, alike in dtype, strides and every length but along `axis`, each starting in
-    memory where the one before it ends along `axis`, none of them overlapping itself (a zero stride): then
-    the joined view reads exactly their elements, each once."""
-    first = arrays[0] if len(arrays) > 1 else None
-    base = getattr(first, "base", None)
-    if type(base) is not np.ndarray or type(first) is not np.ndarray or min(first.strides, default=1) <= 0:
-        return False
-    strides, dtype, others = first.strides, first.dtype, first.shape[:axis] + first.shape[axis + 1:]
-    address, step = first.__array_interface__["data"][0], strides[axis]
-    for a in arrays:
-        if type(a) is not np.ndarray or a.base is not base or a.strides != strides or a.dtype != dtype or \
-                a.shape[:axis] + a.shape[axis + 1:] != others or a.__array_interface__["data"][0] != address:
-            return False
-        address += a.shape[axis] * step
-    return True
-
-
-# ========================================================================================================
 # AdamW: the elementwise update in pieces, shared by the worker threads
 
 ADAMW_PIECE = 262144        # elements: pieces let threads share even the largest parameter
@@ -705,4 +666,3 @@ def register():
                        applies=_attention_generator_is_numpy)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_many_workers)
     register_fast_path("add_arrays", add_arrays, "cpu", applies=_large_alike_arrays)
-    register_fast_path("cat_arrays", cat_arrays, "cpu", applies=cat_applies)
