@@ -139,11 +139,10 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
 
 
 def product_flops(model, batch, seq, forward_only=False):
-    """FLOPs of linear's products in one forward pass (Q, K, V, O, the two of the feed-forward network, in
-    every layer, and the output projection), times 3 for a training step: the backward makes dx and dW, each
-    a product of the forward's size."""
-    L, C, F, V = model["num_layers"], model["d_model"], model["d_ff"], model["vocab_size"]
-    forward = 2 * batch * seq * (L * (4 * C * C + 2 * C * F) + C * V)
+    """FLOPs of linear's products (suite.linear_flops) in a forward pass, times 3 for a training step: the
+    backward makes dx and dW, each a product of the forward's size."""
+    from benchmarks.suite import linear_flops
+    forward = linear_flops(model, batch, seq)
     return forward if forward_only else 3 * forward
 
 
@@ -179,6 +178,13 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     return lines
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -199,10 +205,10 @@ def main(argv=None):
                    help="time the README's five-line loop (the library alone) instead of the training program")
     p.add_argument("--forward", action="store_true",
                    help="time an inference forward pass (eval mode, no graph) instead of a training step")
-    p.add_argument("--anchor-ms", type=float, default=None,
+    p.add_argument("--anchor-ms", type=_positive_float, default=None,
                    help="PyTorch's median for the same step (or forward pass) from `python -m benchmarks`: "
                         "the floor is then also given as a ratio to it")
-    p.add_argument("--target", type=float, default=0.75, help="the ratio to PyTorch to size the rest against")
+    p.add_argument("--target", type=_positive_float, default=0.75, help="the ratio to PyTorch to size the rest against")
     args = p.parse_args(argv)
     if args.forward and args.loop:
         p.error("--forward times the forward pass alone; leave out --loop")

@@ -45,10 +45,18 @@ LABELS = {"npgpt": "npgpt (training program)", "npgpt_loop": "npgpt (five-line l
 GPU_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-def train_flops(model, batch, seq):
+def linear_flops(model, batch, seq):
+    """FLOPs of one forward pass's products by weights: Q, K, V, O and the feed-forward network's two in every
+    layer, and the output projection."""
     L, C, F, V = model["num_layers"], model["d_model"], model["d_ff"], model["vocab_size"]
-    forward = 2 * batch * seq * (L * (4 * C * C + 2 * C * F) + C * V) + 4 * L * batch * seq * seq * C
-    return 3 * forward
+    return 2 * batch * seq * (L * (4 * C * C + 2 * C * F) + C * V)
+
+
+def train_flops(model, batch, seq):
+    """A training step: the forward pass (the products by weights, and attention's Q K^T and A V), then twice
+    as much for the backward."""
+    L, C = model["num_layers"], model["d_model"]
+    return 3 * (linear_flops(model, batch, seq) + 4 * L * batch * seq * seq * C)
 
 
 def forward_flops(model, batch, seq):

@@ -136,3 +136,12 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
         products_ms = float(out.split("GFLOP in ")[1].split(" ms")[0])
         step_ms = float(out.split("ms of the ")[1].split(" ms")[0])
         assert 0 < products_ms < step_ms
+
+
+@pytest.mark.parametrize("flags, message", [(["--anchor-ms", "0"], "--anchor-ms: must be a positive number"),
+                                            (["--target", "-1"], "--target: must be a positive number"),
+                                            (["--forward", "--loop"], "leave out --loop")])
+def test_profile_refuses_bad_flags_with_exit_code_2(flags, message):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile"] + flags, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
