@@ -3,6 +3,8 @@ to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1, 2 
 deterministic for a fixed thread count; and their build: cached, refused cleanly, never half-loaded."""
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -233,19 +235,21 @@ def attention_inputs(rng, case, dtype):
     """Q, K, V leaves for one case: "model" as the model makes them, strided views (B, H, T, D) into one
     (B, T, 3 H D) projection; "3d" (B, T, D); "cross" L != S and Dv != D; "long" 130 positions of width 64;
     "one query" and "two queries" against 130 keys, of widths that are not a whole number of registers
-    (the kernel's block of queries repeats the last one)."""
+    (the kernel's block of queries repeats the last one); "wide" heads of 48 (Q, K) and 32 (V), which take
+    the kernel's block of two registers (float32 with AVX-512: 48 = 2 + 1 registers, 32 = 2)."""
     if case == "model":
         qkv = rng.standard_normal((2, 37, 3 * 3 * 24)).astype(dtype)           # B 2, T 37, H 3, D 24
         views = [qkv[..., i * 72:(i + 1) * 72].reshape(2, 37, 3, 24).transpose(0, 2, 1, 3) for i in range(3)]
         return [npgpt.Tensor(view, requires_grad=True) for view in views]
     shapes = {"3d": [(3, 9, 8)] * 3, "cross": [(2, 2, 5, 8), (2, 2, 9, 8), (2, 2, 9, 20)],
               "long": [(1, 2, 130, 64)] * 3, "one query": [(2, 3, 1, 20), (2, 3, 130, 20), (2, 3, 130, 12)],
-              "two queries": [(1, 2, 2, 64), (1, 2, 130, 64), (1, 2, 130, 64)]}[case]
+              "two queries": [(1, 2, 2, 64), (1, 2, 130, 64), (1, 2, 130, 64)],
+              "wide": [(2, 2, 33, 48), (2, 2, 40, 48), (2, 2, 40, 32)]}[case]
     return [leaf(rng, *shape, dtype=dtype) for shape in shapes]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("case", ["model", "3d", "cross", "long", "one query", "two queries"])
+@pytest.mark.parametrize("case", ["model", "3d", "cross", "long", "one query", "two queries", "wide"])
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     rng = np.random.default_rng(11)
@@ -290,7 +294,7 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
     try:
         rng = np.random.default_rng(5)
         for dtype in FLOATS:
-            for case in ("model", "cross", "long", "one query"):
+            for case in ("model", "cross", "long", "one query", "wide"):
                 inputs = attention_inputs(rng, case, dtype)
                 cot = rng.standard_normal(inputs[0].shape[:-1] + inputs[2].shape[-1:])
                 exact = [npgpt.Tensor(t.data.astype(np.float64), requires_grad=True) for t in inputs]
@@ -739,6 +743,44 @@ def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
     assert buffers.empty((512, 1024), np.float64).dtype == np.float64       # another dtype: its own array
     assert buffers.empty((3, 4), np.float32).base is None                  # small: never kept
     assert sum(len(kept) for kept in buffers._arrays.values()) == 3
+    assert buffers.MIN_BYTES == 64 * 1024
+    buffers.empty((128, 128), np.float32)                   # 64 KB: kept
+    buffers.empty((128, 127), np.float32)                   # just under: not
+    assert sum(len(kept) for kept in buffers._arrays.values()) == 4
+
+
+PAGE_FAULTS_OF_A_LOOP = """
+import resource
+import numpy as np, npgpt
+import npgpt.functional as F
+npgpt.fast.cpu.threads.set_workers(2)
+model = npgpt.GPT(vocab_size=65, d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=64)
+opt = npgpt.optim.AdamW(model.parameters(), lr=1e-3)
+ids = np.random.default_rng(0).integers(0, 65, (12, 65))
+
+def step():
+    loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 65), ids[:, 1:].reshape(-1))
+    opt.zero_grad(); loss.backward(); opt.step()
+
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts glibc's page faults")
+def test_a_plain_loop_of_the_small_model_takes_no_fresh_pages_a_step():
+    """Without the allocator setting a program may opt into, the shakespeare-char model's five-line loop
+    reuses its memory: its activations (384 KB) and gradients come from the cache above, not from fresh
+    pages (939 faults a step if only arrays of 1 MB and up were kept)."""
+    env = dict(os.environ, NPGPT_FAST="1")
+    proc = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_LOOP], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 50
 
 
 def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monkeypatch):

@@ -1,12 +1,15 @@
 """Large arrays of the CPU fast paths, kept and handed out again once nothing else holds them.
 
-A training step makes the same large arrays every time: the logits and their gradient ((B T, V), 40 MB at
-the tutorial's (8, 128)), the weights' gradients, the activations. glibc's malloc gives blocks of this size
-fresh pages from the system, and each page then costs a fault on first touch: 40 MB is 10,000 of them,
-milliseconds a step. So the fast paths take their large outputs from ``empty()``: an
-array of the same shape and dtype that this cache made earlier and that nobody holds any more (its only
-reference is the cache's own, which Python's reference count tells exactly) is returned as it is, its old
-values still in it (the ops overwrite every element); otherwise a new one is made and remembered.
+A training step makes the same large arrays every time: the logits and their gradient ((B T, V), 40 MB at the
+tutorial's (8, 128)), the weights' gradients, the activations. glibc's malloc gives blocks of this size fresh
+pages from the system, and each page then costs a fault on first touch: 40 MB is 10,000 of them, milliseconds
+a step. Blocks of a few hundred KB fare no better: malloc maps them afresh, or hands back the top of its heap
+to the system and takes it again, step after step (the shakespeare-char model's (768, 128) activations, 384 KB
+each, cost 939 faults a step, up to a tenth of its time). So the fast paths take their outputs of MIN_BYTES
+and up from ``empty()``: an array of the same shape and dtype that this cache made earlier and that nobody
+holds any more (its only reference is the cache's own, which Python's reference count tells exactly) is
+returned as it is, its old values still in it (the ops overwrite every element); otherwise a new one is made
+and remembered.
 
 Only arrays of at least MIN_BYTES are kept, and at most MAX_BYTES of them in all; an array not kept is an
 ordinary one. What is kept stays allocated between steps: ``release()`` gives it back (the arrays still in
@@ -19,7 +22,7 @@ import threading
 
 import numpy as np
 
-MIN_BYTES = 1 << 20
+MIN_BYTES = 1 << 16       # 64 KB: smaller blocks come from malloc's free lists, their pages kept
 MAX_BYTES = 1 << 30
 
 _arrays = {}            # (shape, dtype) -> every array of that kind made here and kept, in use or free

@@ -406,9 +406,19 @@ typedef real vec __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(real))
 #define LOAD(p) (*(const vec *)(p))
 #define STORE(p, v) (*(vec *)(p) = (v))
 #define INLINE static inline __attribute__((always_inline))
+/* GCC folds a load into each multiply-add that uses it, so a row of y meant to be loaded once and used by
+ * ROWS multiply-adds is loaded ROWS times, and the loads, not the multiply-adds, set the pace; an empty asm
+ * that claims to change the register makes the compiler keep the loaded value there */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__GNUC__) && defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
 
 /* The one small product both attention passes are made of, on ROWS rows and `regs` registers of columns
- * (regs is BLOCK or 1):
+ * (regs is BLOCK, 2 or 1):
  *   out[r][col + :regs LANES] = scale sum_{t = lo}^{hi - 1} a[r][t * a_step] y[t * y_stride + col + :regs LANES]
  * each a[r][t] broadcast against a row of y already in registers, so one load of y feeds ROWS multiply-adds */
 INLINE void block_product(const real *const a[ROWS], index_t a_step, const real *y, index_t y_stride,
@@ -422,7 +432,10 @@ INLINE void block_product(const real *const a[ROWS], index_t a_step, const real 
         const real *yt = y + t * y_stride + col;
         vec yv[BLOCK];
         #pragma GCC unroll 4
-        for (int c = 0; c < regs; c++) yv[c] = LOAD(yt + c * LANES);
+        for (int c = 0; c < regs; c++) {
+            yv[c] = LOAD(yt + c * LANES);
+            IN_REGISTER(yv[c]);
+        }
         #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
             const real ar = a[r][t * a_step];
@@ -445,6 +458,8 @@ static void products_with_columns(const real *const x[ROWS], const real *yt, ind
     index_t jb = 0;
     for (; jb + BLOCK * LANES <= n; jb += BLOCK * LANES)
         block_product(x, 1, yt, yt_stride, 0, depth, jb, scale, rows, BLOCK);
+    for (; BLOCK > 2 && jb + 2 * LANES <= n; jb += 2 * LANES)
+        block_product(x, 1, yt, yt_stride, 0, depth, jb, scale, rows, 2);
     for (; jb < n; jb += LANES)
         block_product(x, 1, yt, yt_stride, 0, depth, jb, scale, rows, 1);
 }
@@ -458,6 +473,8 @@ static void weighted_rows(const real *w, index_t w_row, index_t w_col, const rea
     index_t db = 0;
     for (; db + BLOCK * LANES <= width; db += BLOCK * LANES)
         block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, BLOCK);
+    for (; BLOCK > 2 && db + 2 * LANES <= width; db += 2 * LANES)    /* e.g. a head of 32 floats */
+        block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, 2);
     for (; db + LANES <= width; db += LANES)
         block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, 1);
     for (; db < width; db++)                                   /* a head width not a multiple of LANES */
