@@ -19,25 +19,60 @@ from benchmarks.load import LoadMeter, describe
 from benchmarks.suite import ROOT, child_env, format_speed, machine_description, run_speed
 
 
-def run_quality(budget, device, threads, log=print):
+def run_quality(budget, device, threads, log=print, every=None):
+    """Both sides of benchmarks/quality.py, each in its own process, taking turns of `every` steps (default
+    quality.EVAL_EVERY) until each has reached the target, spent the budget or done the preset's steps."""
+    from benchmarks import quality
+    every = every or quality.EVAL_EVERY
     env = child_env(threads)
-    results = {}
-    for impl in ("npgpt", "torch"):
-        log(f"[quality] training {impl} for {budget:.0f} s")
-        with LoadMeter() as load:     # the run is this process's child: its CPU time counts as the benchmark's
-            out = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--budget",
-                                  str(budget), "--device", device, "--threads", str(threads)],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-        results[impl] = dict(json.loads(out.stdout.strip().splitlines()[-1]), load=load.as_dict())
-    return {"budget_s": budget, "preset": "shakespeare-char", "results": results}
+    sides = {}
+    try:
+        for impl in ("npgpt", "torch"):
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--serve",
+                                     "--device", device, "--threads", str(threads)],
+                                    cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            sides[impl] = proc
+            _quality_reply(proc, impl)                  # {"ready": impl}: set up, the clock not yet started
+        results = {impl: {"steps": 0, "seconds": 0.0} for impl in sides}
+        log(f"[quality] npgpt and PyTorch take turns of {every} steps, up to {budget:.0f} s of training each")
+        with LoadMeter([proc.pid for proc in sides.values()]) as load:
+            running = list(sides)
+            while running:
+                for impl in list(running):
+                    proc = sides[impl]
+                    proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
+                    proc.stdin.flush()
+                    results[impl] = _quality_reply(proc, impl)
+                    if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
+                        running.remove(impl)
+                log(f"[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
+                                              for impl, r in results.items()))
+    finally:
+        for proc in sides.values():
+            try:
+                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            proc.wait(timeout=60)
+    return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every, "load": load.as_dict(),
+            "results": results}
+
+
+def _quality_reply(proc, impl):
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the {impl} side of the quality suite died (exit code {proc.wait()})")
+    return json.loads(line)
 
 
 def format_quality(q):
     r = q["results"]
     target = r["npgpt"].get("target", 1.88)
     lines = [f"Time to quality: shakespeare-char preset, up to {q['budget_s']:.0f} s of training each, same data "
-             f"order and seed; the training time at which the validation loss (every 100 steps) first reached "
-             f"{target} (nanoGPT reports ~1.88 after the full 2000 iterations).", "",
+             f"order and seed, the two taking turns of {q.get('turn_steps', 100)} steps; the training time at "
+             f"which the validation loss (after each turn) first reached {target} (nanoGPT reports ~1.88 after "
+             f"the full 2000 iterations).", "",
              "| implementation | steps done | training time | validation loss | time to reach the target |",
              "|---|---|---|---|---|"]
     for impl, name in (("npgpt", "npgpt"), ("torch", "PyTorch eager (SDPA)")):
@@ -47,9 +82,8 @@ def format_quality(q):
     if r["npgpt"].get("seconds_to_target") and r["torch"].get("seconds_to_target"):
         lines += ["", f"npgpt / PyTorch time to {target}: "
                       f"**{r['npgpt']['seconds_to_target'] / r['torch']['seconds_to_target']:.2f}x**"]
-    loads = {f"{name}'s run": r[impl].get("load") for impl, name in (("npgpt", "npgpt"), ("torch", "PyTorch"))}
-    lines += ["", describe(loads, consequence="the two runs, one after the other, did not have the machine alike; "
-                                              "rerun on a quiet machine.")]
+    lines += ["", describe({"the two runs": q.get("load")},
+                           consequence="the machine was busy while they ran; rerun on a quiet machine.")]
     return "\n".join(lines)
 
 

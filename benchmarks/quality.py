@@ -2,12 +2,19 @@
 
 Both train the `shakespeare-char` preset on the bundled corpus with the same data order (the same seeded
 batch generator), the same AdamW settings, learning-rate schedule and gradient clipping, each in its own
-process with the same threads, one after the other; PyTorch's model uses F.scaled_dot_product_attention.
-Every EVAL_EVERY steps each measures its validation loss over the same fixed validation batches (the clock
-stops meanwhile), and records the training time at which the loss first reached TARGET; it stops there, at
-the budget, or at the preset's last step, and reports its final validation loss.
+process with the same threads; PyTorch's model uses F.scaled_dot_product_attention. The two take turns:
+each trains EVAL_EVERY steps, measures its validation loss over the same fixed validation batches (the clock
+stops meanwhile), then waits while the other does the same, so that a noisy stretch of the machine falls on
+both alike, as the speed suite's alternating steps do. Each records the training time at which its loss
+first reached TARGET, and stops there, at the budget, or at the preset's last step.
 
-    python -m benchmarks.quality --impl npgpt --budget 120     (the suite runs both)
+    python -m benchmarks --suite quality --budget 240         (both, taking turns)
+    python -m benchmarks.quality --impl npgpt --budget 120    (one side alone)
+    python -m benchmarks.quality --impl npgpt --serve         (one side driven over stdin/stdout:
+        {"op": "train", "steps": N, "budget": B} -> up to N more steps (fewer at the last step or once B
+        seconds of training are spent), then the validation loss: {"steps": done so far, "seconds": training
+        time so far, "val_loss": v, "seconds_to_target": ..., "done": whether it has reached the target, spent
+        B or done the last step}; {"op": "quit"})
 """
 
 import argparse
@@ -20,6 +27,9 @@ import numpy as np
 
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
+# Before each turn the process sleeps this long, so that the threads of the side that trained last (PyTorch's
+# OpenMP threads, npgpt's pool, OpenBLAS's) have stopped spinning; the clock does not run meanwhile
+SETTLE_S = 0.2
 
 
 def _setup(device):
@@ -30,25 +40,37 @@ def _setup(device):
     return config, Run(config)
 
 
-def _train(step, evaluate, budget, max_iters):
-    """(steps, training seconds, final validation loss, seconds to reach TARGET or None)."""
-    elapsed, steps, reached, val = 0.0, 0, None, None
-    while elapsed < budget and steps < max_iters:
-        start = time.perf_counter()
-        step(steps)
-        elapsed += time.perf_counter() - start
-        steps += 1
-        if steps % EVAL_EVERY == 0 or steps == max_iters:
-            val = evaluate()
-            if reached is None and val <= TARGET:
-                reached = elapsed
+class Training:
+    """One side's run: step(i) trains step i, evaluate() gives the validation loss; train(n) runs up to n more
+    steps, timing each, then evaluates, and keeps count of steps, training seconds and the time to TARGET."""
+
+    def __init__(self, step, evaluate, max_iters):
+        self.step, self.evaluate, self.max_iters = step, evaluate, max_iters
+        self.steps, self.seconds, self.val_loss, self.seconds_to_target = 0, 0.0, None, None
+
+    def train(self, n, budget=math.inf):
+        for _ in range(min(n, self.max_iters - self.steps)):
+            if self.seconds >= budget:
                 break
-    if val is None or steps % EVAL_EVERY:
-        val = evaluate()
-    return steps, elapsed, val, reached
+            start = time.perf_counter()
+            self.step(self.steps)
+            self.seconds += time.perf_counter() - start
+            self.steps += 1
+        self.val_loss = self.evaluate()
+        if self.seconds_to_target is None and self.val_loss <= TARGET:
+            self.seconds_to_target = self.seconds
+        return self.result()
+
+    def done(self, budget):
+        return self.seconds_to_target is not None or self.seconds >= budget or self.steps >= self.max_iters
+
+    def result(self):
+        return {"steps": self.steps, "seconds": self.seconds, "val_loss": self.val_loss,
+                "seconds_to_target": self.seconds_to_target, "target": TARGET,
+                "finite": self.val_loss is not None and math.isfinite(self.val_loss)}
 
 
-def train_npgpt(budget, device):
+def npgpt_training(device):
     from npgpt import backend
     from npgpt.program.train import estimate_loss
     config, run = _setup(device)
@@ -58,11 +80,11 @@ def train_npgpt(budget, device):
             group["lr"] = run.lr_at(i)
         run.train_step(run.next_micro_batches())
         backend.synchronize()
-    return _train(step, lambda: estimate_loss(run.model, run.val_tokens, config, config.seed + 1), budget,
-                  config.max_iters)
+    return Training(step, lambda: estimate_loss(run.model, run.val_tokens, config, config.seed + 1),
+                    config.max_iters)
 
 
-def train_torch(budget, device, threads):
+def torch_training(device, threads):
     import torch
     from benchmarks.reference import GPT
     from npgpt.program.data import get_batch
@@ -101,7 +123,21 @@ def train_torch(budget, device, threads):
                 losses.append(loss_of(*get_batch(run.val_tokens, config.batch_size, config.seq_len, rng)).item())
         model.train()
         return sum(losses) / len(losses)
-    return _train(step, evaluate, budget, config.max_iters)
+    return Training(step, evaluate, config.max_iters)
+
+
+def serve(training, stdin=sys.stdin, stdout=sys.stdout):
+    """Answer {"op": "train", "steps": N[, "budget": seconds]} commands until {"op": "quit"} or the end of
+    stdin."""
+    for line in stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            break
+        time.sleep(command.get("settle_s", SETTLE_S))
+        budget = command.get("budget", math.inf)
+        result = dict(training.train(command["steps"], budget), done=training.done(budget))
+        stdout.write(json.dumps(result) + "\n")
+        stdout.flush()
 
 
 def main(argv=None):
@@ -110,13 +146,16 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=120.0, help="wall-clock seconds of training")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
     args = p.parse_args(argv)
-    if args.impl == "npgpt":
-        steps, elapsed, val, reached = train_npgpt(args.budget, args.device)
-    else:
-        steps, elapsed, val, reached = train_torch(args.budget, args.device, args.threads)
-    print(json.dumps({"impl": args.impl, "steps": steps, "seconds": elapsed, "val_loss": val,
-                      "seconds_to_target": reached, "target": TARGET, "finite": math.isfinite(val)}))
+    training = npgpt_training(args.device) if args.impl == "npgpt" else torch_training(args.device, args.threads)
+    if args.serve:
+        print(json.dumps({"ready": args.impl}), flush=True)
+        serve(training)
+        return 0
+    while not training.done(args.budget):
+        training.train(EVAL_EVERY, args.budget)
+    print(json.dumps(dict(training.result(), impl=args.impl)))
     return 0
 
 

@@ -15,6 +15,24 @@ from benchmarks.suite import forward_flops, train_flops, TUTORIAL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_quality_suite_takes_turns_and_stops_at_the_budget():
+    need("torch", "torch")
+    from benchmarks.__main__ import format_quality, run_quality
+    logs = []
+    q = run_quality(1.5, "cpu", 1, log=logs.append, every=5)
+    rounds = [line for line in logs if "npgpt step" in line]
+    # each round, both sides train 5 more steps and are evaluated, until each has spent its 1.5 s
+    assert "npgpt step 5 val" in rounds[0] and "torch step 5 val" in rounds[0]
+    assert "npgpt step 10 val" in rounds[1] and "torch step 10 val" in rounds[1]
+    for impl in ("npgpt", "torch"):
+        r = q["results"][impl]
+        assert r["steps"] >= 10 and r["finite"] and r["seconds_to_target"] is None
+        assert r["seconds"] >= 1.5                  # it stops once the budget is spent, not before
+        assert r["val_loss"] < 4.17                 # below ln 65, the loss of a uniform guess
+    text = format_quality(q)
+    assert "taking turns of 5 steps" in text and "| npgpt |" in text and "not reached" in text
+
+
 def test_flops_formula_counts_every_matmul():
     # by hand for one layer, C=2, F=3, V=5, B=1, T=4: weights 4*4 + 2*2*3 = 28 per layer, output 10
     model = dict(num_layers=1, d_model=2, d_ff=3, vocab_size=5)
