@@ -32,7 +32,8 @@ def run_quality(budget, device, threads, log=print, every=None):
                                      "--device", device, "--threads", str(threads)],
                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             sides[impl] = proc
-            _quality_reply(proc, impl)                  # {"ready": impl}: set up, the clock not yet started
+            if _quality_reply(proc, impl) != {"ready": impl}:       # set up; the clock not yet started
+                raise RuntimeError(f"the {impl} side of the quality suite did not start as expected")
         results = {impl: {"steps": 0, "seconds": 0.0} for impl in sides}
         log(f"[quality] npgpt and PyTorch take turns of {every} steps, up to {budget:.0f} s of training each")
         with LoadMeter([proc.pid for proc in sides.values()]) as load:
@@ -45,7 +46,7 @@ def run_quality(budget, device, threads, log=print, every=None):
                     results[impl] = _quality_reply(proc, impl)
                     if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
                         running.remove(impl)
-                log(f"[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
+                log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
                                               for impl, r in results.items()))
     finally:
         for proc in sides.values():
@@ -54,7 +55,13 @@ def run_quality(budget, device, threads, log=print, every=None):
                 proc.stdin.close()
             except (BrokenPipeError, OSError):
                 pass
-            proc.wait(timeout=60)
+        for proc in sides.values():         # a side stopped in the middle of a turn is ended, not waited for
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
     return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every, "load": load.as_dict(),
             "results": results}
 

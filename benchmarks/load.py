@@ -11,8 +11,8 @@ therefore records, for each timed section, the share of the machine's CPU time t
     steal = time the hypervisor gave this machine's virtual CPUs to someone else / machine time
 
 Machine times come from /proc/stat (all CPUs, in clock ticks); the benchmark's own from /proc/PID/stat of
-each live worker, and from getrusage for this process and for the children it has already waited for (the
-quality suite's runs). A section whose `other` or `steal` passes BUSY is flagged in the printed report.
+each live worker (the speed suite's, the quality suite's two runs), and from getrusage for this process and
+for the children it has already waited for. A section whose `other` or `steal` passes BUSY is flagged in the printed report.
 Where /proc is missing (macOS, Windows) nothing is measured and the report says so.
 """
 

@@ -20,6 +20,7 @@ first reached TARGET, and stops there, at the budget, or at the preset's last st
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -126,18 +127,18 @@ def torch_training(device, threads):
     return Training(step, evaluate, config.max_iters)
 
 
-def serve(training, stdin=sys.stdin, stdout=sys.stdout):
-    """Answer {"op": "train", "steps": N[, "budget": seconds]} commands until {"op": "quit"} or the end of
-    stdin."""
+def serve(training, replies, budget=math.inf, stdin=sys.stdin):
+    """Answer {"op": "train", "steps": N[, "budget": seconds]} commands on `replies` until {"op": "quit"} or
+    the end of stdin."""
     for line in stdin:
         command = json.loads(line)
         if command["op"] == "quit":
             break
         time.sleep(command.get("settle_s", SETTLE_S))
-        budget = command.get("budget", math.inf)
+        budget = command.get("budget", budget)
         result = dict(training.train(command["steps"], budget), done=training.done(budget))
-        stdout.write(json.dumps(result) + "\n")
-        stdout.flush()
+        replies.write(json.dumps(result) + "\n")
+        replies.flush()
 
 
 def main(argv=None):
@@ -148,10 +149,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
     args = p.parse_args(argv)
+    if args.serve:
+        # the replies keep stdout to themselves: whatever else prints (a note from the training program) goes
+        # to stderr, where it cannot be taken for a reply
+        replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     training = npgpt_training(args.device) if args.impl == "npgpt" else torch_training(args.device, args.threads)
     if args.serve:
-        print(json.dumps({"ready": args.impl}), flush=True)
-        serve(training)
+        replies.write(json.dumps({"ready": args.impl}) + "\n")
+        replies.flush()
+        serve(training, replies, args.budget)
         return 0
     while not training.done(args.budget):
         training.train(EVAL_EVERY, args.budget)

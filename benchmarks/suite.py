@@ -245,9 +245,26 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
             case["mfu_bf16"] = {k: flops / (ms / 1000) / (bf16 * 1e12) for k, ms in case["train_ms"].items()}
         case["train_ratio"] = case["train_ms"]["npgpt"] / case["train_ms"]["torch"]
         case["train_ratios"] = {k: ms / case["train_ms"]["torch"] for k, ms in case["train_ms"].items()}
+        case["train_round_ratios"] = round_ratios(case["train_samples"])
         if "forward_ms" in case:
             case["forward_ratio"] = case["forward_ms"]["npgpt"] / case["forward_ms"]["torch"]
+            case["forward_round_ratios"] = round_ratios(case["forward_samples"])
     return report
+
+
+def round_ratios(samples, anchor="torch"):
+    """{impl: the median over rounds of its time / the anchor's time in the same round}.
+
+    Each round measures every implementation once, one after the other, within a second or two. This host
+    switches between a faster and a slower state for seconds at a time (the small model's PyTorch step: 35
+    or 47 ms), so each side's own median may fall in either state; a round's two times mostly share one."""
+    return {impl: statistics.median(a / b for a, b in zip(values, samples[anchor]))
+            for impl, values in samples.items()}
+
+
+def _round_ratio(case, what, impl):
+    ratio = case.get(f"{what}_round_ratios", {}).get(impl)
+    return "" if ratio is None else f"{ratio:.2f}x"
 
 
 def _blas_line(versions):
@@ -287,10 +304,12 @@ def format_speed(report):
              + f", float32, dropout {report['dropout']}; the shakespeare-char preset's model (vocab 65, 4 x 128, "
              "d_ff 512, dropout 0) at its batch (12, 64):",
              "",
-             "Every ratio is a time against PyTorch eager with SDPA attention (the anchor), in the same run.",
+             "Every ratio is a time against PyTorch eager with SDPA attention (the anchor), in the same run: "
+             "the ratio of the medians, and the median of each round's ratio (its two times taken seconds "
+             "apart).",
              "",
-             "| case (B, T) | implementation | time | tokens/s | time / PyTorch SDPA | MFU |",
-             "|---|---|---|---|---|---|"]
+             "| case (B, T) | implementation | time | tokens/s | time / PyTorch SDPA | round by round | MFU |",
+             "|---|---|---|---|---|---|---|"]
 
     def mfu(c, impl):
         text = f"{c['mfu'][impl] * 100:.0f}%"
@@ -304,7 +323,7 @@ def format_speed(report):
             ratio = c["train_ratios"][impl]
             ratio_text = f"**{ratio:.2f}x**" if impl.startswith("npgpt") else f"{ratio:.2f}x"
             lines.append(f"| train step {label(c)} | {LABELS[impl]} | {ms:.1f} ms | {tokens / ms * 1000:,.0f} | "
-                         f"{ratio_text} | {mfu(c, impl)} |")
+                         f"{ratio_text} | {_round_ratio(c, 'train', impl)} | {mfu(c, impl)} |")
     for c in report["cases"]:
         if "forward_ms" not in c:
             continue
@@ -313,7 +332,7 @@ def format_speed(report):
             ms = c["forward_ms"][impl]
             name = "npgpt" if impl == "npgpt" else LABELS[impl]
             lines.append(f"| forward only {label(c)} | {name} | {ms:.1f} ms | {tokens / ms * 1000:,.0f} | "
-                         f"{ms / c['forward_ms']['torch']:.2f}x | |")
+                         f"{ms / c['forward_ms']['torch']:.2f}x | {_round_ratio(c, 'forward', impl)} | |")
     g = report.get("generate")
     if g:
         rates = g["tokens_per_s"]
@@ -322,19 +341,19 @@ def format_speed(report):
                 name = "npgpt" if impl == "npgpt" else LABELS[impl]
                 lines.append(f"| generate {g['new_tokens']} tokens (prompt {g['prompt']}) | {name}, {how} | "
                              f"{1000 / rates[impl]:.1f} ms/token | {rates[impl]:.0f} | "
-                             f"{rates['torch'] / rates[impl]:.2f}x | |")
+                             f"{rates['torch'] / rates[impl]:.2f}x | | |")
     for impl, reason in report.get("unavailable", {}).items():
-        lines.append(f"| (not measured) | {LABELS.get(impl, impl)} | {reason[:90]} | | | |")
+        lines.append(f"| (not measured) | {LABELS.get(impl, impl)} | {reason[:90]} | | | | |")
     for c in report["cases"]:
         for impl in ("npgpt", "torch"):
             m = c["train_mem"][impl]
             if "gpu_mb" in m:
                 held = "CuPy pools" if impl == "npgpt" else "max reserved"
                 lines.append(f"| GPU memory held, training {label(c)} | {LABELS[impl]} | {m['gpu_mb']:.0f} MB "
-                             f"({held}) | | | |")
+                             f"({held}) | | | | |")
             else:
                 lines.append(f"| peak RSS, training {label(c)} | {LABELS[impl]} | {m['max_rss_mb']:.0f} MB "
-                             f"(+{m['max_rss_mb'] - m['after_import_mb']:.0f} over import) | | | |")
+                             f"(+{m['max_rss_mb'] - m['after_import_mb']:.0f} over import) | | | | |")
     graphs = []
     for c in report["cases"]:
         status = c["train_mem"]["npgpt"].get("status", {})

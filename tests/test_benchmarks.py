@@ -3,6 +3,7 @@ formula, and the meter of how busy the machine was."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,17 +21,27 @@ def test_quality_suite_takes_turns_and_stops_at_the_budget():
     from benchmarks.__main__ import format_quality, run_quality
     logs = []
     q = run_quality(1.5, "cpu", 1, log=logs.append, every=5)
-    rounds = [line for line in logs if "npgpt step" in line]
-    # each round, both sides train 5 more steps and are evaluated, until each has spent its 1.5 s
-    assert "npgpt step 5 val" in rounds[0] and "torch step 5 val" in rounds[0]
-    assert "npgpt step 10 val" in rounds[1] and "torch step 10 val" in rounds[1]
+    rounds = [dict(re.findall(r"(npgpt|torch) step (\d+) val", line)) for line in logs if "npgpt step" in line]
     for impl in ("npgpt", "torch"):
+        steps = [int(r[impl]) for r in rounds]
+        last = steps.index(steps[-1])           # a side that is done shows its last figures from then on
+        # one turn of 5 steps a round, each side, until the turn in which it spent its 1.5 s
+        assert steps[:last] == [5 * (i + 1) for i in range(last)] and 0 < steps[last] - 5 * last <= 5
         r = q["results"][impl]
-        assert r["steps"] >= 10 and r["finite"] and r["seconds_to_target"] is None
-        assert r["seconds"] >= 1.5                  # it stops once the budget is spent, not before
-        assert r["val_loss"] < 4.17                 # below ln 65, the loss of a uniform guess
+        assert r["steps"] == steps[-1] and r["finite"] and r["seconds_to_target"] is None
+        assert r["seconds"] >= 1.5              # it stops once the budget is spent, not before
     text = format_quality(q)
     assert "taking turns of 5 steps" in text and "| npgpt |" in text and "not reached" in text
+
+
+def test_round_ratios_pair_each_rounds_times():
+    from benchmarks.suite import round_ratios
+    # the host switches from a slow state to a fast one between rounds 2 and 3 for npgpt and 3 and 4 for
+    # PyTorch: the medians (30 and 47 ms) fall in different states, 0.64x; the rounds' ratios do not
+    samples = {"npgpt": [36.0, 36.0, 30.0, 30.0, 30.0], "torch": [47.0, 47.0, 47.0, 35.0, 35.0]}
+    ratios = round_ratios(samples)
+    assert ratios["torch"] == 1.0
+    assert ratios["npgpt"] == pytest.approx(36 / 47)      # of 36/47, 36/47, 30/47, 30/35, 30/35
 
 
 def test_flops_formula_counts_every_matmul():
@@ -54,6 +65,12 @@ def test_quick_suite_runs_and_writes_json(tmp_path):
     case = report["speed"]["cases"][0]
     assert case["train_ms"]["npgpt"] > 0 and case["train_ms"]["torch"] > 0
     assert case["train_ratio"] == pytest.approx(case["train_ms"]["npgpt"] / case["train_ms"]["torch"])
+    # the round-by-round ratio: each round's npgpt time over PyTorch's in the same round, then the median
+    npgpt_times, torch_times = case["train_samples"]["npgpt"], case["train_samples"]["torch"]
+    assert len(npgpt_times) == len(torch_times) == 3
+    pairs = sorted(a / b for a, b in zip(npgpt_times, torch_times))
+    assert case["train_round_ratios"]["npgpt"] == pytest.approx(pairs[1])
+    assert "| round by round |" in proc.stdout and f"| {pairs[1]:.2f}x |" in proc.stdout
     assert report["speed"]["sgemm_peak_gflops"] > 0
     assert report["machine"]["cores"] >= 1
     if load.available():
@@ -97,7 +114,7 @@ def test_a_process_outside_the_benchmark_counts_as_other_load():
 
 @pytest.mark.skipif(not load.available(), reason="no /proc/stat: the load meter measures nothing here")
 def test_a_child_waited_for_counts_as_the_benchmarks_own_time():
-    with load.LoadMeter() as meter:       # the quality suite's way: its runs are children, waited for
+    with load.LoadMeter() as meter:       # a child run and waited for inside the section
         subprocess.run([sys.executable, "-c", BURN.format(s=0.5)], input="", text=True, capture_output=True,
                        check=True)
     assert meter.own_seconds >= 0.5

@@ -3,6 +3,7 @@ to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1, 2 
 deterministic for a fixed thread count; and their build: cached, refused cleanly, never half-loaded."""
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -277,7 +278,9 @@ def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
 # Each SIMD width the attention's register blocks are written for (kernels.c: VECTOR_BYTES, BLOCK), built
 # with the flags that select it; the native build covers the CPU's own
 ATTENTION_BUILDS = {"16-byte registers (no -march)": ([], 16), "AVX2": (["-mavx2", "-mfma"], 32),
-                    "AVX-512": (["-mavx512f", "-mfma"], 64)}
+                    "AVX-512": (["-mavx512f", "-mfma"], 64),
+                    # ARM64's block of four 16-byte registers, and its block of two, on any x86
+                    "16-byte registers, blocks of 4": (["-DBLOCK=4"], 16)}
 ATTENTION_BUILD_CPU_FLAGS = {"AVX2": {"avx2", "fma"}, "AVX-512": {"avx512f", "fma"}}
 
 
@@ -743,7 +746,6 @@ def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
     assert buffers.empty((512, 1024), np.float64).dtype == np.float64       # another dtype: its own array
     assert buffers.empty((3, 4), np.float32).base is None                  # small: never kept
     assert sum(len(kept) for kept in buffers._arrays.values()) == 3
-    assert buffers.MIN_BYTES == 64 * 1024
     buffers.empty((128, 128), np.float32)                   # 64 KB: kept
     buffers.empty((128, 127), np.float32)                   # just under: not
     assert sum(len(kept) for kept in buffers._arrays.values()) == 4
@@ -754,7 +756,7 @@ import resource
 import numpy as np, npgpt
 import npgpt.functional as F
 npgpt.fast.cpu.threads.set_workers(2)
-model = npgpt.GPT(vocab_size=65, d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=64)
+model = npgpt.GPT(vocab_size=65, d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=64, dropout=0.0)
 opt = npgpt.optim.AdamW(model.parameters(), lr=1e-3)
 ids = np.random.default_rng(0).integers(0, 65, (12, 65))
 
@@ -775,8 +777,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 def test_a_plain_loop_of_the_small_model_takes_no_fresh_pages_a_step():
     """Without the allocator setting a program may opt into, the shakespeare-char model's five-line loop
     reuses its memory: its activations (384 KB) and gradients come from the cache above, not from fresh
-    pages (939 faults a step if only arrays of 1 MB and up were kept)."""
-    env = dict(os.environ, NPGPT_FAST="1")
+    pages (939 faults a step without the cache)."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the page faults counted are glibc malloc's")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    env["NPGPT_FAST"] = "1"
     proc = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_LOOP], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr

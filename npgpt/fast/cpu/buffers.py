@@ -5,11 +5,11 @@ tutorial's (8, 128)), the weights' gradients, the activations. glibc's malloc gi
 pages from the system, and each page then costs a fault on first touch: 40 MB is 10,000 of them, milliseconds
 a step. Blocks of a few hundred KB fare no better: malloc maps them afresh, or hands back the top of its heap
 to the system and takes it again, step after step (the shakespeare-char model's (768, 128) activations, 384 KB
-each, cost 939 faults a step, up to a tenth of its time). So the fast paths take their outputs of MIN_BYTES
-and up from ``empty()``: an array of the same shape and dtype that this cache made earlier and that nobody
-holds any more (its only reference is the cache's own, which Python's reference count tells exactly) is
-returned as it is, its old values still in it (the ops overwrite every element); otherwise a new one is made
-and remembered.
+each, would cost 939 faults a step without this cache, up to a tenth of its time). So the fast paths take
+their outputs of MIN_BYTES and up from ``empty()``: an array of the same shape and dtype that this cache made
+earlier and that nobody holds any more (its only reference is the cache's own, which Python's reference count
+tells exactly) is returned as it is, its old values still in it (the ops overwrite every element); otherwise a
+new one is made and remembered.
 
 Only arrays of at least MIN_BYTES are kept, and at most MAX_BYTES of them in all; an array not kept is an
 ordinary one. What is kept stays allocated between steps: ``release()`` gives it back (the arrays still in
@@ -22,14 +22,24 @@ import threading
 
 import numpy as np
 
-MIN_BYTES = 1 << 16       # 64 KB: smaller blocks come from malloc's free lists, their pages kept
+MIN_BYTES = 1 << 16       # 64 KB: below it, a step's few small arrays cost no measurable page faults
 MAX_BYTES = 1 << 30
 
 _arrays = {}            # (shape, dtype) -> every array of that kind made here and kept, in use or free
 _held = {"bytes": 0}    # their bytes in all
 _lock = threading.Lock()
-# references to a free array while a scan looks at it: its list's, the loop's name, getrefcount's own
-_FREE_REFS = 3
+
+
+def _reference_counts(arrays):
+    """sys.getrefcount of each array, every one counted by this same loop, so that the references the loop
+    itself adds (its list's, its name's, getrefcount's argument: how many depends on the Python version)
+    are the same in every count."""
+    return [sys.getrefcount(array) for array in arrays]
+
+
+# The count of an array that nothing outside this cache holds: measured, not assumed, on an array that
+# only a list holds, as the cache's lists hold theirs
+_FREE_REFS = _reference_counts([np.empty(0)])[0]
 
 
 def empty(shape, dtype):
@@ -42,9 +52,9 @@ def empty(shape, dtype):
     key = (shape, dtype)
     with _lock:
         kept = _arrays.setdefault(key, [])
-        for array in kept:
-            if sys.getrefcount(array) == _FREE_REFS:
-                return array
+        for index, count in enumerate(_reference_counts(kept)):
+            if count == _FREE_REFS:
+                return kept[index]
         if _held["bytes"] + nbytes > MAX_BYTES:
             _drop_free()
         array = np.empty(shape, dtype=dtype)
@@ -60,7 +70,8 @@ def empty_like(array):
 
 def _drop_free():
     for key in list(_arrays):
-        _arrays[key] = [a for a in _arrays[key] if sys.getrefcount(a) > _FREE_REFS]
+        kept = _arrays[key]
+        _arrays[key] = [a for a, count in zip(kept, _reference_counts(kept)) if count > _FREE_REFS]
         if not _arrays[key]:
             del _arrays[key]
     _held["bytes"] = sum(a.nbytes for kept in _arrays.values() for a in kept)

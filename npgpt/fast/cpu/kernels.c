@@ -355,19 +355,23 @@ static void adamw_update(real *p, const real *g, real *m, real *v, index_t n, re
  * (SSE, NEON). A block of a product's result is ROWS rows of BLOCK registers, summed in registers while the
  * depth runs, so ROWS x BLOCK sums, BLOCK loads and a broadcast must fit in the register file: 32 registers
  * with AVX-512 and on ARM64 (4 x 4 + 4 + 1 = 21), 16 with AVX or SSE (4 x 2 + 2 + 1 = 11). A block wider than
- * the register file spills its sums to the stack at every step of the depth, several times slower. */
+ * the register file spills its sums to the stack at every step of the depth, several times slower. Columns
+ * left after the whole blocks take a block of two registers (where BLOCK is 4), then of one. */
 #if defined(__AVX512F__)
 #define VECTOR_BYTES 64
-#define BLOCK 4
+#define REGISTERS_BLOCK 4
 #elif defined(__AVX__)
 #define VECTOR_BYTES 32
-#define BLOCK 2
+#define REGISTERS_BLOCK 2
 #elif defined(__aarch64__)
 #define VECTOR_BYTES 16
-#define BLOCK 4
+#define REGISTERS_BLOCK 4
 #else
 #define VECTOR_BYTES 16
-#define BLOCK 2
+#define REGISTERS_BLOCK 2
+#endif
+#ifndef BLOCK               /* -DBLOCK=4 builds another block for this width (the tests run ARM64's on x86) */
+#define BLOCK REGISTERS_BLOCK
 #endif
 #define LANES ((index_t)(VECTOR_BYTES / sizeof(real)))     /* reals in a SIMD register */
 #define ROWS 4
@@ -409,7 +413,7 @@ typedef real vec __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(real))
 /* GCC folds a load into each multiply-add that uses it, so a row of y meant to be loaded once and used by
  * ROWS multiply-adds is loaded ROWS times, and the loads, not the multiply-adds, set the pace; an empty asm
  * that claims to change the register makes the compiler keep the loaded value there */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__SSE2__)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #elif defined(__GNUC__) && defined(__aarch64__)
 #define IN_REGISTER(v) __asm__("" : "+w"(v))
@@ -473,7 +477,7 @@ static void weighted_rows(const real *w, index_t w_row, index_t w_col, const rea
     index_t db = 0;
     for (; db + BLOCK * LANES <= width; db += BLOCK * LANES)
         block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, BLOCK);
-    for (; BLOCK > 2 && db + 2 * LANES <= width; db += 2 * LANES)    /* e.g. a head of 32 floats */
+    for (; BLOCK > 2 && db + 2 * LANES <= width; db += 2 * LANES)    /* a head of 32 floats on AVX-512 */
         block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, 2);
     for (; db + LANES <= width; db += LANES)
         block_product(wr, w_col, y, y_stride, lo, hi, db, scale, out, 1);
