@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from benchmarks.load import LoadMeter, describe
+from benchmarks.quality import positive_seconds
 from benchmarks.suite import ROOT, child_env, format_speed, machine_description, run_speed
 
 
@@ -70,7 +71,10 @@ def _quality_reply(proc, impl):
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError(f"the {impl} side of the quality suite died (exit code {proc.wait()})")
-    return json.loads(line)
+    reply = json.loads(line)
+    if "error" in reply:
+        raise RuntimeError(f"the {impl} side of the quality suite: {reply['error']}")
+    return reply
 
 
 def format_quality(q):
@@ -100,7 +104,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smallest case, few repetitions (a smoke test)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for each implementation")
-    p.add_argument("--budget", type=float, default=120.0, help="seconds of training per side (quality suite)")
+    p.add_argument("--budget", type=positive_seconds, default=120.0,
+                   help="seconds of training per side (quality suite)")
     p.add_argument("--shapes", metavar="BxT,...", help="training shapes of the tutorial GPT to time, e.g. "
                    "16x256,4x512 (default: 8x128,16x256,4x512)")
     p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")

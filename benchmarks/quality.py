@@ -131,20 +131,37 @@ def serve(training, replies, budget=math.inf, stdin=sys.stdin):
     """Answer {"op": "train", "steps": N[, "budget": seconds]} commands on `replies` until {"op": "quit"} or
     the end of stdin."""
     for line in stdin:
-        command = json.loads(line)
-        if command["op"] == "quit":
+        try:
+            command = json.loads(line)
+            op = command["op"]
+            steps = int(command["steps"]) if op == "train" else 0
+            if op not in ("train", "quit"):
+                raise ValueError(op)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            replies.write(json.dumps({"error": f"not a command: {line.strip()!r}; send {{\"op\": \"train\", "
+                                               f"\"steps\": N}} or {{\"op\": \"quit\"}}"}) + "\n")
+            replies.flush()
+            continue
+        if op == "quit":
             break
         time.sleep(command.get("settle_s", SETTLE_S))
         budget = command.get("budget", budget)
-        result = dict(training.train(command["steps"], budget), done=training.done(budget))
+        result = dict(training.train(steps, budget), done=training.done(budget))
         replies.write(json.dumps(result) + "\n")
         replies.flush()
+
+
+def positive_seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("npgpt", "torch"), required=True)
-    p.add_argument("--budget", type=float, default=120.0, help="wall-clock seconds of training")
+    p.add_argument("--budget", type=positive_seconds, default=120.0, help="wall-clock seconds of training")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
@@ -163,6 +180,8 @@ def main(argv=None):
         return 0
     while not training.done(args.budget):
         training.train(EVAL_EVERY, args.budget)
+    if training.val_loss is None:       # a budget spent before the first turn: the loss as it stands
+        training.train(0)
     print(json.dumps(dict(training.result(), impl=args.impl)))
     return 0
 

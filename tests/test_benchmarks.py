@@ -34,6 +34,26 @@ def test_quality_suite_takes_turns_and_stops_at_the_budget():
     assert "taking turns of 5 steps" in text and "| npgpt |" in text and "not reached" in text
 
 
+def test_quality_side_answers_bad_commands_and_trains_when_told():
+    commands = ['{"op": "train"}', "nonsense", '{"op": "train", "steps": 2, "settle_s": 0}', '{"op": "quit"}']
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--impl", "npgpt", "--serve"], cwd=ROOT,
+                          input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]      # stdout: the replies alone
+    assert replies[0] == {"ready": "npgpt"}
+    assert "not a command" in replies[1]["error"] and "not a command" in replies[2]["error"]
+    assert replies[3]["steps"] == 2 and replies[3]["finite"] and replies[3]["done"] is False
+    assert 3.5 < replies[3]["val_loss"] < 4.5              # about ln 65 after two steps of warm-up
+    assert len(replies) == 4
+
+
+def test_quality_budget_must_be_positive():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "quality", "--budget", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--budget: must be a positive number of seconds" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_round_ratios_pair_each_rounds_times():
     from benchmarks.suite import round_ratios
     # the host switches from a slow state to a fast one between rounds 2 and 3 for npgpt and 3 and 4 for
