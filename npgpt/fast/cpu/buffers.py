@@ -30,16 +30,19 @@ _held = {"bytes": 0}    # their bytes in all
 _lock = threading.Lock()
 
 
-def _reference_counts(arrays):
-    """sys.getrefcount of each array, every one counted by this same loop, so that the references the loop
-    itself adds (its list's, its name's, getrefcount's argument: how many depends on the Python version)
-    are the same in every count."""
-    return [sys.getrefcount(array) for array in arrays]
+def _first_free(arrays, free_count):
+    """The index of the first array whose reference count is free_count (-1 if none). The count includes the
+    references this loop itself adds (its list's, getrefcount's argument: how many depends on the Python
+    version), so free_count is measured by this same loop, below."""
+    for index in range(len(arrays)):
+        if sys.getrefcount(arrays[index]) == free_count:
+            return index
+    return -1
 
 
-# The count of an array that nothing outside this cache holds: measured, not assumed, on an array that
-# only a list holds, as the cache's lists hold theirs
-_FREE_REFS = _reference_counts([np.empty(0)])[0]
+# The count of an array that nothing outside this cache holds, as _first_free sees it: measured on an array
+# that only a list holds, as the cache's lists hold theirs
+_FREE_REFS = next(count for count in range(1, 64) if _first_free([np.empty(0)], count) == 0)
 
 
 def empty(shape, dtype):
@@ -52,9 +55,9 @@ def empty(shape, dtype):
     key = (shape, dtype)
     with _lock:
         kept = _arrays.setdefault(key, [])
-        for index, count in enumerate(_reference_counts(kept)):
-            if count == _FREE_REFS:
-                return kept[index]
+        index = _first_free(kept, _FREE_REFS)
+        if index >= 0:
+            return kept[index]
         if _held["bytes"] + nbytes > MAX_BYTES:
             _drop_free()
         array = np.empty(shape, dtype=dtype)
@@ -71,8 +74,11 @@ def empty_like(array):
 def _drop_free():
     for key in list(_arrays):
         kept = _arrays[key]
-        _arrays[key] = [a for a, count in zip(kept, _reference_counts(kept)) if count > _FREE_REFS]
-        if not _arrays[key]:
+        index = _first_free(kept, _FREE_REFS)
+        while index >= 0:
+            del kept[index]
+            index = _first_free(kept, _FREE_REFS)
+        if not kept:
             del _arrays[key]
     _held["bytes"] = sum(a.nbytes for kept in _arrays.values() for a in kept)
 
