@@ -17,7 +17,7 @@ import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
-from benchmarks.suite import ROOT, child_env, format_speed, machine_description, run_speed
+from benchmarks.suite import ROOT, child_env, format_speed, machine_description, read_reply, run_speed
 
 
 def run_quality(budget, device, threads, log=print, every=None):
@@ -33,7 +33,7 @@ def run_quality(budget, device, threads, log=print, every=None):
                                      "--device", device, "--threads", str(threads)],
                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             sides[impl] = proc
-            if _quality_reply(proc, impl) != {"ready": impl}:       # set up; the clock not yet started
+            if read_reply(proc, f"the {impl} side of the quality suite", "setup") != {"ready": impl}:
                 raise RuntimeError(f"the {impl} side of the quality suite did not start as expected")
         results = {impl: {"steps": 0, "seconds": 0.0} for impl in sides}
         log(f"[quality] npgpt and PyTorch take turns of {every} steps, up to {budget:.0f} s of training each")
@@ -44,7 +44,7 @@ def run_quality(budget, device, threads, log=print, every=None):
                     proc = sides[impl]
                     proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
                     proc.stdin.flush()
-                    results[impl] = _quality_reply(proc, impl)
+                    results[impl] = read_reply(proc, f"the {impl} side of the quality suite", "training")
                     if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
                         running.remove(impl)
                 log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
@@ -65,16 +65,6 @@ def run_quality(budget, device, threads, log=print, every=None):
             proc.stdout.close()
     return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every, "load": load.as_dict(),
             "results": results}
-
-
-def _quality_reply(proc, impl):
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the {impl} side of the quality suite died (exit code {proc.wait()})")
-    reply = json.loads(line)
-    if "error" in reply:
-        raise RuntimeError(f"the {impl} side of the quality suite: {reply['error']}")
-    return reply
 
 
 def format_quality(q):

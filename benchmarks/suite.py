@@ -63,6 +63,18 @@ def forward_flops(model, batch, seq):
     return train_flops(model, batch, seq) / 3
 
 
+def read_reply(proc, name, during):
+    """The child's next line on stdout, a JSON reply; a RuntimeError naming the child where it died instead or
+    replied with an error."""
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{name} died during {during}")
+    reply = json.loads(line)
+    if "error" in reply:
+        raise RuntimeError(f"{name} failed at {during}: {reply['error']}")
+    return reply
+
+
 class Worker:
     """A child process running benchmarks/worker.py for one implementation."""
 
@@ -75,13 +87,7 @@ class Worker:
     def ask(self, command):
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.impl} worker died during {command['op']}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"the {self.impl} worker failed at {command['op']}: {reply['error']}")
-        return reply
+        return read_reply(self.proc, f"the {self.impl} worker", command["op"])
 
     def close(self):
         try:
