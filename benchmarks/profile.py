@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from benchmarks.suite import positive_number
+
 
 def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
     import npgpt
@@ -178,13 +180,6 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     return lines
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -205,10 +200,10 @@ def main(argv=None):
                    help="time the README's five-line loop (the library alone) instead of the training program")
     p.add_argument("--forward", action="store_true",
                    help="time an inference forward pass (eval mode, no graph) instead of a training step")
-    p.add_argument("--anchor-ms", type=_positive_float, default=None,
+    p.add_argument("--anchor-ms", type=positive_number, default=None,
                    help="PyTorch's median for the same step (or forward pass) from `python -m benchmarks`: "
                         "the floor is then also given as a ratio to it")
-    p.add_argument("--target", type=_positive_float, default=0.75, help="the ratio to PyTorch to size the rest against")
+    p.add_argument("--target", type=positive_number, default=0.75, help="the ratio to PyTorch to size the rest against")
     args = p.parse_args(argv)
     if args.forward and args.loop:
         p.error("--forward times the forward pass alone; leave out --loop")

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from benchmarks.suite import positive_number
+
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
 # Before each turn the process sleeps this long, so that the threads of the side that trained last (PyTorch's
@@ -152,10 +154,7 @@ def serve(training, replies, budget=math.inf, stdin=sys.stdin):
 
 
 def positive_seconds(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+    return positive_number(text, "number of seconds")
 
 
 def main(argv=None):

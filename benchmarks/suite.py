@@ -18,6 +18,7 @@ B sequences of T tokens:
 MFU = train FLOPs / step time / the machine's measured float32 GEMM peak (the best of NumPy's and PyTorch's).
 """
 
+import argparse
 import json
 import os
 import platform
@@ -61,6 +62,14 @@ def train_flops(model, batch, seq):
 
 def forward_flops(model, batch, seq):
     return train_flops(model, batch, seq) / 3
+
+
+def positive_number(text, what="number"):
+    """An argparse type: a float above 0 (what: how the error names it)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text}")
+    return value
 
 
 def read_reply(proc, name, during):
