@@ -18,6 +18,11 @@ another, so the gaps tile the forward pass: the Python between two ops counts to
 is measured around each op's backward closure. The engine's own share of the backward pass, what is neither
 an op's closure nor the optimizer (the graph's order, gradients summed where a tensor is used twice, leaves'
 .grad), is the backward's wall time minus its ops' closures; it is printed in all and per op.
+
+Where the C kernels run (the CPU), each kernel call is timed too (``native.set_call_observer``), so every
+row also says how much of it was spent outside the kernels: the engine's and the op's Python, and NumPy calls
+of their own (a gather, a small copy). That is the per-op cost of the engine and its glue, in microseconds a
+call; a summary line under the table adds it up for the step.
 """
 
 import argparse
@@ -41,7 +46,11 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
     counts = collections.Counter()
-    clock = {"last": time.perf_counter(), "on": False}
+    # the same, inside the C kernels' calls only ("kernels" runs on: the time of every kernel call so far)
+    forward_kernels = collections.defaultdict(float)
+    backward_kernels = collections.defaultdict(float)
+    kernel_time = {"all": 0.0, "products": 0.0}
+    clock = {"last": time.perf_counter(), "kernels": 0.0, "on": False}
     sync = backend.synchronize   # on the GPU, each op is timed to its completion
 
     def observe(op, backward_fn):
@@ -50,19 +59,29 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         now = time.perf_counter()
         if clock["on"]:
             forward[op] += now - clock["last"]
+            forward_kernels[op] += kernel_time["all"] - clock["kernels"]
             counts[op] += 1
 
         def timed_backward(grad):
             sync()
-            start = time.perf_counter()
+            start, kernels_before = time.perf_counter(), kernel_time["all"]
             out = backward_fn(grad)
             sync()
             backward[op] += time.perf_counter() - start
+            backward_kernels[op] += kernel_time["all"] - kernels_before
             return out
-        clock["last"] = time.perf_counter()
+        clock["last"], clock["kernels"] = time.perf_counter(), kernel_time["all"]
         return timed_backward
 
+    def observe_kernel(name, seconds):
+        """native's call observer: every kernel call's time, and the products' (linear's) apart."""
+        kernel_time["all"] += seconds
+        if name == "gemm_parallel":
+            kernel_time["products"] += seconds
+
     previous_observer = engine.set_op_observer(observe)
+    from npgpt.fast.cpu import native
+    previous_kernel_observer = native.set_call_observer(observe_kernel) if device == "cpu" else None
     from npgpt.fast.cpu.allocator import keep_freed_memory
     from npgpt.fast.cpu.threads import set_workers
     backend.set_device(device)
@@ -86,20 +105,17 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
 
     def timed(name, fn):
         def run(*args, **kwargs):
-            start = time.perf_counter()
+            start, kernels_before = time.perf_counter(), kernel_time["all"]
             out = fn(*args, **kwargs)
             sync()
             if clock["on"]:
                 timers[name] += time.perf_counter() - start
+                timers[name + " kernels"] += kernel_time["all"] - kernels_before
             return out
         return run
+    timers.update({"optimizer kernels": 0.0, "backward kernels": 0.0})
     opt.step = timed("optimizer", real_step)
     npgpt.Tensor.backward = timed("backward", real_backward)
-    # the BLAS products themselves (linear's fast path on the CPU), for the floor under the table
-    from npgpt.fast.cpu import native_ops
-    real_product = native_ops._product
-    timers["products"] = 0.0
-    native_ops._product = timed("products", real_product)
 
     def five_line_loop(batches):
         (inputs, targets), = batches
@@ -120,10 +136,12 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         for i in range(steps + 1):
             ids = rng.integers(0, vocab, (batch, seq + 1))
             if i == 1:   # the first step warms up; reset the tallies after it
-                forward.clear(), backward.clear(), counts.clear()
+                for tally in (forward, backward, counts, forward_kernels, backward_kernels):
+                    tally.clear()
+                kernel_time["products"] = 0.0
                 clock["on"] = True
             start = time.perf_counter()
-            clock["last"] = start
+            clock["last"], clock["kernels"] = start, kernel_time["all"]
             if forward_only:
                 inference([(ids[:, :-1], ids[:, 1:])])
             elif loop:
@@ -135,9 +153,12 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
                 total += time.perf_counter() - start
     finally:
         engine.set_op_observer(previous_observer)
+        if device == "cpu":
+            native.set_call_observer(previous_kernel_observer)
         npgpt.Tensor.backward = real_backward
-        native_ops._product = real_product
-    return forward, backward, counts, timers, total, steps
+    timers["products"] = kernel_time["products"]
+    kernels = {"forward": forward_kernels, "backward": backward_kernels, "seen": kernel_time["all"] > 0}
+    return forward, backward, counts, timers, total, steps, kernels
 
 
 def product_flops(model, batch, seq, forward_only=False):
@@ -180,6 +201,20 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     return lines
 
 
+def outside_lines(outside, total, per, op_calls):
+    """The step's time outside the kernels, summed: the ops' forward and backward, the engine, the optimizer."""
+    whole = sum(outside.values())
+    parts = [f"{outside['forward'] * per:.1f} ms in the forward ops"]
+    if outside["backward"] or outside["engine"]:
+        parts += [f"{outside['backward'] * per:.1f} in their backward closures",
+                  f"{outside['engine'] * per:.1f} in the engine's backward bookkeeping"]
+    if outside["optimizer"]:
+        parts.append(f"{outside['optimizer'] * per:.1f} in the optimizer")
+    return [f"Outside the kernels (Python, the engine, NumPy calls of the ops' own): {whole * per:.1f} ms of the "
+            f"{total * per:.1f} ms ({whole / total:.0%}), {whole * per / max(op_calls, 1) * 1000:.0f} us for each of "
+            f"the {op_calls:.0f} op calls: " + ", ".join(parts) + "."]
+
+
 def _positive(text):
     value = int(text)
     if value < 1:
@@ -213,7 +248,7 @@ def main(argv=None):
     batch = args.batch or (SHAKESPEARE_SHAPE[0] if small else 8)
     seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
-    forward, backward, counts, timers, total, steps = profile(
+    forward, backward, counts, timers, total, steps, kernels = profile(
         batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
         forward_only=args.forward)
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
@@ -227,27 +262,52 @@ def main(argv=None):
     if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
               "than the step; --threads 1 or --loop gives a breakdown that adds up)\n")
-    print("| op | calls/step | forward ms | backward ms | total ms | share |")
-    print("|---|---|---|---|---|---|")
+    # outside the kernels: where each kernel call was timed (the CPU's C kernels ran), what an op's forward
+    # gap or backward closure spent in Python and NumPy rather than in a kernel
+    glue = kernels["seen"] and not data_parallel
+    outside = {"forward": 0.0, "backward": 0.0, "engine": 0.0, "optimizer": 0.0}
+
+    def outside_cell(op):
+        forward_s = forward[op] - kernels["forward"][op]
+        backward_s = backward[op] - kernels["backward"][op]
+        outside["forward"] += forward_s
+        outside["backward"] += backward_s
+        calls = max(counts[op], 1)
+        return (f" {forward_s / calls * 1e6:.0f} / {backward_s / calls * 1e6:.0f} |" if backward[op] else
+                f" {forward_s / calls * 1e6:.0f} |")
+
+    print("| op | calls/step | forward ms | backward ms | total ms | share |"
+          + (" outside the kernels, us a call (forward / backward) |" if glue else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if glue else ""))
     accounted = 0.0
     for op in ops:
         t = forward[op] + backward[op]
         accounted += t
         print(f"| {op} | {counts[op] // steps} | {forward[op] * per:.1f} | {backward[op] * per:.1f} | "
-              f"{t * per:.1f} | {t / total * 100:.0f}% |")
+              f"{t * per:.1f} | {t / total * 100:.0f}% |" + (outside_cell(op) if glue else ""))
     optim_s = timers["optimizer"]
     accounted += optim_s
     if not args.forward:
-        print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |")
+        outside["optimizer"] = optim_s - timers["optimizer kernels"]
+        print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |"
+              + (f" {outside['optimizer'] * 1e6 / steps:.0f} |" if glue else ""))
     if not (data_parallel or args.forward):
         engine_s = max(0.0, timers["backward"] - sum(backward.values()))
         accounted += engine_s
         calls = sum(counts.values()) / steps
+        # the engine's kernels: the sums of gradients that meet where a tensor is used twice
+        outside["engine"] = engine_s - (timers["backward kernels"] - sum(kernels["backward"].values()))
         print(f"| engine: backward bookkeeping | {calls:.0f} ops | | {engine_s * per:.1f} | {engine_s * per:.1f} | "
-              f"{engine_s / total * 100:.0f}% ({engine_s * per / max(calls, 1) * 1000:.0f} us an op) |")
+              f"{engine_s / total * 100:.0f}% ({engine_s * per / max(calls, 1) * 1000:.0f} us an op) |"
+              + (f" {outside['engine'] * per / max(calls, 1) * 1000:.0f} an op |" if glue else ""))
     rest = total - accounted
     if rest > 0:
-        print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |")
+        print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |"
+              + (" |" if glue else ""))
+    if glue:
+        print()
+        for line in outside_lines(outside, total, per, sum(counts.values()) / steps):
+            print(line)
     if args.device == "cpu" and not data_parallel and timers["products"] > 0:
         print()
         products_ms = timers["products"] * per

@@ -189,8 +189,14 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
     if native.status()["built"]:
         assert f"{flops / 1e9:.2f} GFLOP in" in out and "Against 50.0 ms (--anchor-ms)" in out
         products_ms = float(out.split("GFLOP in ")[1].split(" ms")[0])
-        step_ms = float(out.split("ms of the ")[1].split(" ms")[0])
+        step_ms = float(out.split("everything else: ")[1].split("ms of the ")[1].split(" ms")[0])
         assert 0 < products_ms < step_ms
+        # and each op's time outside the kernels, in microseconds a call, summed for the step under the table
+        linear_row = next(line for line in out.splitlines() if line.startswith("| linear |"))
+        outside_cell = linear_row.rstrip(" |").split("|")[-1].split("/")
+        assert len(outside_cell) == (2 if mode == ["--loop"] else 1) and all(float(us) > 0 for us in outside_cell)
+        outside_ms = float(out.split("NumPy calls of the ops' own): ")[1].split(" ms")[0])
+        assert 0 < outside_ms < step_ms - products_ms
 
 
 @pytest.mark.parametrize("flags, message", [(["--anchor-ms", "0"], "--anchor-ms: must be a positive number"),

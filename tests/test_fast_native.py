@@ -798,3 +798,21 @@ def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monk
     assert buffers.release() == 4 << 20                     # in use: still kept
     del held
     assert buffers.release() == 0
+
+
+def test_a_call_observer_hears_each_kernel_call_until_it_is_turned_off():
+    heard = []
+    x = npgpt.Tensor(np.random.default_rng(23).standard_normal((64, 300)).astype(np.float32), requires_grad=True)
+    previous = native.set_call_observer(lambda name, seconds: heard.append((name, seconds)))
+    try:
+        F.gelu(x).sum().backward()
+        F.linear(x, npgpt.Tensor(np.ones((300, 300), np.float32)))
+    finally:
+        assert native.set_call_observer(previous) is not None       # it returns the observer it replaces
+    names = [name for name, _ in heard]
+    assert names[:2] == ["gelu_forward_parallel", "gelu_backward_parallel"] and "gemm_parallel" in names
+    assert all(seconds > 0 for _, seconds in heard)
+    count = len(heard)
+    F.gelu(x)                                   # turned off: the kernels are the library's own functions again
+    assert len(heard) == count
+    assert native.set_call_observer(None) is None

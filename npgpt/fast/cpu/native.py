@@ -3,6 +3,8 @@
     kernels(dtype)     the loaded library for float32 or float64 arrays, or None where it cannot be built
     status()           what was built, where, and, if nothing was, why
     set_enabled(flag)  False: never use them (the NumPy fast paths run); True again: the default
+    set_call_observer(fn)
+                       profiling: fn(name, seconds) hears the time of each kernel call (None: off)
 
 The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double``) with ``$CC`` (default
 ``cc``; it may hold arguments) for this machine's CPU (``-march=native``) and keeps the libraries in
@@ -246,6 +248,35 @@ def status():
     library = (_state["libraries"] or {}).get(np.dtype(np.float32))
     return {"built": bool(_state["libraries"]), "paths": dict(_state["paths"]),
             "vector_bytes": library.vector_bytes() if library is not None else None, "reason": _state["reason"]}
+
+
+_call_observer = {"fn": None, "unwrapped": {}}    # the observer, and each wrapped function's original
+
+
+def set_call_observer(observer):
+    """Profiling: observer(name, seconds) is told the wall time of each kernel call as it returns, on the
+    thread that made the call (a call's chunks on the pool threads are inside that time); None turns it off.
+    Returns the previous observer. While one is set, every kernel call costs one Python call more."""
+    previous, _call_observer["fn"] = _call_observer["fn"], observer
+    kernels(np.dtype(np.float32))               # both libraries loaded, where they can be
+    unwrapped = _call_observer["unwrapped"]
+    for library in (_state["libraries"] or {}).values():
+        for name in _signatures(ctypes.c_float):
+            fn = unwrapped.setdefault((id(library), name), getattr(library, name))
+            setattr(library, name, fn if observer is None else _observed_call(name, fn, observer))
+    if observer is None:
+        unwrapped.clear()
+    return previous
+
+
+def _observed_call(name, fn, observer):
+    def call(*args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            observer(name, time.perf_counter() - start)
+    return call
 
 
 def address(array, offset=0):
