@@ -46,7 +46,8 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     forward = collections.defaultdict(float)
     backward = collections.defaultdict(float)
     counts = collections.Counter()
-    # the same, inside the C kernels' calls only ("kernels" runs on: the time of every kernel call so far)
+    # the same times counting only what was spent inside the C kernels' calls; kernel_time["all"] is the
+    # running total of every kernel call's time, kernel_time["products"] of linear's products alone
     forward_kernels = collections.defaultdict(float)
     backward_kernels = collections.defaultdict(float)
     kernel_time = {"all": 0.0, "products": 0.0}
