@@ -80,9 +80,6 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         if name == "gemm_parallel":
             kernel_time["products"] += seconds
 
-    previous_observer = engine.set_op_observer(observe)
-    from npgpt.fast.cpu import native
-    previous_kernel_observer = native.set_call_observer(observe_kernel) if device == "cpu" else None
     from npgpt.fast.cpu.allocator import keep_freed_memory
     from npgpt.fast.cpu.threads import set_workers
     backend.set_device(device)
@@ -115,8 +112,6 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
             return out
         return run
     timers.update({"optimizer kernels": 0.0, "backward kernels": 0.0})
-    opt.step = timed("optimizer", real_step)
-    npgpt.Tensor.backward = timed("backward", real_backward)
 
     def five_line_loop(batches):
         (inputs, targets), = batches
@@ -133,6 +128,11 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
 
     if forward_only:
         model.eval()
+    from npgpt.fast.cpu import native
+    previous_observer = engine.set_op_observer(observe)
+    previous_kernel_observer = native.set_call_observer(observe_kernel) if device == "cpu" else None
+    opt.step = timed("optimizer", real_step)
+    npgpt.Tensor.backward = timed("backward", real_backward)
     try:
         for i in range(steps + 1):
             ids = rng.integers(0, vocab, (batch, seq + 1))
@@ -211,6 +211,8 @@ def outside_lines(outside, total, per, op_calls):
                   f"{outside['engine'] * per:.1f} in the engine's backward bookkeeping"]
     if outside["optimizer"]:
         parts.append(f"{outside['optimizer'] * per:.1f} in the optimizer")
+    if outside["rest"]:
+        parts.append(f"{outside['rest'] * per:.1f} in zero_grad, the data and the glue between them")
     return [f"Outside the kernels (Python, the engine, NumPy calls of the ops' own): {whole * per:.1f} ms of the "
             f"{total * per:.1f} ms ({whole / total:.0%}), {whole * per / max(op_calls, 1) * 1000:.0f} us for each of "
             f"the {op_calls:.0f} op calls: " + ", ".join(parts) + "."]
@@ -266,7 +268,7 @@ def main(argv=None):
     # outside the kernels: where each kernel call was timed (the CPU's C kernels ran), what an op's forward
     # gap or backward closure spent in Python and NumPy rather than in a kernel
     glue = kernels["seen"] and not data_parallel
-    outside = {"forward": 0.0, "backward": 0.0, "engine": 0.0, "optimizer": 0.0}
+    outside = {"forward": 0.0, "backward": 0.0, "engine": 0.0, "optimizer": 0.0, "rest": 0.0}
 
     def outside_cell(op):
         forward_s = forward[op] - kernels["forward"][op]
@@ -278,7 +280,8 @@ def main(argv=None):
                 f" {forward_s / calls * 1e6:.0f} |")
 
     print("| op | calls/step | forward ms | backward ms | total ms | share |"
-          + (" outside the kernels, us a call (forward / backward) |" if glue else ""))
+          + ((" outside the kernels, us a call |" if args.forward else
+              " outside the kernels, us a call (forward / backward) |") if glue else ""))
     print("|---|---|---|---|---|---|" + ("---|" if glue else ""))
     accounted = 0.0
     for op in ops:
@@ -303,8 +306,9 @@ def main(argv=None):
               + (f" {outside['engine'] * per / max(calls, 1) * 1000:.0f} an op |" if glue else ""))
     rest = total - accounted
     if rest > 0:
+        outside["rest"] = rest          # no kernel runs here: setting grads to None, slicing the batch
         print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |"
-              + (" |" if glue else ""))
+              + (" all |" if glue else ""))
     if glue:
         print()
         for line in outside_lines(outside, total, per, sum(counts.values()) / steps):

@@ -801,18 +801,36 @@ def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monk
 
 
 def test_a_call_observer_hears_each_kernel_call_until_it_is_turned_off():
-    heard = []
+    heard, also_heard = [], []
     x = npgpt.Tensor(np.random.default_rng(23).standard_normal((64, 300)).astype(np.float32), requires_grad=True)
-    previous = native.set_call_observer(lambda name, seconds: heard.append((name, seconds)))
+    library = native.kernels(np.dtype(np.float32))
+    original = library.gelu_forward_parallel
+    first = native.set_call_observer(lambda name, seconds: also_heard.append(name))
+    previous = native.set_call_observer(lambda name, seconds: heard.append((name, seconds)))   # replaces it
     try:
         F.gelu(x).sum().backward()
         F.linear(x, npgpt.Tensor(np.ones((300, 300), np.float32)))
     finally:
-        assert native.set_call_observer(previous) is not None       # it returns the observer it replaces
+        native.set_call_observer(first)
     names = [name for name, _ in heard]
-    assert names[:2] == ["gelu_forward_parallel", "gelu_backward_parallel"] and "gemm_parallel" in names
-    assert all(seconds > 0 for _, seconds in heard)
+    assert "gelu_forward_parallel" in names and "gemm_parallel" in names
+    assert names.index("gelu_forward_parallel") < names.index("gelu_backward_parallel")
+    assert all(seconds > 0 for _, seconds in heard) and also_heard == []
+    assert previous is not None and native.set_call_observer(None) is None
+    # turned off, the kernels are the library's own functions again, and nobody hears them
+    assert library.gelu_forward_parallel is original
     count = len(heard)
-    F.gelu(x)                                   # turned off: the kernels are the library's own functions again
+    F.gelu(x)
     assert len(heard) == count
-    assert native.set_call_observer(None) is None
+
+
+def test_a_call_observer_set_while_the_kernels_are_turned_off_hears_them_once_on(fresh_build):
+    heard = []
+    native.set_enabled(False)                   # nothing built or loaded yet
+    native.set_call_observer(lambda name, seconds: heard.append(name))
+    try:
+        native.set_enabled(True)
+        F.gelu(npgpt.Tensor(np.ones((8, 8), np.float32)))
+    finally:
+        native.set_call_observer(None)
+    assert heard == ["gelu_forward_parallel"]

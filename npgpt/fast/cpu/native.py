@@ -230,14 +230,17 @@ def kernels(dtype):
     """The kernels library for arrays of `dtype` (float32 or float64), or None (not built, or turned off)."""
     if not _state["enabled"]:
         return None
-    libraries = _state["libraries"]
-    if libraries is None:
+    return _libraries().get(dtype)
+
+
+def _libraries():
+    """{dtype: library} of the built libraries (built and loaded at the first call), {} where they cannot be."""
+    if _state["libraries"] is None:
         with _lock:
             if _state["libraries"] is None:
                 loaded, reason = _load()
                 _state["libraries"], _state["reason"] = loaded or {}, reason
-        libraries = _state["libraries"]
-    return libraries.get(dtype)
+    return _state["libraries"]
 
 
 def status():
@@ -255,12 +258,12 @@ _call_observer = {"fn": None, "unwrapped": {}}    # the observer, and each wrapp
 
 def set_call_observer(observer):
     """Profiling: observer(name, seconds) is told the wall time of each kernel call as it returns, on the
-    thread that made the call (a call's chunks on the pool threads are inside that time); None turns it off.
-    Returns the previous observer. While one is set, every kernel call costs one Python call more."""
+    thread that made the call (a call's chunks on the pool threads are inside that time, and so is ctypes'
+    conversion of its arguments); None turns it off. Returns the previous observer. While one is set, every
+    kernel call costs one Python call more."""
     previous, _call_observer["fn"] = _call_observer["fn"], observer
-    kernels(np.dtype(np.float32))               # both libraries loaded, where they can be
     unwrapped = _call_observer["unwrapped"]
-    for library in (_state["libraries"] or {}).values():
+    for library in _libraries().values():       # loaded now even while turned off, so none escapes
         for name in _signatures(ctypes.c_float):
             fn = unwrapped.setdefault((id(library), name), getattr(library, name))
             setattr(library, name, fn if observer is None else _observed_call(name, fn, observer))
