@@ -17,7 +17,8 @@ import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
-from benchmarks.suite import ROOT, child_env, format_speed, machine_description, read_reply, run_speed
+from benchmarks.suite import (ROOT, child_env, format_speed, machine_description, read_reply, refuse_unusable_device,
+                              run_speed)
 
 
 def run_quality(budget, device, threads, log=print, every=None):
@@ -101,6 +102,7 @@ def main(argv=None):
     p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     args = p.parse_args(argv)
+    refuse_unusable_device(p, args.device)
     shapes = None
     if args.shapes:
         try:

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import positive_number
+from benchmarks.suite import positive_number, refuse_unusable_device
 
 
 def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
@@ -218,20 +218,24 @@ def outside_lines(outside, total, per, op_calls):
             f"the {op_calls:.0f} op calls: " + ", ".join(parts) + "."]
 
 
-def _positive(text):
-    value = int(text)
+def whole_number(text):
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
     return value
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=_positive, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
-    p.add_argument("--seq", type=_positive, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
-    p.add_argument("--steps", type=_positive, default=5)
+    p.add_argument("--batch", type=whole_number, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
+    p.add_argument("--seq", type=whole_number, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
+    p.add_argument("--steps", type=whole_number, default=5)
     p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count())
+    p.add_argument("--threads", type=whole_number, default=os.cpu_count())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
     p.add_argument("--loop", action="store_true",
@@ -245,6 +249,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.forward and args.loop:
         p.error("--forward times the forward pass alone; leave out --loop")
+    refuse_unusable_device(p, args.device)
     from benchmarks.suite import GPT2_SMALL, SHAKESPEARE_CHAR, SHAKESPEARE_SHAPE, TUTORIAL
     small = args.model == "shakespeare-char"
     model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]

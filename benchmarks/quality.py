@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import positive_number
+from benchmarks.suite import positive_number, refuse_unusable_device
 
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
@@ -165,6 +165,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
     args = p.parse_args(argv)
+    refuse_unusable_device(p, args.device)
     if args.serve:
         # the replies keep stdout to themselves: whatever else prints (a note from the training program) goes
         # to stderr, where it cannot be taken for a reply

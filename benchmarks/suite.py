@@ -72,6 +72,16 @@ def positive_number(text, what="number"):
     return value
 
 
+def refuse_unusable_device(parser, device):
+    """--device gpu where npgpt cannot use a GPU here (no CuPy, no GPU): the parser's error, naming why, and
+    exit 2 before any worker starts."""
+    if device == "gpu":
+        from npgpt import backend
+        reason = backend.gpu_unavailable_reason()
+        if reason is not None:
+            parser.error(f"--device gpu: {reason}")
+
+
 def read_reply(proc, name, during):
     """The child's next line on stdout, a JSON reply; a RuntimeError naming the child where it died instead or
     replied with an error."""

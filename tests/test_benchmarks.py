@@ -201,8 +201,22 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
 
 @pytest.mark.parametrize("flags, message", [(["--anchor-ms", "0"], "--anchor-ms: must be a positive number"),
                                             (["--target", "-1"], "--target: must be a positive number"),
-                                            (["--forward", "--loop"], "leave out --loop")])
+                                            (["--forward", "--loop"], "leave out --loop"),
+                                            (["--steps", "x"], "--steps: must be a whole number of at least 1"),
+                                            (["--batch", "0"], "--batch: must be a whole number of at least 1")])
 def test_profile_refuses_bad_flags_with_exit_code_2(flags, message):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.profile"] + flags, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["benchmarks.profile", "--steps", "1"], ["benchmarks", "--quick"],
+                                     ["benchmarks.quality", "--impl", "npgpt", "--budget", "1"]])
+def test_a_gpu_that_cannot_be_used_is_refused_in_one_line_before_any_work(command):
+    from npgpt import backend
+    if backend.gpu_unavailable_reason() is None:
+        pytest.skip("a GPU and CuPy are here: --device gpu runs")
+    proc = subprocess.run([sys.executable, "-m"] + command + ["--device", "gpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1].endswith(f"--device gpu: {backend.gpu_unavailable_reason()}")

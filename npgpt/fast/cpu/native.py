@@ -230,7 +230,8 @@ def kernels(dtype):
     """The kernels library for arrays of `dtype` (float32 or float64), or None (not built, or turned off)."""
     if not _state["enabled"]:
         return None
-    return _libraries().get(dtype)
+    libraries = _state["libraries"]         # (asked hundreds of times a step: the loaded case stays one lookup)
+    return (libraries if libraries is not None else _libraries()).get(dtype)
 
 
 def _libraries():
