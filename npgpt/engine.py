@@ -488,7 +488,8 @@ def _array_arguments(args, kwargs):
     return found
 
 
-_NEVER_ARRAYS = frozenset((int, float, bool, str, slice, type(None)))    # (an op's options: skipped at once)
+# an op's options, and AdamW's state and group dicts: skipped at once
+_NEVER_ARRAYS = frozenset((int, float, bool, str, slice, dict, type(None)))
 
 
 def _collect_arrays(values, found):

@@ -146,6 +146,7 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+@dispatchable("clip_grad_norm")
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
 

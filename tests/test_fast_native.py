@@ -396,6 +396,78 @@ def test_adamw_kernel_equals_the_reference_update(workers, dtype, weight_decay):
         np.testing.assert_allclose(got, expected, **tolerance(dtype))
 
 
+def clip_run(dtype, max_norm, grad_scale=1.0, listed_twice=False):
+    """Parameters of four shapes (one without a gradient) with fixed gradients, clipped: the norm returned
+    and the gradients after."""
+    rng = np.random.default_rng(4)
+    params = [npgpt.Tensor(np.zeros(s, dtype), requires_grad=True) for s in [(50, 70), (70,), (3, 4, 5), (9,)]]
+    for p in params[:3]:
+        p.grad = (grad_scale * rng.standard_normal(p.shape)).astype(dtype)
+    listed = params + params[:1] if listed_twice else params
+    total = optim.clip_grad_norm_(listed, max_norm)
+    return total, [p.grad for p in params]
+
+
+def reference_clip_run(*args, **kwargs):
+    previous = engine.set_fast_paths_enabled(False)
+    try:
+        return clip_run(*args, **kwargs)
+    finally:
+        engine.set_fast_paths_enabled(previous)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("max_norm, grad_scale", [(1.0, 1.0), (1e3, 1.0), (0.0, 1.0), (1.0, 1e-3)])
+def test_clip_kernels_equal_the_reference_clipping(workers, dtype, max_norm, grad_scale):
+    assert engine.fast_path_for("clip_grad_norm", ([npgpt.Tensor(np.zeros(2, dtype))], 1.0), {}) is None  # no grads
+    params = [npgpt.Tensor(np.zeros(2, dtype), requires_grad=True)]
+    params[0].grad = np.ones(2, dtype)
+    assert engine.fast_path_for("clip_grad_norm", (params, 1.0), {}) is native_ops.clip_grad_norm
+    total, grads = clip_run(dtype, max_norm, grad_scale)
+    expected_total, expected = reference_clip_run(dtype, max_norm, grad_scale)
+    # the norm itself, from the gradients drawn again, summed in float64 by NumPy
+    rng = np.random.default_rng(4)
+    drawn = [(grad_scale * rng.standard_normal(s)).astype(dtype) for s in [(50, 70), (70,), (3, 4, 5)]]
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in drawn))
+    assert type(total) is type(expected_total) and np.asarray(total).dtype == dtype
+    np.testing.assert_allclose(total, norm, **tolerance(dtype))
+    np.testing.assert_allclose(total, expected_total, **tolerance(dtype))
+    for got, want, before in zip(grads, expected, drawn):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
+        if max_norm > 0 and norm > max_norm:            # clipped, as torch's: times max_norm / (norm + 1e-6)
+            np.testing.assert_allclose(got, before * (max_norm / (norm + 1e-6)), **tolerance(dtype))
+        else:                                           # not clipped: every element as it was
+            np.testing.assert_array_equal(got, before)
+    assert grads[3] is None
+    if max_norm == 1.0 and grad_scale == 1.0:
+        clipped_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads[:3]))
+        np.testing.assert_allclose(clipped_norm, 1.0, rtol=1e-5)
+
+
+def test_clip_kernels_scale_a_gradient_listed_twice_twice_as_the_reference_does(workers):
+    total, grads = clip_run(np.float64, 1.0, listed_twice=True)
+    expected_total, expected = reference_clip_run(np.float64, 1.0, listed_twice=True)
+    np.testing.assert_allclose(total, expected_total, **tolerance(np.float64))
+    for got, want in zip(grads[:3], expected[:3]):
+        np.testing.assert_allclose(got, want, **tolerance(np.float64))
+
+
+def test_clip_leaves_strided_and_read_only_gradients_to_the_reference():
+    params = [npgpt.Tensor(np.zeros((4, 6)), requires_grad=True) for _ in range(2)]
+    params[0].grad = np.ones((6, 4)).T                  # a transposed view
+    params[1].grad = np.ones((4, 6))
+    assert engine.fast_path_for("clip_grad_norm", (params, 1.0), {}) is None
+    total = optim.clip_grad_norm_(params, 1.0)
+    np.testing.assert_allclose(total, np.sqrt(48.0), rtol=1e-12)
+    np.testing.assert_allclose(params[0].grad, 1 / np.sqrt(48.0), rtol=1e-6)
+    params[0].grad = np.ones((4, 6))
+    params[1].grad.flags.writeable = False
+    assert engine.fast_path_for("clip_grad_norm", (params, 1.0), {}) is None
+    with pytest.raises(ValueError, match="read-only"):  # as the reference refuses it: nothing written
+        optim.clip_grad_norm_(params, 1.0)
+
+
 def test_kernels_are_deterministic_for_a_fixed_thread_count(workers):
     rng = np.random.default_rng(8)
     x = leaf(rng, 9, 33, dtype=np.float32)

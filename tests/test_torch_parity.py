@@ -134,6 +134,23 @@ def test_adamw_matches_torch(device, torch):
             assert_close(p.data, q, f"parameter after step {step}")
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_matches_torch(device, torch, max_norm):
+    xp = backend.current()
+    rng = np.random.default_rng(1)
+    shapes = [(40, 30), (30,), (2, 3, 4)]
+    grads = [rng.standard_normal(s) for s in shapes]
+    ours = [npgpt.nn.Parameter(xp.zeros(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = xp.asarray(g.copy()), torch.tensor(g.copy())
+    norm_ours = npgpt.optim.clip_grad_norm_(ours, max_norm)
+    norm_theirs = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert_close(xp.asarray(norm_ours), norm_theirs, "the norm before clipping")
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        assert_close(p.grad, q.grad, f"gradient {i} after clipping")
+
+
 def test_cosine_schedule_matches_definition():
     lr = [npgpt.optim.cosine_lr(s, 1e-3, 1e-4, 10, 110) for s in range(120)]
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)

@@ -92,7 +92,9 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
                 return lm_loss(model, shard_inputs, shard_targets) * weight
             losses += sharded_backward(params, split_rows((inputs, targets), workers), shard_loss)
         else:
-            loss = lm_loss(model, inputs, targets) * (1.0 / k)
+            loss = lm_loss(model, inputs, targets)
+            if k > 1:
+                loss = loss * (1.0 / k)
             loss.backward()
             losses.append(loss.data)
     loss = sum(losses[1:], losses[0])

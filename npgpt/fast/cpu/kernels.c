@@ -1036,6 +1036,14 @@ void column_sums_parallel(const real *x, real *partial, index_t rows, index_t C,
     run_parallel(threads, rows, min_rows, column_sums_chunk, &job);
 }
 
+/* Many arrays laid end to end (starts: the running totals of their sizes, from 0): the part [*a, *b) of the
+ * elements [lo, hi) that falls in array i, counted from that array's first element; empty where *a >= *b. */
+static inline void part_in(const index_t *starts, index_t i, index_t lo, index_t hi, index_t *a, index_t *b) {
+    const index_t begin = starts[i], end = starts[i + 1];
+    *a = (lo > begin ? lo : begin) - begin;
+    *b = (hi < end ? hi : end) - begin;
+}
+
 /* AdamW over many parameters at once: parameter i has `sizes[i]` elements, its p, g, m, v at
  * pointers[4 i .. 4 i + 3] and its six scalars (adamw_update's) at scalars[6 i ..]; the elements of all of
  * them, end to end, are cut into chunks, so the threads share the work whatever the parameters' sizes. */
@@ -1044,14 +1052,12 @@ typedef struct { const uint64_t *pointers; const index_t *starts; const real *sc
 static void adamw_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
     const adamw_job *j = job;
     for (index_t i = 0; i < j->count; i++) {
-        const index_t begin = j->starts[i], end = j->starts[i + 1];
-        const index_t a = lo > begin ? lo : begin, b = hi < end ? hi : end;
+        index_t a, b;
+        part_in(j->starts, i, lo, hi, &a, &b);
         if (a >= b) continue;
         real *const *ptr = (real *const *)(j->pointers + 4 * i);
         const real *s = j->scalars + 6 * i;
-        const index_t off = a - begin;
-        adamw_update(ptr[0] + off, ptr[1] + off, ptr[2] + off, ptr[3] + off, b - a, s[0], s[1], s[2], s[3], s[4],
-                     s[5]);
+        adamw_update(ptr[0] + a, ptr[1] + a, ptr[2] + a, ptr[3] + a, b - a, s[0], s[1], s[2], s[3], s[4], s[5]);
     }
 }
 
@@ -1060,6 +1066,49 @@ void adamw_update_many(const uint64_t *pointers, const index_t *starts, const re
                        int threads, index_t min_chunk) {
     const adamw_job job = {pointers, starts, scalars, count};
     run_parallel(threads, starts[count], min_chunk, adamw_chunk, &job);
+}
+
+/* Gradient clipping over many arrays at once, laid out as adamw_update_many's: array i has its elements at
+ * pointers[i], from starts[i] to starts[i + 1] of all of them end to end, which are cut into chunks.
+ * sum_of_squares_many: each chunk's sum of x^2 (in double) into partial[chunk], for the caller to add in
+ * chunk order; scale_many: every element times factor, in place. */
+typedef struct { const uint64_t *pointers; const index_t *starts; index_t count; double *partial; real factor; }
+    many_job;
+
+static void squares_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const many_job *j = job;
+    double sum = 0.0;
+    for (index_t i = 0; i < j->count; i++) {
+        index_t a, b;
+        part_in(j->starts, i, lo, hi, &a, &b);
+        const real *x = (const real *)j->pointers[i];
+        #pragma omp simd reduction(+:sum)
+        for (index_t e = a; e < b; e++) sum += (double)x[e] * (double)x[e];
+    }
+    j->partial[chunk] = sum;
+}
+
+void sum_of_squares_many(const uint64_t *pointers, const index_t *starts, index_t count, double *partial,
+                         int threads, index_t min_chunk) {
+    const many_job job = {pointers, starts, count, partial, 0};
+    run_parallel(threads, starts[count], min_chunk, squares_chunk, &job);
+}
+
+static void scale_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const many_job *j = job;
+    for (index_t i = 0; i < j->count; i++) {
+        index_t a, b;
+        part_in(j->starts, i, lo, hi, &a, &b);
+        real *x = (real *)j->pointers[i];
+        #pragma omp simd
+        for (index_t e = a; e < b; e++) x[e] *= j->factor;
+    }
+}
+
+void scale_many(const uint64_t *pointers, const index_t *starts, index_t count, real factor, int threads,
+                index_t min_chunk) {
+    const many_job job = {pointers, starts, count, NULL, factor};
+    run_parallel(threads, starts[count], min_chunk, scale_chunk, &job);
 }
 
 /* ---------------------------------------------------------------------------------------------------------

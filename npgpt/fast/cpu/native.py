@@ -77,6 +77,8 @@ def _signatures(real):
         "add_parallel": [_P, _P, _P, _I64, ctypes.c_int, _I64],
         "column_sums_parallel": [_P, _P, _I64, _I64, ctypes.c_int, _I64],
         "adamw_update_many": [_P, _P, _P, _I64, ctypes.c_int, _I64],
+        "sum_of_squares_many": [_P, _P, _I64, _P, ctypes.c_int, _I64],
+        "scale_many": [_P, _P, _I64, real, ctypes.c_int, _I64],
         "gemm_parallel": [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64, _I64, _I64, _P, _I64, _P, _I64, _P,
                           _I64, _P, ctypes.c_int, _I64],
     }

@@ -14,6 +14,7 @@
                      the cache; only P is kept, the backward draws the mask again. Q, K, V are read where
                      they lie (the model's are strided views into one projection)
     adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten), all parameters in one call
+    clip_grad_norm   every gradient's squares summed in one call, and scaled in one more where they are clipped
     add_arrays       a + b, the residual stream's sums and the engine's sums of gradients
 
 Where that attention does not apply (a mask, broadcast batch dimensions), ops.scaled_dot_product_attention
@@ -338,6 +339,43 @@ def adamw_step(updates):
 
 
 # ========================================================================================================
+# clip_grad_norm: every gradient's squares in one kernel call, their scaling in another
+
+def clip_grad_norm(params, max_norm):
+    """optim.clip_grad_norm_'s maths in two kernel calls for all the gradients, end to end and cut into
+    chunks as adamw_step's: one sums the squares (each chunk in double, the chunks added in order), and,
+    where the norm is above max_norm, one scales them. (A small model's 50 gradients would otherwise be 50
+    dot products, 50 scalar sums and 50 multiplies.) Applies (clip_applies) where the gradients are
+    writable C-contiguous arrays of one dtype."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dtype = grads[0].dtype
+    k = native.kernels(dtype)
+    # a gradient listed twice is scaled twice, one after the other, as the reference does: then one chunk
+    workers = _threads() if len({id(g) for g in grads}) == len(grads) else 1
+    pointers = np.array([at(g) for g in grads], dtype=np.uint64)
+    starts = np.concatenate([[0], np.cumsum([g.size for g in grads])]).astype(np.int64)
+    partial = np.zeros(k.parallel_chunks(int(starts[-1]), ADAMW_MIN_ELEMENTS, workers), dtype=np.float64)
+    k.sum_of_squares_many(at(pointers), at(starts), len(grads), at(partial), workers, ADAMW_MIN_ELEMENTS)
+    total = np.sqrt(dtype.type(sum(partial.tolist())))
+    if max_norm > 0:
+        factor = np.minimum(1.0, max_norm / (total + 1e-6)).astype(dtype)
+        if factor != 1:         # times 1 changes no gradient: the reference's multiplies are skipped
+            k.scale_many(at(pointers), at(starts), len(grads), factor, workers, ADAMW_MIN_ELEMENTS)
+    return total
+
+
+def clip_applies(params, max_norm):
+    """Some gradients, all writable C-contiguous NumPy arrays of one float dtype the kernels are built for."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not isinstance(grads[0], np.ndarray):
+        return False
+    dtype = grads[0].dtype
+    return (native.kernels(dtype) is not None
+            and all(isinstance(g, np.ndarray) and g.dtype == dtype and g.flags.c_contiguous and g.flags.writeable
+                    for g in grads))
+
+
+# ========================================================================================================
 # add_arrays: the residual stream's sums, and gradients meeting where a tensor is used twice
 
 def add_arrays(a, b):
@@ -466,6 +504,7 @@ def register():
     register_fast_path("cross_entropy", cross_entropy, "cpu", applies=_built)
     register_fast_path("dropout", dropout, "cpu", applies=_built_with_numpy_generator)
     register_fast_path("adamw_step", adamw_step, "cpu", applies=_built_for_updates)
+    register_fast_path("clip_grad_norm", clip_grad_norm, "cpu", applies=clip_applies)
     register_fast_path("add_arrays", add_arrays, "cpu", applies=add_applies)
     register_fast_path("scaled_dot_product_attention", scaled_dot_product_attention, "cpu",
                        applies=attention_applies)
