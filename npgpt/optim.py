@@ -8,7 +8,7 @@ Next to read: ``npgpt/model.py``, the GPT these update.
 import math
 
 from . import backend
-from .engine import dispatchable
+from .engine import Tensor, dispatchable
 
 
 class AdamW:
@@ -150,8 +150,9 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
 
-    The norm is returned as a 0-d array on the gradients' device.
+    The norm is returned as a 0-d array on the gradients' device. params may be one Parameter, as in torch.
     """
+    params = [params] if isinstance(params, Tensor) else params
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0

@@ -149,6 +149,11 @@ def test_clip_grad_norm_matches_torch(device, torch, max_norm):
     assert_close(xp.asarray(norm_ours), norm_theirs, "the norm before clipping")
     for i, (p, q) in enumerate(zip(ours, theirs)):
         assert_close(p.grad, q.grad, f"gradient {i} after clipping")
+    # one parameter alone, not in a list, as torch takes it
+    ours[0].grad, theirs[0].grad = xp.asarray(grads[0].copy()), torch.tensor(grads[0].copy())
+    assert_close(xp.asarray(npgpt.optim.clip_grad_norm_(ours[0], max_norm)),
+                 torch.nn.utils.clip_grad_norm_(theirs[0], max_norm), "one parameter's norm")
+    assert_close(ours[0].grad, theirs[0].grad, "one parameter's gradient after clipping")
 
 
 def test_cosine_schedule_matches_definition():

@@ -365,7 +365,10 @@ def clip_grad_norm(params, max_norm):
 
 
 def clip_applies(params, max_norm):
-    """Some gradients, all writable C-contiguous NumPy arrays of one float dtype the kernels are built for."""
+    """A list of parameters with some gradients, all writable C-contiguous NumPy arrays of one float dtype the
+    kernels are built for."""
+    if not isinstance(params, (list, tuple)):       # one Parameter: the reference takes it
+        return False
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not isinstance(grads[0], np.ndarray):
         return False
