@@ -150,7 +150,8 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
 
-    The norm is returned as a 0-d array on the gradients' device. params may be one Parameter, as in torch.
+    The norm is returned in the gradients' dtype on their device (a NumPy scalar on the CPU; 0.0 where no
+    parameter has a gradient). params may be one Parameter, as in torch.
     """
     params = [params] if isinstance(params, Tensor) else params
     grads = [p.grad for p in params if p.grad is not None]

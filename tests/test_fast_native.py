@@ -453,6 +453,45 @@ def test_clip_kernels_scale_a_gradient_listed_twice_twice_as_the_reference_does(
         np.testing.assert_allclose(got, want, **tolerance(np.float64))
 
 
+def test_clip_kernels_scale_gradients_that_share_memory_as_the_reference_does(workers):
+    def run():
+        buffer = np.arange(1.0, 101.0)
+        params = [npgpt.Tensor(np.zeros(50), requires_grad=True) for _ in range(2)]
+        params[0].grad, params[1].grad = buffer[0:50], buffer[25:75]      # 25 elements in both
+        total = optim.clip_grad_norm_(params, 1.0)
+        return total, buffer
+    total, buffer = run()
+    previous = engine.set_fast_paths_enabled(False)
+    try:
+        expected_total, expected = run()
+    finally:
+        engine.set_fast_paths_enabled(previous)
+    np.testing.assert_allclose(total, expected_total, **tolerance(np.float64))
+    np.testing.assert_allclose(buffer, expected, **tolerance(np.float64))
+    factor = 1.0 / (expected_total + 1e-6)
+    np.testing.assert_allclose(buffer[25:50], np.arange(26.0, 51.0) * factor ** 2, rtol=1e-12)   # twice
+
+
+def test_byte_ranges_overlap_only_where_they_share_a_byte():
+    def overlapping(*ranges):
+        begins, ends = zip(*ranges)
+        return native_ops._overlapping(np.array(begins, dtype=np.uint64),
+                                       np.array(ends, dtype=np.int64) - np.array(begins, dtype=np.int64))
+    assert not overlapping((0, 100))
+    assert not overlapping((100, 200), (0, 100), (300, 400))         # touching, in any order
+    assert overlapping((0, 100), (99, 200))
+    assert overlapping((300, 400), (0, 1000), (500, 600))            # one inside another
+    assert overlapping((0, 100), (0, 100))                           # the same array twice
+
+
+def test_clip_kernels_are_deterministic_for_a_fixed_thread_count(workers):
+    runs = [clip_run(np.float32, 1.0) for _ in range(3)]
+    for total, grads in runs[1:]:
+        assert total == runs[0][0]
+        for got, first in zip(grads[:3], runs[0][1][:3]):
+            np.testing.assert_array_equal(got, first)
+
+
 def test_clip_leaves_strided_and_read_only_gradients_to_the_reference():
     params = [npgpt.Tensor(np.zeros((4, 6)), requires_grad=True) for _ in range(2)]
     params[0].grad = np.ones((6, 4)).T                  # a transposed view
@@ -464,7 +503,7 @@ def test_clip_leaves_strided_and_read_only_gradients_to_the_reference():
     params[0].grad = np.ones((4, 6))
     params[1].grad.flags.writeable = False
     assert engine.fast_path_for("clip_grad_norm", (params, 1.0), {}) is None
-    with pytest.raises(ValueError, match="read-only"):  # as the reference refuses it: nothing written
+    with pytest.raises(ValueError, match="read-only"):  # NumPy's refusal, from the reference's own multiply
         optim.clip_grad_norm_(params, 1.0)
 
 

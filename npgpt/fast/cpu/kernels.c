@@ -1073,10 +1073,10 @@ void adamw_update_many(const uint64_t *pointers, const index_t *starts, const re
  * sum_of_squares_many: each chunk's sum of x^2 (in double) into partial[chunk], for the caller to add in
  * chunk order; scale_many: every element times factor, in place. */
 typedef struct { const uint64_t *pointers; const index_t *starts; index_t count; double *partial; real factor; }
-    many_job;
+    arrays_job;
 
 static void squares_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
-    const many_job *j = job;
+    const arrays_job *j = job;
     double sum = 0.0;
     for (index_t i = 0; i < j->count; i++) {
         index_t a, b;
@@ -1090,24 +1090,25 @@ static void squares_chunk(const void *job, index_t lo, index_t hi, index_t chunk
 
 void sum_of_squares_many(const uint64_t *pointers, const index_t *starts, index_t count, double *partial,
                          int threads, index_t min_chunk) {
-    const many_job job = {pointers, starts, count, partial, 0};
+    const arrays_job job = {pointers, starts, count, partial, 0};
     run_parallel(threads, starts[count], min_chunk, squares_chunk, &job);
 }
 
 static void scale_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
-    const many_job *j = job;
+    const arrays_job *j = job;
     for (index_t i = 0; i < j->count; i++) {
         index_t a, b;
         part_in(j->starts, i, lo, hi, &a, &b);
         real *x = (real *)j->pointers[i];
+        const real factor = j->factor;
         #pragma omp simd
-        for (index_t e = a; e < b; e++) x[e] *= j->factor;
+        for (index_t e = a; e < b; e++) x[e] *= factor;
     }
 }
 
 void scale_many(const uint64_t *pointers, const index_t *starts, index_t count, real factor, int threads,
                 index_t min_chunk) {
-    const many_job job = {pointers, starts, count, NULL, factor};
+    const arrays_job job = {pointers, starts, count, NULL, factor};
     run_parallel(threads, starts[count], min_chunk, scale_chunk, &job);
 }
 

@@ -350,18 +350,28 @@ def clip_grad_norm(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     dtype = grads[0].dtype
     k = native.kernels(dtype)
-    # a gradient listed twice is scaled twice, one after the other, as the reference does: then one chunk
-    workers = _threads() if len({id(g) for g in grads}) == len(grads) else 1
     pointers = np.array([at(g) for g in grads], dtype=np.uint64)
-    starts = np.concatenate([[0], np.cumsum([g.size for g in grads])]).astype(np.int64)
+    sizes = np.array([g.size for g in grads], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # gradients that share memory (one listed twice) are scaled twice, one after the other, as the reference
+    # does: then one chunk, in order, so that no two threads scale the same element
+    workers = 1 if _overlapping(pointers, sizes * dtype.itemsize) else _threads()
     partial = np.zeros(k.parallel_chunks(int(starts[-1]), ADAMW_MIN_ELEMENTS, workers), dtype=np.float64)
     k.sum_of_squares_many(at(pointers), at(starts), len(grads), at(partial), workers, ADAMW_MIN_ELEMENTS)
-    total = np.sqrt(dtype.type(sum(partial.tolist())))
+    with np.errstate(over="ignore"):        # a float32 sum beyond its range is inf, as the reference's dot
+        total = np.sqrt(dtype.type(sum(partial.tolist())))
     if max_norm > 0:
         factor = np.minimum(1.0, max_norm / (total + 1e-6)).astype(dtype)
         if factor != 1:         # times 1 changes no gradient: the reference's multiplies are skipped
             k.scale_many(at(pointers), at(starts), len(grads), factor, workers, ADAMW_MIN_ELEMENTS)
     return total
+
+
+def _overlapping(addresses, nbytes):
+    """Whether any two of the byte ranges [address, address + nbytes) share a byte."""
+    order = np.argsort(addresses, kind="stable")
+    begins, ends = addresses[order], addresses[order] + nbytes[order].astype(np.uint64)
+    return bool(np.any(begins[1:] < ends[:-1]))
 
 
 def clip_applies(params, max_norm):
