@@ -1,5 +1,5 @@
 """The C kernels (npgpt/fast/cpu/kernels.c) equal the textbook's references: values and gradients, float64
-to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1, 2 and 3 worker threads,
+to 1e-12 and float32 to the usual tolerances, whole and cut into chunks on 1 to 4 worker threads,
 deterministic for a fixed thread count; and their build: cached, refused cleanly, never half-loaded."""
 
 import os
@@ -33,10 +33,10 @@ def built(fast_paths_on):
         pytest.skip(f"the C kernels are not built here: {reason}")
 
 
-@pytest.fixture(params=[1, 2, 3])
+@pytest.fixture(params=[1, 2, 3, 4])
 def workers(request, monkeypatch):
-    """1, 2 and 3 worker threads, with chunks small enough that the tests' arrays are cut into several,
-    of ragged sizes."""
+    """1, 2, 3 and 4 worker threads, with chunks small enough that the tests' arrays are cut into several,
+    of ragged sizes. (An even count makes a linear's two backward products at once, threads / 2 on each.)"""
     monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
     monkeypatch.setattr(native_ops, "ADAMW_MIN_ELEMENTS", 50)
     monkeypatch.setattr(native_ops, "GEMM_MIN_ROWS", 5)
@@ -728,6 +728,20 @@ def test_linear_kernel_equals_the_reference(workers, dtype, case):
         (out * npgpt.Tensor(cot.astype(dtype))).sum().backward()
         return [out.data.copy()] + [t.grad.copy() for t in inputs]
     assert_same(run(native_ops.linear), run(F.linear.reference), dtype)
+
+
+def test_linear_backward_makes_its_two_products_at_once_with_an_even_thread_count(workers):
+    calls = []
+    previous = native.set_call_observer(lambda name, seconds: calls.append(name))
+    try:
+        x, W, b = linear_inputs(np.random.default_rng(22), "3d", np.float32)
+        out = native_ops.linear(x, W, b)
+        del calls[:]
+        out.sum().backward()
+    finally:
+        native.set_call_observer(previous)
+    products = [name for name in calls if name.startswith("gemm")]
+    assert products == (["gemm_pair_parallel"] if workers % 2 == 0 else ["gemm_parallel", "gemm_parallel"])
 
 
 def test_a_small_product_is_the_references_one_numpy_call():

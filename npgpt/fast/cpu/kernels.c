@@ -1005,6 +1005,37 @@ void gemm_parallel(void *gemm, int int64, int trans_a, int trans_b, index_t M, i
     run_parallel_chunks(threads, by_columns ? N : M, min_block, 1, gemm_chunk, &job);
 }
 
+/* Two products at once, of equal work (a linear's dx = dy W and dW = dy^T x): with an even number of
+ * threads, each cut into threads / 2 blocks as gemm_parallel cuts one, so that with two threads each thread
+ * makes one whole product (a larger, faster call to the BLAS than half of each, and one hand-off for both).
+ * desc: for each product, its trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc (11 integers, addresses
+ * included). */
+typedef struct { gemm_job product[2]; index_t blocks[2]; } gemm_pair_job;
+
+static void gemm_pair_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const gemm_pair_job *j = job;
+    for (index_t c = lo; c < hi; c++) {
+        const int p = c >= j->blocks[0];
+        const gemm_job *g = &j->product[p];
+        const index_t block = c - (p ? j->blocks[0] : 0), n = j->blocks[p], size = g->by_columns ? g->N : g->M;
+        gemm_chunk(g, block * size / n, (block + 1) * size / n, 0);
+    }
+}
+
+void gemm_pair_parallel(void *gemm, int int64, const int64_t *desc, int threads, index_t min_block) {
+    gemm_pair_job job;
+    for (int p = 0; p < 2; p++) {
+        const int64_t *d = desc + 11 * p;
+        const gemm_job g = {gemm, int64, (int)d[0], (int)d[1], d[3] > d[2], d[2], d[3], d[4], d[6], d[8], d[10],
+                            (const real *)(uintptr_t)d[5], (const real *)(uintptr_t)d[7], NULL,
+                            (real *)(uintptr_t)d[9]};
+        job.product[p] = g;
+        job.blocks[p] = chunk_count(g.by_columns ? g.N : g.M, min_block, threads / 2 > 0 ? threads / 2 : 1, 1);
+    }
+    const index_t total = job.blocks[0] + job.blocks[1];
+    run_parallel_chunks(threads, total, 1, (int)total, gemm_pair_chunk, &job);
+}
+
 /* ---------------------------------------------------------------------------------------------------------
  * Sums: out = a + b (flat); column sums of x (rows, C), one row of `partial` (chunks, C) per chunk of rows,
  * for the caller to add up in chunk order (a bias's gradient: db = sum over the rows of dy). */

@@ -81,6 +81,7 @@ def _signatures(real):
         "scale_many": [_P, _P, _I64, real, ctypes.c_int, _I64],
         "gemm_parallel": [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64, _I64, _I64, _P, _I64, _P, _I64, _P,
                           _I64, _P, ctypes.c_int, _I64],
+        "gemm_pair_parallel": [_P, ctypes.c_int, _P, ctypes.c_int, _I64],
     }
 
 

@@ -1,7 +1,8 @@
 """CPU fast paths on the C kernels (``kernels.c``, built and loaded by ``native.py``).
 
     linear           y = x W^T + b, dx = dy W, dW = dy^T x: the BLAS's products, one block of the result's
-                     rows (or columns) per thread, the bias added in the same pass; db summed by the kernels
+                     rows (or columns) per thread, the bias added in the same pass; dx and dW made at once
+                     (with two threads, one whole product each); db summed by the kernels
     gelu             one pass forward, one backward that recomputes Phi(x) (or tanh u) instead of keeping it
     layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
                      from the saved mean and 1/std instead of keeping an (N, C) copy
@@ -87,7 +88,8 @@ def gelu(input, approximate="none"):
 def linear(input, weight, bias=None):
     """y = x W^T + b, dx = dy W, dW = dy^T x (the reference's maths) as products on the kernels' pool: each
     thread a block of the result's rows (or columns) by the BLAS, at one thread meanwhile, the bias added in
-    the same pass. db = the sum of dy over the rows, by chunks of rows added up in order."""
+    the same pass; dx and dW, the same work, in one call (_product_pair). db = the sum of dy over the rows,
+    by chunks of rows added up in order."""
     input, weight = F._t(input), F._t(weight)
     bias = F._t(bias) if bias is not None else None
     x, W = input.data, weight.data
@@ -103,14 +105,15 @@ def linear(input, weight, bias=None):
 
     def backward(grad):
         grad2d = _rows_view(np.asarray(grad, dtype=dtype).reshape(-1, n_out))       # (N, out)
-        grad_x = grad_W = None
-        if input.requires_grad:
-            grad_x = buffers.empty((x2d.shape[0], n_in), dtype)
+        grad_x = buffers.empty((x2d.shape[0], n_in), dtype) if input.requires_grad else None
+        grad_W = buffers.empty((n_out, n_in), dtype) if weight.requires_grad else None
+        if grad_x is not None and grad_W is not None:               # the same work each: one per thread
+            _product_pair((grad2d, w2d, grad_x, False), (grad2d, x2d, grad_W, True))
+        elif grad_x is not None:
             _product(grad2d, w2d, grad_x)                           # (N, out) @ (out, in)
-            grad_x = grad_x.reshape(x.shape)
-        if weight.requires_grad:
-            grad_W = buffers.empty((n_out, n_in), dtype)
+        elif grad_W is not None:
             _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
+        grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
         if bias is None:
             return grad_x, grad_W
         return grad_x, grad_W, (_column_sums(grad2d) if bias.requires_grad else None)
@@ -147,6 +150,26 @@ def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
         k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
                         a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
                         None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
+
+
+def _product_pair(first, second):
+    """Two products (a, b, out, trans_a) at once, each out = op(a) b as _product makes it: with an even
+    number of threads each is cut into threads / 2 blocks, so that two threads make one whole product each
+    (a larger call to the BLAS than half of each, and one hand-off for both); otherwise one after the other."""
+    workers = _threads()
+    if workers % 2 or any(0 in out.shape or 0 in a.shape for a, _, out, _ in (first, second)):
+        for a, b, out, trans_a in (first, second):
+            _product(a, b, out, trans_a=trans_a)
+        return
+    desc = []
+    for a, b, out, trans_a in (first, second):
+        M, N = out.shape
+        desc += [int(trans_a), 0, M, N, a.shape[0] if trans_a else a.shape[1], native.address(a),
+                 a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N]
+    desc = np.array(desc, dtype=np.int64)
+    gemm, int64 = threads.blas_gemm(first[2].dtype)
+    with threads.blas_threads(1):
+        native.kernels(first[2].dtype).gemm_pair_parallel(gemm, int(int64), at(desc), workers, GEMM_MIN_ROWS)
 
 
 def _column_sums(a):
