@@ -40,6 +40,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     from npgpt import backend, engine
     from npgpt import functional as F
     from npgpt.program.config import TrainConfig
+    from npgpt.fast.cpu.native_ops import PRODUCT_KERNELS
     from npgpt.fast.cpu.threads import data_parallel_shards
     from npgpt.program.train import make_optimizer, train_step
 
@@ -77,7 +78,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     def observe_kernel(name, seconds):
         """native's call observer: every kernel call's time, and the products' (linear's) apart."""
         kernel_time["all"] += seconds
-        if name == "gemm_parallel":
+        if name in PRODUCT_KERNELS:
             kernel_time["products"] += seconds
 
     from npgpt.fast.cpu.allocator import keep_freed_memory

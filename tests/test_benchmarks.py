@@ -191,6 +191,8 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
         products_ms = float(out.split("GFLOP in ")[1].split(" ms")[0])
         step_ms = float(out.split("everything else: ")[1].split("ms of the ")[1].split(" ms")[0])
         assert 0 < products_ms < step_ms
+        # every product counted (the backward's pairs too): none faster than half again the GEMM peak
+        assert float(out.split("GFLOP/s, ")[1].split("%")[0]) < 150
         # and each op's time outside the kernels, in microseconds a call, summed for the step under the table
         linear_row = next(line for line in out.splitlines() if line.startswith("| linear |"))
         outside_cell = linear_row.rstrip(" |").split("|")[-1].split("/")
