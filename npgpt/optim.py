@@ -150,6 +150,9 @@ def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; return the norm before clipping.
 
+        norm = sqrt(sum of g^2 over every element of every gradient)
+        g <- g * min(1, max_norm / (norm + 1e-6))          for every gradient, as torch's clip_grad_norm_
+
     The norm is returned in the gradients' dtype on their device (a NumPy scalar on the CPU; 0.0 where no
     parameter has a gradient). params may be one Parameter, as in torch.
     """
