@@ -121,6 +121,17 @@ def test_a_used_out_dir_is_refused_and_overwrite_starts_over_cleanly(corpus, run
     assert_one_line_error(code, err, "give one of them")
 
 
+def test_a_resume_whose_max_iters_leaves_nothing_to_train_is_refused(corpus, run_dir, capsys):
+    before = fingerprints(run_dir)                          # the run is at step 4
+    for max_iters in ("4", "2"):
+        code, _, err = run_main(resume_args(corpus, run_dir, "--max-iters", max_iters), capsys)
+        assert_one_line_error(code, err, "is at step 4", f"--max-iters {max_iters} leaves nothing to train",
+                              "above 4")
+        assert fingerprints(run_dir) == before
+    code, out, _ = run_main(resume_args(corpus, run_dir, "--max-iters", "5"), capsys)
+    assert code == 0 and "resuming from step 4 of 5" in out
+
+
 # ---- 2. divergence is never saved ----------------------------------------------------------------------------
 
 def test_a_diverging_run_saves_nothing_and_names_the_good_checkpoint(corpus, run_dir, capsys):

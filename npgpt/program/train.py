@@ -299,6 +299,10 @@ class Run:
         if "grad_accum" not in given:   # keep the global batch: world size x grad_accum micro-batches a step
             values["grad_accum"] = resumed_grad_accum(saved.grad_accum, meta.get("world_size", 1), self.world_size)
         self.config = TrainConfig(**values)
+        if "max_iters" in given and meta["step"] >= self.config.max_iters:
+            raise TrainingError(f"--resume: the run in {self.config.out_dir} is at step {meta['step']}, so "
+                                f"--max-iters {self.config.max_iters} leaves nothing to train; give a --max-iters "
+                                f"above {meta['step']}")
         return {"arrays": arrays, "meta": meta, "tokenizer": tokenizer_from_dict(meta["tokenizer"])}
 
     def _restore(self, resumed):
