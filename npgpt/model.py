@@ -16,7 +16,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from . import nn
-from .engine import Tensor
+from .engine import Tensor, dispatchable
 
 
 class MultiHeadAttention(nn.Module):
@@ -35,10 +35,13 @@ class MultiHeadAttention(nn.Module):
         self.W_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    @dispatchable("multi_head_attention")
     def forward(self, x, mask=None, is_causal=False, kv_cache=None):
         """x (B, T, C). mask: bool (T, T), True where attention is blocked (the tutorial's convention).
 
         kv_cache: during generation, a LayerKV holding the keys and values of earlier positions.
+        The whole layer is one dispatchable op, like F.linear: a fast path may run it as one node of the
+        graph (npgpt/fast/cpu/layers.py), the same maths.
         """
         B, T, C = x.shape
         H, D = self.num_heads, self.d_k
@@ -67,7 +70,9 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.gelu_approximate = gelu_approximate
 
+    @dispatchable("feed_forward")
     def forward(self, x):
+        """x (..., C) -> (..., C); one dispatchable op, as MultiHeadAttention's forward is."""
         return self.dropout(self.linear2(F.gelu(self.linear1(x), approximate=self.gelu_approximate)))
 
 

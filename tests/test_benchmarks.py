@@ -179,11 +179,13 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
                            "--anchor-ms", "50"] + mode, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    # per layer Q, K, V, O and the feed-forward network's two; and the output projection
-    assert "| linear | 25 |" in out and "| scaled_dot_product_attention | 4 |" in out
+    from npgpt.fast.cpu import native
+    if native.status()["built"]:    # each block's attention and feed-forward network one op; the output projection
+        assert "| multi_head_attention | 4 |" in out and "| feed_forward | 4 |" in out and "| linear | 1 |" in out
+    else:                           # op by op: per block Q, K, V, O and the feed-forward network's two
+        assert "| linear | 25 |" in out and "| scaled_dot_product_attention | 4 |" in out
     assert ("AdamW step" in out) == (mode != ["--forward"])        # a forward pass has no optimizer step
     flops = 3 * 2 * 12 * 64 * (4 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 65) // (3 if mode == ["--forward"] else 1)
-    from npgpt.fast.cpu import native
     # the products are timed where linear runs on the C kernels' pool (built wherever there is a C compiler)
     assert ("Products (linear's, on the BLAS)" in out) == native.status()["built"]
     if native.status()["built"]:

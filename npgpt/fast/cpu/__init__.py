@@ -3,9 +3,10 @@ cache-blocked and multi-threaded NumPy versions of the textbook ops for where th
 (``ops.py``), the worker threads (``threads.py``, ``parallel.py``), and the allocator setting the training
 program opts into (``allocator.py``)."""
 
-from . import native_ops, ops
+from . import layers, native_ops, ops
 
 
 def register():
     ops.register()
     native_ops.register()       # registered later: asked first
+    layers.register()           # whole layers of the model (their ops' paths run where these do not apply)

@@ -105,14 +105,7 @@ def linear(input, weight, bias=None):
 
     def backward(grad):
         grad2d = _rows_view(np.asarray(grad, dtype=dtype).reshape(-1, n_out))       # (N, out)
-        grad_x = buffers.empty((x2d.shape[0], n_in), dtype) if input.requires_grad else None
-        grad_W = buffers.empty((n_out, n_in), dtype) if weight.requires_grad else None
-        if grad_x is not None and grad_W is not None:               # the same work each: one per thread
-            _product_pair((grad2d, w2d, grad_x, False), (grad2d, x2d, grad_W, True))
-        elif grad_x is not None:
-            _product(grad2d, w2d, grad_x)                           # (N, out) @ (out, in)
-        elif grad_W is not None:
-            _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
+        grad_x, grad_W = _linear_grads(grad2d, x2d, w2d, input.requires_grad, weight.requires_grad)
         grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
         if bias is None:
             return grad_x, grad_W
@@ -171,6 +164,21 @@ def _product_pair(first, second):
     gemm, int64 = threads.blas_gemm(first[2].dtype)
     with threads.blas_threads(1):
         native.kernels(first[2].dtype).gemm_pair_parallel(gemm, int(int64), at(desc), workers, GEMM_MIN_ROWS)
+
+
+def _linear_grads(grad2d, x2d, w2d, need_x=True, need_W=True):
+    """(dx, dW) of y = x W^T: dx = dy W (N, in) and dW = dy^T x (out, in), each only where asked (else None);
+    both asked, they are made in one call (_product_pair), the same work each."""
+    dtype = grad2d.dtype
+    grad_x = buffers.empty((x2d.shape[0], w2d.shape[1]), dtype) if need_x else None
+    grad_W = buffers.empty(w2d.shape, dtype) if need_W else None
+    if grad_x is not None and grad_W is not None:
+        _product_pair((grad2d, w2d, grad_x, False), (grad2d, x2d, grad_W, True))
+    elif grad_x is not None:
+        _product(grad2d, w2d, grad_x)                           # (N, out) @ (out, in)
+    elif grad_W is not None:
+        _product(grad2d, x2d, grad_W, trans_a=True)             # (out, N) @ (N, in)
+    return grad_x, grad_W
 
 
 def _column_sums(a):
@@ -446,29 +454,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4, k4, v4 = (a[:, None] if a.ndim == 3 else a for a in (q, k, v))        # (B, H, rows, D)
     B, H, L, D = q4.shape
     S, Dv = k4.shape[2], v4.shape[3]
-    kern = native.kernels(dtype)
-    seed, threshold, keep_scale = 0, -1, 1.0            # threshold -1: no dropout
-    if dropout_p > 0.0:
-        threshold, keep_scale = ops.dropout_threshold(dropout_p, dtype)
-        seed = native.dropout_seed(generator)
-    keep_scale = dtype.type(keep_scale)
-    causal = int(bool(is_causal))
-    records = records_graph((query, key, value))
+    attention = Attention(q4, k4, v4, scale, is_causal, dropout_p, generator)
     # O, and later dQ, dK, dV, laid out (B, rows, H, D) and seen as (B, H, rows, D): the model's next step,
     # heads side by side (B, T, H D), is then a free reshape, as is the step before its Q, K, V
     out = _heads_side_by_side(B, H, L, Dv, dtype)
-    probs = buffers.empty((B, H, L, S), dtype) if records else None       # P, for the backward
-    min_heads = max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S)))
-
-    def layout(grad_out=None, grads=()):
-        arrays = (q4, k4, v4, out, grad_out if grad_out is not None else out) + tuple(grads or (q4, k4, v4))
-        strides = [s // dtype.itemsize for a in arrays for s in a.strides[:3]]
-        return np.array([H, L, S, D, Dv] + strides, dtype=np.int64)
-
-    pointers = (native.address(q4), native.address(k4), native.address(v4), native.address(out))
-    if kern.attention_forward_parallel(*pointers, None if probs is None else at(probs), at(layout()), B * H,
-                                       scale, causal, seed, threshold, keep_scale, _threads(), min_heads):
-        raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
+    attention.forward(out, keep_probs=records_graph((query, key, value)))
 
     def backward(grad):
         grad_out = np.asarray(grad, dtype=dtype).reshape(out.shape)
@@ -476,13 +466,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             grad_out = np.ascontiguousarray(grad_out)
         grads = (_heads_side_by_side(B, H, L, D, dtype), _heads_side_by_side(B, H, S, D, dtype),
                  _heads_side_by_side(B, H, S, Dv, dtype))
-        arrays = pointers + (at(probs), native.address(grad_out)) + tuple(native.address(g) for g in grads)
-        if kern.attention_backward_parallel(*arrays, at(layout(grad_out, grads)), B * H, scale, causal, seed,
-                                            threshold, keep_scale, _threads(), min_heads):
-            raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
+        attention.backward(grad_out, grads)
         return tuple(g.reshape(a.shape) for g, a in zip(grads, (q, k, v)))
     return _make(out.reshape(q.shape[:-1] + (Dv,)), (query, key, value), backward,
                  "scaled_dot_product_attention")
+
+
+class Attention:
+    """One call of the attention kernels on Q, K, V (B, H, rows, D), views read where they lie (the last axis
+    contiguous): forward(out) writes O into `out` (B, H, L, Dv), keeping P (B, H, L, S) for the backward
+    where asked; backward(grad_out, (dQ, dK, dV)) writes the three gradients into the views given. The
+    dropout seed is drawn here, once, and used by both."""
+
+    def __init__(self, q4, k4, v4, scale, causal, dropout_p, generator=None):
+        self.q4, self.k4, self.v4, self.scale, self.causal = q4, k4, v4, scale, int(bool(causal))
+        dtype = q4.dtype
+        self.seed, self.threshold, keep_scale = 0, -1, 1.0          # threshold -1: no dropout
+        if dropout_p > 0.0:
+            self.threshold, keep_scale = ops.dropout_threshold(dropout_p, dtype)
+            self.seed = native.dropout_seed(generator)
+        self.keep_scale = dtype.type(keep_scale)
+        B, H, L, _ = q4.shape
+        S = k4.shape[2]
+        self.min_heads = max(1, -(-ops.PARALLEL_MIN_SCORES // max(1, L * S)))
+        self.kernels = native.kernels(dtype)
+        self.out = self.probs = self.pointers = None            # set by forward
+
+    def _layout(self, arrays):
+        """H, L, S, D, Dv, then each array's strides in elements along its first three axes (the kernels'
+        `layout`), for Q, K, V, O, dO, dQ, dK, dV."""
+        _, H, L, D = self.q4.shape
+        strides = [s // self.q4.itemsize for a in arrays for s in a.strides[:3]]
+        return np.array([H, L, self.k4.shape[2], D, self.v4.shape[3]] + strides, dtype=np.int64)
+
+    def forward(self, out, keep_probs):
+        q4, k4, v4 = self.q4, self.k4, self.v4
+        B, H, L, _ = q4.shape
+        self.out = out
+        self.probs = buffers.empty((B, H, L, k4.shape[2]), q4.dtype) if keep_probs else None
+        self.pointers = tuple(native.address(a) for a in (q4, k4, v4, out))
+        layout = self._layout((q4, k4, v4, out, out, q4, k4, v4))
+        if self.kernels.attention_forward_parallel(*self.pointers, None if self.probs is None else at(self.probs),
+                                                   at(layout), B * H, self.scale, self.causal, self.seed,
+                                                   self.threshold, self.keep_scale, _threads(), self.min_heads):
+            raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
+
+    def backward(self, grad_out, grads):
+        B, H = self.q4.shape[:2]
+        arrays = self.pointers + (at(self.probs), native.address(grad_out)) + tuple(native.address(g) for g in grads)
+        layout = self._layout((self.q4, self.k4, self.v4, self.out, grad_out) + tuple(grads))
+        if self.kernels.attention_backward_parallel(*arrays, at(layout), B * H, self.scale, self.causal, self.seed,
+                                                    self.threshold, self.keep_scale, _threads(), self.min_heads):
+            raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
 
 
 def _heads_side_by_side(B, H, rows, D, dtype):

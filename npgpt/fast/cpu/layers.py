@@ -1,0 +1,226 @@
+"""Two of the model's layers as one op each on the C kernels: its attention and its feed-forward network.
+
+    multi_head_attention   MultiHeadAttention.forward (npgpt/model.py). Q, K and V come from one product,
+                           x times W_q, W_k and W_v stacked into one (3C, C) matrix; the attention kernel reads
+                           each head where it lies in that (N, 3C) result and writes the context heads side by
+                           side; then W_o. The backward writes dQ, dK and dV into one (N, 3C) array, so that
+                           dx (= dQ W_q + dK W_k + dV W_v) is one product over the stack, and the three weights'
+                           gradients are one more.
+    feed_forward           FeedForward.forward: linear1, GELU, linear2 and dropout.
+
+The textbook runs a block's attention as 13 ops (four linears, the views and transposes of the heads,
+scaled_dot_product_attention) and its feed-forward network as 4, each a node of the graph with its own
+dispatch, arguments and backward closure. Here each is one node: the same maths on the same kernels
+(native_ops' products, attention, GELU and dropout), with Python's work between the kernel calls and the
+engine's bookkeeping made once. On the shakespeare-char model, whose ops are small, that is most of what
+Python costs a step.
+
+They apply where the layer is the textbook's own (its Linear, Dropout and forward not replaced), its weights
+are NumPy arrays of the input's dtype, there is no mask and no KV cache (generation's steps take the textbook
+path), and the products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT); anything else runs
+the textbook's forward, whose ops dispatch one by one as always. The dropout masks are the kernels' hashed
+ones, drawn from the generator in the textbook's order, so with the fast paths on both give the same result.
+``tests/test_fast_layers.py`` holds each equal to the textbook's forward and its gradients.
+"""
+
+import numpy as np
+
+from ... import functional as F
+from ... import nn
+from ...engine import _make, records_graph, register_fast_path
+from . import buffers, native, native_ops, ops, threads
+
+at = native.address
+
+
+# ========================================================================================================
+# multi_head_attention
+
+def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
+    """MultiHeadAttention.forward as one op: y = W_o attention(x W_q^T, x W_k^T, x W_v^T) (+ biases).
+
+    Forward, x (B, T, C), N = B T:
+        qkv = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v]       (N, 3C): q, k, v side by side, each H heads of D
+        context = attention(q, k, v)                        (N, C): heads side by side
+        y = context W_o^T + b_o                             (N, C)
+    Backward, from dy:
+        dcontext = dy W_o,  dW_o = dy^T context,  db_o = sum_n dy
+        dq, dk, dv = the attention's backward, written into dqkv (N, 3C) side by side
+        dx = dqkv [W_q; W_k; W_v],  d[W_q; W_k; W_v] = dqkv^T x,  d[b_q; b_k; b_v] = sum_n dqkv
+    """
+    x = F._t(x)
+    B, T, C = x.shape
+    H, D = self.num_heads, self.d_k
+    N, dtype = B * T, x.dtype
+    projections = (self.W_q, self.W_k, self.W_v)
+    x2d = native_ops._rows_view(x.data.reshape(N, C))                            # (N, C)
+    W_qkv = buffers.empty((3 * C, C), dtype)                                     # (3C, C)
+    np.concatenate([p.weight.data for p in projections], out=W_qkv)
+    b_qkv = np.concatenate([p.bias.data for p in projections]) if self.W_q.bias is not None else None
+    qkv = buffers.empty((N, 3 * C), dtype)
+    native_ops._product(x2d, W_qkv, qkv, trans_b=True, bias=b_qkv)
+    q, k, v = (_heads(qkv, part, B, T, H, D) for part in range(3))               # (B, H, T, D) views
+    p = self.dropout.p if self.training else 0.0
+    attention = native_ops.Attention(q, k, v, dtype.type(1.0 / np.sqrt(D)), is_causal, p)
+    context = buffers.empty((B, T, H, D), dtype)                                # (N, C): heads side by side
+    W_o, b_o = self.W_o.weight, self.W_o.bias
+    parents = (x,) + tuple(p.weight for p in projections) + (W_o,)
+    if b_qkv is not None:
+        parents += tuple(p.bias for p in projections)
+    if b_o is not None:
+        parents += (b_o,)
+    attention.forward(context.transpose(0, 2, 1, 3), keep_probs=records_graph(parents))
+    context2d = context.reshape(N, C)
+    w_o = native_ops._rows_view(W_o.data)
+    y = buffers.empty((N, C), dtype)
+    native_ops._product(context2d, w_o, y, trans_b=True, bias=None if b_o is None else b_o.data)
+
+    def backward(grad):
+        grad_y = native_ops._rows_view(np.asarray(grad, dtype=dtype).reshape(N, C))      # (N, C)
+        grad_context, grad_W_o = native_ops._linear_grads(grad_y, context2d, w_o, True, W_o.requires_grad)
+        grad_qkv = buffers.empty((N, 3 * C), dtype)
+        attention.backward(grad_context.reshape(B, T, H, D).transpose(0, 2, 1, 3),
+                           tuple(_heads(grad_qkv, part, B, T, H, D) for part in range(3)))
+        weights_need = any(p.weight.requires_grad for p in projections)
+        grad_x, grad_W_qkv = native_ops._linear_grads(grad_qkv, x2d, W_qkv, x.requires_grad, weights_need)
+        grads = (grad_x.reshape(B, T, C) if grad_x is not None else None,)
+        grads += _thirds(grad_W_qkv, C) + (grad_W_o,)
+        if b_qkv is not None:
+            grads += _thirds(native_ops._column_sums(grad_qkv), C)
+        if b_o is not None:
+            grads += (native_ops._column_sums(grad_y),)
+        return grads
+    return _make(y.reshape(B, T, C), parents, backward, "multi_head_attention")
+
+
+def _heads(qkv, part, B, T, H, D):
+    """Part 0, 1 or 2 (q, k or v) of (N, 3C) seen as (B, H, T, D): a view, each head's rows 3C apart."""
+    C = H * D
+    return qkv[:, part * C:(part + 1) * C].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+
+
+def _thirds(a, C):
+    """(3C, ...) as its three (C, ...) parts, views; (None, None, None) for None."""
+    return (None,) * 3 if a is None else (a[:C], a[C:2 * C], a[2 * C:])
+
+
+def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
+    """The textbook's own layer on a (B, T, C) NumPy input with T > 1, no mask and no KV cache; its four
+    projections plain Linears of (C, C) weights of the input's dtype, W_q, W_k and W_v all with a bias or all
+    without; large enough products."""
+    data = x.data if isinstance(x, F.Tensor) else x
+    if mask is not None or kv_cache is not None or not isinstance(data, np.ndarray) or data.ndim != 3 \
+            or data.shape[1] < 2:
+        return False
+    C = data.shape[2]
+    projections = (self.W_q, self.W_k, self.W_v, self.W_o)
+    if C != self.d_model or not all(_plain_linear(p, C, C, data.dtype) for p in projections):
+        return False
+    if len({p.bias is None for p in projections[:3]}) != 1 or not _plain_dropout(self.dropout):
+        return False
+    return _large_enough(data, C, C)
+
+
+# ========================================================================================================
+# feed_forward
+
+def feed_forward(self, x):
+    """FeedForward.forward as one op: y = dropout(gelu(x W1^T + b1) W2^T + b2).
+
+    Forward, x (N, C) (any leading shape), F = d_ff:  h = x W1^T + b1 (N, F);  g = gelu(h);
+        y = g W2^T + b2 (N, C);  out = y keep / (1 - p) in training (keep: the hashed mask), else y
+    Backward, from dout:  dy = dout keep / (1 - p);  dg = dy W2, dW2 = dy^T g, db2 = sum_n dy;
+        dh = gelu'(h) dg;  dx = dh W1, dW1 = dh^T x, db1 = sum_n dh
+    """
+    x = F._t(x)
+    linear1, linear2 = self.linear1, self.linear2
+    C, d_ff, dtype = x.shape[-1], linear1.weight.shape[0], x.dtype
+    x2d = native_ops._rows_view(x.data.reshape(-1, C))                          # (N, C)
+    N = x2d.shape[0]
+    kernels, threads_, min_elements = native.kernels(dtype), native_ops._threads(), native_ops.KERNEL_MIN_ELEMENTS
+    w1, w2 = native_ops._rows_view(linear1.weight.data), native_ops._rows_view(linear2.weight.data)
+    h = buffers.empty((N, d_ff), dtype)
+    native_ops._product(x2d, w1, h, trans_b=True, bias=_data(linear1.bias))
+    tanh_form = int(self.gelu_approximate == "tanh")
+    g = buffers.empty((N, d_ff), dtype)
+    kernels.gelu_forward_parallel(at(h), at(g), h.size, tanh_form, threads_, min_elements)
+    y = buffers.empty((N, C), dtype)
+    native_ops._product(g, w2, y, trans_b=True, bias=_data(linear2.bias))
+    p = self.dropout.p if self.dropout.training else 0.0
+    if p > 0.0:
+        threshold, scale = ops.dropout_threshold(p, dtype)
+        seed = native.dropout_seed(None)
+        kernels.dropout_hashed_parallel(at(y), at(y), y.size, seed, threshold, scale, threads_, min_elements)
+    parents = (x, linear1.weight) + ((linear1.bias,) if linear1.bias is not None else ()) + \
+        (linear2.weight,) + ((linear2.bias,) if linear2.bias is not None else ())
+
+    def backward(grad):
+        workers = native_ops._threads()
+        grad_y = native_ops._rows_view(np.asarray(grad, dtype=dtype).reshape(N, C))       # (N, C)
+        if p > 0.0:
+            masked = buffers.empty((N, C), dtype)
+            kernels.dropout_hashed_parallel(at(np.ascontiguousarray(grad_y)), at(masked), masked.size, seed,
+                                            threshold, scale, workers, min_elements)
+            grad_y = masked
+        grad_g, grad_w2 = native_ops._linear_grads(grad_y, g, w2, True, linear2.weight.requires_grad)
+        grad_h = buffers.empty((N, d_ff), dtype)
+        kernels.gelu_backward_parallel(at(h), at(grad_g), at(grad_h), h.size, tanh_form, workers, min_elements)
+        grad_x, grad_w1 = native_ops._linear_grads(grad_h, x2d, w1, x.requires_grad, linear1.weight.requires_grad)
+        grads = (grad_x.reshape(x.shape) if grad_x is not None else None, grad_w1)
+        if linear1.bias is not None:
+            grads += (native_ops._column_sums(grad_h) if linear1.bias.requires_grad else None,)
+        grads += (grad_w2,)
+        if linear2.bias is not None:
+            grads += (native_ops._column_sums(grad_y) if linear2.bias.requires_grad else None,)
+        return grads
+    return _make(y.reshape(x.shape), parents, backward, "feed_forward")
+
+
+def _data(tensor):
+    return None if tensor is None else tensor.data
+
+
+def feed_forward_applies(self, x):
+    """The textbook's own layer on a NumPy input: plain Linears C -> d_ff -> C of the input's dtype, a plain
+    Dropout with p below 1 in training, exact or tanh GELU; large enough products."""
+    data = x.data if isinstance(x, F.Tensor) else x
+    if not isinstance(data, np.ndarray) or data.ndim == 0 or data.dtype.kind != "f":
+        return False
+    if type(self.linear1) is not nn.Linear:
+        return False
+    C, d_ff = data.shape[-1], self.linear1.out_features
+    if not (_plain_linear(self.linear1, d_ff, C, data.dtype) and _plain_linear(self.linear2, C, d_ff, data.dtype)):
+        return False
+    if self.gelu_approximate not in ("none", "tanh") or not _plain_dropout(self.dropout):
+        return False
+    return _large_enough(data, C, d_ff)
+
+
+# ========================================================================================================
+
+def _plain_linear(layer, n_out, n_in, dtype):
+    """`layer` is an nn.Linear itself (not a subclass, its forward not replaced) whose weight is a NumPy
+    (n_out, n_in) array and bias (if any) a NumPy (n_out,) array, both of `dtype`."""
+    if type(layer) is not nn.Linear or "forward" in vars(layer):
+        return False
+    parts = [(layer.weight, (n_out, n_in))] + ([(layer.bias, (n_out,))] if layer.bias is not None else [])
+    return all(isinstance(t, F.Tensor) and isinstance(t.data, np.ndarray) and t.data.dtype == dtype
+               and t.data.shape == shape for t, shape in parts)
+
+
+def _plain_dropout(layer):
+    """An nn.Dropout itself whose p the kernels' mask can draw: below 1 where it is in training."""
+    return type(layer) is nn.Dropout and "forward" not in vars(layer) and \
+        (not layer.training or 0.0 <= layer.p < 1.0)
+
+
+def _large_enough(data, C, n_out):
+    """The products (rows x C x n_out multiply-adds) large enough for the kernels' pool, which is built."""
+    rows = data.size // max(1, C)
+    return rows * C * n_out >= native_ops.SMALL_PRODUCT and native.kernels(data.dtype) is not None and \
+        threads.blas_gemm(data.dtype) is not None
+
+
+def register():
+    register_fast_path("multi_head_attention", multi_head_attention, "cpu", applies=attention_applies)
+    register_fast_path("feed_forward", feed_forward, "cpu", applies=feed_forward_applies)

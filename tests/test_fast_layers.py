@@ -1,0 +1,199 @@
+"""The model's attention and feed-forward layers as one op each (npgpt/fast/cpu/layers.py) equal the textbook's
+forward: values and every gradient, float64 to 1e-12 and float32 to the usual tolerances, on 1 to 4 threads;
+with dropout, the same masks as the textbook's ops on the kernels; deterministic; and the textbook's own path
+wherever they do not apply (a mask, a KV cache, a replaced Linear, mixed dtypes, one position)."""
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import engine, nn
+from npgpt.fast.cpu import layers
+from npgpt.model import FeedForward, MultiHeadAttention
+
+from test_fast_native import built, leaf, tolerance, values_and_grads, workers  # noqa: F401 (fixtures)
+
+FLOATS = [np.float64, np.float32]
+
+
+def textbook(fn):
+    """fn() with every fast path off: the textbook's ops alone."""
+    previous = engine.set_fast_paths_enabled(False)
+    try:
+        return fn()
+    finally:
+        engine.set_fast_paths_enabled(previous)
+
+
+def cast(module, dtype, rng):
+    """Every parameter of `module` in `dtype`, drawn afresh (non-zero biases, so that their paths count)."""
+    for p in module.parameters():
+        p.data = (0.3 * rng.standard_normal(p.data.shape)).astype(dtype)
+    return module
+
+
+def values_and_all_grads(module, call, x, cotangent):
+    """call(x)'s values and the gradients of x and of every parameter of `module`, and the op that made it."""
+    params = module.parameters()
+    found = {}
+
+    def fn(x, *_):
+        out = call(x)
+        found["op"] = out._op
+        return out
+    return values_and_grads(fn, [x] + params, cotangent), found["op"]
+
+
+def assert_close(got, expected, dtype):
+    """Equal to the dtype's tolerance; in float32 the absolute part is scaled by the largest element of all
+    the arrays, as a sum's rounding is (b_k's gradient is 0 in exact arithmetic, and is made of terms as large
+    as the other gradients' elements)."""
+    assert len(got) == len(expected)
+    limits = tolerance(dtype)
+    if dtype == np.float32:
+        limits["atol"] *= max(1.0, max(float(np.abs(b).max()) for b in expected))
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, **limits)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_attention_layer_equals_the_textbook(workers, dtype, bias, causal):
+    rng = np.random.default_rng(1)
+    layer = cast(MultiHeadAttention(24, 3, dropout=0.0, bias=bias), dtype, rng)
+    x = leaf(rng, 2, 9, 24, dtype=dtype)
+    cotangent = rng.standard_normal((2, 9, 24))
+    fast, op = values_and_all_grads(layer, lambda x: layer(x, None, causal), x, cotangent)
+    reference, reference_op = textbook(lambda: values_and_all_grads(layer, lambda x: layer(x, None, causal), x,
+                                                                    cotangent))
+    assert op == "multi_head_attention" and reference_op == "linear"        # one node; the textbook's W_o last
+    assert len(fast) == 2 + (8 if bias else 4)                              # y, dx, the weights (and biases)
+    assert_close(fast, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_the_feed_forward_layer_equals_the_textbook(workers, dtype, approximate):
+    rng = np.random.default_rng(2)
+    layer = cast(FeedForward(16, 40, dropout=0.0, gelu_approximate=approximate), dtype, rng)
+    x = leaf(rng, 3, 7, 16, dtype=dtype)
+    cotangent = rng.standard_normal((3, 7, 16))
+    fast, op = values_and_all_grads(layer, layer, x, cotangent)
+    reference, reference_op = textbook(lambda: values_and_all_grads(layer, layer, x, cotangent))
+    assert op == "feed_forward" and reference_op == "linear"
+    assert_close(fast, reference, dtype)
+
+
+def with_dropout(layer, call, x, cotangent, seed):
+    npgpt.manual_seed(seed)
+    return values_and_all_grads(layer, call, x, cotangent)[0]
+
+
+@pytest.mark.parametrize("kind", ["attention", "feed_forward"])
+def test_with_dropout_the_layers_draw_the_masks_of_the_ops_they_replace(workers, kind, monkeypatch):
+    """In training with dropout, each layer draws its mask's seed where the textbook's op would, so the layer
+    as one op and the textbook's ops on the kernels give the same values and gradients; two runs are bit for
+    bit the same; and some elements really were dropped."""
+    rng = np.random.default_rng(3)
+    if kind == "attention":
+        layer = cast(MultiHeadAttention(16, 2, dropout=0.3, bias=True), np.float64, rng)
+        call = lambda x: layer(x, None, True)                   # noqa: E731
+    else:
+        layer = cast(FeedForward(16, 32, dropout=0.3), np.float64, rng)
+        call = layer
+    x = leaf(rng, 2, 8, 16)
+    cotangent = rng.standard_normal((2, 8, 16))
+    fast = with_dropout(layer, call, x, cotangent, seed=5)
+    for a, b in zip(fast, with_dropout(layer, call, x, cotangent, seed=5)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setitem(engine._fast_paths, kind if kind == "feed_forward" else "multi_head_attention", [])
+    ops_on_kernels = with_dropout(layer, call, x, cotangent, seed=5)
+    assert_close(fast, ops_on_kernels, np.float64)
+    layer.eval()
+    assert not np.allclose(values_and_all_grads(layer, call, x, cotangent)[0][0], fast[0])   # dropout did act
+
+
+def test_the_layers_are_deterministic_for_a_thread_count(workers):
+    rng = np.random.default_rng(4)
+    model = npgpt.GPT(vocab_size=30, d_model=16, num_heads=2, num_layers=2, d_ff=32, max_seq_len=16, dropout=0.2)
+    for p in model.parameters():
+        p.data = p.data.astype(np.float32)
+    ids = rng.integers(0, 30, (3, 12))
+
+    def run():
+        npgpt.manual_seed(7)
+        for p in model.parameters():
+            p.grad = None
+        loss = npgpt.functional.cross_entropy(model(ids).reshape(-1, 30), ids.reshape(-1))
+        loss.backward()
+        return [loss.data] + [p.grad.copy() for p in model.parameters()]
+    for a, b in zip(run(), run()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_frozen_weights_get_no_gradient_and_the_rest_are_the_textbooks(workers):
+    rng = np.random.default_rng(5)
+    layer = cast(MultiHeadAttention(16, 2, dropout=0.0, bias=True), np.float64, rng)
+    ffn = cast(FeedForward(16, 24, dropout=0.0), np.float64, rng)
+    layer.W_k.weight.requires_grad = layer.W_o.weight.requires_grad = ffn.linear1.weight.requires_grad = False
+    x = leaf(rng, 2, 5, 16)
+    x.requires_grad = False         # nor the input: only the other weights' gradients are made
+
+    def grads():
+        for p in layer.parameters() + ffn.parameters():
+            p.grad = None
+        ffn(layer(x, None, True)).sum().backward()
+        return [p.grad for p in layer.parameters() + ffn.parameters()]
+    fast, reference = grads(), textbook(grads)
+    assert [g is None for g in fast] == [g is None for g in reference] == \
+        [not p.requires_grad for p in layer.parameters() + ffn.parameters()]
+    for got, expected in zip(fast, reference):
+        if got is not None:
+            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class LoRALinear(nn.Linear):
+    """A Linear that adds a low-rank update: its forward is not the plain product the layers fold in."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_the_textbooks_path_runs_wherever_the_layers_do_not_apply(workers):
+    rng = np.random.default_rng(6)
+    layer = cast(MultiHeadAttention(16, 2, dropout=0.0), np.float64, rng)
+    x = leaf(rng, 2, 6, 16)
+    assert engine.fast_path_for("multi_head_attention", (layer, x, None, True), {}) is layers.multi_head_attention
+    mask = np.triu(np.ones((6, 6), dtype=bool), 1)
+    assert engine.fast_path_for("multi_head_attention", (layer, x, mask), {}) is None         # a mask
+    assert engine.fast_path_for("multi_head_attention", (layer, x[:, :1]), {}) is None         # one position
+    assert engine.fast_path_for("multi_head_attention", (layer, x, None, False, object()), {}) is None  # a cache
+    with_lora = cast(MultiHeadAttention(16, 2, dropout=0.0), np.float64, rng)
+    with_lora.W_q = cast(LoRALinear(16, 16, bias=False), np.float64, rng)
+    assert engine.fast_path_for("multi_head_attention", (with_lora, x, None, True), {}) is None
+    # a replaced Linear's own forward runs: the result is the textbook's, LoRA's doubling included
+    out = with_lora(x, None, True)
+    np.testing.assert_allclose(out.data, textbook(lambda: with_lora(x, None, True)).data, rtol=1e-12)
+    mixed = cast(MultiHeadAttention(16, 2, dropout=0.0), np.float32, rng)
+    assert engine.fast_path_for("multi_head_attention", (mixed, x, None, True), {}) is None    # float32 weights
+    ffn = cast(FeedForward(16, 24), np.float64, rng)
+    assert engine.fast_path_for("feed_forward", (ffn, x), {}) is layers.feed_forward
+    ffn.train()
+    ffn.dropout.p = 1.0                                     # drops everything: the textbook's dropout
+    assert engine.fast_path_for("feed_forward", (ffn, x), {}) is None
+    ffn.dropout.p = 0.1
+    ffn.linear2 = LoRALinear(24, 16)
+    assert engine.fast_path_for("feed_forward", (ffn, x), {}) is None
+
+
+def test_a_small_layer_is_left_to_the_ops_and_a_large_one_runs_whole():
+    """Without the tests' lowered threshold: generation's single rows and tiny models run op by op."""
+    rng = np.random.default_rng(7)
+    layer = cast(MultiHeadAttention(16, 2, dropout=0.0), np.float32, rng)
+    assert engine.fast_path_for("multi_head_attention", (layer, leaf(rng, 1, 4, 16, dtype=np.float32)), {}) \
+        is None
+    wide = cast(MultiHeadAttention(128, 4, dropout=0.0), np.float32, rng)
+    x = leaf(rng, 4, 64, 128, dtype=np.float32)             # 256 x 128 x 128 multiply-adds in each product
+    assert engine.fast_path_for("multi_head_attention", (wide, x, None, True), {}) is layers.multi_head_attention
