@@ -1,12 +1,14 @@
 """The fast paths: faster implementations of the textbook's ops, registered beside them.
 
-Each op of the textbook (``npgpt/functional.py``, ``engine.py``, ``optim.py``) has one reference body. The
+Each op of the textbook (``npgpt/functional.py``, ``engine.py``, ``optim.py``, and two layers of
+``model.py``) has one reference body. The
 modules here register faster bodies for some of them with the dispatcher in ``engine.py``, each for a device,
 dtypes and a rule on the arguments; the reference op asks the dispatcher, which runs the first fast path that
 applies, else the reference.
 
-    cpu/    cache-blocked cross-entropy and attention, 16-bit dropout masks, the threaded AdamW update,
-            the worker threads and OpenBLAS's thread count, the allocator setting programs opt into
+    cpu/    the C kernels and their thread pool, the model's attention and feed-forward layers as one op
+            each, cache-blocked NumPy versions where no C compiler is found, OpenBLAS's thread count, the
+            allocator setting programs opt into
     cuda/   CUDA kernels (the .cu files in cuda/kernels/), cuBLAS and GEMM tuning, the CUDA-graph step
 
 Switches:

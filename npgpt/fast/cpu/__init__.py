@@ -1,7 +1,8 @@
-"""CPU fast paths: the C kernels and the ops on them (``kernels.c``, ``native.py``, ``native_ops.py``),
-cache-blocked and multi-threaded NumPy versions of the textbook ops for where the kernels cannot be built
-(``ops.py``), the worker threads (``threads.py``, ``parallel.py``), and the allocator setting the training
-program opts into (``allocator.py``)."""
+"""CPU fast paths: the C kernels and the ops on them (``kernels.c``, ``native.py``, ``native_ops.py``), the
+model's attention and feed-forward layers as one op each on the same kernels (``layers.py``), cache-blocked
+and multi-threaded NumPy versions of the textbook ops for where the kernels cannot be built (``ops.py``), the
+worker threads (``threads.py``, ``parallel.py``), and the allocator setting the training program opts into
+(``allocator.py``)."""
 
 from . import layers, native_ops, ops
 

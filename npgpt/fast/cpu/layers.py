@@ -28,7 +28,7 @@ import numpy as np
 from ... import functional as F
 from ... import nn
 from ...engine import _make, records_graph, register_fast_path
-from . import buffers, native, native_ops, ops, threads
+from . import buffers, native, native_ops, threads
 
 at = native.address
 
@@ -60,8 +60,8 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
     qkv = buffers.empty((N, 3 * C), dtype)
     native_ops._product(x2d, W_qkv, qkv, trans_b=True, bias=b_qkv)
     q, k, v = (_heads(qkv, part, B, T, H, D) for part in range(3))               # (B, H, T, D) views
-    p = self.dropout.p if self.training else 0.0
-    attention = native_ops.Attention(q, k, v, dtype.type(1.0 / np.sqrt(D)), is_causal, p)
+    dropout_p = self.dropout.p if self.training else 0.0
+    attention = native_ops.Attention(q, k, v, dtype.type(1.0 / np.sqrt(D)), is_causal, dropout_p)
     context = buffers.empty((B, T, H, D), dtype)                                # (N, C): heads side by side
     W_o, b_o = self.W_o.weight, self.W_o.bias
     parents = (x,) + tuple(p.weight for p in projections) + (W_o,)
@@ -137,34 +137,31 @@ def feed_forward(self, x):
     C, d_ff, dtype = x.shape[-1], linear1.weight.shape[0], x.dtype
     x2d = native_ops._rows_view(x.data.reshape(-1, C))                          # (N, C)
     N = x2d.shape[0]
-    kernels, threads_, min_elements = native.kernels(dtype), native_ops._threads(), native_ops.KERNEL_MIN_ELEMENTS
+    kernels, min_elements = native.kernels(dtype), native_ops.KERNEL_MIN_ELEMENTS
     w1, w2 = native_ops._rows_view(linear1.weight.data), native_ops._rows_view(linear2.weight.data)
     h = buffers.empty((N, d_ff), dtype)
     native_ops._product(x2d, w1, h, trans_b=True, bias=_data(linear1.bias))
     tanh_form = int(self.gelu_approximate == "tanh")
     g = buffers.empty((N, d_ff), dtype)
-    kernels.gelu_forward_parallel(at(h), at(g), h.size, tanh_form, threads_, min_elements)
+    kernels.gelu_forward_parallel(at(h), at(g), h.size, tanh_form, native_ops._threads(), min_elements)
     y = buffers.empty((N, C), dtype)
     native_ops._product(g, w2, y, trans_b=True, bias=_data(linear2.bias))
-    p = self.dropout.p if self.dropout.training else 0.0
-    if p > 0.0:
-        threshold, scale = ops.dropout_threshold(p, dtype)
-        seed = native.dropout_seed(None)
-        kernels.dropout_hashed_parallel(at(y), at(y), y.size, seed, threshold, scale, threads_, min_elements)
+    # nn.Dropout's mask, its seed drawn where F.dropout's fast path would draw it (none in eval mode or at 0)
+    dropout = self.dropout.training and self.dropout.p > 0.0
+    if dropout:
+        apply_mask = native_ops.hashed_dropout(self.dropout.p, dtype)
+        apply_mask(y, out=y)
     parents = (x, linear1.weight) + ((linear1.bias,) if linear1.bias is not None else ()) + \
         (linear2.weight,) + ((linear2.bias,) if linear2.bias is not None else ())
 
     def backward(grad):
-        workers = native_ops._threads()
         grad_y = native_ops._rows_view(np.asarray(grad, dtype=dtype).reshape(N, C))       # (N, C)
-        if p > 0.0:
-            masked = buffers.empty((N, C), dtype)
-            kernels.dropout_hashed_parallel(at(np.ascontiguousarray(grad_y)), at(masked), masked.size, seed,
-                                            threshold, scale, workers, min_elements)
-            grad_y = masked
+        if dropout:
+            grad_y = apply_mask(np.ascontiguousarray(grad_y))
         grad_g, grad_w2 = native_ops._linear_grads(grad_y, g, w2, True, linear2.weight.requires_grad)
         grad_h = buffers.empty((N, d_ff), dtype)
-        kernels.gelu_backward_parallel(at(h), at(grad_g), at(grad_h), h.size, tanh_form, workers, min_elements)
+        kernels.gelu_backward_parallel(at(h), at(grad_g), at(grad_h), h.size, tanh_form, native_ops._threads(),
+                                       min_elements)
         grad_x, grad_w1 = native_ops._linear_grads(grad_h, x2d, w1, x.requires_grad, linear1.weight.requires_grad)
         grads = (grad_x.reshape(x.shape) if grad_x is not None else None, grad_w1)
         if linear1.bias is not None:

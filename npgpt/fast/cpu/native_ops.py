@@ -324,20 +324,28 @@ def dropout(input, p=0.5, training=True, generator=None):
     if not 0.0 <= p <= 1.0 or not training or p in (0.0, 1.0):
         return F.dropout.reference(input, p, training, generator)
     x = np.ascontiguousarray(input.data).reshape(input.data.shape)     # (a 0-d array stays 0-d)
-    k = native.kernels(x.dtype)
-    threshold, scale = ops.dropout_threshold(p, x.dtype)
-    seed = native.dropout_seed(generator)
-
-    def apply(values):
-        out = buffers.empty_like(values)
-        k.dropout_hashed_parallel(at(values), at(out), values.size, seed, threshold, scale, _threads(),
-                                  KERNEL_MIN_ELEMENTS)
-        return out
+    apply = hashed_dropout(p, x.dtype, generator)
 
     # y = x * keep * scale, so dy/dx = keep * scale: the same hashed mask applied to the gradient
     def backward(grad):
         return (apply(np.ascontiguousarray(grad, dtype=x.dtype).reshape(x.shape)),)
     return _make(apply(x), (input,), backward, "dropout")
+
+
+def hashed_dropout(p, dtype, generator=None):
+    """apply(values, out=None): values * keep / (1 - p) into a new array (or `out`, which may be values), keep
+    the hashed mask of one seed, drawn from the generator now; values C-contiguous. Applied to the gradient,
+    the same mask again (the backward)."""
+    k = native.kernels(dtype)
+    threshold, scale = ops.dropout_threshold(p, dtype)
+    seed = native.dropout_seed(generator)
+
+    def apply(values, out=None):
+        out = buffers.empty_like(values) if out is None else out
+        k.dropout_hashed_parallel(at(values), at(out), values.size, seed, threshold, scale, _threads(),
+                                  KERNEL_MIN_ELEMENTS)
+        return out
+    return apply
 
 
 # ========================================================================================================
