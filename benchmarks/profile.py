@@ -7,9 +7,10 @@
     python -m benchmarks.profile --batch 16 --seq 256 --steps 5
     python -m benchmarks.profile --anchor-ms 303          # PyTorch's time for the same step, from the suite
 
-Under the table, the products' floor: the FLOPs of linear's products (forward, and dx and dW in the
-backward), their time and speed against this machine's float32 GEMM peak (2048^3, measured here), and the
-step's time if every other op cost nothing. With --anchor-ms (PyTorch's median for the same step or forward
+Under the table, the products' floor: the FLOPs of the weights' products (linear's, or those of the layers
+run as one op, npgpt/fast/cpu/layers.py; forward, and dx and dW in the backward), their time and speed
+against this machine's float32 GEMM peak (2048^3, measured here), and the step's time if every other op cost
+nothing. With --anchor-ms (PyTorch's median for the same step or forward
 pass, from `python -m benchmarks`), that floor and the step are also given as ratios to it, with what a
 target ratio leaves for everything that is not a product.
 
@@ -48,7 +49,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     backward = collections.defaultdict(float)
     counts = collections.Counter()
     # the same times counting only what was spent inside the C kernels' calls; kernel_time["all"] is the
-    # running total of every kernel call's time, kernel_time["products"] of linear's products alone
+    # running total of every kernel call's time, kernel_time["products"] of the weights' products alone
     forward_kernels = collections.defaultdict(float)
     backward_kernels = collections.defaultdict(float)
     kernel_time = {"all": 0.0, "products": 0.0}
@@ -76,7 +77,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
         return timed_backward
 
     def observe_kernel(name, seconds):
-        """native's call observer: every kernel call's time, and the products' (linear's) apart."""
+        """native's call observer: every kernel call's time, and the weights' products' apart."""
         kernel_time["all"] += seconds
         if name in PRODUCT_KERNELS:
             kernel_time["products"] += seconds
@@ -164,7 +165,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
 
 
 def product_flops(model, batch, seq, forward_only=False):
-    """FLOPs of linear's products (suite.linear_flops) in a forward pass, times 3 for a training step: the
+    """FLOPs of the weights' products (suite.linear_flops) in a forward pass, times 3 for a training step: the
     backward makes dx and dW, each a product of the forward's size."""
     from benchmarks.suite import linear_flops
     forward = linear_flops(model, batch, seq)
@@ -189,7 +190,7 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     """The products' floor in words: their speed, the step if nothing else cost anything, and, against an
     anchor (PyTorch's time for the same work), both as ratios and what `target` leaves for the rest."""
     speed = flops / (products_ms / 1e3) / 1e9
-    lines = [f"Products (linear's, on the BLAS): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
+    lines = [f"Products (the weights', on the BLAS): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
              f"{speed / peak_gflops:.0%} of this machine's float32 GEMM peak ({peak_gflops:.0f} GFLOP/s at "
              f"2048^3); everything else: {step_ms - products_ms:.1f} ms of the {step_ms:.1f} ms."]
     if anchor_ms:

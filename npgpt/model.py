@@ -40,8 +40,10 @@ class MultiHeadAttention(nn.Module):
         """x (B, T, C). mask: bool (T, T), True where attention is blocked (the tutorial's convention).
 
         kv_cache: during generation, a LayerKV holding the keys and values of earlier positions.
-        The whole layer is one dispatchable op, like F.linear: a fast path may run it as one node of the
-        graph (npgpt/fast/cpu/layers.py), the same maths.
+
+        The whole layer is one dispatchable op, like F.linear: with the fast paths on, a large enough layer
+        runs as one node of the graph (npgpt/fast/cpu/layers.py, the same maths) instead of this body;
+        NPGPT_FAST=0 runs this body, to step through it or print from it.
         """
         B, T, C = x.shape
         H, D = self.num_heads, self.d_k
@@ -72,7 +74,8 @@ class FeedForward(nn.Module):
 
     @dispatchable("feed_forward")
     def forward(self, x):
-        """x (..., C) -> (..., C); one dispatchable op, as MultiHeadAttention's forward is."""
+        """x (..., C) -> (..., C); one dispatchable op, as MultiHeadAttention's forward is (NPGPT_FAST=0 runs
+        this body)."""
         return self.dropout(self.linear2(F.gelu(self.linear1(x), approximate=self.gelu_approximate)))
 
 

@@ -87,8 +87,10 @@ def test_the_feed_forward_layer_equals_the_textbook(workers, dtype, approximate)
 
 
 def with_dropout(layer, call, x, cotangent, seed):
+    """(values and gradients, the op that made the output, the generator's next draw afterwards)."""
     npgpt.manual_seed(seed)
-    return values_and_all_grads(layer, call, x, cotangent)[0]
+    results, op = values_and_all_grads(layer, call, x, cotangent)
+    return results, op, npgpt.backend.global_rng().integers(2**62)
 
 
 @pytest.mark.parametrize("kind", ["attention", "feed_forward"])
@@ -105,14 +107,23 @@ def test_with_dropout_the_layers_draw_the_masks_of_the_ops_they_replace(workers,
         call = layer
     x = leaf(rng, 2, 8, 16)
     cotangent = rng.standard_normal((2, 8, 16))
-    fast = with_dropout(layer, call, x, cotangent, seed=5)
-    for a, b in zip(fast, with_dropout(layer, call, x, cotangent, seed=5)):
+    op_name = "multi_head_attention" if kind == "attention" else "feed_forward"
+    fast, op, next_draw = with_dropout(layer, call, x, cotangent, seed=5)
+    assert op == op_name
+    again, _, next_draw_again = with_dropout(layer, call, x, cotangent, seed=5)
+    for a, b in zip(fast, again):
         np.testing.assert_array_equal(a, b)
-    monkeypatch.setitem(engine._fast_paths, kind if kind == "feed_forward" else "multi_head_attention", [])
-    ops_on_kernels = with_dropout(layer, call, x, cotangent, seed=5)
+    with monkeypatch.context() as patch:
+        patch.setitem(engine._fast_paths, op_name, [])
+        ops_on_kernels, op, ops_next_draw = with_dropout(layer, call, x, cotangent, seed=5)
+    assert op != op_name
     assert_close(fast, ops_on_kernels, np.float64)
-    layer.eval()
-    assert not np.allclose(values_and_all_grads(layer, call, x, cotangent)[0][0], fast[0])   # dropout did act
+    assert next_draw == next_draw_again == ops_next_draw           # as many draws from the generator
+    layer.eval()                    # the identity: nothing drawn, nothing dropped
+    evaluated, op, eval_next_draw = with_dropout(layer, call, x, cotangent, seed=5)
+    npgpt.manual_seed(5)
+    assert op == op_name and eval_next_draw == npgpt.backend.global_rng().integers(2**62)
+    assert not np.allclose(evaluated[0], fast[0])                                           # dropout did act
 
 
 def test_the_layers_are_deterministic_for_a_thread_count(workers):
@@ -126,10 +137,15 @@ def test_the_layers_are_deterministic_for_a_thread_count(workers):
         npgpt.manual_seed(7)
         for p in model.parameters():
             p.grad = None
+        block = model.blocks[0]
+        ops = (block.attention(block.attn_norm(model.token_embedding(ids)), None, True)._op,
+               block.ffn(model.token_embedding(ids))._op)
         loss = npgpt.functional.cross_entropy(model(ids).reshape(-1, 30), ids.reshape(-1))
         loss.backward()
-        return [loss.data] + [p.grad.copy() for p in model.parameters()]
-    for a, b in zip(run(), run()):
+        return ops, [loss.data] + [p.grad.copy() for p in model.parameters()]
+    (ops, first), (_, second) = run(), run()
+    assert ops == ("multi_head_attention", "feed_forward")
+    for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
 
 
@@ -144,14 +160,71 @@ def test_frozen_weights_get_no_gradient_and_the_rest_are_the_textbooks(workers):
     def grads():
         for p in layer.parameters() + ffn.parameters():
             p.grad = None
-        ffn(layer(x, None, True)).sum().backward()
-        return [p.grad for p in layer.parameters() + ffn.parameters()]
-    fast, reference = grads(), textbook(grads)
+        attended = layer(x, None, True)
+        out = ffn(attended)
+        out.sum().backward()
+        return (attended._op, out._op), [p.grad for p in layer.parameters() + ffn.parameters()]
+    (ops, fast), (_, reference) = grads(), textbook(grads)
+    assert ops == ("multi_head_attention", "feed_forward")
     assert [g is None for g in fast] == [g is None for g in reference] == \
         [not p.requires_grad for p in layer.parameters() + ffn.parameters()]
     for got, expected in zip(fast, reference):
         if got is not None:
             np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_only_w_o_learning_keeps_no_attention_weights_and_gets_the_textbooks_gradient(workers):
+    """With x, W_q, W_k, W_v and their biases frozen, the backward makes only W_o's and b_o's gradients."""
+    rng = np.random.default_rng(8)
+    layer = cast(MultiHeadAttention(16, 2, dropout=0.0, bias=True), np.float64, rng)
+    for p in (layer.W_q, layer.W_k, layer.W_v):
+        p.weight.requires_grad = p.bias.requires_grad = False
+    x = npgpt.Tensor(rng.standard_normal((2, 5, 16)))
+
+    def grads():
+        layer.W_o.weight.grad = layer.W_o.bias.grad = None
+        out = layer(x, None, True)
+        (out * out).sum().backward()
+        return out._op, [layer.W_o.weight.grad, layer.W_o.bias.grad]
+    (op, fast), (_, reference) = grads(), textbook(grads)
+    assert op == "multi_head_attention"
+    for got, expected in zip(fast, reference):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["W_o bias only", "W_q, W_k, W_v biases only", "tied W_q and W_k",
+                                  "strided input and biases", "linear2 without a bias"])
+def test_odd_but_valid_layers_equal_the_textbook(workers, case):
+    rng = np.random.default_rng(9)
+    layer = cast(MultiHeadAttention(16, 2, dropout=0.0, bias=case != "W_o bias only"), np.float64, rng)
+    ffn = cast(FeedForward(16, 24, dropout=0.0), np.float64, rng)
+    x = leaf(rng, 2, 6, 16)
+    if case == "W_o bias only":
+        layer.W_o.bias = nn.Parameter(rng.standard_normal(16))
+    elif case == "W_q, W_k, W_v biases only":
+        layer.W_o.bias = None
+    elif case == "tied W_q and W_k":
+        layer.W_k.weight = layer.W_q.weight
+    elif case == "strided input and biases":
+        x = npgpt.Tensor(rng.standard_normal((2, 6, 32))[:, :, ::2], requires_grad=True)   # every other column
+        for linear in (layer.W_q, layer.W_k, layer.W_v, layer.W_o, ffn.linear2):
+            linear.bias.data = rng.standard_normal(32)[::2]     # a strided bias
+    else:
+        ffn.linear2.bias = None
+    parameters = layer.parameters() + ffn.parameters()
+
+    def run():
+        for p in parameters + [x]:
+            p.grad = None
+        attended = layer(x, None, True)
+        out = ffn(attended)
+        (out * out).sum().backward()
+        return (attended._op, out._op), [out.data] + [p.grad for p in parameters]
+    (ops, fast), (_, reference) = run(), textbook(run)
+    assert ops == ("multi_head_attention", "feed_forward")
+    assert len(fast) == len(reference) == 1 + len(parameters)
+    for got, expected in zip(fast, reference):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 class LoRALinear(nn.Linear):
@@ -183,6 +256,10 @@ def test_the_textbooks_path_runs_wherever_the_layers_do_not_apply(workers):
     ffn.train()
     ffn.dropout.p = 1.0                                     # drops everything: the textbook's dropout
     assert engine.fast_path_for("feed_forward", (ffn, x), {}) is None
+    ffn.eval()
+    ffn.dropout.p = 1.5                                     # F.dropout's error, even in eval mode
+    assert engine.fast_path_for("feed_forward", (ffn, x), {}) is None
+    ffn.train()
     ffn.dropout.p = 0.1
     ffn.linear2 = LoRALinear(24, 16)
     assert engine.fast_path_for("feed_forward", (ffn, x), {}) is None

@@ -1,7 +1,7 @@
 """Two of the model's layers as one op each on the C kernels: its attention and its feed-forward network.
 
     multi_head_attention   MultiHeadAttention.forward (npgpt/model.py). Q, K and V come from one product,
-                           x times W_q, W_k and W_v stacked into one (3C, C) matrix; the attention kernel reads
+                           x times the transpose of W_q, W_k and W_v stacked (3C, C); the attention kernel reads
                            each head where it lies in that (N, 3C) result and writes the context heads side by
                            side; then W_o. The backward writes dQ, dK and dV into one (N, 3C) array, so that
                            dx (= dQ W_q + dK W_k + dV W_v) is one product over the stack, and the three weights'
@@ -15,11 +15,15 @@ dispatch, arguments and backward closure. Here each is one node: the same maths 
 engine's bookkeeping made once. On the shakespeare-char model, whose ops are small, that is most of what
 Python costs a step.
 
-They apply where the layer is the textbook's own (its Linear, Dropout and forward not replaced), its weights
-are NumPy arrays of the input's dtype, there is no mask and no KV cache (generation's steps take the textbook
-path), and the products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT); anything else runs
-the textbook's forward, whose ops dispatch one by one as always. The dropout masks are the kernels' hashed
-ones, drawn from the generator in the textbook's order, so with the fast paths on both give the same result.
+They apply where the layer's Linears and Dropout are the textbook's own (not subclassed, their forward not
+replaced, as a LoRA adapter would replace one), its weights are NumPy arrays of the input's dtype, and the
+products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT); for the attention also more than
+one position, no mask and no KV cache (generation's steps take the textbook's path), and W_q, W_k and W_v all
+with a bias or all without; for the feed-forward network exact or tanh GELU, and a dropout p below 1 in
+training. Anything else runs the textbook's forward, whose ops dispatch one by one as always. The dropout
+masks are the kernels' hashed ones, their seeds drawn from the generator where the ops' fast paths would draw
+them, so the layer as one op and its ops on the kernels give the same masks, and values and gradients equal to
+rounding (one product over the stack sums in another order than three and their sum).
 ``tests/test_fast_layers.py`` holds each equal to the textbook's forward and its gradients.
 """
 
@@ -37,7 +41,7 @@ at = native.address
 # multi_head_attention
 
 def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
-    """MultiHeadAttention.forward as one op: y = W_o attention(x W_q^T, x W_k^T, x W_v^T) (+ biases).
+    """MultiHeadAttention.forward as one op: y = attention(x W_q^T, x W_k^T, x W_v^T) W_o^T (+ biases).
 
     Forward, x (B, T, C), N = B T:
         qkv = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v]       (N, 3C): q, k, v side by side, each H heads of D
@@ -47,6 +51,8 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
         dcontext = dy W_o,  dW_o = dy^T context,  db_o = sum_n dy
         dq, dk, dv = the attention's backward, written into dqkv (N, 3C) side by side
         dx = dqkv [W_q; W_k; W_v],  d[W_q; W_k; W_v] = dqkv^T x,  d[b_q; b_k; b_v] = sum_n dqkv
+    The three weights' gradients are views of one (3C, C) array (the engine copies each into its own .grad).
+    Where neither x nor W_q, W_k, W_v nor their biases need a gradient, P is not kept and only W_o's are made.
     """
     x = F._t(x)
     B, T, C = x.shape
@@ -64,20 +70,25 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
     attention = native_ops.Attention(q, k, v, dtype.type(1.0 / np.sqrt(D)), is_causal, dropout_p)
     context = buffers.empty((B, T, H, D), dtype)                                # (N, C): heads side by side
     W_o, b_o = self.W_o.weight, self.W_o.bias
-    parents = (x,) + tuple(p.weight for p in projections) + (W_o,)
+    qkv_parents = (x,) + tuple(p.weight for p in projections)
     if b_qkv is not None:
-        parents += tuple(p.bias for p in projections)
-    if b_o is not None:
-        parents += (b_o,)
-    attention.forward(context.transpose(0, 2, 1, 3), keep_probs=records_graph(parents))
+        qkv_parents += tuple(p.bias for p in projections)
+    parents = qkv_parents[:4] + (W_o,) + qkv_parents[4:] + ((b_o,) if b_o is not None else ())
+    qkv_needs_grad = records_graph(qkv_parents)
+    attention.forward(context.transpose(0, 2, 1, 3), keep_probs=qkv_needs_grad)
     context2d = context.reshape(N, C)
     w_o = native_ops._rows_view(W_o.data)
     y = buffers.empty((N, C), dtype)
-    native_ops._product(context2d, w_o, y, trans_b=True, bias=None if b_o is None else b_o.data)
+    native_ops._product(context2d, w_o, y, trans_b=True, bias=_data(b_o))
 
     def backward(grad):
         grad_y = native_ops._rows_view(np.asarray(grad, dtype=dtype).reshape(N, C))      # (N, C)
-        grad_context, grad_W_o = native_ops._linear_grads(grad_y, context2d, w_o, True, W_o.requires_grad)
+        grad_context, grad_W_o = native_ops._linear_grads(grad_y, context2d, w_o, qkv_needs_grad,
+                                                          W_o.requires_grad)
+        grad_b_o = native_ops._column_sums(grad_y) if b_o is not None and b_o.requires_grad else None
+        if not qkv_needs_grad:
+            return (None,) * 4 + (grad_W_o,) + (None,) * (len(parents) - 5 - (b_o is not None)) + \
+                ((grad_b_o,) if b_o is not None else ())
         grad_qkv = buffers.empty((N, 3 * C), dtype)
         attention.backward(grad_context.reshape(B, T, H, D).transpose(0, 2, 1, 3),
                            tuple(_heads(grad_qkv, part, B, T, H, D) for part in range(3)))
@@ -86,9 +97,10 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
         grads = (grad_x.reshape(B, T, C) if grad_x is not None else None,)
         grads += _thirds(grad_W_qkv, C) + (grad_W_o,)
         if b_qkv is not None:
-            grads += _thirds(native_ops._column_sums(grad_qkv), C)
+            needed = any(p.bias.requires_grad for p in projections)
+            grads += _thirds(native_ops._column_sums(grad_qkv) if needed else None, C)
         if b_o is not None:
-            grads += (native_ops._column_sums(grad_y),)
+            grads += (grad_b_o,)
         return grads
     return _make(y.reshape(B, T, C), parents, backward, "multi_head_attention")
 
@@ -105,9 +117,9 @@ def _thirds(a, C):
 
 
 def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
-    """The textbook's own layer on a (B, T, C) NumPy input with T > 1, no mask and no KV cache; its four
-    projections plain Linears of (C, C) weights of the input's dtype, W_q, W_k and W_v all with a bias or all
-    without; large enough products."""
+    """The layer on a (B, T, C) NumPy input with T > 1, no mask and no KV cache; its four projections plain
+    Linears of (C, C) weights of the input's dtype, W_q, W_k and W_v all with a bias or all without; its
+    dropout's p (all the textbook's forward reads of it) in [0, 1]; large enough products."""
     data = x.data if isinstance(x, F.Tensor) else x
     if mask is not None or kv_cache is not None or not isinstance(data, np.ndarray) or data.ndim != 3 \
             or data.shape[1] < 2:
@@ -116,7 +128,7 @@ def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
     projections = (self.W_q, self.W_k, self.W_v, self.W_o)
     if C != self.d_model or not all(_plain_linear(p, C, C, data.dtype) for p in projections):
         return False
-    if len({p.bias is None for p in projections[:3]}) != 1 or not _plain_dropout(self.dropout):
+    if len({p.bias is None for p in projections[:3]}) != 1 or not _probability(self.dropout):
         return False
     return _large_enough(data, C, C)
 
@@ -127,8 +139,9 @@ def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
 def feed_forward(self, x):
     """FeedForward.forward as one op: y = dropout(gelu(x W1^T + b1) W2^T + b2).
 
-    Forward, x (N, C) (any leading shape), F = d_ff:  h = x W1^T + b1 (N, F);  g = gelu(h);
-        y = g W2^T + b2 (N, C);  out = y keep / (1 - p) in training (keep: the hashed mask), else y
+    Forward, x (N, C) (any leading shape):  h = x W1^T + b1 (N, d_ff);  g = gelu(h);
+        y = g W2^T + b2 (N, C);  out = y keep / (1 - p) in training (keep: the hashed mask, p rounded to a
+        multiple of 1/65536), else y
     Backward, from dout:  dy = dout keep / (1 - p);  dg = dy W2, dW2 = dy^T g, db2 = sum_n dy;
         dh = gelu'(h) dg;  dx = dh W1, dW1 = dh^T x, db1 = sum_n dh
     """
@@ -174,7 +187,8 @@ def feed_forward(self, x):
 
 
 def _data(tensor):
-    return None if tensor is None else tensor.data
+    """A bias as the kernels read it: contiguous (a copy where it is a strided view), or None."""
+    return None if tensor is None else np.ascontiguousarray(tensor.data)
 
 
 def feed_forward_applies(self, x):
@@ -183,9 +197,7 @@ def feed_forward_applies(self, x):
     data = x.data if isinstance(x, F.Tensor) else x
     if not isinstance(data, np.ndarray) or data.ndim == 0 or data.dtype.kind != "f":
         return False
-    if type(self.linear1) is not nn.Linear:
-        return False
-    C, d_ff = data.shape[-1], self.linear1.out_features
+    C, d_ff = data.shape[-1], getattr(self.linear1, "out_features", 0)
     if not (_plain_linear(self.linear1, d_ff, C, data.dtype) and _plain_linear(self.linear2, C, d_ff, data.dtype)):
         return False
     if self.gelu_approximate not in ("none", "tanh") or not _plain_dropout(self.dropout):
@@ -206,9 +218,15 @@ def _plain_linear(layer, n_out, n_in, dtype):
 
 
 def _plain_dropout(layer):
-    """An nn.Dropout itself whose p the kernels' mask can draw: below 1 where it is in training."""
-    return type(layer) is nn.Dropout and "forward" not in vars(layer) and \
-        (not layer.training or 0.0 <= layer.p < 1.0)
+    """An nn.Dropout itself whose p the kernels' mask can draw: in [0, 1] (F.dropout's error otherwise, even
+    in eval mode), and below 1 where it is in training."""
+    return type(layer) is nn.Dropout and "forward" not in vars(layer) and _probability(layer) and \
+        (not layer.training or layer.p < 1.0)
+
+
+def _probability(layer):
+    p = getattr(layer, "p", None)
+    return isinstance(p, (int, float)) and 0.0 <= p <= 1.0
 
 
 def _large_enough(data, C, n_out):

@@ -116,7 +116,7 @@ def linear(input, weight, bias=None):
 
 
 GEMM_MIN_ROWS = 64          # the thinnest block of a product worth a thread
-PRODUCT_KERNELS = ("gemm_parallel", "gemm_pair_parallel")      # the kernels that run linear's products
+PRODUCT_KERNELS = ("gemm_parallel", "gemm_pair_parallel")      # the kernels that run the weights' products
 SMALL_PRODUCT = 1 << 22     # multiply-adds below which linear is the reference's one NumPy call (generation's
                             # single row, say): the pool's hand-offs and the BLAS scope would cost more
 
