@@ -86,9 +86,12 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
         grad_context, grad_W_o = native_ops._linear_grads(grad_y, context2d, w_o, qkv_needs_grad,
                                                           W_o.requires_grad)
         grad_b_o = native_ops._column_sums(grad_y) if b_o is not None and b_o.requires_grad else None
-        if not qkv_needs_grad:
-            return (None,) * 4 + (grad_W_o,) + (None,) * (len(parents) - 5 - (b_o is not None)) + \
-                ((grad_b_o,) if b_o is not None else ())
+        if not qkv_needs_grad:          # only W_o (and b_o) learn: P was not kept, nothing flows further
+            grads = [None] * len(parents)
+            grads[4] = grad_W_o
+            if b_o is not None:
+                grads[-1] = grad_b_o
+            return tuple(grads)
         grad_qkv = buffers.empty((N, 3 * C), dtype)
         attention.backward(grad_context.reshape(B, T, H, D).transpose(0, 2, 1, 3),
                            tuple(_heads(grad_qkv, part, B, T, H, D) for part in range(3)))
