@@ -459,10 +459,18 @@ def test_sample_cli_prints_what_generate_gives(trained, capsys):
     assert out == tokenizer.decode(ids[0]) + "\n"
 
 
+def _ctrl_c_as_at_a_terminal():
+    """In the child before it starts: Ctrl-C's default action, which Python turns into KeyboardInterrupt. A job
+    a shell started in the background (`cmd &`, as CI may run the tests) inherits SIGINT ignored, and Python
+    keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
     proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.sample", "--out-dir", trained, "--prompt",
                              "ROMEO:", "--max-new-tokens", "1000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
     printed = b""
     try:
         deadline = time.monotonic() + 60
