@@ -32,7 +32,7 @@ import numpy as np
 from ... import functional as F
 from ... import nn
 from ...engine import _make, records_graph, register_fast_path
-from . import buffers, native, native_ops, threads
+from . import buffers, native, native_ops
 
 at = native.address
 
@@ -133,7 +133,7 @@ def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
         return False
     if len({p.bias is None for p in projections[:3]}) != 1 or not _probability(self.dropout):
         return False
-    return _large_enough(data, C, C)
+    return native_ops.linear_applies(data, self.W_q.weight.data)      # its products large enough, as linear's
 
 
 # ========================================================================================================
@@ -205,7 +205,7 @@ def feed_forward_applies(self, x):
         return False
     if self.gelu_approximate not in ("none", "tanh") or not _plain_dropout(self.dropout):
         return False
-    return _large_enough(data, C, d_ff)
+    return native_ops.linear_applies(data, self.linear1.weight.data)  # its products large enough, as linear's
 
 
 # ========================================================================================================
@@ -230,13 +230,6 @@ def _plain_dropout(layer):
 def _probability(layer):
     p = getattr(layer, "p", None)
     return isinstance(p, (int, float)) and 0.0 <= p <= 1.0
-
-
-def _large_enough(data, C, n_out):
-    """The products (rows x C x n_out multiply-adds) large enough for the kernels' pool, which is built."""
-    rows = data.size // max(1, C)
-    return rows * C * n_out >= native_ops.SMALL_PRODUCT and native.kernels(data.dtype) is not None and \
-        threads.blas_gemm(data.dtype) is not None
 
 
 def register():
