@@ -127,7 +127,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 #   |x| <= 1:      erf(x)  = x T(x^2) / U(x^2)
 #   1 < x < 8:     erfc(x) = exp(-x^2) P(x) / Q(x)
 #   x >= 8:        erfc(x) = exp(-x^2) R(x) / S(x)
-# (U, Q and S have a leading coefficient of 1, left implicit.)
+# (U, Q and S lead with 1, written out here: _polynomial reads every coefficient alike.)
 
 _ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
           7.00332514112805075473e3, 5.55923013010394962768e4)
@@ -485,10 +485,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn = probs
     out = attn @ v                                          # (..., L, Dv)
 
-    # O = A V, A = dropout(P), P = softmax(S), S = (Q * scale) K^T
+    # O = A V, A = dropout(P), P = softmax(Z), Z = (Q * scale) K^T   (Z: the scores, (..., L, S))
     #   dV = A^T dO                 dA = dO V^T
-    #   dP = dA * dropout mask      dS = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
-    #   dQ = dS K * scale           dK = dS^T (Q * scale)
+    #   dP = dA * dropout mask      dZ = P * (dP - sum_j(dP * P))   (softmax backward, row by row)
+    #   dQ = dZ K * scale           dK = dZ^T (Q * scale)
     def backward(grad):
         grad_v = attn.swapaxes(-1, -2) @ grad               # (..., S, Dv)
         grad_probs = grad @ v.swapaxes(-1, -2)              # (..., L, S)

@@ -66,7 +66,8 @@ class AdamW:
 
     # ---- checkpointing: arrays by parameter position, so the state outlives the objects ----------------------
     def state_dict(self):
-        """{'step': [...], 'exp_avg': [...], 'exp_avg_sq': [...]} in parameter order (None if never stepped)."""
+        """{'step': [...], 'exp_avg': [...], 'exp_avg_sq': [...]} in parameter order (None if never stepped),
+        and 'lr': each parameter group's current learning rate."""
         out = {"step": [], "exp_avg": [], "exp_avg_sq": [], "lr": [g["lr"] for g in self.param_groups]}
         for _, p in self._params():
             state = self.state.get(id(p))
@@ -97,7 +98,9 @@ class AdamW:
 
 def _check_settings(group):
     lr, betas, eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if not (lr >= 0 and eps >= 0 and decay >= 0 and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+    finite = all(math.isfinite(x) for x in (lr, eps, decay))
+    if not (finite and lr >= 0 and eps >= 0 and decay >= 0 and len(betas) == 2
+            and all(0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"AdamW: invalid settings lr={lr}, betas={betas}, eps={eps}, weight_decay={decay}: "
                          "lr, eps and weight_decay must be finite and >= 0, each beta in [0, 1)")
 
@@ -137,7 +140,8 @@ def adamw_update(param, grad, m, v, settings):
 
 
 def cosine_lr(step, max_lr, min_lr, warmup_iters, max_iters):
-    """Linear warmup from 0 to max_lr over warmup_iters steps, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to max_lr over the first warmup_iters steps (step s, counted from 0, gets
+    max_lr (s + 1) / warmup_iters), then cosine decay to min_lr at max_iters."""
     if step < warmup_iters:
         return max_lr * (step + 1) / warmup_iters
     if step >= max_iters:
@@ -152,6 +156,9 @@ def clip_grad_norm_(params, max_norm):
 
         norm = sqrt(sum of g^2 over every element of every gradient)
         g <- g * min(1, max_norm / (norm + 1e-6))          for every gradient, as torch's clip_grad_norm_
+
+    max_norm <= 0 clips nothing (the training program's grad_clip 0): the norm is only measured, where
+    torch's would scale every gradient to zero.
 
     The norm is returned in the gradients' dtype on their device (a NumPy scalar on the CPU; 0.0 where no
     parameter has a gradient). params may be one Parameter, as in torch.

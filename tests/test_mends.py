@@ -180,3 +180,26 @@ def test_bare_pytest_collects_what_python_m_pytest_collects():
     script = collected([bare])
     assert module[0] == 0 and module[1]
     assert script == module
+
+
+@pytest.mark.parametrize("settings", [dict(lr=float("inf")), dict(lr=float("nan")), dict(lr=-1e-3),
+                                      dict(eps=float("inf")), dict(weight_decay=float("nan")),
+                                      dict(betas=(1.0, 0.99)), dict(betas=(0.9,))])
+def test_adamw_refuses_settings_it_cannot_use(settings):
+    param = engine.Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        npgpt.optim.AdamW([param], **settings)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("max_norm", [0.0, -1.0])
+def test_clip_grad_norm_at_zero_or_below_measures_and_leaves_the_gradients(max_norm, fast, monkeypatch):
+    monkeypatch.setitem(engine._fast, "enabled", fast)         # the textbook's body, then the kernels'
+    params = [engine.Tensor(np.zeros(4), requires_grad=True), engine.Tensor(np.zeros((2, 3)), requires_grad=True)]
+    params[0].grad = np.array([3.0, 0.0, 0.0, 0.0])
+    params[1].grad = np.full((2, 3), 2.0)
+    before = [p.grad.copy() for p in params]
+    norm = npgpt.optim.clip_grad_norm_(params, max_norm)
+    assert float(norm) == pytest.approx(np.sqrt(9.0 + 6 * 4.0))         # sqrt(33)
+    for p, grad in zip(params, before):
+        np.testing.assert_array_equal(p.grad, grad)

@@ -14,7 +14,8 @@
                      a head at a time: scores, softmax, dropout and A V while the head's scores are in
                      the cache; only P is kept, the backward draws the mask again. Q, K, V are read where
                      they lie (the model's are strided views into one projection)
-    adamw_step       the whole update in one pass over p, g, m, v (NumPy needs ten), all parameters in one call
+    adamw_step       the whole update in one pass over p, g, m, v (NumPy needs 13, 14 with weight decay),
+                     all parameters in one call
     clip_grad_norm   every gradient's squares summed in one call, and scaled in one more where they are clipped
     add_arrays       a + b, the residual stream's sums and the engine's sums of gradients
 
@@ -353,7 +354,7 @@ def hashed_dropout(p, dtype, generator=None):
 
 def adamw_step(updates):
     """optim.adamw_update's maths in one kernel call per dtype for all the parameters: their elements, end to
-    end, cut into chunks on the kernels' threads (a small model's 50 parameters are one hand-off, not 50).
+    end, cut into chunks on the kernels' threads (a small model's 52 parameters are one hand-off, not 52).
     A parameter whose arrays are not contiguous in its dtype gets the NumPy update."""
     batches = {}    # dtype -> [(p, g, m, v), ...] and their scalars
     for p, state, group in updates:
@@ -384,8 +385,8 @@ def adamw_step(updates):
 def clip_grad_norm(params, max_norm):
     """optim.clip_grad_norm_'s maths in two kernel calls for all the gradients, end to end and cut into
     chunks as adamw_step's: one sums the squares (each chunk in double, the chunks added in order), and,
-    where the norm is above max_norm, one scales them. (A small model's 50 gradients would otherwise be 50
-    dot products, 50 scalar sums and 50 multiplies.) Applies (clip_applies) where the gradients are
+    where the norm is above max_norm, one scales them. (A small model's 52 gradients would otherwise be 52
+    dot products, 52 scalar sums and 52 multiplies.) Applies (clip_applies) where the gradients are
     writable C-contiguous arrays of one dtype."""
     grads = [p.grad for p in params if p.grad is not None]
     dtype = grads[0].dtype
