@@ -164,6 +164,20 @@ def test_state_problem_finds_non_finite_and_exploded_weights():
     assert "blocks.0.ffn.linear1.weight is not finite" in state_problem(model)
 
 
+def test_a_run_that_diverges_before_its_first_save_says_to_start_over(corpus, tmp_path, capsys):
+    out_dir = str(tmp_path / "run")
+    code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "8", "--lr", "1e6",
+                                    "--warmup-iters", "0", "--eval-interval", "1", "--log-interval", "1",
+                                    "--grad-clip", "0"], capsys)
+    assert_one_line_error(code, err, "no checkpoint was saved", "start again with --overwrite")
+    assert "--resume" not in err
+    code, _, err = run_main(resume_args(corpus, out_dir), capsys)       # --resume: nothing to resume from
+    assert_one_line_error(code, err, "holds no checkpoint", "start over with --overwrite")
+    code, out, _ = run_main(TINY + ["--data", corpus, "--out-dir", out_dir, "--max-iters", "4", "--eval-interval",
+                                    "4", "--overwrite"], capsys)         # the advice works
+    assert code == 0 and os.path.exists(os.path.join(out_dir, "ckpt.npz"))
+
+
 # ---- 3. dtype from the checkpoint ----------------------------------------------------------------------------
 
 def test_a_float64_run_resumes_as_float64_and_a_bogus_dtype_is_refused(corpus, tmp_path, capsys):
@@ -357,6 +371,62 @@ def test_parameter_shapes_and_adam_order_match_the_model():
         assert [p.shape for _, p in optimizer._params()] == [shapes[n] for n in optimizer_order(shapes)]
 
 
+def test_resume_without_ckpt_npz_continues_from_best_npz(corpus, run_dir, capsys):
+    best = os.path.join(run_dir, "best.npz")
+    before = sha256(best)
+    os.remove(os.path.join(run_dir, "ckpt.npz"))       # deleted, or its save stopped by a full disk
+    code, out, _ = run_main(resume_args(corpus, run_dir), capsys)
+    assert code == 0, out
+    assert "has no ckpt.npz; resuming from best.npz" in out and "resuming from step 4 of 8" in out
+    arrays, meta = load_checkpoint(os.path.join(run_dir, "ckpt.npz"))
+    assert meta["step"] == 8
+    assert [r["step"] for r in strict_records(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]     # none logged twice
+    if sha256(best) == before:          # best.npz rewritten only by a lower validation loss than step 4's
+        assert strict_records(run_dir)[-1]["val_loss"] >= strict_records(run_dir)[3]["val_loss"]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--preset", "shakespeare-char"], ["trained with --preset seed, not shakespeare-char", "drop the flag"]),
+    (["--init-from", "somewhere"], ["--init-from starts a new run", "drop one of the two"]),
+])
+def test_resume_refuses_flags_that_would_change_what_the_run_is(corpus, run_dir, capsys, flags, needles):
+    before = fingerprints(run_dir)
+    code, _, err = run_main(resume_args(corpus, run_dir, *flags), capsys)
+    assert_one_line_error(code, err, *needles)
+    assert fingerprints(run_dir) == before
+
+
+def test_a_run_file_replaced_by_a_directory_is_named_with_its_fix(corpus, run_dir, capsys):
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    os.remove(metrics)
+    os.mkdir(metrics)
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "Is a directory", "metrics.jsonl", "move it away")
+    assert "free some space" not in err
+
+
+def test_a_closed_stdout_saves_and_stops_like_a_signal(corpus, tmp_path):
+    out_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt.train", *TINY, "--data", corpus, "--out-dir", out_dir,
+                             "--max-iters", "100000", "--eval-interval", "100000", "--log-interval", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    first = proc.stdout.readline()                   # the banner: then the reader goes away, as head does
+    proc.stdout.close()
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    err = err.decode()
+    assert first.startswith(b"npgpt: ")
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err and "free some space" not in err
+    assert "stdout was closed: interrupted at step" in err and "--resume" in err
+    arrays, meta = load_checkpoint(os.path.join(out_dir, "ckpt.npz"))
+    assert 1 <= meta["step"] < 100000
+
+
 # ---- 7. disk full and read-only directories ---------------------------------------------------------------------
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(corpus, run_dir, capsys, monkeypatch):
@@ -519,12 +589,19 @@ def test_a_bogus_npgpt_device_is_one_line(corpus, tmp_path, capsys, monkeypatch)
     assert_one_line_error(code, err, "NPGPT_DEVICE='bogus' is not a device")
 
 
-def test_the_memory_estimate_counts_the_weights_adam_and_activations():
+def test_the_memory_estimate_counts_the_weights_adam_activations_and_batches():
     config = TrainConfig(d_model=8, num_heads=2, num_layers=1, d_ff=16, max_seq_len=4, seq_len=4, batch_size=2)
     # weights: 10*8 + 4*8 + (2*8 + 4*64 + 2*8 + 16*8 + 16 + 8*16 + 8) + 2*8 = 696; x4 (grads, m, v) x 4 bytes
     # activations: 1 layer x 8 rows x (6*8 + 2*16) + 2 x 8 rows x 10 logits = 800 numbers x 4 bytes
-    assert memory_problem(config, 10, available=696 * 16 + 800 * 4) is None
-    assert "needs at least 14.3 kB" in memory_problem(config, 10, available=696 * 16 + 800 * 4 - 1)
+    # the micro-batch: 2 x (4 + 1) token ids x 8 bytes = 80 bytes
+    assert memory_problem(config, 10, available=696 * 16 + 800 * 4 + 80) is None
+    assert "needs at least 14.4 kB" in memory_problem(config, 10, available=696 * 16 + 800 * 4 + 80 - 1)
+    # 10**9 micro-batches of 12 x 65 ids: 6.24 TB of token ids, refused before any is drawn
+    many = TrainConfig(d_model=8, num_heads=2, num_layers=1, d_ff=16, max_seq_len=64, seq_len=64, batch_size=12,
+                       grad_accum=10**9)
+    problem = memory_problem(many, 10, available=10**12)
+    assert "6.2 TB for the step's --grad-accum 1000000000 micro-batches" in problem and "--grad-accum" in \
+        problem.split("; ")[-1]
 
 
 # ---- 12. messages ------------------------------------------------------------------------------------------------

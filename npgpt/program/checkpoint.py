@@ -272,8 +272,10 @@ def _check_arrays(arrays, meta):
                 raise CheckpointError(f"its adam.v.{i} (a mean of squares) has negative entries")
 
 
-def load_checkpoint(path):
-    """(arrays, meta) from a checkpoint file, checked whole; CheckpointError with one line for anything wrong.
+def load_checkpoint(path, advice="delete it, or use the run's other checkpoint (--checkpoint best.npz or "
+                                  "ckpt.npz) or another --out-dir"):
+    """(arrays, meta) from a checkpoint file, checked whole; CheckpointError with one line for anything wrong,
+    ending with `advice` where the file is unusable.
 
     meta["config"] holds every TrainConfig field (defaults for fields newer than the file).
     """
@@ -282,7 +284,6 @@ def load_checkpoint(path):
                               f"--out-dir {os.path.dirname(path) or '.'}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is not a regular file")
-    advice = "delete it, or resume from best.npz / another --out-dir"
     try:
         headers = read_npz_headers(path)
         if headers.get("meta", ((), None))[1] is None or headers["meta"][0] != () \

@@ -44,7 +44,7 @@ class TrainConfig:
     max_iters: int = _f(300, "optimizer steps in total")
     lr: float = _f(1e-3, "peak learning rate, reached after warmup")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = _f(30, "steps of linear warmup from 0 to lr")
+    warmup_iters: int = _f(30, "steps of linear warmup up to lr")
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices and embeddings only)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
@@ -278,11 +278,12 @@ def parameter_shapes(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_l
 
 
 def memory_estimate(config, vocab_size):
-    """(bytes, parameter bytes, activation bytes): a lower bound on what one training step holds.
+    """(bytes, parameter bytes, activation bytes, batch bytes): a lower bound on what one training step holds.
 
     Parameters, their gradients and AdamW's two moments: 4 P numbers. Activations kept for the backward pass
     of one micro-batch, at the least: per block the (B, T, C) inputs of six projections and norms and the two
-    (B, T, d_ff) feed-forward activations; then the (B, T, V) logits and their gradient. Counting only what
+    (B, T, d_ff) feed-forward activations; then the (B, T, V) logits and their gradient. The step's
+    grad_accum micro-batches, drawn before it runs: (B, T + 1) token ids of 8 bytes each. Counting only what
     any implementation must keep makes this a floor: a run above the machine's memory cannot fit.
     Plain integers throughout, so a d_model of 10**9 gives a figure, not an overflow.
     """
@@ -296,7 +297,8 @@ def memory_estimate(config, vocab_size):
     activations = c.num_layers * rows * (6 * c.d_model + 2 * c.d_ff) + 2 * rows * vocab_size
     param_bytes = 4 * num_params * itemsize
     activation_bytes = activations * itemsize
-    return param_bytes + activation_bytes, param_bytes, activation_bytes
+    batch_bytes = c.grad_accum * c.batch_size * (c.seq_len + 1) * 8
+    return param_bytes + activation_bytes + batch_bytes, param_bytes, activation_bytes, batch_bytes
 
 
 def machine_memory(device="cpu"):
@@ -325,7 +327,7 @@ def memory_problem(config, vocab_size, device="cpu", available=None, weights_onl
 
     weights_only: only the weights themselves must fit (sampling, or reading a checkpoint).
     """
-    total, param_bytes, activation_bytes = memory_estimate(config, vocab_size)
+    total, param_bytes, activation_bytes, batch_bytes = memory_estimate(config, vocab_size)
     available = machine_memory(device) if available is None else available
     if weights_only:
         weight_bytes = param_bytes // 4
@@ -335,8 +337,10 @@ def memory_problem(config, vocab_size, device="cpu", available=None, weights_onl
                 f"{format_bytes(available)} of memory here")
     if available is None or total <= available:
         return None
+    batches = (f", {format_bytes(batch_bytes)} for the step's --grad-accum {config.grad_accum} micro-batches"
+               if config.grad_accum > 1 else "")
     return (f"this configuration needs at least {format_bytes(total)} ({format_bytes(param_bytes)} for the "
             f"weights, gradients and AdamW moments, {format_bytes(activation_bytes)} of activations for "
-            f"--batch-size {config.batch_size} x --seq-len {config.seq_len}), more than the "
-            f"{format_bytes(available)} of memory here; lower --batch-size, --seq-len, --d-model, --d-ff, "
-            "--num-layers or --max-seq-len")
+            f"--batch-size {config.batch_size} x --seq-len {config.seq_len}{batches}), more than the "
+            f"{format_bytes(available)} of memory here; lower --batch-size, --seq-len, --grad-accum, --d-model, "
+            "--d-ff, --num-layers or --max-seq-len")

@@ -21,6 +21,7 @@ Next to read: ``npgpt/program/sample.py``; for speed, ``npgpt/fast/cpu/threads.p
 ``npgpt/fast/cuda/kernels.py`` and ``npgpt/fast/cuda/graph.py`` (GPU).
 """
 
+import errno
 import math
 import os
 import shlex
@@ -195,6 +196,7 @@ class Run:
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.npz")
         self.best_path = os.path.join(config.out_dir, "best.npz")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+        self.resumed_path = None        # the checkpoint a --resume started from: ckpt.npz, else best.npz
         earlier = previous_run(config.out_dir)
         if earlier and not (config.resume or config.overwrite):
             raise TrainingError(f"--out-dir {config.out_dir} already holds a run ({', '.join(earlier)}); "
@@ -280,13 +282,36 @@ class Run:
             self.world.check_replicas(self.model, self.optimizer, self.data_rng, self.step + 1)
         return loss
 
+    def _resume_path(self):
+        """ckpt.npz (the latest state); where it is missing (deleted, or a full disk stopped its save) best.npz,
+        a whole checkpoint too, of the step with the lowest validation loss."""
+        out_dir = self.config.out_dir
+        if os.path.exists(self.ckpt_path):
+            return self.ckpt_path
+        if os.path.exists(self.best_path):
+            if self.rank == 0:
+                print(f"note: {out_dir} has no ckpt.npz; resuming from best.npz, the step with the lowest "
+                      "validation loss", flush=True)
+            return self.best_path
+        earlier = previous_run(out_dir)
+        if earlier:
+            raise TrainingError(f"--resume: {out_dir} holds no checkpoint (only {', '.join(earlier)}: the run "
+                                "stopped before its first save); start over with --overwrite, or choose another "
+                                "--out-dir")
+        return self.ckpt_path           # load_checkpoint's message: no checkpoint, train one first
+
     def _load_resume_state(self, given):
+        if self.config.init_from:
+            raise TrainingError(f"--init-from starts a new run from its weights, --resume continues the run in "
+                                f"{self.config.out_dir}: drop one of the two")
+        self.resumed_path = self._resume_path()
         try:
-            arrays, meta = load_checkpoint(self.ckpt_path)
+            arrays, meta = load_checkpoint(self.resumed_path, advice="delete it (--resume then continues from "
+                                           "best.npz, where there is one), or use another --out-dir")
         except CheckpointError as exc:
             raise TrainingError(f"--resume: {exc}") from None
         saved = TrainConfig(**meta["config"])      # every field checked by load_checkpoint
-        for name in ARCHITECTURE_FIELDS + ("dtype",):
+        for name in ARCHITECTURE_FIELDS + ("dtype", "preset"):
             if name in given and getattr(self.config, name) != getattr(saved, name):
                 raise TrainingError(f"--resume: the checkpoint in {self.config.out_dir} was trained with "
                                     f"--{name.replace('_', '-')} {getattr(saved, name)}, not "
@@ -307,14 +332,14 @@ class Run:
 
     def _restore(self, resumed):
         arrays, meta = resumed["arrays"], resumed["meta"]
-        restore_model(self.model, arrays, self.ckpt_path)
+        restore_model(self.model, arrays, self.resumed_path)
         restore_optimizer(self.optimizer, arrays, meta)
         self.step = meta["step"]
         self.best_val = meta.get("best_val", math.inf)
         saved_workers = meta.get("workers")
         if saved_workers is not None and saved_workers != self.workers:
             # the batch's shards (their dropout seeds, the order their gradients are summed in) follow the count
-            print(f"note: {self.ckpt_path} was trained with {saved_workers} worker thread(s), this run uses "
+            print(f"note: {self.resumed_path} was trained with {saved_workers} worker thread(s), this run uses "
                   f"{self.workers}: training continues, but not bit for bit as it would have; pass --workers "
                   f"{saved_workers} for that", flush=True)
         backend.set_rng_state(self.data_rng, meta["rng"]["data"])
@@ -328,12 +353,15 @@ class Run:
                         "dropout": backend.rng_state(backend.global_rng())}}
 
     def good_checkpoint(self):
-        """Which checkpoint to go back to, for an error message."""
+        """Which checkpoint to go back to and how, for the message of a run that diverged."""
         if self.saved_step is None:
-            return f"no checkpoint was saved in {self.config.out_dir}"
+            return (f"no checkpoint was saved in {self.config.out_dir}; lower --lr or --grad-clip and start again "
+                    "with --overwrite")
+        latest = self.ckpt_path if os.path.exists(self.ckpt_path) else self.resumed_path
         best = f", best.npz the lowest validation loss ({self.best_val:.4f})" if os.path.exists(self.best_path) \
-            else ""
-        return f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step}){best}"
+            and latest != self.best_path else ""
+        return f"the last good checkpoint is {latest} (step {self.saved_step}){best}; lower --lr or --grad-clip " \
+            "and --resume"
 
     def save(self, *paths):
         """Save to each path (default ckpt.npz), once the weights and moments are checked to be sane."""
@@ -341,7 +369,7 @@ class Run:
         problem = state_problem(self.model, optimizer)
         if problem:
             raise TrainingError(f"at step {self.step} {problem}; stopped without saving, so "
-                                f"{self.good_checkpoint()}; lower --lr or --grad-clip and --resume")
+                                f"{self.good_checkpoint()}")
         for path in paths or (self.ckpt_path,):
             if self.rank == 0:          # under mpiexec rank 0 writes; the replicas are identical
                 save_checkpoint(path, self.model, optimizer, self.meta())
@@ -365,6 +393,13 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
+def silence_stdout():
+    """stdout (its file descriptor, so Python's last flush too) pointed at os.devnull: the reader is gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 class Stopped(KeyboardInterrupt):
     """Training stopped by a signal after saving; exit_code is 128 + the signal (130 SIGINT, 143 SIGTERM)."""
 
@@ -375,9 +410,11 @@ class Stopped(KeyboardInterrupt):
 
 class _StopFlag:
     """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, schedulers) sets a flag; the loop saves and exits at the end
-    of the current step. A second signal aborts at once."""
+    of the current step. A second signal aborts at once. A closed stdout (the reader of a pipe gone, as with
+    `| head`) stops the run the same way, as SIGPIPE (exit code 141)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    CLOSED_STDOUT = getattr(signal, "SIGPIPE", signal.SIGTERM)
 
     def __init__(self):
         self.signum = None
@@ -387,13 +424,21 @@ class _StopFlag:
     def requested(self):
         return self.signum is not None
 
+    def stdout_closed(self):
+        silence_stdout()            # the rest of the run's prints, and the interpreter's last flush, go nowhere
+        if not self.requested:
+            self.signum = self.CLOSED_STDOUT
+
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:
                 raise Stopped(signum)
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  "(signal again to abort)", flush=True)
+            try:
+                print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                      "(signal again to abort)", flush=True)
+            except BrokenPipeError:
+                silence_stdout()
         try:
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, handler)
@@ -421,6 +466,12 @@ def train(run, log=print):
     grad_stats = GradStats(run.model)
     metrics_path = run.metrics_path if run.rank == 0 else os.devnull      # under mpiexec rank 0 writes
     with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+        def say(line):
+            try:
+                log(line)
+            except BrokenPipeError:
+                stop.stdout_closed()
+
         if run.world is not None:
             run.world.stop_flag = stop      # the ranks agree on stopping with every step's allreduce
         while run.step < c.max_iters:
@@ -443,7 +494,7 @@ def train(run, log=print):
                 if not math.isfinite(mean_loss) or mean_loss > run.loss_limit:
                     raise TrainingError(
                         f"loss became {mean_loss:.4g} at step {run.step}; stopped without saving, so "
-                        f"{run.good_checkpoint()}; lower --lr or --grad-clip and --resume")
+                        f"{run.good_checkpoint()}")
                 ms = (now - window_start) * 1000 / window_steps
                 step_times.append(ms)
                 record = {"step": run.step, "loss": round(mean_loss, 5), "lr": run.lr_at(run.step - 1),
@@ -453,7 +504,7 @@ def train(run, log=print):
                     if not math.isfinite(val_loss) or val_loss > run.loss_limit:
                         raise TrainingError(
                             f"validation loss became {val_loss:.4g} at step {run.step}; stopped without saving, "
-                            f"so {run.good_checkpoint()}; lower --lr or --grad-clip and --resume")
+                            f"so {run.good_checkpoint()}")
                     record["val_loss"] = round(val_loss, 5)
                 eta = (c.max_iters - run.step) * np.median(step_times[-5:]) / 1000
                 record["eta_s"] = round(eta, 1)
@@ -462,7 +513,7 @@ def train(run, log=print):
                     line += f" | val {record['val_loss']:.3f}"
                 line += (f" | lr {record['lr']:.1e} | {ms:.0f} ms/step | "
                          f"{format_rate(record['tokens_per_s'])} tok/s | ETA {format_duration(eta)}")
-                log(line)
+                say(line)
                 record.update(grad_stats.record())      # per-layer gradient norms and update ratios
                 metrics.write(metrics_line(record))
                 metrics.flush()
@@ -478,10 +529,26 @@ def train(run, log=print):
             if stopping:
                 if run.saved_step != run.step:
                     run.save()
-                log(f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
-                    f"continue with --out-dir {c.out_dir} --resume")
+                message = (f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
+                           f"continue with --out-dir {c.out_dir} --resume")
+                if stop.signum == stop.CLOSED_STDOUT:
+                    print(f"stdout was closed: {message}", file=sys.stderr)
+                else:
+                    say(message)
                 raise Stopped(stop.signum or signal.SIGINT)     # under mpiexec: perhaps another rank's signal
     return records
+
+
+def os_error_message(exc):
+    """One line for an OSError met writing the run's files: what failed, and the fix for that kind of failure."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = {errno.ENOSPC: "free some space or choose another --out-dir",
+           getattr(errno, "EDQUOT", errno.ENOSPC): "free some space or choose another --out-dir",
+           errno.EACCES: "choose a writable --out-dir", errno.EPERM: "choose a writable --out-dir",
+           errno.EROFS: "choose a writable --out-dir",
+           errno.EISDIR: "that path is a directory where the run keeps a file: move it away or choose another "
+                         "--out-dir"}.get(exc.errno, "check that path, or choose another --out-dir")
+    return f"{exc.strerror or exc}{where}; {fix}"
 
 
 def main(argv=None):
@@ -505,7 +572,7 @@ def main(argv=None):
                 print(f"{world.describe()}; each step {c.grad_accum} micro-batch(es) on each of the {world.size} "
                       f"ranks, {run.workers} thread(s) each")
             if run.step:
-                print(f"resuming from step {run.step} of {c.max_iters} ({run.ckpt_path})")
+                print(f"resuming from step {run.step} of {c.max_iters} ({run.resumed_path})")
             elif c.init_from:
                 print(f"starting from the weights in {c.init_from} (--init-from)")
             train(run)
@@ -520,8 +587,11 @@ def main(argv=None):
                 print(run.tokenizer.decode(out[0]))
                 print("-" * 60)
             return 0
-    except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM
+    except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM, 141 closed stdout
         return getattr(exc, "exit_code", 130)
+    except BrokenPipeError:                     # stdout closed outside the loop: before it, or once all is saved
+        silence_stdout()
+        return 141
     except (TrainingError, DataError, TokenizerError, CheckpointError, ConfigError, RunDirError,
             backend.DeviceError, DistError) as exc:
         if world is not None:                   # one message for all ranks, or one naming the failing rank
@@ -529,8 +599,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:                      # a full disk or a read-only directory, outside a checkpoint save
-        where = f" ({exc.filename})" if exc.filename else ""
-        message = f"{exc.strerror or exc}{where}; free some space or choose a writable --out-dir"
+        message = os_error_message(exc)
         if world is not None:
             return world.fail(message, 2, expected=True)
         print(f"error: {message}", file=sys.stderr)
