@@ -396,6 +396,19 @@ def test_resume_refuses_flags_that_would_change_what_the_run_is(corpus, run_dir,
     assert fingerprints(run_dir) == before
 
 
+def test_another_runs_ckpt_npz_copied_in_does_not_replace_best_npz(corpus, run_dir, tmp_path, capsys):
+    other = str(tmp_path / "other")
+    wider = [a if a != "16" or i != TINY.index("--d-model") + 1 else "32" for i, a in enumerate(TINY)]
+    assert run_main(wider + ["--data", corpus, "--out-dir", other, "--max-iters", "2", "--eval-interval", "2"],
+                    capsys)[0] == 0
+    shutil.copy(os.path.join(other, "ckpt.npz"), os.path.join(run_dir, "ckpt.npz"))
+    before = fingerprints(run_dir)
+    code, _, err = run_main(["--data", corpus, "--out-dir", run_dir, "--resume", "--max-iters", "8", "--device",
+                             "cpu", "--sample-tokens", "0"], capsys)     # the config comes from ckpt.npz
+    assert_one_line_error(code, err, "best.npz holds another model than", "move one of them")
+    assert fingerprints(run_dir) == before
+
+
 def test_a_run_file_replaced_by_a_directory_is_named_with_its_fix(corpus, run_dir, capsys):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     os.remove(metrics)

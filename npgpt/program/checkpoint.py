@@ -304,6 +304,22 @@ def load_checkpoint(path, advice="delete it, or use the run's other checkpoint (
     return arrays, meta
 
 
+def read_checkpoint_meta(path):
+    """A checkpoint's metadata alone (its JSON member; no array read); CheckpointError where it cannot be read."""
+    try:
+        headers = read_npz_headers(path)
+        if headers.get("meta", ((), None))[1] is None or headers["meta"][1].kind != "U" \
+                or headers["meta"][1].itemsize > META_LIMIT:
+            raise CheckpointError(f"{path}: its metadata is missing or is not a short JSON string")
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object")
+    return meta
+
+
 def restore_model(model, arrays, path="checkpoint"):
     """Copy the checkpoint's parameters into `model`, checking every name and shape."""
     params = dict(model.named_parameters())

@@ -34,8 +34,8 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
-from .checkpoint import (CheckpointError, load_checkpoint, restore_model, restore_optimizer, save_checkpoint,
-                         state_problem)
+from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_meta, restore_model, restore_optimizer,
+                         save_checkpoint, state_problem)
 from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
                      memory_problem)
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
@@ -328,7 +328,21 @@ class Run:
             raise TrainingError(f"--resume: the run in {self.config.out_dir} is at step {meta['step']}, so "
                                 f"--max-iters {self.config.max_iters} leaves nothing to train; give a --max-iters "
                                 f"above {meta['step']}")
+        self._check_best_is_of_this_run(meta)
         return {"arrays": arrays, "meta": meta, "tokenizer": tokenizer_from_dict(meta["tokenizer"])}
+
+    def _check_best_is_of_this_run(self, meta):
+        """best.npz is replaced by any validation loss below the resumed checkpoint's best_val: where it holds
+        another model (a ckpt.npz copied in from another run), that would lose it, so the run is refused."""
+        if self.resumed_path == self.best_path or not os.path.exists(self.best_path):
+            return
+        try:
+            best_meta = read_checkpoint_meta(self.best_path)
+        except CheckpointError:
+            return                      # unreadable: nothing of value to keep, the next best replaces it
+        if best_meta.get("model_config") != meta["model_config"] or best_meta.get("tokenizer") != meta["tokenizer"]:
+            raise TrainingError(f"--resume: {self.best_path} holds another model than {self.ckpt_path} (another "
+                                "run's checkpoint?); move one of them to its own --out-dir")
 
     def _restore(self, resumed):
         arrays, meta = resumed["arrays"], resumed["meta"]
