@@ -645,3 +645,32 @@ def test_streamed_text_waits_for_whole_utf8_characters():
     stream = sample_module.TextStream(tokenizer)
     chunks = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(chunks) == "東京 naïve — ünï" and not any("\ufffd" in c for c in chunks)
+
+
+def test_an_empty_data_file_is_named_before_anything_else(corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    code, _, err = run_main(TINY + ["--data", str(empty), "--out-dir", str(tmp_path / "o"), "--sample-tokens", "5"],
+                            capsys)
+    assert_one_line_error(code, err, f"data file {empty} is empty")
+    assert "prompt" not in err and "too short" not in err
+
+
+def test_a_file_given_as_out_dir_or_init_from_is_called_a_file(corpus, run_dir, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x", encoding="utf-8")
+    code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", str(a_file), "--max-iters", "2"], capsys)
+    assert_one_line_error(code, err, f"--out-dir {a_file} is a file", "takes a directory")
+    code, _, err = run_main(["--data", corpus, "--out-dir", str(tmp_path / "o"), "--init-from", str(a_file),
+                             "--device", "cpu", "--max-iters", "2"], capsys)
+    assert_one_line_error(code, err, f"{a_file}: is a file, not a directory")
+    assert a_file.read_text(encoding="utf-8") == "x"
+
+
+def test_resume_with_a_seq_len_above_the_checkpoints_max_names_the_limit(corpus, run_dir, capsys):
+    before = fingerprints(run_dir)
+    code, _, err = run_main(["--data", corpus, "--out-dir", run_dir, "--resume", "--max-iters", "8", "--device",
+                             "cpu", "--seq-len", "17"], capsys)       # the run's --max-seq-len is 16
+    assert_one_line_error(code, err, "--seq-len 17 is above --max-seq-len 16", "at most 16")
+    assert "raise --max-seq-len" not in err
+    assert fingerprints(run_dir) == before

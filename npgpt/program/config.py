@@ -247,8 +247,9 @@ def config_problems(config):
         problems.append(f"--d-model {c.d_model} is not divisible by --num-heads {c.num_heads}; "
                         "choose num_heads among its divisors")
     if c.seq_len > c.max_seq_len:
-        problems.append(f"--seq-len {c.seq_len} is above --max-seq-len {c.max_seq_len}; "
-                        "lower --seq-len or raise --max-seq-len")
+        fix = (f"give a --seq-len of at most {c.max_seq_len} (a resumed run keeps its checkpoint's --max-seq-len)"
+               if c.resume else "lower --seq-len or raise --max-seq-len")
+        problems.append(f"--seq-len {c.seq_len} is above --max-seq-len {c.max_seq_len}; {fix}")
     if c.resume and c.overwrite:
         problems.append("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
     return problems

@@ -37,6 +37,9 @@ def read_text(path=None):
             raw = f.read()
     except OSError as exc:
         raise DataError(f"cannot read data file {path} ({exc.strerror}); check its permissions") from None
+    if not raw:
+        raise DataError(f"data file {path} is empty; pass --data PATH to a UTF-8 text file holding the text to "
+                        "train on")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -160,7 +160,8 @@ def read_config(directory):
     """GPT's keyword arguments from a GPT-2 config.json, every field that npgpt cannot honour refused."""
     path = os.path.join(directory, CONFIG)
     if not os.path.isdir(directory):
-        raise PretrainedError(f"{directory}: no such directory; give a Hugging Face GPT-2 directory "
+        what = "is a file, not a directory" if os.path.exists(directory) else "no such directory"
+        raise PretrainedError(f"{directory}: {what}; give a Hugging Face GPT-2 directory "
                               "(config.json, model.safetensors)")
     try:
         with open(path, encoding="utf-8") as f:

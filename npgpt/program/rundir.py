@@ -41,6 +41,9 @@ class RunDirLock:
         self._created_dir = False
 
     def __enter__(self):
+        if os.path.isfile(self.out_dir):
+            raise RunDirError(f"--out-dir {self.out_dir} is a file; --out-dir takes a directory, where the run "
+                              "keeps its checkpoints and log")
         try:
             if not os.path.isdir(self.out_dir):
                 os.makedirs(self.out_dir)

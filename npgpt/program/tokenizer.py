@@ -556,7 +556,8 @@ def load_pretrained_tokenizer(directory):
     """A BPETokenizer from vocab.json + merges.txt (with tokenizer_config.json's added tokens), or from
     tokenizer.json; one-line TokenizerError naming the file and the problem otherwise."""
     if not os.path.isdir(directory):
-        raise TokenizerError(f"{directory}: no such directory; give a Hugging Face GPT-2 directory "
+        what = "is a file, not a directory" if os.path.exists(directory) else "no such directory"
+        raise TokenizerError(f"{directory}: {what}; give a Hugging Face GPT-2 directory "
                              "(vocab.json and merges.txt, or tokenizer.json)")
     vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
     json_path = os.path.join(directory, "tokenizer.json")
