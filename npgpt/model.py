@@ -243,7 +243,24 @@ def parameter_breakdown(vocab_size=10000, d_model=256, num_heads=4, num_layers=4
     return rows, token_embed + pos_embed + num_layers * block + final_ln
 
 
-def main():
+def main(argv=None):
+    """python -m npgpt.model: the parameter count of the default GPT, term by term, against model.parameters().
+
+    Only --help is taken; this module is below npgpt.program, so its refusal of anything else is its own.
+    """
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m npgpt.model", exit_on_error=False,
+                                     description="Print the parameter count of the tutorial's GPT at its default "
+                                                 "size, term by term, and check it against the model's own count. "
+                                                 "It takes no arguments.")
+    try:
+        _, extra = parser.parse_known_args(argv)
+        if extra:
+            raise argparse.ArgumentError(None, f"unrecognized arguments: {' '.join(extra)}")
+    except argparse.ArgumentError as exc:
+        print(f"error: {exc}; python -m npgpt.model takes no arguments (see --help)", file=sys.stderr)
+        return 2
     config = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
     model = GPT(**config, dropout=0.1)
     print("GPT Model Configuration")
@@ -262,7 +279,8 @@ def main():
     print(f"{'Total (actual, model.parameters())':<48}{model.num_parameters():>12,}")
     if total != model.num_parameters():
         raise SystemExit("parameter count mismatch")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

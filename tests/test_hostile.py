@@ -571,6 +571,29 @@ def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
     assert b"interrupted after" in err and b"Traceback" not in err
 
 
+def test_ctrl_c_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_path):
+    out_dir = str(tmp_path / "run")
+    args = [a for a in TINY if a not in ("--sample-tokens", "0")]
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.train", *args, "--data", corpus, "--out-dir", out_dir,
+                             "--max-iters", "2", "--eval-interval", "2", "--sample-tokens", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
+    printed = b""
+    try:
+        deadline = time.monotonic() + 60
+        while printed.count(b"-" * 60) < 1 or len(printed.split(b"-" * 60)[-1]) < 40:   # the sample streams
+            assert time.monotonic() < deadline, printed
+            if select.select([proc.stdout], [], [], 1)[0]:
+                printed += os.read(proc.stdout.fileno(), 4096)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert b"sample interrupted; the trained run is in" in err and b"Traceback" not in err
+    assert load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"] == 2
+
+
 # ---- 10. configurations that cannot work ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,message", [

@@ -11,18 +11,19 @@ that already holds files is refused unless --overwrite is given; each file is wr
 Shapes: every parameter transposed to GPT-2's Conv1D layout, (in, out); W_q, W_k, W_v joined as c_attn (C, 3C).
 """
 
-import argparse
 import os
 import sys
 
 from .checkpoint import CheckpointError
+from .cli import out_dir_problem, silence_stdout
+from .config import OneLineParser
 from .hf import PretrainedError, save_model
 from .sample import load_model
 from .tokenizer import TokenizerError
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Write an npgpt run as a Hugging Face GPT-2 directory.")
+    p = OneLineParser(description="Write an npgpt run as a Hugging Face GPT-2 directory.")
     p.add_argument("--out-dir", default="out", help="the run's directory (default: out)")
     p.add_argument("--checkpoint", default="best.npz",
                    help="file in --out-dir: best.npz (lowest validation loss, the default) or ckpt.npz (latest)")
@@ -34,6 +35,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        problem = out_dir_problem(args.out_dir)
+        if problem:
+            raise CheckpointError(problem)
         path = args.checkpoint if os.path.dirname(args.checkpoint) else os.path.join(args.out_dir, args.checkpoint)
         if not os.path.exists(path) and args.checkpoint == "best.npz":
             path = os.path.join(args.out_dir, "ckpt.npz")     # a run stopped before its first evaluation
@@ -53,6 +57,10 @@ def main(argv=None):
         if tokenizer.kind != "bpe":
             print(f"note: the run's {tokenizer.kind} tokenizer has no Hugging Face GPT-2 form; only the model was "
                   "written (train with --tokenizer bpe for a complete directory)", file=sys.stderr)
+        sys.stdout.flush()              # here, so that a closed stdout is met below rather than at exit
+        return 0
+    except BrokenPipeError:             # the reader of stdout went away: the directory is written, stop quietly
+        silence_stdout()
         return 0
     except (CheckpointError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ Shapes: the prompt (T,) ids; one layer's attention weights (H, T, T), rows summi
 Next to read: ``npgpt/program/grad_stats.py``; ``npgpt/functional.py`` (scaled_dot_product_attention).
 """
 
-import argparse
+import errno
 import json
 import math
 import os
@@ -41,6 +41,8 @@ from .. import functional as F
 from ..model import GPT
 from ..optim import cosine_lr
 from .checkpoint import CheckpointError, load_checkpoint, restore_model
+from .cli import out_dir_problem, silence_stdout
+from .config import OneLineParser, parse_int
 from .tokenizer import TokenizerError, tokenizer_from_dict
 
 
@@ -378,21 +380,46 @@ def grads_figure(series, label="", grad_clip=0.0):
 
 
 def save_figure(fig, path, fmt):
-    """Write the picture to path through a temporary file, so a viewer never reads half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Write the picture to path through a temporary file, so a viewer never reads half of one.
+
+    A directory that cannot hold it, or a picture too large for memory, is a PlotError naming the fix; a
+    picture already at path stays as it was.
+    """
+    directory = os.path.dirname(path) or "."
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise PlotError(f"--plot-dir {directory} is a file, not a directory; give a directory for the pictures")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise PlotError(f"cannot create --plot-dir {directory} ({exc.strerror or exc}); choose a directory "
+                        "you can write to") from None
     tmp = f"{path}.{os.getpid()}.tmp"          # one per process: two plot commands never share it
-    fig.savefig(tmp, format=fmt, dpi=fig.dpi)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=fig.dpi)
+        os.replace(tmp, path)
+    except MemoryError:
+        width, height = (round(float(n) * fig.dpi) for n in fig.get_size_inches())
+        raise PlotError(f"not enough memory to draw {os.path.basename(path)} ({width} x {height} pixels at "
+                        f"--dpi {fig.dpi:g}); give a lower --dpi or --format svg") from None
+    except OSError as exc:
+        fix = "free some space" if exc.errno == errno.ENOSPC else "choose a --plot-dir you can write to"
+        raise PlotError(f"cannot write {path} ({exc.strerror or exc}); {fix}") from None
+    finally:
+        if os.path.exists(tmp):                 # what a failed write left behind
+            os.remove(tmp)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The command
 
+# --dpi's range: below it the text is unreadable; a PNG's memory grows as dpi squared (loss.png at 1000: 360 MB)
+MIN_DPI, MAX_DPI = 10, 1000
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Draw an npgpt training run: loss curves, attention maps, "
-                                            "gradient flow (needs matplotlib: pip install 'npgpt[plot]').")
+    p = OneLineParser(description="Draw an npgpt training run: loss curves, attention maps, "
+                                  "gradient flow (needs matplotlib: pip install 'npgpt[plot]').")
     p.add_argument("--out-dir", default="out",
                    help="the run's directory (metrics.jsonl, checkpoints) (default: out)")
     p.add_argument("--compare", nargs="+", default=[], metavar="OUT_DIR",
@@ -404,7 +431,8 @@ def build_parser():
     p.add_argument("--checkpoint", default="best.npz",
                    help="checkpoint for --attention: best.npz (lowest validation loss) or ckpt.npz (latest)")
     p.add_argument("--format", choices=("png", "svg"), default="png", help="picture format (default: png)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of a PNG (default: 100)")
+    p.add_argument("--dpi", type=parse_int, default=100,
+                   help=f"resolution of a PNG, {MIN_DPI} to {MAX_DPI} dots per inch (default: 100)")
     p.add_argument("--plot-dir", default=None, help="where the pictures go (default: --out-dir)")
     return p
 
@@ -427,9 +455,13 @@ def run_labels(dirs, metas):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if not MIN_DPI <= args.dpi <= MAX_DPI:
+            raise PlotError(f"--dpi must lie in [{MIN_DPI}, {MAX_DPI}] (100 suits a screen, 300 print), "
+                            f"got {args.dpi}")
+        problem = out_dir_problem(args.out_dir)
+        if problem:
+            raise PlotError(problem)
         _matplotlib()
-        if args.dpi < 10:
-            raise PlotError(f"--dpi must be at least 10, got {args.dpi}")
         plot_dir = args.plot_dir or args.out_dir
         draw_loss = args.loss or not (args.attention or args.grads)
         written = []
@@ -452,7 +484,10 @@ def main(argv=None):
             written.append(save_figure(fig, os.path.join(plot_dir, f"grads.{args.format}"), args.format))
         if args.attention:
             model, tokenizer, meta = load_model(args.out_dir, args.checkpoint)
-            ids = tokenizer.encode(args.prompt)
+            try:
+                ids = tokenizer.encode(args.prompt)
+            except TokenizerError as exc:
+                raise PlotError(f"--prompt: {exc}; remove it from the prompt") from None
             if len(ids) == 0:
                 raise PlotError("the prompt is empty after tokenization; give --prompt some text")
             if len(ids) > model.max_seq_len:
@@ -465,6 +500,10 @@ def main(argv=None):
             written.append(save_figure(fig, os.path.join(plot_dir, f"attention.{args.format}"), args.format))
         for path in written:
             print(f"wrote {path}")
+        sys.stdout.flush()              # here, so that a closed stdout is met below rather than at exit
+        return 0
+    except BrokenPipeError:             # the reader of stdout went away: the pictures are written, stop quietly
+        silence_stdout()
         return 0
     except (PlotError, CheckpointError, TokenizerError, backend.DeviceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

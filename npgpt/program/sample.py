@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import backend
 from .checkpoint import CheckpointError, load_checkpoint, restore_model
+from .cli import out_dir_problem, silence_stdout
 from .config import OneLineParser, parse_int
 from ..generate import generate_tokens
 from ..model import GPT
@@ -52,7 +53,7 @@ def build_parser():
 
 
 def check_args(args):
-    """The flags' ranges, before a checkpoint is read (ValueError names the flag)."""
+    """The flags' ranges and paths, before a checkpoint is read (ValueError names the flag)."""
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -65,6 +66,12 @@ def check_args(args):
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    if args.from_pretrained and os.path.isfile(args.from_pretrained):
+        raise ValueError(f"--from-pretrained {args.from_pretrained} is a file, not a directory; it takes a Hugging "
+                         "Face GPT-2 directory (config.json, model.safetensors and the tokenizer's files)")
+    problem = None if args.from_pretrained else out_dir_problem(args.out_dir)
+    if problem:
+        raise ValueError(problem)
 
 
 class TextStream:
@@ -145,10 +152,13 @@ def main(argv=None):
         sys.stdout.flush()
         print(f"interrupted after {generated} new tokens", file=sys.stderr)
         return 130
+    except BrokenPipeError:                 # the reader of stdout went away (a pipe into head): stop quietly
+        silence_stdout()
+        return 0
     except (CheckpointError, TokenizerError, ValueError, backend.DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:                  # stdout closed (a pipe into head), or a checkpoint unreadable
+    except OSError as exc:                  # a checkpoint unreadable
         print(f"error: {exc.strerror or exc}", file=sys.stderr)
         return 2
 

@@ -38,10 +38,12 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_meta,
                          save_checkpoint, state_problem)
 from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
                      memory_problem)
+from .cli import silence_stdout
+from .sample import TextStream
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
 from .dist import DistError, launched_world, resumed_grad_accum
-from ..generate import generate
+from ..generate import generate_tokens
 from ..fast.cuda.graph import GraphStep
 from ..model import GPT
 from ..optim import AdamW, clip_grad_norm_, cosine_lr
@@ -407,13 +409,6 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
-def silence_stdout():
-    """stdout (its file descriptor, so Python's last flush too) pointed at os.devnull: the reader is gone."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 class Stopped(KeyboardInterrupt):
     """Training stopped by a signal after saving; exit_code is 128 + the signal (130 SIGINT, 143 SIGTERM)."""
 
@@ -553,6 +548,17 @@ def train(run, log=print):
     return records
 
 
+def print_sample(model, tokenizer, prompt, new_tokens, rng):
+    """The prompt and new_tokens sampled after it (temperature 0.8, top-k 50), printed as they come."""
+    text = TextStream(tokenizer)
+    sys.stdout.write(tokenizer.decode(prompt))
+    for next_ids in generate_tokens(model, prompt, new_tokens, temperature=0.8, top_k=50, rng=rng):
+        sys.stdout.write(text.push(next_ids[0]))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+    sys.stdout.flush()
+
+
 def os_error_message(exc):
     """One line for an OSError met writing the run's files: what failed, and the fix for that kind of failure."""
     where = f" ({exc.filename})" if exc.filename else ""
@@ -595,10 +601,13 @@ def main(argv=None):
             print(f"plots: python -m npgpt.plot --out-dir {shlex.quote(c.out_dir)} --loss --grads --attention")
             if c.sample_tokens > 0 and run.rank == 0:
                 prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
-                out = generate(run.model, prompt, c.sample_tokens, temperature=0.8, top_k=50,
-                               rng=np.random.default_rng(c.seed))
                 print("-" * 60)
-                print(run.tokenizer.decode(out[0]))
+                try:
+                    print_sample(run.model, run.tokenizer, prompt, c.sample_tokens, np.random.default_rng(c.seed))
+                except KeyboardInterrupt:       # the run is saved: only the sample stops
+                    print(f"\nsample interrupted; the trained run is in {c.out_dir}/ (python -m npgpt.sample "
+                          f"--out-dir {shlex.quote(c.out_dir)} for more)", file=sys.stderr)
+                    return 130
                 print("-" * 60)
             return 0
     except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM, 141 closed stdout

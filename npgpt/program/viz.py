@@ -14,7 +14,6 @@ Shapes: each tensor node is labelled with its own shape.
 Next to read: ``npgpt/gradcheck.py``, and ``python -m npgpt.proof`` for the proof on screen.
 """
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 
 from .. import backend
 from ..engine import Tensor
+from .cli import silence_stdout
+from .config import OneLineParser
 
 
 class Graph:
@@ -112,8 +113,9 @@ def _example(kind):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw the autograd graph of a tiny example as DOT (or SVG).")
-    p.add_argument("--example", choices=("attention", "layernorm"), default="attention")
+    p = OneLineParser(description="Draw the autograd graph of a tiny example as DOT (or SVG).")
+    p.add_argument("--example", choices=("attention", "layernorm"), default="attention",
+                   help="the computation to draw: one attention head or a layer norm (default: attention)")
     p.add_argument("--out", default="npgpt-graph.svg", help="SVG to write when Graphviz's dot is installed")
     p.add_argument("--dot", action="store_true", help="print the DOT text even when dot is installed")
     args = p.parse_args(argv)
@@ -121,15 +123,21 @@ def main(argv=None):
     graph = capture(loss, names)
     loss.backward()
     text = graph.to_dot()
-    if args.dot or shutil.which("dot") is None:
-        print(text)
-        if shutil.which("dot") is None:
-            print("// Graphviz is not installed: render with `dot -Tsvg` elsewhere to see the picture",
-                  file=sys.stderr)
+    try:
+        if args.dot or shutil.which("dot") is None:
+            print(text)
+            sys.stdout.flush()          # here, so that a closed stdout is met below rather than at exit
+            if shutil.which("dot") is None:
+                print("// Graphviz is not installed: render with `dot -Tsvg` elsewhere to see the picture",
+                      file=sys.stderr)
+            return 0
+        subprocess.run(["dot", "-Tsvg", "-o", args.out], input=text, text=True, check=True)
+        print(f"wrote {args.out} ({len(graph.ops)} ops, {len(graph.tensors)} tensors)")
+        sys.stdout.flush()
         return 0
-    subprocess.run(["dot", "-Tsvg", "-o", args.out], input=text, text=True, check=True)
-    print(f"wrote {args.out} ({len(graph.ops)} ops, {len(graph.tensors)} tensors)")
-    return 0
+    except BrokenPipeError:             # the reader of stdout went away (a pipe into head): stop quietly
+        silence_stdout()
+        return 0
 
 
 if __name__ == "__main__":

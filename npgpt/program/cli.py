@@ -1,0 +1,33 @@
+"""What the commands share at their front door: a closed stdout, and a checkpoint given in place of its run.
+
+A reader that goes away (`python -m npgpt.proof | head -1`) makes the next write to stdout raise
+BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(), then exit.
+
+Next to read: ``npgpt/program/sample.py``, a command that uses both.
+"""
+
+import os
+import sys
+
+
+def silence_stdout():
+    """stdout (its file descriptor, so Python's last flush too) pointed at os.devnull: the reader is gone.
+
+    Without it, the text still buffered would raise BrokenPipeError again when the interpreter exits.
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):      # no stdout, or one that is not a file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def out_dir_problem(out_dir):
+    """The one-line problem when --out-dir names a file (a checkpoint such as out/ckpt.npz), else None."""
+    if not os.path.isfile(out_dir):
+        return None
+    run_dir, name = os.path.split(os.path.normpath(out_dir))
+    return (f"--out-dir {out_dir} is a file; --out-dir takes the run's directory (here: {run_dir or '.'}), "
+            f"and --checkpoint the file's name ({name})")
