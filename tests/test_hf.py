@@ -362,6 +362,10 @@ def test_train_init_from_fine_tunes_then_exports(hf_gpt2_with_tokenizer, tmp_pat
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "bpe tokenizer with 700 tokens" in printed.out
+    # the command that started the run, repeated with --resume, continues it
+    assert train.main(["--init-from", hf_gpt2_with_tokenizer, "--out-dir", out_dir, "--resume", "--max-iters", "4",
+                       "--eval-interval", "4", "--eval-iters", "1", "--sample-tokens", "0"]) == 0
+    assert "resuming from step 3 of 4" in capsys.readouterr().out
     assert train.main(["--init-from", hf_gpt2_with_tokenizer, "--out-dir", str(tmp_path / "other"),
                        "--d-model", "64"]) == 2
     assert f"--d-model 64 contradicts {hf_gpt2_with_tokenizer}/config.json (d_model 32)" in capsys.readouterr().err

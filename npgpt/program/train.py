@@ -303,9 +303,6 @@ class Run:
         return self.ckpt_path           # load_checkpoint's message: no checkpoint, train one first
 
     def _load_resume_state(self, given):
-        if self.config.init_from:
-            raise TrainingError(f"--init-from starts a new run from its weights, --resume continues the run in "
-                                f"{self.config.out_dir}: drop one of the two")
         self.resumed_path = self._resume_path()
         try:
             arrays, meta = load_checkpoint(self.resumed_path, advice="delete it (--resume then continues from "
@@ -318,6 +315,11 @@ class Run:
                 raise TrainingError(f"--resume: the checkpoint in {self.config.out_dir} was trained with "
                                     f"--{name.replace('_', '-')} {getattr(saved, name)}, not "
                                     f"{getattr(self.config, name)}; drop the flag or use another --out-dir")
+        if "init_from" in given and self.config.init_from != saved.init_from:
+            origin = f"from {saved.init_from}" if saved.init_from else "from scratch"
+            raise TrainingError(f"--resume: the run in {self.config.out_dir} was started {origin}, not from "
+                                f"--init-from {self.config.init_from}; drop the flag, or start a new run in another "
+                                "--out-dir")
         # the saved config, with the flags given now on top (e.g. a larger --max-iters)
         values = saved.to_dict()
         values.update({k: getattr(self.config, k) for k in given})
