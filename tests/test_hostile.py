@@ -571,6 +571,31 @@ def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
     assert b"interrupted after" in err and b"Traceback" not in err
 
 
+def test_ctrl_c_during_a_long_evaluation_saves_the_step_without_waiting_for_it(corpus, tmp_path):
+    out_dir = str(tmp_path / "run")
+    args = [a if a != "2" or i != TINY.index("--eval-iters") + 1 else "100000000" for i, a in enumerate(TINY)]
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.train", *args, "--data", corpus, "--out-dir", out_dir,
+                             "--max-iters", "4", "--eval-interval", "2", "--log-interval", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
+    printed = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"step 1/4" not in printed:               # step 2 is then evaluated, 10^8 batches
+            assert time.monotonic() < deadline, printed
+            if select.select([proc.stdout], [], [], 1)[0]:
+                printed += os.read(proc.stdout.fileno(), 4096)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)       # the evaluation would take hours
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert b"interrupted at step 2: checkpoint saved" in printed + rest and b"Traceback" not in err
+    assert load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"] == 2
+    assert "val_loss" not in strict_records(out_dir)[-1]
+
+
 def test_ctrl_c_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_path):
     out_dir = str(tmp_path / "run")
     args = [a for a in TINY if a not in ("--sample-tokens", "0")]

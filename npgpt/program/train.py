@@ -114,14 +114,19 @@ def train_step(model, optimizer, micro_batches, grad_clip, workers=1, grad_stats
 
 
 @no_grad()
-def estimate_loss(model, tokens, config, seed, world=None):
+def estimate_loss(model, tokens, config, seed, world=None, stop=None):
     """Mean loss over eval_iters batches drawn from a fixed generator: the same batches at every evaluation.
-    Under mpiexec each rank evaluates every world.size-th batch and the losses are summed across ranks."""
+    Under mpiexec each rank evaluates every world.size-th batch and the losses are summed across ranks.
+    stop (one process only): asked before each batch; once it returns True the evaluation is abandoned and
+    None returned, so that a Ctrl-C does not wait for a long one."""
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
     losses = []
     for i in range(config.eval_iters):
+        if stop is not None and world is None and stop():
+            model.train(was_training)
+            return None
         inputs, targets = get_batch(tokens, config.batch_size, config.seq_len, rng)
         if world is None or i % world.size == world.rank:
             losses.append(lm_loss(model, inputs, targets).data)
@@ -511,12 +516,16 @@ def train(run, log=print):
                 record = {"step": run.step, "loss": round(mean_loss, 5), "lr": run.lr_at(run.step - 1),
                           "ms_per_step": round(ms, 2), "tokens_per_s": round(tokens_per_step * 1000 / ms, 1)}
                 if is_eval:
-                    val_loss = estimate_loss(run.model, run.val_tokens, c, c.seed + 1, run.world)
-                    if not math.isfinite(val_loss) or val_loss > run.loss_limit:
+                    val_loss = estimate_loss(run.model, run.val_tokens, c, c.seed + 1, run.world,
+                                             stop=lambda: stop.requested)
+                    if val_loss is None:        # a signal during the evaluation: the step is saved without it
+                        is_eval, stopping = False, True
+                    elif not math.isfinite(val_loss) or val_loss > run.loss_limit:
                         raise TrainingError(
                             f"validation loss became {val_loss:.4g} at step {run.step}; stopped without saving, "
                             f"so {run.good_checkpoint()}")
-                    record["val_loss"] = round(val_loss, 5)
+                    else:
+                        record["val_loss"] = round(val_loss, 5)
                 eta = (c.max_iters - run.step) * np.median(step_times[-5:]) / 1000
                 record["eta_s"] = round(eta, 1)
                 line = f"step {run.step}/{c.max_iters} | loss {mean_loss:.3f}"
