@@ -169,3 +169,14 @@ def test_a_sample_piped_into_head_stops_quietly(trained):
     assert first.startswith(b"ROMEO:")
     assert_stopped_quietly(proc.returncode, err.decode())
     assert err == b""
+
+
+def test_export_overwrite_leaves_no_earlier_tokenizer_beside_a_char_model(trained, tmp_path, capsys):
+    from npgpt.program import export
+    to = tmp_path / "hf"
+    to.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json", "README.md"):
+        (to / name).write_text("{}", encoding="utf-8")          # an earlier export, and the user's own notes
+    code, _, err = run_main(["--out-dir", trained, "--to", str(to), "--overwrite"], capsys, main=export.main)
+    assert code == 0, err
+    assert sorted(os.listdir(to)) == ["README.md", "config.json", "model.safetensors"]

@@ -396,17 +396,25 @@ def test_resume_refuses_flags_that_would_change_what_the_run_is(corpus, run_dir,
     assert fingerprints(run_dir) == before
 
 
-def test_another_runs_ckpt_npz_copied_in_does_not_replace_best_npz(corpus, run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("other_flags", [["--seed", "7"],                     # the same model, another run
+                                         ["--d-model", "32"]])                 # another model
+def test_another_runs_ckpt_npz_copied_in_does_not_replace_best_npz(corpus, run_dir, tmp_path, capsys, other_flags):
     other = str(tmp_path / "other")
-    wider = [a if a != "16" or i != TINY.index("--d-model") + 1 else "32" for i, a in enumerate(TINY)]
-    assert run_main(wider + ["--data", corpus, "--out-dir", other, "--max-iters", "2", "--eval-interval", "2"],
-                    capsys)[0] == 0
+    assert run_main(TINY + other_flags + ["--data", corpus, "--out-dir", other, "--max-iters", "2",
+                                          "--eval-interval", "2"], capsys)[0] == 0
     shutil.copy(os.path.join(other, "ckpt.npz"), os.path.join(run_dir, "ckpt.npz"))
     before = fingerprints(run_dir)
     code, _, err = run_main(["--data", corpus, "--out-dir", run_dir, "--resume", "--max-iters", "8", "--device",
                              "cpu", "--sample-tokens", "0"], capsys)     # the config comes from ckpt.npz
-    assert_one_line_error(code, err, "best.npz holds another model than", "move one of them")
+    assert_one_line_error(code, err, "are of two different runs", "move one of them")
     assert fingerprints(run_dir) == before
+
+
+def test_a_run_keeps_its_id_through_resumes(corpus, run_dir, capsys):
+    first = load_checkpoint(os.path.join(run_dir, "ckpt.npz"))[1]["run_id"]
+    assert run_main(resume_args(corpus, run_dir), capsys)[0] == 0
+    for name in ("ckpt.npz", "best.npz"):
+        assert load_checkpoint(os.path.join(run_dir, name))[1]["run_id"] == first
 
 
 def test_a_run_file_replaced_by_a_directory_is_named_with_its_fix(corpus, run_dir, capsys):
@@ -596,7 +604,8 @@ def test_ctrl_c_during_a_long_evaluation_saves_the_step_without_waiting_for_it(c
     assert "val_loss" not in strict_records(out_dir)[-1]
 
 
-def test_ctrl_c_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_path, signum):
     out_dir = str(tmp_path / "run")
     args = [a for a in TINY if a not in ("--sample-tokens", "0")]
     proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.train", *args, "--data", corpus, "--out-dir", out_dir,
@@ -610,13 +619,14 @@ def test_ctrl_c_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_pa
             assert time.monotonic() < deadline, printed
             if select.select([proc.stdout], [], [], 1)[0]:
                 printed += os.read(proc.stdout.fileno(), 4096)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + signum
     assert b"sample interrupted; the trained run is in" in err and b"Traceback" not in err
     assert load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"] == 2
+    assert sorted(os.listdir(out_dir)) == ["best.npz", "ckpt.npz", "metrics.jsonl"]      # the lock released
 
 
 # ---- 10. configurations that cannot work ---------------------------------------------------------------------

@@ -22,6 +22,11 @@ from .sample import load_model
 from .tokenizer import TokenizerError
 
 
+# A Hugging Face directory's tokenizer files; the export writes the first three for a BPE run, none otherwise
+STALE_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json",
+                         "special_tokens_map.json", "added_tokens.json")
+
+
 def build_parser():
     p = OneLineParser(description="Write an npgpt run as a Hugging Face GPT-2 directory.")
     p.add_argument("--out-dir", default="out", help="the run's directory (default: out)")
@@ -52,6 +57,10 @@ def main(argv=None):
         if tokenizer.kind == "bpe":
             tokenizer.save_pretrained(args.to)
             written += ["vocab.json", "merges.txt", "tokenizer_config.json"]
+        # --overwrite: an earlier export's tokenizer files would stand beside this model as if they were its own
+        for name in STALE_TOKENIZER_FILES:
+            if name not in written and os.path.isfile(os.path.join(args.to, name)):
+                os.remove(os.path.join(args.to, name))
         print(f"wrote {', '.join(written)} to {args.to} ({model.num_parameters():,} parameters, "
               f"{model.token_embedding.weight.dtype}, from {path})")
         if tokenizer.kind != "bpe":

@@ -24,11 +24,12 @@ Next to read: ``npgpt/program/sample.py``; for speed, ``npgpt/fast/cpu/threads.p
 import errno
 import math
 import os
+import secrets
 import shlex
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -254,6 +255,8 @@ class Run:
         self.optimizer = make_optimizer(self.model, config)
         self.data_rng = np.random.default_rng(config.seed)
         self.step, self.best_val = 0, math.inf
+        # names the run in its checkpoints, so that a ckpt.npz copied in from another run is told from its own
+        self.run_id = (resumed["meta"].get("run_id") if resumed is not None else None) or secrets.token_hex(8)
         self.saved_step = None          # the step of the last checkpoint written or resumed from
         self.loss_limit = loss_limit(self.tokenizer.vocab_size)
         if resumed is not None:
@@ -341,17 +344,23 @@ class Run:
         return {"arrays": arrays, "meta": meta, "tokenizer": tokenizer_from_dict(meta["tokenizer"])}
 
     def _check_best_is_of_this_run(self, meta):
-        """best.npz is replaced by any validation loss below the resumed checkpoint's best_val: where it holds
-        another model (a ckpt.npz copied in from another run), that would lose it, so the run is refused."""
+        """best.npz is replaced by any validation loss below the resumed checkpoint's best_val: where it is of
+        another run (a ckpt.npz copied in from elsewhere), that would lose it, so the run is refused. The run's
+        id tells them apart; checkpoints written without one are compared by model and tokenizer."""
         if self.resumed_path == self.best_path or not os.path.exists(self.best_path):
             return
         try:
             best_meta = read_checkpoint_meta(self.best_path)
         except CheckpointError:
             return                      # unreadable: nothing of value to keep, the next best replaces it
-        if best_meta.get("model_config") != meta["model_config"] or best_meta.get("tokenizer") != meta["tokenizer"]:
-            raise TrainingError(f"--resume: {self.best_path} holds another model than {self.ckpt_path} (another "
-                                "run's checkpoint?); move one of them to its own --out-dir")
+        if best_meta.get("run_id") and meta.get("run_id"):
+            other = best_meta["run_id"] != meta["run_id"]
+        else:
+            other = best_meta.get("model_config") != meta["model_config"] or \
+                best_meta.get("tokenizer") != meta["tokenizer"]
+        if other:
+            raise TrainingError(f"--resume: {self.best_path} and {self.ckpt_path} are of two different runs "
+                                "(a checkpoint copied in from another?); move one of them to its own --out-dir")
 
     def _restore(self, resumed):
         arrays, meta = resumed["arrays"], resumed["meta"]
@@ -370,7 +379,7 @@ class Run:
 
     def meta(self):
         return {"config": self.config.to_dict(), "model_config": self.model.config, "step": self.step,
-                "world_size": self.world_size, "workers": self.workers, "best_val": self.best_val,
+                "run_id": self.run_id, "world_size": self.world_size, "workers": self.workers, "best_val": self.best_val,
                 "tokenizer": self.tokenizer.to_dict(),
                 "rng": {"data": backend.rng_state(self.data_rng),
                         "dropout": backend.rng_state(backend.global_rng())}}
@@ -559,6 +568,23 @@ def train(run, log=print):
     return records
 
 
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises Stopped (a KeyboardInterrupt, exit code 143) within the block, as Ctrl-C raises
+    KeyboardInterrupt: the sample after training stops the same way for both, its out dir's lock released."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:                  # not the main thread: signals behave as usual
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def print_sample(model, tokenizer, prompt, new_tokens, rng):
     """The prompt and new_tokens sampled after it (temperature 0.8, top-k 50), printed as they come."""
     text = TextStream(tokenizer)
@@ -614,11 +640,13 @@ def main(argv=None):
                 prompt = run.tokenizer.encode(c.sample_prompt) if c.sample_prompt else np.zeros(1, np.int64)
                 print("-" * 60)
                 try:
-                    print_sample(run.model, run.tokenizer, prompt, c.sample_tokens, np.random.default_rng(c.seed))
-                except KeyboardInterrupt:       # the run is saved: only the sample stops
+                    with _sigterm_interrupts():
+                        print_sample(run.model, run.tokenizer, prompt, c.sample_tokens,
+                                     np.random.default_rng(c.seed))
+                except KeyboardInterrupt as exc:    # the run is saved: only the sample stops
                     print(f"\nsample interrupted; the trained run is in {c.out_dir}/ (python -m npgpt.sample "
                           f"--out-dir {shlex.quote(c.out_dir)} for more)", file=sys.stderr)
-                    return 130
+                    return getattr(exc, "exit_code", 130)
                 print("-" * 60)
             return 0
     except KeyboardInterrupt as exc:            # Stopped: 130 after SIGINT, 143 after SIGTERM, 141 closed stdout
