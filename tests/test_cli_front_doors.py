@@ -180,3 +180,14 @@ def test_export_overwrite_leaves_no_earlier_tokenizer_beside_a_char_model(traine
     code, _, err = run_main(["--out-dir", trained, "--to", str(to), "--overwrite"], capsys, main=export.main)
     assert code == 0, err
     assert sorted(os.listdir(to)) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_export_to_a_file_or_below_one_names_the_fix(trained, tmp_path, capsys):
+    from npgpt.program import export
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x", encoding="utf-8")
+    code, _, err = run_main(["--out-dir", trained, "--to", str(a_file)], capsys, main=export.main)
+    assert_one_line_error(code, err, "is a file, not a directory", "give a directory")
+    code, _, err = run_main(["--out-dir", trained, "--to", str(a_file / "hf")], capsys, main=export.main)
+    assert_one_line_error(code, err, "Not a directory", "choose another --to")
+    assert a_file.read_text(encoding="utf-8") == "x"

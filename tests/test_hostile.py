@@ -465,6 +465,20 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(corpus, run_dir, c
         assert sha256(os.path.join(run_dir, name)) == before[name]
 
 
+def test_a_save_without_write_permission_names_that_fix(corpus, run_dir, capsys, monkeypatch):
+    before = fingerprints(run_dir)
+
+    def savez_denied(file, *args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(checkpoint_module.np, "savez", savez_denied)
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "Permission denied", "choose a writable --out-dir", "untouched")
+    assert "free some space" not in err
+    for name in ("ckpt.npz", "best.npz"):
+        assert sha256(os.path.join(run_dir, name)) == before[name]
+
+
 def test_a_read_only_out_dir_is_one_line(corpus, run_dir, capsys, monkeypatch):
     before = fingerprints(run_dir)
     real_open = builtins.open
@@ -732,3 +746,48 @@ def test_resume_with_a_seq_len_above_the_checkpoints_max_names_the_limit(corpus,
     assert_one_line_error(code, err, "--seq-len 17 is above --max-seq-len 16", "at most 16")
     assert "raise --max-seq-len" not in err
     assert fingerprints(run_dir) == before
+
+
+def test_a_log_without_a_checkpoint_is_told_to_start_over_everywhere(corpus, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n', encoding="utf-8")
+    code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", str(out_dir), "--max-iters", "2"], capsys)
+    assert_one_line_error(code, err, "saved no checkpoint", "start over with --overwrite")
+    assert "--resume" not in err
+    code, _, err = run_main(["--out-dir", str(out_dir)], capsys, main=sample_module.main)
+    assert_one_line_error(code, err, "holds only the log of a run that saved none", "--overwrite")
+    code, _, _ = run_main(TINY + ["--data", corpus, "--out-dir", str(out_dir), "--max-iters", "2",
+                                  "--eval-interval", "2", "--overwrite"], capsys)        # the advice works
+    assert code == 0
+
+
+def test_a_corrupt_best_npz_that_is_the_last_checkpoint_is_not_advised_in_circles(corpus, run_dir, capsys):
+    os.remove(os.path.join(run_dir, "ckpt.npz"))
+    with open(os.path.join(run_dir, "best.npz"), "r+b") as f:
+        f.truncate(1000)
+    code, _, err = run_main(resume_args(corpus, run_dir), capsys)
+    assert_one_line_error(code, err, "best.npz is corrupt or truncated", "start over with --overwrite")
+    assert "continues from best.npz" not in err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_not_to_be_deleted(run_dir, capsys):
+    code, _, err = run_main(["--out-dir", run_dir, "--checkpoint", "metrics.jsonl"], capsys, main=sample_module.main)
+    assert_one_line_error(code, err, "metrics.jsonl is not a checkpoint", "give ckpt.npz or best.npz")
+    assert "delete" not in err
+
+
+def test_a_corpus_too_short_at_seq_len_1_is_not_told_to_shorten_it(tmp_path, capsys):
+    ten = tmp_path / "ten.txt"
+    ten.write_text("abcdefghij", encoding="utf-8")
+    args = [a if a != "16" or i != TINY.index("--seq-len") + 1 else "1" for i, a in enumerate(TINY)]
+    code, _, err = run_main(args + ["--data", str(ten), "--out-dir", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "corpus too short", "use a longer text")
+    assert "smaller --seq-len" not in err
+
+
+def test_a_directory_where_the_lock_file_goes_is_named(corpus, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    (out_dir / "lock").mkdir(parents=True)
+    code, _, err = run_main(TINY + ["--data", corpus, "--out-dir", str(out_dir), "--max-iters", "2"], capsys)
+    assert_one_line_error(code, err, f"{out_dir / 'lock'}", "move it away")

@@ -181,6 +181,19 @@ def test_a_run_in_progress_half_written_line_and_resumed_steps(tiny_run, tmp_pat
     assert_png(out_dir / "loss.png")
 
 
+def test_lines_edited_into_something_unplottable_are_skipped(tiny_run, tmp_path):
+    out_dir = tmp_path / "edited"
+    out_dir.mkdir()
+    records = read_jsonl(tiny_run["out_dir"])
+    edited = ['{"step": "x", "loss": 1}', '{"step": 1, "loss": "abc"}', '{"step": 2, "loss": 1, "val_loss": "z"}',
+              '{"step": true, "loss": 1}', '[1, 2]']
+    (out_dir / "metrics.jsonl").write_text("\n".join(edited + [json.dumps(r) for r in records[:2]]) + "\n",
+                                           encoding="utf-8")
+    assert [r["step"] for r in plot.read_metrics(str(out_dir))] == [5, 10]
+    assert plot.main(["--out-dir", str(out_dir)]) == 0
+    assert_png(out_dir / "loss.png")
+
+
 def test_compare_overlays_runs_with_their_config_differences(tiny_run, tmp_path):
     other = str(tmp_path / "other")
     config, given = config_from_args(TINY + ["--data", tiny_run["corpus"], "--out-dir", other, "--max-iters", "10",

@@ -29,6 +29,7 @@ from dataclasses import fields
 import numpy as np
 
 from .. import backend
+from .cli import os_error_fix
 from .config import ARCHITECTURE_FIELDS, TrainConfig, config_problems, memory_problem, parameter_shapes
 from .tokenizer import TokenizerError, tokenizer_from_dict
 
@@ -109,8 +110,8 @@ def save_checkpoint(path, model, optimizer, meta):
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {path} ({exc.strerror or exc}); free some space or choose a "
-                                  "writable --out-dir: the checkpoints already there are untouched") from None
+            raise CheckpointError(f"cannot write {path} ({exc.strerror or exc}); {os_error_fix(exc)}: the "
+                                  "checkpoints already there are untouched") from None
         raise
     _fsync_directory(directory)
 
@@ -279,11 +280,17 @@ def load_checkpoint(path, advice="delete it, or use the run's other checkpoint (
 
     meta["config"] holds every TrainConfig field (defaults for fields newer than the file).
     """
+    out_dir = os.path.dirname(path) or "."
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):      # a run that stopped before its first save
+            raise CheckpointError(f"no checkpoint at {path}: {out_dir} holds only the log of a run that saved none; "
+                                  f"train one with python -m npgpt.train --out-dir {out_dir} --overwrite")
         raise CheckpointError(f"no checkpoint at {path}; train one first with python -m npgpt.train "
-                              f"--out-dir {os.path.dirname(path) or '.'}")
+                              f"--out-dir {out_dir}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is not a regular file")
+        raise CheckpointError(f"{path} is not a regular file; give a checkpoint file (ckpt.npz or best.npz)")
+    if not path.endswith(".npz") and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a checkpoint (npgpt's are .npz files); give ckpt.npz or best.npz")
     try:
         headers = read_npz_headers(path)
         if headers.get("meta", ((), None))[1] is None or headers["meta"][0] != () \

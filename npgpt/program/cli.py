@@ -1,4 +1,5 @@
-"""What the commands share at their front door: a closed stdout, and a checkpoint given in place of its run.
+"""What the commands share at their front door: a closed stdout, a checkpoint given in place of its run, and
+the fix for a file that could not be written.
 
 A reader that goes away (`python -m npgpt.proof | head -1`) makes the next write to stdout raise
 BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(), then exit.
@@ -6,6 +7,7 @@ BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(),
 Next to read: ``npgpt/program/sample.py``, a command that uses both.
 """
 
+import errno
 import os
 import sys
 
@@ -31,3 +33,14 @@ def out_dir_problem(out_dir):
     run_dir, name = os.path.split(os.path.normpath(out_dir))
     return (f"--out-dir {out_dir} is a file; --out-dir takes the run's directory (here: {run_dir or '.'}), "
             f"and --checkpoint the file's name ({name})")
+
+
+def os_error_fix(exc, directory_flag="--out-dir"):
+    """The fix for an OSError met writing a command's files, by its kind: a full disk, a place without write
+    permission, a directory where a file goes, or anything else."""
+    space = f"free some space or choose another {directory_flag}"
+    writable = f"choose a writable {directory_flag}"
+    return {errno.ENOSPC: space, getattr(errno, "EDQUOT", errno.ENOSPC): space,
+            errno.EACCES: writable, errno.EPERM: writable, errno.EROFS: writable,
+            errno.EISDIR: f"that path is a directory where a file goes: move it away or choose another "
+                          f"{directory_flag}"}.get(exc.errno, f"check that path, or choose another {directory_flag}")

@@ -54,8 +54,9 @@ def split_tokens(ids, seq_len, train_fraction=0.9):
     train, val = ids[:cut], ids[cut:]
     need = seq_len + 1
     if len(val) < need:
+        shorter = " or a smaller --seq-len" if seq_len > 1 else ""
         raise DataError(f"corpus too short: {len(ids)} tokens leave {len(val)} for validation, but one "
-                        f"sequence needs {need} (seq_len + 1); use a longer text or a smaller --seq-len")
+                        f"sequence needs {need} (seq_len + 1); use a longer text{shorter}")
     return train, val
 
 

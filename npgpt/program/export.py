@@ -15,7 +15,7 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .cli import out_dir_problem, silence_stdout
+from .cli import os_error_fix, out_dir_problem, silence_stdout
 from .config import OneLineParser
 from .hf import PretrainedError, save_model
 from .sample import load_model
@@ -50,7 +50,8 @@ def main(argv=None):
             raise PretrainedError(f"--to {args.to} already holds files; choose an empty directory or pass "
                                   "--overwrite")
         if os.path.exists(args.to) and not os.path.isdir(args.to):
-            raise PretrainedError(f"--to {args.to} is a file, not a directory")
+            raise PretrainedError(f"--to {args.to} is a file, not a directory; give a directory for the Hugging "
+                                  "Face files")
         model, tokenizer = load_model(path)
         save_model(model, args.to)
         written = ["config.json", "model.safetensors"]
@@ -75,7 +76,8 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot write {args.to} ({exc.strerror or exc})", file=sys.stderr)
+        print(f"error: cannot write {exc.filename or args.to} ({exc.strerror or exc}); {os_error_fix(exc, '--to')}",
+              file=sys.stderr)
         return 2
 
 

@@ -70,7 +70,7 @@ def read_metrics(out_dir):
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict) or "step" not in record or "loss" not in record:
+            if not _plottable(record):
                 continue
             while records and records[-1]["step"] >= record["step"]:
                 records.pop()
@@ -79,6 +79,19 @@ def read_metrics(out_dir):
         raise PlotError(f"{path} holds no records yet (the first is written after --log-interval steps); "
                         "try again once the run has logged a step")
     return records
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plottable(record):
+    """A record the pictures can draw: an integer step, a number for the loss, and a number (or none) for the
+    validation loss and the learning rate. A line edited by hand into something else is skipped, as the
+    trainer's --resume skips lines it cannot read."""
+    return (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+            and _number(record.get("loss"))
+            and all(record.get(key) is None or _number(record[key]) for key in ("val_loss", "lr")))
 
 
 def read_meta(out_dir):

@@ -17,6 +17,8 @@ import os
 import secrets
 import socket
 
+from .cli import os_error_fix
+
 try:
     import fcntl
 except ImportError:                     # not POSIX: the lock file alone (O_EXCL), without stale detection
@@ -50,8 +52,9 @@ class RunDirLock:
                 self._created_dir = True
             self._acquire()
         except OSError as exc:
-            raise RunDirError(f"cannot use --out-dir {self.out_dir} ({exc.strerror or exc}); choose a "
-                              "writable directory") from None
+            where = f": {exc.filename}" if exc.filename and exc.filename != self.out_dir else ""
+            raise RunDirError(f"cannot use --out-dir {self.out_dir} ({exc.strerror or exc}{where}); "
+                              f"{os_error_fix(exc)}") from None
         remove_temporary_files(self.out_dir)
         return self
 

@@ -21,7 +21,6 @@ Next to read: ``npgpt/program/sample.py``; for speed, ``npgpt/fast/cpu/threads.p
 ``npgpt/fast/cuda/kernels.py`` and ``npgpt/fast/cuda/graph.py`` (GPU).
 """
 
-import errno
 import math
 import os
 import secrets
@@ -39,7 +38,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_meta,
                          save_checkpoint, state_problem)
 from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
                      memory_problem)
-from .cli import silence_stdout
+from .cli import os_error_fix, silence_stdout
 from .sample import TextStream
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
@@ -206,6 +205,10 @@ class Run:
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
         self.resumed_path = None        # the checkpoint a --resume started from: ckpt.npz, else best.npz
         earlier = previous_run(config.out_dir)
+        if earlier == ["metrics.jsonl"] and not (config.resume or config.overwrite):
+            raise TrainingError(f"--out-dir {config.out_dir} holds the log of a run that saved no checkpoint "
+                                "(metrics.jsonl); start over with --overwrite (deletes it), or choose another "
+                                "--out-dir")
         if earlier and not (config.resume or config.overwrite):
             raise TrainingError(f"--out-dir {config.out_dir} already holds a run ({', '.join(earlier)}); "
                                 "continue it with --resume, start over with --overwrite (deletes it), or "
@@ -242,8 +245,9 @@ class Run:
         except DataError as exc:                      # say why a long text gave so few tokens
             raise DataError(f"{exc}{explain_token_count(self.tokenizer, text, len(ids))}") from None
         if len(self.train_tokens) < config.seq_len + 1:
+            shorter = " or a smaller --seq-len" if config.seq_len > 1 else ""
             raise DataError(f"corpus too short: {len(self.train_tokens)} training tokens, one sequence needs "
-                            f"{config.seq_len + 1}; use a longer text or a smaller --seq-len")
+                            f"{config.seq_len + 1}; use a longer text{shorter}")
 
         backend.manual_seed(config.seed)
         self.model = GPT(**run_model_kwargs(config, self.tokenizer.vocab_size,
@@ -313,8 +317,10 @@ class Run:
     def _load_resume_state(self, given):
         self.resumed_path = self._resume_path()
         try:
-            arrays, meta = load_checkpoint(self.resumed_path, advice="delete it (--resume then continues from "
-                                           "best.npz, where there is one), or use another --out-dir")
+            advice = ("delete it (--resume then continues from best.npz, where there is one), or use another "
+                      "--out-dir") if self.resumed_path == self.ckpt_path else \
+                "it was the run's last checkpoint: start over with --overwrite, or use another --out-dir"
+            arrays, meta = load_checkpoint(self.resumed_path, advice=advice)
         except CheckpointError as exc:
             raise TrainingError(f"--resume: {exc}") from None
         saved = TrainConfig(**meta["config"])      # every field checked by load_checkpoint
@@ -599,13 +605,7 @@ def print_sample(model, tokenizer, prompt, new_tokens, rng):
 def os_error_message(exc):
     """One line for an OSError met writing the run's files: what failed, and the fix for that kind of failure."""
     where = f" ({exc.filename})" if exc.filename else ""
-    fix = {errno.ENOSPC: "free some space or choose another --out-dir",
-           getattr(errno, "EDQUOT", errno.ENOSPC): "free some space or choose another --out-dir",
-           errno.EACCES: "choose a writable --out-dir", errno.EPERM: "choose a writable --out-dir",
-           errno.EROFS: "choose a writable --out-dir",
-           errno.EISDIR: "that path is a directory where the run keeps a file: move it away or choose another "
-                         "--out-dir"}.get(exc.errno, "check that path, or choose another --out-dir")
-    return f"{exc.strerror or exc}{where}; {fix}"
+    return f"{exc.strerror or exc}{where}; {os_error_fix(exc)}"
 
 
 def main(argv=None):
