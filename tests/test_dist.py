@@ -255,7 +255,7 @@ def test_ctrl_c_on_mpiexec_saves_once_on_rank_0(mpiexec, corpus, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert out.count("checkpoint saved") == 1 and "Traceback" not in err
-    stopped_at = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert err.count("checkpoint saved") == 1 and "Traceback" not in err and "checkpoint saved" not in out
+    stopped_at = int(err.split("interrupted at step ")[1].split(":")[0])
     _, meta = load_checkpoint(os.path.join(out_dir, "ckpt.npz"))
     assert meta["step"] == stopped_at >= 5

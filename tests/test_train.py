@@ -200,7 +200,7 @@ def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130
-    assert "checkpoint saved" in out and "Traceback" not in err
+    assert "checkpoint saved" in err and "Traceback" not in err
     _, meta = load_checkpoint(os.path.join(out_dir, "ckpt.npz"))
     assert meta["step"] >= 5
 

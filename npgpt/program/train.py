@@ -442,7 +442,8 @@ class Stopped(KeyboardInterrupt):
 class _StopFlag:
     """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, schedulers) sets a flag; the loop saves and exits at the end
     of the current step. A second signal aborts at once. A closed stdout (the reader of a pipe gone, as with
-    `| head`) stops the run the same way, as SIGPIPE (exit code 141)."""
+    `| head`) stops the run the same way, as SIGPIPE (exit code 141). What it says goes to stderr, beside
+    the errors, so that it reaches the terminal while stdout goes to a file."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     CLOSED_STDOUT = getattr(signal, "SIGPIPE", signal.SIGTERM)
@@ -465,11 +466,8 @@ class _StopFlag:
             if self.requested:
                 raise Stopped(signum)
             self.signum = signum
-            try:
-                print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                      "(signal again to abort)", flush=True)
-            except BrokenPipeError:
-                silence_stdout()
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  "(signal again to abort)", file=sys.stderr, flush=True)
         try:
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, handler)
@@ -564,12 +562,9 @@ def train(run, log=print):
             if stopping:
                 if run.saved_step != run.step:
                     run.save()
-                message = (f"interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
-                           f"continue with --out-dir {c.out_dir} --resume")
-                if stop.signum == stop.CLOSED_STDOUT:
-                    print(f"stdout was closed: {message}", file=sys.stderr)
-                else:
-                    say(message)
+                closed = "stdout was closed: " if stop.signum == stop.CLOSED_STDOUT else ""
+                print(f"{closed}interrupted at step {run.step}: checkpoint saved to {run.ckpt_path}; "
+                      f"continue with --out-dir {c.out_dir} --resume", file=sys.stderr)
                 raise Stopped(stop.signum or signal.SIGINT)     # under mpiexec: perhaps another rank's signal
     return records
 
