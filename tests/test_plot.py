@@ -194,6 +194,14 @@ def test_lines_edited_into_something_unplottable_are_skipped(tiny_run, tmp_path)
     assert_png(out_dir / "loss.png")
 
 
+def test_a_run_directory_whose_name_is_not_utf8_is_drawn(tiny_run, tmp_path):
+    out_dir = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff\xfe")      # a name in another encoding
+    shutil.copytree(tiny_run["out_dir"], out_dir)
+    assert plot.main(["--out-dir", out_dir, "--loss", "--attention"]) == 0
+    assert_png(os.path.join(out_dir, "loss.png"))
+    assert_png(os.path.join(out_dir, "attention.png"))
+
+
 def test_compare_overlays_runs_with_their_config_differences(tiny_run, tmp_path):
     other = str(tmp_path / "other")
     config, given = config_from_args(TINY + ["--data", tiny_run["corpus"], "--out-dir", other, "--max-iters", "10",

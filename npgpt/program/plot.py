@@ -450,15 +450,21 @@ def build_parser():
     return p
 
 
+def _shown(path):
+    """A path as text a picture can hold: bytes of a name that are not UTF-8 (which Python keeps as lone
+    surrogates) become U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _run_label(out_dir):
-    return os.path.basename(os.path.normpath(out_dir)) or out_dir
+    return _shown(os.path.basename(os.path.normpath(out_dir)) or out_dir)
 
 
 def run_labels(dirs, metas):
     """A legend label per run: its directory's name, and with several runs their config differences."""
     labels = [_run_label(d) for d in dirs]
     if len(set(labels)) < len(labels):
-        labels = list(dirs)
+        labels = [_shown(d) for d in dirs]
     if len(dirs) == 1:
         return labels
     differences = config_differences([m.get("config") if m else None for m in metas])
