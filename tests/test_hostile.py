@@ -35,6 +35,14 @@ TINY = ["--tokenizer", "char", "--d-model", "16", "--num-heads", "2", "--num-lay
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tiny(**values):
+    """TINY with some flags' values changed: tiny(seq_len=1) for --seq-len 1."""
+    args = list(TINY)
+    for name, value in values.items():
+        args[args.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return args
+
+
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """A run stopped at step 4 (ckpt.npz and best.npz at step 4); tests copy it before changing anything."""
@@ -571,48 +579,43 @@ def _ctrl_c_as_at_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.sample", "--out-dir", trained, "--prompt",
-                             "ROMEO:", "--max-new-tokens", "1000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            preexec_fn=_ctrl_c_as_at_a_terminal)
+def signal_when(command, ready, signum, wait_s=0.0):
+    """Run `python -u -m command...`; once its stdout so far makes ready(printed) true (within 60 s), wait
+    wait_s, send signum, and return (exit code, everything it printed, its stderr)."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=_ctrl_c_as_at_a_terminal)
     printed = b""
     try:
         deadline = time.monotonic() + 60
-        while len(printed) < 40 and time.monotonic() < deadline:   # the text arrives while it is generated
+        while not ready(printed):
+            assert time.monotonic() < deadline, printed
             if select.select([proc.stdout], [], [], 1)[0]:
                 printed += os.read(proc.stdout.fileno(), 4096)
-        assert len(printed) >= 40, "nothing streamed"
-        proc.send_signal(signal.SIGINT)
+        time.sleep(wait_s)
+        proc.send_signal(signum)
         rest, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130
-    text = (printed + rest).decode("utf-8")
+    return proc.returncode, printed + rest, err
+
+
+def test_ctrl_c_stops_a_long_sample_and_keeps_its_text(trained):
+    code, printed, err = signal_when(["npgpt.sample", "--out-dir", trained, "--prompt", "ROMEO:",
+                                      "--max-new-tokens", "1000000"],
+                                     lambda text: len(text) >= 40, signal.SIGINT)   # it streams as it samples
+    assert code == 130
+    text = printed.decode("utf-8")
     assert text.startswith("ROMEO:") and len(text) >= 40
     assert b"interrupted after" in err and b"Traceback" not in err
 
 
 def test_ctrl_c_during_a_long_evaluation_saves_the_step_without_waiting_for_it(corpus, tmp_path):
     out_dir = str(tmp_path / "run")
-    args = [a if a != "2" or i != TINY.index("--eval-iters") + 1 else "100000000" for i, a in enumerate(TINY)]
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.train", *args, "--data", corpus, "--out-dir", out_dir,
-                             "--max-iters", "4", "--eval-interval", "2", "--log-interval", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            preexec_fn=_ctrl_c_as_at_a_terminal)
-    printed = b""
-    try:
-        deadline = time.monotonic() + 60
-        while b"step 1/4" not in printed:               # step 2 is then evaluated, 10^8 batches
-            assert time.monotonic() < deadline, printed
-            if select.select([proc.stdout], [], [], 1)[0]:
-                printed += os.read(proc.stdout.fileno(), 4096)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=30)       # the evaluation would take hours
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    code, printed, err = signal_when(["npgpt.train", *tiny(eval_iters=10**8), "--data", corpus, "--out-dir",
+                                      out_dir, "--max-iters", "4", "--eval-interval", "2", "--log-interval", "1"],
+                                     lambda text: b"step 1/4" in text,     # step 2 is then evaluated, 10^8 batches
+                                     signal.SIGINT, wait_s=1.0)            # (communicate's 60 s: far fewer)
+    assert code == 130, err
     assert b"interrupted at step 2: checkpoint saved" in err and b"Traceback" not in err
     assert load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"] == 2
     assert "val_loss" not in strict_records(out_dir)[-1]
@@ -621,23 +624,12 @@ def test_ctrl_c_during_a_long_evaluation_saves_the_step_without_waiting_for_it(c
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_final_sample_keeps_the_run_and_says_so(corpus, tmp_path, signum):
     out_dir = str(tmp_path / "run")
-    args = [a for a in TINY if a not in ("--sample-tokens", "0")]
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "npgpt.train", *args, "--data", corpus, "--out-dir", out_dir,
-                             "--max-iters", "2", "--eval-interval", "2", "--sample-tokens", "1000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            preexec_fn=_ctrl_c_as_at_a_terminal)
-    printed = b""
-    try:
-        deadline = time.monotonic() + 60
-        while printed.count(b"-" * 60) < 1 or len(printed.split(b"-" * 60)[-1]) < 40:   # the sample streams
-            assert time.monotonic() < deadline, printed
-            if select.select([proc.stdout], [], [], 1)[0]:
-                printed += os.read(proc.stdout.fileno(), 4096)
-        proc.send_signal(signum)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signum
+    rule = b"-" * 60
+    code, _, err = signal_when(["npgpt.train", *tiny(sample_tokens=1000000), "--data", corpus, "--out-dir",
+                                out_dir, "--max-iters", "2", "--eval-interval", "2"],
+                               lambda text: rule in text and len(text.split(rule)[-1]) >= 40,   # it streams
+                               signum)
+    assert code == 128 + signum
     assert b"sample interrupted; the trained run is in" in err and b"Traceback" not in err
     assert load_checkpoint(os.path.join(out_dir, "ckpt.npz"))[1]["step"] == 2
     assert sorted(os.listdir(out_dir)) == ["best.npz", "ckpt.npz", "metrics.jsonl"]      # the lock released
@@ -780,8 +772,7 @@ def test_a_file_that_is_not_a_checkpoint_is_not_to_be_deleted(run_dir, capsys):
 def test_a_corpus_too_short_at_seq_len_1_is_not_told_to_shorten_it(tmp_path, capsys):
     ten = tmp_path / "ten.txt"
     ten.write_text("abcdefghij", encoding="utf-8")
-    args = [a if a != "16" or i != TINY.index("--seq-len") + 1 else "1" for i, a in enumerate(TINY)]
-    code, _, err = run_main(args + ["--data", str(ten), "--out-dir", str(tmp_path / "o")], capsys)
+    code, _, err = run_main(tiny(seq_len=1) + ["--data", str(ten), "--out-dir", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "corpus too short", "use a longer text")
     assert "smaller --seq-len" not in err
 

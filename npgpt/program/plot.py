@@ -40,7 +40,7 @@ from ..engine import no_grad
 from .. import functional as F
 from ..model import GPT
 from ..optim import cosine_lr
-from .checkpoint import CheckpointError, load_checkpoint, restore_model
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, restore_model
 from .cli import out_dir_problem, silence_stdout
 from .config import OneLineParser, parse_int
 from .tokenizer import TokenizerError, tokenizer_from_dict
@@ -104,9 +104,8 @@ def read_meta(out_dir):
         if not os.path.isfile(path):
             continue
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                return json.loads(str(archive["meta"]))
-        except (OSError, ValueError, KeyError, EOFError):
+            return read_checkpoint_meta(path)
+        except CheckpointError:
             continue        # a checkpoint being replaced or corrupt: the other one, or no config
     return None
 
