@@ -249,6 +249,7 @@ def main(argv=None):
     Only --help is taken; this module is below npgpt.program, so its refusal of anything else is its own.
     """
     import argparse
+    import os
     import sys
     parser = argparse.ArgumentParser(prog="python -m npgpt.model", exit_on_error=False,
                                      description="Print the parameter count of the tutorial's GPT at its default "
@@ -263,20 +264,19 @@ def main(argv=None):
         return 2
     config = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
     model = GPT(**config, dropout=0.1)
-    print("GPT Model Configuration")
-    print("=" * 60)
-    for key, value in config.items():
-        print(f"  {key}: {value:,}")
-    print("  dropout: 0.1")
-    print()
-    print("Parameter Breakdown")
-    print("=" * 60)
     rows, total = parameter_breakdown(**config)
-    for label, count in rows:
-        print(f"{label:<48}{count:>12,}" if count else label)
-    print("=" * 60)
-    print(f"{'Total (calculated)':<48}{total:>12,}")
-    print(f"{'Total (actual, model.parameters())':<48}{model.num_parameters():>12,}")
+    lines = ["GPT Model Configuration", "=" * 60]
+    lines += [f"  {key}: {value:,}" for key, value in config.items()]
+    lines += ["  dropout: 0.1", "", "Parameter Breakdown", "=" * 60]
+    lines += [f"{label:<48}{count:>12,}" if count else label for label, count in rows]
+    lines += ["=" * 60, f"{'Total (calculated)':<48}{total:>12,}",
+              f"{'Total (actual, model.parameters())':<48}{model.num_parameters():>12,}"]
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:         # the reader stopped early (| head): stdout to os.devnull, so that the
+        devnull = os.open(os.devnull, os.O_WRONLY)          # interpreter's last flush does not fail again
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     if total != model.num_parameters():
         raise SystemExit("parameter count mismatch")
     return 0

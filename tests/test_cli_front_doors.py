@@ -130,11 +130,11 @@ def assert_stopped_quietly(code, err):
 
 
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
-@pytest.mark.parametrize("module", ["npgpt.proof", "npgpt.viz", "npgpt.export", "npgpt.plot"])
+@pytest.mark.parametrize("module", ["npgpt.proof", "npgpt.viz", "npgpt.export", "npgpt.plot", "npgpt.model"])
 def test_a_stdout_closed_before_the_first_line_ends_the_command_quietly(trained, tmp_path, module, buffered):
     """The read end is closed before the command starts, so its first write to stdout, whenever it comes (a
     print when unbuffered, the last flush when buffered), meets the closed pipe."""
-    args = {"npgpt.proof": [], "npgpt.viz": ["--dot"],
+    args = {"npgpt.proof": [], "npgpt.viz": ["--dot"], "npgpt.model": [],
             "npgpt.export": ["--out-dir", trained, "--to", str(tmp_path / "hf")],
             "npgpt.plot": ["--out-dir", trained, "--plot-dir", str(tmp_path)]}[module]
     if module == "npgpt.plot":
