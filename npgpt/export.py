@@ -1,8 +1,7 @@
 """`python -m npgpt.export`: the front door of npgpt/program/export.py (see there)."""
 
-import sys
-
+from .program.cli import run_command
 from .program.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -1,8 +1,7 @@
 """`python -m npgpt.plot`: the front door of npgpt/program/plot.py (see there)."""
 
-import sys
-
+from .program.cli import run_command
 from .program.plot import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -1,8 +1,7 @@
 """`python -m npgpt.train`: the front door of npgpt/program/train.py (see there)."""
 
-import sys
-
+from .program.cli import run_command
 from .program.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

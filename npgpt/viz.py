@@ -1,8 +1,7 @@
 """`python -m npgpt.viz`: the front door of npgpt/program/viz.py (see there)."""
 
-import sys
-
+from .program.cli import run_command
 from .program.viz import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -456,6 +456,27 @@ def test_a_closed_stdout_saves_and_stops_like_a_signal(corpus, tmp_path):
     assert 1 <= meta["step"] < 100000
 
 
+
+def test_an_out_dir_whose_name_is_not_utf8_is_printed_as_its_own_bytes(corpus, tmp_path):
+    """Python's stdout refuses a path's undecodable bytes under a UTF-8 locale other than C.UTF-8 (here
+    PYTHONIOENCODING says the same), and its stderr escapes them; the commands print them back as they were,
+    as ls does, in their output and their errors."""
+    out_dir = os.path.join(os.fsencode(tmp_path), b"run\xff")
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING="utf-8:strict")
+    train = subprocess.run([sys.executable, "-m", "npgpt.train", *TINY, "--data", corpus, "--out-dir", out_dir,
+                            "--max-iters", "2", "--eval-interval", "2"], cwd=ROOT, capture_output=True, env=env,
+                           timeout=120)
+    assert train.returncode == 0, train.stderr.decode(errors="replace")
+    assert out_dir in train.stdout                  # e.g. the closing line's `npgpt.plot --out-dir ...`
+    assert os.path.isfile(os.path.join(out_dir, b"ckpt.npz"))
+    sample = subprocess.run([sys.executable, "-m", "npgpt.sample", "--out-dir", out_dir, "--max-new-tokens", "5"],
+                            cwd=ROOT, capture_output=True, env=env, timeout=120)
+    assert sample.returncode == 0, sample.stderr.decode(errors="replace")
+    again = subprocess.run([sys.executable, "-m", "npgpt.train", *TINY, "--data", corpus, "--out-dir", out_dir],
+                           cwd=ROOT, capture_output=True, env=env, timeout=120)
+    assert again.returncode == 2 and b"--out-dir " + out_dir + b" already holds a run" in again.stderr
+    assert b"Traceback" not in train.stderr + sample.stderr + again.stderr
+
 # ---- 7. disk full and read-only directories ---------------------------------------------------------------------
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(corpus, run_dir, capsys, monkeypatch):

@@ -2,14 +2,40 @@
 the fix for a file that could not be written.
 
 A reader that goes away (`python -m npgpt.proof | head -1`) makes the next write to stdout raise
-BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(), then exit.
+BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(), then exit. A directory name
+that is not UTF-8 is printed as its own bytes, whatever the locale: run_command().
 
 Next to read: ``npgpt/program/sample.py``, a command that uses both.
 """
 
+import codecs
 import errno
 import os
 import sys
+
+
+def run_command(main):
+    """A command's entry point (`python -m npgpt.train`): sys.exit(main()), stdout and stderr first set to
+    print a path's undecodable bytes back as they were.
+
+    A directory name that is not UTF-8 reaches Python as a str holding lone surrogates (os.fsdecode). Under a
+    UTF-8 locale other than C.UTF-8, Python's stdout refuses them ('strict'): the first print of such a path
+    would fail, at the end of a run whose work is done. Its stderr shows them as escapes (run\\udcff), not
+    the name one would type. 'surrogateescape' writes the name's own bytes, as ls does; on a UTF-8 stream it
+    changes nothing else, since every other character has its encoding. Only the process's entry point calls
+    this: the streams are then the command's own.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and _is_utf8(getattr(stream, "encoding", None)):
+            stream.reconfigure(errors="surrogateescape")
+    sys.exit(main())
+
+
+def _is_utf8(encoding):
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except (LookupError, TypeError):
+        return False
 
 
 def silence_stdout():

@@ -15,7 +15,7 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .cli import os_error_fix, out_dir_problem, silence_stdout
+from .cli import os_error_fix, out_dir_problem, run_command, silence_stdout
 from .config import OneLineParser
 from .hf import PretrainedError, save_model
 from .sample import load_model
@@ -82,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

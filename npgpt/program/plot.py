@@ -41,7 +41,7 @@ from .. import functional as F
 from ..model import GPT
 from ..optim import cosine_lr
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, restore_model
-from .cli import out_dir_problem, silence_stdout
+from .cli import out_dir_problem, run_command, silence_stdout
 from .config import OneLineParser, parse_int
 from .tokenizer import TokenizerError, tokenizer_from_dict
 
@@ -529,4 +529,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

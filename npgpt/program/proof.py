@@ -19,7 +19,7 @@ from .. import backend
 from .. import functional as F
 from ..gradcheck import GradcheckError, gradcheck
 from ..engine import Tensor
-from .cli import silence_stdout
+from .cli import run_command, silence_stdout
 from .config import OneLineParser
 
 
@@ -120,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

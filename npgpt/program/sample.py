@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backend
 from .checkpoint import CheckpointError, load_checkpoint, restore_model
-from .cli import out_dir_problem, silence_stdout
+from .cli import out_dir_problem, run_command, silence_stdout
 from .config import OneLineParser, parse_int
 from ..generate import generate_tokens
 from ..model import GPT
@@ -164,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -38,7 +38,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_meta,
                          save_checkpoint, state_problem)
 from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
                      memory_problem)
-from .cli import os_error_fix, silence_stdout
+from .cli import os_error_fix, run_command, silence_stdout
 from .sample import TextStream
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
@@ -668,4 +668,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

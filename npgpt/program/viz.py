@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backend
 from ..engine import Tensor
-from .cli import silence_stdout
+from .cli import run_command, silence_stdout
 from .config import OneLineParser
 
 
@@ -141,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
