@@ -9,7 +9,6 @@
     python -m benchmarks --json results.json
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,13 +16,15 @@ import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
-from benchmarks.suite import (ROOT, child_env, format_speed, machine_description, read_reply, refuse_unusable_device,
-                              run_speed)
+from benchmarks.suite import (ROOT, TUTORIAL, WorkerError, argument_parser, child_env, default_threads,
+                              format_speed, machine_description, read_reply, refuse_too_many_threads,
+                              refuse_unusable_device, run_speed, whole_number)
 
 
 def run_quality(budget, device, threads, log=print, every=None):
     """Both sides of benchmarks/quality.py, each in its own process, taking turns of `every` steps (default
-    quality.EVAL_EVERY) until each has reached the target, spent the budget or done the preset's steps."""
+    quality.EVAL_EVERY) until each has reached the target, spent the budget or done the preset's steps. A
+    Ctrl-C ends it at once: "interrupted" is then True and the results are those of the last turns."""
     from benchmarks import quality
     every = every or quality.EVAL_EVERY
     env = child_env(threads)
@@ -35,21 +36,25 @@ def run_quality(budget, device, threads, log=print, every=None):
                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             sides[impl] = proc
             if read_reply(proc, f"the {impl} side of the quality suite", "setup") != {"ready": impl}:
-                raise RuntimeError(f"the {impl} side of the quality suite did not start as expected")
+                raise WorkerError(f"the {impl} side of the quality suite did not start as expected")
         results = {impl: {"steps": 0, "seconds": 0.0} for impl in sides}
+        interrupted = False
         log(f"[quality] npgpt and PyTorch take turns of {every} steps, up to {budget:.0f} s of training each")
         with LoadMeter([proc.pid for proc in sides.values()]) as load:
             running = list(sides)
-            while running:
-                for impl in list(running):
-                    proc = sides[impl]
-                    proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
-                    proc.stdin.flush()
-                    results[impl] = read_reply(proc, f"the {impl} side of the quality suite", "training")
-                    if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
-                        running.remove(impl)
-                log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
-                                              for impl, r in results.items()))
+            try:
+                while running:
+                    for impl in list(running):
+                        proc = sides[impl]
+                        proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
+                        proc.stdin.flush()
+                        results[impl] = read_reply(proc, f"the {impl} side of the quality suite", "training")
+                        if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
+                            running.remove(impl)
+                    log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
+                                                  for impl, r in results.items()))
+            except KeyboardInterrupt:   # Ctrl-C: the turns both sides finished are the result (the sides ignore it)
+                interrupted = True
     finally:
         for proc in sides.values():
             try:
@@ -65,7 +70,7 @@ def run_quality(budget, device, threads, log=print, every=None):
                 proc.wait()
             proc.stdout.close()
     return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every, "load": load.as_dict(),
-            "results": results}
+            "results": results, "interrupted": interrupted}
 
 
 def format_quality(q):
@@ -84,25 +89,29 @@ def format_quality(q):
     if r["npgpt"].get("seconds_to_target") and r["torch"].get("seconds_to_target"):
         lines += ["", f"npgpt / PyTorch time to {target}: "
                       f"**{r['npgpt']['seconds_to_target'] / r['torch']['seconds_to_target']:.2f}x**"]
+    if q.get("interrupted"):
+        lines += ["", "Interrupted (Ctrl-C): each side's figures are those of the last turn it finished."]
     lines += ["", describe({"the two runs": q.get("load")},
                            consequence="the machine was busy while they ran; rerun on a quiet machine.")]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark npgpt against the PyTorch reference.")
+    p = argument_parser("Benchmark npgpt against the PyTorch reference.")
     p.add_argument("--suite", choices=("speed", "quality", "dist", "all"), default="speed")
     p.add_argument("--quick", action="store_true", help="smallest case, few repetitions (a smoke test)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for each implementation")
+    p.add_argument("--threads", type=whole_number, default=default_threads(),
+                   help="threads for each implementation (default: the cores this process may run on)")
     p.add_argument("--budget", type=positive_seconds, default=120.0,
                    help="seconds of training per side (quality suite)")
     p.add_argument("--shapes", metavar="BxT,...", help="training shapes of the tutorial GPT to time, e.g. "
-                   "16x256,4x512 (default: 8x128,16x256,4x512)")
+                   f"16x256,4x512 (default: 8x128,16x256,4x512; T at most {TUTORIAL['max_seq_len']})")
     p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     args = p.parse_args(argv)
     refuse_unusable_device(p, args.device)
+    refuse_too_many_threads(p, args.threads, args.device)
     shapes = None
     if args.shapes:
         try:
@@ -111,30 +120,85 @@ def main(argv=None):
             shapes = []
         if not shapes or not all(len(s) == 2 and min(s) > 0 for s in shapes):
             p.error(f"--shapes {args.shapes!r}: give batch x length pairs, e.g. 16x256,4x512")
+        longest = max(seq for _, seq in shapes)
+        if longest > TUTORIAL["max_seq_len"]:
+            p.error(f"--shapes {args.shapes!r}: a length of {longest} is beyond the tutorial GPT's context of "
+                    f"{TUTORIAL['max_seq_len']}; give lengths up to {TUTORIAL['max_seq_len']}")
+    if args.json:
+        problem = output_problem(args.json)
+        if problem:
+            p.error(problem)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
     report = {"machine": machine_description(args.threads)}
-    if args.suite in ("speed", "all"):
-        speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, shapes=shapes,
-                          gpt2_small=not args.no_gpt2_small, log=log)
-        report["speed"] = speed
-        print(format_speed(speed))
-    if args.suite in ("quality", "all"):
-        budget = min(args.budget, 10.0) if args.quick else args.budget
-        quality = run_quality(budget, args.device, args.threads, log=log)
-        report["quality"] = quality
-        print()
-        print(format_quality(quality))
-    if args.suite == "dist":
-        from benchmarks.dist import format_dist, run_dist
-        report["dist"] = run_dist(quick=args.quick, device=args.device, log=log)
-        print(format_dist(report["dist"]))
+    interrupted, printed = None, False
+    try:
+        if args.suite in ("speed", "all"):
+            speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, shapes=shapes,
+                              gpt2_small=not args.no_gpt2_small, log=log)
+            report["speed"] = speed
+            if speed["cases"]:
+                print(format_speed(speed))
+                printed = True
+            interrupted = speed.get("interrupted") and f"the {speed['interrupted']} case of the speed suite"
+        if args.suite in ("quality", "all") and not interrupted:
+            budget = min(args.budget, 10.0) if args.quick else args.budget
+            quality = run_quality(budget, args.device, args.threads, log=log)
+            report["quality"] = quality
+            if all("val_loss" in r for r in quality["results"].values()):
+                print()
+                print(format_quality(quality))
+                printed = True
+            interrupted = quality["interrupted"] and "the quality suite"
+        if args.suite == "dist":
+            from benchmarks.dist import format_dist, run_dist
+            report["dist"] = run_dist(quick=args.quick, device=args.device, log=log)
+            print(format_dist(report["dist"]))
+    except KeyboardInterrupt:
+        interrupted = "the suite"
+    except WorkerError as exc:
+        hint = "; choose smaller --shapes" if "MemoryError" in str(exc) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return 1
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        try:
+            write_json(args.json, report)
+        except OSError as exc:
+            print(f"error: cannot write {args.json} ({exc.strerror or exc}); the report above is complete",
+                  file=sys.stderr)
+            return 1
+    if interrupted:
+        done = "the report above holds what finished before it" if printed else "nothing had finished"
+        print(f"interrupted during {interrupted}: {done}", file=sys.stderr)
+        return 130
     return 0
+
+
+def output_problem(path):
+    """The one-line problem with --json PATH, found before anything runs (so that no figure is lost at the
+    end), or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--json {path} is a directory; give a file name, e.g. {os.path.join(path, 'bench.json')}"
+    if not os.path.isdir(directory):
+        return f"--json {path}: there is no directory {directory}; create it or give another path"
+    if not os.access(directory, os.W_OK):
+        return f"--json {path}: {directory} is not writable; give another path"
+    return None
+
+
+def write_json(path, report):
+    """The report as JSON, written whole or not at all: a temporary file beside it, renamed into place."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 if __name__ == "__main__":

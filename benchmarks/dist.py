@@ -16,7 +16,6 @@ On a GPU (--device gpu): one process without MPI against `mpiexec -n 1 ... --dis
 the flat buffer at world size 1 and its packing.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.suite import ROOT, child_env
+from benchmarks.suite import ROOT, WorkerError, argument_parser, child_env, whole_number
 
 CASES = {
     # name: (flags, description)
@@ -100,7 +99,8 @@ def _measure(case, steps, ranks, device="cpu", mpi=None):
         cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(ranks), sys.executable] + args
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=900)
     if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-400:]}")
+        last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        raise WorkerError(f"{' '.join(cmd)} failed: {last[-400:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -159,12 +159,12 @@ def format_dist(report):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argument_parser(__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help="internal: time steps in this process (or rank)")
     p.add_argument("--case", choices=sorted(CASES), default="shakespeare-char")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--steps", type=whole_number, default=30)
+    p.add_argument("--grad-accum", type=whole_number, default=1)
+    p.add_argument("--workers", type=whole_number, default=1)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dist-backend", choices=("mpi", "nccl"), default="mpi")
     p.add_argument("--quick", action="store_true")
@@ -172,8 +172,15 @@ def main(argv=None):
     if args.worker:
         worker(args.case, args.steps, args.grad_accum, args.workers, args.device, args.dist_backend)
         return 0
-    print(format_dist(run_dist(quick=args.quick, device=args.device,
-                               log=lambda m: print(m, file=sys.stderr, flush=True))))
+    try:
+        print(format_dist(run_dist(quick=args.quick, device=args.device,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))))
+    except KeyboardInterrupt:
+        print("interrupted: nothing to report (the table is made once every layout has run)", file=sys.stderr)
+        return 130
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,14 +26,14 @@ of their own (a gather, a small copy). That is the per-op cost of the engine and
 call; a summary line under the table adds it up for the step.
 """
 
-import argparse
 import collections
-import os
+import sys
 import time
 
 import numpy as np
 
-from benchmarks.suite import positive_number, refuse_unusable_device
+from benchmarks.suite import (argument_parser, default_threads, positive_number, refuse_too_many_threads,
+                              refuse_unusable_device, whole_number)
 
 
 def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
@@ -200,7 +200,7 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
                      f"{flops / (peak_gflops * 1e9) * 1e3 / anchor_ms:.2f}x. {target:.2f}x is {budget:.1f} ms: "
                      + (f"{budget - products_ms:.1f} ms for everything but the products (now "
                         f"{step_ms - products_ms:.1f} ms)." if budget > products_ms else
-                        f"less than the products alone take."))
+                        "less than the products alone take."))
     return lines
 
 
@@ -220,24 +220,13 @@ def outside_lines(outside, total, per, op_calls):
             f"the {op_calls:.0f} op calls: " + ", ".join(parts) + "."]
 
 
-def whole_number(text):
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
-    return value
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argument_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=whole_number, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
     p.add_argument("--seq", type=whole_number, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
     p.add_argument("--steps", type=whole_number, default=5)
     p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
-    p.add_argument("--threads", type=whole_number, default=os.cpu_count())
+    p.add_argument("--threads", type=whole_number, default=default_threads())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
     p.add_argument("--loop", action="store_true",
@@ -252,15 +241,20 @@ def main(argv=None):
     if args.forward and args.loop:
         p.error("--forward times the forward pass alone; leave out --loop")
     refuse_unusable_device(p, args.device)
+    refuse_too_many_threads(p, args.threads, args.device)
     from benchmarks.suite import GPT2_SMALL, SHAKESPEARE_CHAR, SHAKESPEARE_SHAPE, TUTORIAL
     small = args.model == "shakespeare-char"
     model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]
     batch = args.batch or (SHAKESPEARE_SHAPE[0] if small else 8)
     seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
-    forward, backward, counts, timers, total, steps, kernels = profile(
-        batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
-        forward_only=args.forward)
+    try:
+        forward, backward, counts, timers, total, steps, kernels = profile(
+            batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
+            forward_only=args.forward)
+    except KeyboardInterrupt:
+        print("interrupted: nothing to report (the table is made once every step has run)", file=sys.stderr)
+        return 130
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
     what = "forward pass" if args.forward else ("five-line loop step" if args.loop else "training program step")

@@ -17,16 +17,17 @@ first reached TARGET, and stops there, at the budget, or at the preset's last st
         B or done the last step}; {"op": "quit"})
 """
 
-import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.suite import positive_number, refuse_unusable_device
+from benchmarks.suite import (argument_parser, positive_number, refuse_too_many_threads, refuse_unusable_device,
+                              whole_number)
 
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
@@ -158,15 +159,17 @@ def positive_seconds(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argument_parser(__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("npgpt", "torch"), required=True)
     p.add_argument("--budget", type=positive_seconds, default=120.0, help="wall-clock seconds of training")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=whole_number, default=2)
     p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
     args = p.parse_args(argv)
     refuse_unusable_device(p, args.device)
+    refuse_too_many_threads(p, args.threads, args.device)
     if args.serve:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # as worker.py's: the suite's parent handles Ctrl-C
         # the replies keep stdout to themselves: whatever else prints (a note from the training program) goes
         # to stderr, where it cannot be taken for a reply
         replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -178,10 +181,14 @@ def main(argv=None):
         replies.flush()
         serve(training, replies, args.budget)
         return 0
-    while not training.done(args.budget):
-        training.train(EVAL_EVERY, args.budget)
-    if training.val_loss is None:       # a budget spent before the first turn: the loss as it stands
-        training.train(0)
+    try:
+        while not training.done(args.budget):
+            training.train(EVAL_EVERY, args.budget)
+        if training.val_loss is None:       # a budget spent before the first turn: the loss as it stands
+            training.train(0)
+    except KeyboardInterrupt:
+        print(f"interrupted after {training.steps} steps: no result", file=sys.stderr)
+        return 130
     print(json.dumps(dict(training.result(), impl=args.impl)))
     return 0
 

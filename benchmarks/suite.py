@@ -64,6 +64,37 @@ def forward_flops(model, batch, seq):
     return train_flops(model, batch, seq) / 3
 
 
+def argument_parser(description):
+    """argparse for the benchmark commands: a bad flag is one line on stderr and exit 2, as npgpt's commands."""
+    from npgpt.program.config import OneLineParser
+    return OneLineParser(description=description)
+
+
+def whole_number(text):
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
+    return value
+
+
+def default_threads():
+    from npgpt.fast.cpu.threads import usable_cores
+    return usable_cores()
+
+
+def refuse_too_many_threads(parser, threads, device):
+    """On the CPU, more threads than the cores this process may run on would time the scheduler handing the
+    cores round, not the libraries: the parser's error, before any worker starts."""
+    cores = default_threads()
+    if device == "cpu" and threads > cores:
+        parser.error(f"--threads {threads}: this process may run on {cores} core{'s' * (cores > 1)}; give 1 to "
+                     f"{cores} (more threads than cores would time the scheduler sharing them out, not the code)")
+
+
 def positive_number(text, what="number"):
     """An argparse type: a float above 0 (what: how the error names it)."""
     value = float(text)
@@ -82,15 +113,19 @@ def refuse_unusable_device(parser, device):
             parser.error(f"--device gpu: {reason}")
 
 
+class WorkerError(RuntimeError):
+    """A benchmark child process died or replied with an error; the message names it and what it was doing."""
+
+
 def read_reply(proc, name, during):
-    """The child's next line on stdout, a JSON reply; a RuntimeError naming the child where it died instead or
+    """The child's next line on stdout, a JSON reply; a WorkerError naming the child where it died instead or
     replied with an error."""
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"{name} died during {during}")
+        raise WorkerError(f"{name} died during {during}")
     reply = json.loads(line)
     if "error" in reply:
-        raise RuntimeError(f"{name} failed at {during}: {reply['error']}")
+        raise WorkerError(f"{name} failed at {during}: {reply['error']}")
     return reply
 
 
@@ -162,17 +197,18 @@ def machine_description(threads):
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
 
 
-def _start(lineup, env, setup, log):
-    """Workers for the line-up; one that cannot start (torch.compile without a working compiler, say) is left
-    out, with the reason."""
-    workers, missing = [], {}
+def _start(lineup, env, setup, log, workers):
+    """Workers for the line-up, each appended to `workers` as it starts (so that all are closed, whatever
+    stops the suite); one that cannot start (torch.compile without a working compiler, say) is left out: the
+    reasons are returned, {label: why}."""
+    missing = {}
     for impl, label, extra in lineup:
         try:
             workers.append(Worker(impl, env, dict(setup, **extra), label=label))
         except RuntimeError as exc:
             missing[label] = str(exc)
             log(f"[{setup['batch']}x{setup['seq']}] {label} unavailable: {exc}")
-    return workers, missing
+    return missing
 
 
 def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=None):
@@ -193,8 +229,9 @@ def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=
 def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, gpt2_small=True,
               log=print):
     """The speed suite: the tutorial GPT at each shape, then the shakespeare-char model's step; on the GPU it
-    adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024)."""
-    threads = threads or os.cpu_count()
+    adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024). A Ctrl-C while a case is measured ends
+    the suite there: report["interrupted"] names that case, and report["cases"] holds those before it."""
+    threads = threads or default_threads()
     model = model or TUTORIAL
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
     cases = [(model, batch, seq, dropout) for batch, seq in shapes]
@@ -208,55 +245,62 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
     report = {"machine": machine_description(threads), "device": device, "model": model, "dropout": dropout,
               "warmup": warmup, "repeats": repeats, "cases": [], "unavailable": {}}
     lineup = LINEUP + ([] if quick else [COMPILED])
-    for index, (case_model, batch, seq, case_dropout) in enumerate(cases):
-        small = case_model is SHAKESPEARE_CHAR
-        setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=case_dropout, threads=threads)
-        log(f"[{batch}x{seq}] starting workers")
-        workers, missing = _start(lineup, env, setup, log)
-        report["unavailable"].update(missing)
-        # on the GPU, also npgpt launching every kernel from Python: what the CUDA graph is worth
-        eager = ([Worker("npgpt", env, dict(setup, cuda_graph=False), label="npgpt_eager")]
-                 if device == "gpu" else [])
-        try:
-            # every worker of the case is alive from here to the end of its measurements
-            with LoadMeter([w.proc.pid for w in workers + eager]) as load:
-                if index == 0:
-                    report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers
-                                          if w.impl in ("npgpt", "torch")}
-                    n = 8192 if device == "gpu" else 2048
-                    report["sgemm_n"] = n
-                    report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"]
-                                              for w in workers if w.impl in ("npgpt", "torch")}
-                case = {"batch": batch, "seq": seq, "model": case_model, "dropout": case_dropout,
-                        "name": {id(GPT2_SMALL): "GPT-2 small", id(SHAKESPEARE_CHAR): "shakespeare-char"}.get(
-                            id(case_model), "tutorial")}
-                if not small:
-                    forward_workers = [w for w in workers if w.impl != "npgpt_loop"]   # npgpt's same forward
-                    fwd = _measure(forward_workers, "forward", warmup, repeats, missing=report["unavailable"])
-                    case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
-                    case["forward_samples"] = fwd
-                    log(f"[{batch}x{seq}] forward done")
-                trn_workers = list(workers) + eager
-                trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
-                               missing=report["unavailable"])
-                case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers
-                                     if w.impl in ("npgpt", "torch")}
-                log(f"[{batch}x{seq}] train done")
-                case["train_ms"] = {k: statistics.median(v) for k, v in trn.items()}
-                case["train_samples"] = trn
-                if index == 0:
-                    new_tokens = 50 if quick else 200
-                    gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
-                    gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
-                                    extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
-                    report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
-                                          "tokens_per_s": {k: statistics.median(v) for k, v in gen.items()}}
-                    log(f"[{batch}x{seq}] generation done")
-            case["load"] = load.as_dict()
-            report["cases"].append(case)
-        finally:
-            for w in workers + eager:
-                w.close()
+    try:
+        for index, (case_model, batch, seq, case_dropout) in enumerate(cases):
+            small = case_model is SHAKESPEARE_CHAR
+            setup = dict(device=device, batch=batch, seq=seq, model=case_model, dropout=case_dropout, threads=threads)
+            log(f"[{batch}x{seq}] starting workers")
+            workers, eager = [], []
+            try:
+                report["unavailable"].update(_start(lineup, env, setup, log, workers))
+                if device == "gpu":     # also npgpt launching every kernel from Python: what the CUDA graph is worth
+                    eager.append(Worker("npgpt", env, dict(setup, cuda_graph=False), label="npgpt_eager"))
+                # every worker of the case is alive from here to the end of its measurements
+                with LoadMeter([w.proc.pid for w in workers + eager]) as load:
+                    if index == 0:
+                        report["versions"] = {w.impl: w.ask({"op": "info"}) for w in workers
+                                              if w.impl in ("npgpt", "torch")}
+                        n = 8192 if device == "gpu" else 2048
+                        report["sgemm_n"] = n
+                        report["sgemm_gflops"] = {w.impl: w.ask({"op": "sgemm", "n": n})["gflops"]
+                                                  for w in workers if w.impl in ("npgpt", "torch")}
+                    case = {"batch": batch, "seq": seq, "model": case_model, "dropout": case_dropout,
+                            "name": {id(GPT2_SMALL): "GPT-2 small", id(SHAKESPEARE_CHAR): "shakespeare-char"}.get(
+                                id(case_model), "tutorial")}
+                    if not small:
+                        forward_workers = [w for w in workers if w.impl != "npgpt_loop"]   # npgpt's same forward
+                        fwd = _measure(forward_workers, "forward", warmup, repeats, missing=report["unavailable"])
+                        case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
+                        case["forward_samples"] = fwd
+                        log(f"[{batch}x{seq}] forward done")
+                    trn_workers = list(workers) + eager
+                    trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
+                                   missing=report["unavailable"])
+                    case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers
+                                         if w.impl in ("npgpt", "torch")}
+                    log(f"[{batch}x{seq}] train done")
+                    case["train_ms"] = {k: statistics.median(v) for k, v in trn.items()}
+                    case["train_samples"] = trn
+                    if index == 0:
+                        new_tokens = 50 if quick else 200
+                        gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
+                        gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
+                                        extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
+                        report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
+                                              "tokens_per_s": {k: statistics.median(v) for k, v in gen.items()}}
+                        log(f"[{batch}x{seq}] generation done")
+                case["load"] = load.as_dict()
+                report["cases"].append(case)
+            finally:
+                for w in workers + eager:
+                    w.close()
+    except KeyboardInterrupt:    # Ctrl-C: the cases that finished are the report (the workers ignore it)
+        stopped = len(report["cases"])          # the first case that did not finish
+        if stopped < len(cases):
+            _, batch, seq, _ = cases[stopped]
+            report["interrupted"] = f"({batch}, {seq})"
+    if not report["cases"]:
+        return report
     peak = max(report["sgemm_gflops"].values())
     report["sgemm_peak_gflops"] = peak
     gpu_name = report.get("versions", {}).get("torch", {}).get("gpu", "")
@@ -326,8 +370,9 @@ def format_speed(report):
              f"{report['model']['num_heads']} heads, {report['model']['num_layers']} layers, d_ff "
              f"{report['model']['d_ff']})" + (", and GPT-2 small (vocab 50304, 12 x 768, d_ff 3072)"
                                              if any(c.get("name") == "GPT-2 small" for c in report["cases"]) else "")
-             + f", float32, dropout {report['dropout']}; the shakespeare-char preset's model (vocab 65, 4 x 128, "
-             "d_ff 512, dropout 0) at its batch (12, 64):",
+             + f", float32, dropout {report['dropout']}"
+             + ("; the shakespeare-char preset's model (vocab 65, 4 x 128, d_ff 512, dropout 0) at its batch "
+                "(12, 64)" if any(c.get("name") == "shakespeare-char" for c in report["cases"]) else "") + ":",
              "",
              "Every ratio is a time against PyTorch eager with SDPA attention (the anchor), in the same run: "
              "the ratio of the medians, and the median of each round's ratio (its two times taken seconds "

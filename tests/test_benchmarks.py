@@ -4,8 +4,10 @@ formula, and the meter of how busy the machine was."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from optional import need
@@ -223,4 +225,130 @@ def test_a_gpu_that_cannot_be_used_is_refused_in_one_line_before_any_work(comman
     proc = subprocess.run([sys.executable, "-m"] + command + ["--device", "gpu"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
-    assert proc.stderr.splitlines()[-1].endswith(f"--device gpu: {backend.gpu_unavailable_reason()}")
+    assert proc.stderr.splitlines() == [f"error: --device gpu: {backend.gpu_unavailable_reason()}; see --help"]
+
+
+# ---- the front door: bad flags before any worker starts, a failing worker, Ctrl-C --------------------------------
+
+def _cores():
+    from npgpt.fast.cpu.threads import usable_cores
+    return usable_cores()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "--threads: must be a whole number of at least 1, got 0"),
+    (["--threads", "cores+1"], "give 1 to cores"),
+    (["--shapes", "1x1024"], "a length of 1024 is beyond the tutorial GPT's context of 512"),
+    (["--json", "no/such/dir/bench.json"], "there is no directory"),
+    (["--json", "."], "--json . is a directory; give a file name"),
+    (["--bogus"], "unrecognized arguments: --bogus")])
+def test_the_suite_refuses_bad_flags_in_one_line_before_any_worker_starts(flags, message):
+    cores = _cores()
+    flags = [flag.replace("cores+1", str(cores + 1)) for flag in flags]
+    message = message.replace("cores", str(cores))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick"] + flags, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["benchmarks.profile"], ["benchmarks.quality", "--impl", "npgpt"]])
+def test_the_other_benchmark_commands_refuse_more_threads_than_cores(command):
+    cores = _cores()
+    proc = subprocess.run([sys.executable, "-m"] + command + ["--threads", str(cores + 1)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert f"--threads {cores + 1}: this process may run on {cores} core" in proc.stderr
+
+
+def test_a_worker_that_fails_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+    import benchmarks.__main__ as front_door
+    from benchmarks.suite import WorkerError
+
+    def out_of_memory(**kwargs):
+        raise WorkerError("the npgpt worker failed at forward: MemoryError: Unable to allocate 74.5 GiB")
+    monkeypatch.setattr(front_door, "run_speed", out_of_memory)
+    out = tmp_path / "bench.json"
+    assert front_door.main(["--quick", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ("error: the npgpt worker failed at forward: MemoryError: Unable to allocate 74.5 GiB; "
+                            "choose smaller --shapes\n")
+    assert not out.exists()
+
+
+def _processes_with(marker):
+    """The pids of this machine's processes whose environment holds `marker` (a test's own variable)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers left behind through /proc")
+def test_ctrl_c_reports_the_cases_that_finished_and_ends_every_worker(tmp_path):
+    """Ctrl-C at a terminal signals the whole process group: the parent and its workers. The suite stops in
+    the second case (the shakespeare-char model's, of --quick), prints the first case's table, writes what it
+    has to --json, and leaves no worker running."""
+    need("torch", "torch")
+    out = tmp_path / "bench.json"
+    marker = f"NPGPT_TEST_RUN={os.getpid()}-{id(out)}"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
+                            env=dict(os.environ, NPGPT_TEST_RUN=marker.split("=")[1]), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),   # as at a terminal
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = b""
+        while b"[12x64] starting workers" not in err:
+            line = proc.stderr.readline()
+            assert line, err.decode()
+            err += line
+        os.killpg(proc.pid, signal.SIGINT)
+        out_text, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    err = (err + rest).decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("interrupted during the (12, 64) case of the speed suite: the report above "
+                                    "holds what finished before it")
+    assert "| train step (8, 128) | npgpt (training program) |" in out_text.decode()
+    assert "(12, 64)" not in out_text.decode() and "shakespeare-char" not in out_text.decode()
+    report = json.loads(out.read_text())
+    assert report["speed"]["interrupted"] == "(12, 64)"
+    assert [(c["batch"], c["seq"]) for c in report["speed"]["cases"]] == [(8, 128)]
+    deadline = time.time() + 30             # each worker finishes the step it was in, then quits
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the sides left behind through /proc")
+def test_ctrl_c_in_the_quality_suite_keeps_the_turns_that_finished(monkeypatch):
+    """KeyboardInterrupt (Ctrl-C) while the third turn's reply is awaited: the two turns that finished are
+    the result, marked interrupted, and both sides are ended."""
+    need("torch", "torch")
+    import benchmarks.__main__ as front_door
+    marker = f"{os.getpid()}-quality"
+    monkeypatch.setenv("NPGPT_TEST_RUN", marker)
+    replies = {"count": 0}
+    real_read_reply = front_door.read_reply
+
+    def read_reply(proc, name, during):
+        replies["count"] += 1
+        if replies["count"] == 5:              # two setups, npgpt's turn, PyTorch's turn, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_read_reply(proc, name, during)
+    monkeypatch.setattr(front_door, "read_reply", read_reply)
+    q = front_door.run_quality(60.0, "cpu", 1, log=lambda message: None, every=3)
+    assert q["interrupted"] is True
+    assert [q["results"][impl]["steps"] for impl in ("npgpt", "torch")] == [3, 3]
+    assert all(3.5 < q["results"][impl]["val_loss"] < 4.5 for impl in ("npgpt", "torch"))
+    assert "Interrupted (Ctrl-C): each side's figures are those of the last turn it finished." in \
+        front_door.format_quality(q)
+    assert _processes_with(f"NPGPT_TEST_RUN={marker}") == []
