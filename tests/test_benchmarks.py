@@ -109,10 +109,29 @@ def test_machine_ticks_reads_the_cpu_line_of_proc_stat():
         load.machine_ticks("intr 1 2 3\n")
 
 
-def test_process_ticks_counts_from_the_last_bracket():
-    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
-    text = "1234 (a) b (c) S 1 1234 1234 0 -1 4194304 100 0 0 0 42 17 0 0 20 0 1 0 5 6 7\n"
-    assert load.process_ticks(text) == 42 + 17
+def test_process_ticks_counts_from_the_last_bracket_and_include_children_waited_for():
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime
+    # cstime priority ...
+    text = "1234 (a) b (c) S 1 1234 1234 0 -1 4194304 100 0 0 0 42 17 300 8 20 0 1 0 5 6 7\n"
+    assert load.process_ticks(text) == 42 + 17 + 300 + 8
+
+
+@pytest.mark.skipif(not load.available(), reason="no /proc/stat: the load meter measures nothing here")
+def test_a_workers_own_children_count_as_the_benchmarks_time():
+    """A worker that runs a compiler, as torch.compile's first step does: its child's CPU time is the
+    benchmark's own, not load from outside it."""
+    runs_a_child = ("import subprocess, sys\n"
+                    f"subprocess.run([sys.executable, '-c', {BURN.format(s=1.0)!r}], input='', text=True, "
+                    "capture_output=True, check=True)\nprint('done', flush=True)\nsys.stdin.read()")
+    worker = subprocess.Popen([sys.executable, "-c", runs_a_child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        with load.LoadMeter([worker.pid]) as meter:
+            assert worker.stdout.readline() == "done\n"
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=30)
+    assert meter.own_seconds >= 0.9
 
 
 BURN = "import sys, time\nwhile time.process_time() < {s}: pass\nprint('done', flush=True)\nsys.stdin.read()"
