@@ -9,68 +9,59 @@
     python -m benchmarks --json results.json
 """
 
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
-from benchmarks.suite import (ROOT, TUTORIAL, WorkerError, argument_parser, child_env, default_threads,
-                              format_speed, machine_description, read_reply, refuse_too_many_threads,
-                              refuse_unusable_device, run_speed, whole_number)
+from benchmarks.suite import (TUTORIAL, WorkerError, argument_parser, child_env, end_child, format_speed,
+                              machine_description, read_reply, refuse_too_many_threads, refuse_unusable_device,
+                              run_speed, start_child, usable_cores, whole_number)
 
 
 def run_quality(budget, device, threads, log=print, every=None):
     """Both sides of benchmarks/quality.py, each in its own process, taking turns of `every` steps (default
-    quality.EVAL_EVERY) until each has reached the target, spent the budget or done the preset's steps. A
-    Ctrl-C ends it at once: "interrupted" is then True and the results are those of the last turns."""
+    quality.EVAL_EVERY) until each has reached the target, spent the budget or done the preset's steps.
+
+    A Ctrl-C or a side's failure ends the run there, both sides ended at once: "interrupted" is then True, or
+    "failed" the error, and each side's results are those of the last turn it finished."""
     from benchmarks import quality
     every = every or quality.EVAL_EVERY
     env = child_env(threads)
-    sides = {}
+    sides, load, finished = {}, None, False
+    results = {impl: {"steps": 0, "seconds": 0.0} for impl in ("npgpt", "torch")}
+    outcome = {"interrupted": False, "failed": None}
     try:
-        for impl in ("npgpt", "torch"):
-            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.quality", "--impl", impl, "--serve",
-                                     "--device", device, "--threads", str(threads)],
-                                    cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            sides[impl] = proc
+        for impl in results:
+            sides[impl] = proc = start_child(["-m", "benchmarks.quality", "--impl", impl, "--serve", "--device",
+                                              device, "--threads", str(threads)], env)
             if read_reply(proc, f"the {impl} side of the quality suite", "setup") != {"ready": impl}:
                 raise WorkerError(f"the {impl} side of the quality suite did not start as expected")
-        results = {impl: {"steps": 0, "seconds": 0.0} for impl in sides}
-        interrupted = False
         log(f"[quality] npgpt and PyTorch take turns of {every} steps, up to {budget:.0f} s of training each")
         with LoadMeter([proc.pid for proc in sides.values()]) as load:
             running = list(sides)
-            try:
-                while running:
-                    for impl in list(running):
-                        proc = sides[impl]
-                        proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
-                        proc.stdin.flush()
-                        results[impl] = read_reply(proc, f"the {impl} side of the quality suite", "training")
-                        if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
-                            running.remove(impl)
-                    log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
-                                                  for impl, r in results.items()))
-            except KeyboardInterrupt:   # Ctrl-C: the turns both sides finished are the result (the sides ignore it)
-                interrupted = True
+            while running:
+                for impl in list(running):
+                    proc = sides[impl]
+                    proc.stdin.write(json.dumps({"op": "train", "steps": every, "budget": budget}) + "\n")
+                    proc.stdin.flush()
+                    results[impl] = read_reply(proc, f"the {impl} side of the quality suite", "training")
+                    if results[impl].pop("done"):    # reached, out of time, or at the preset's last step
+                        running.remove(impl)
+                log("[quality] " + ", ".join(f"{impl} step {r['steps']} val {r['val_loss']:.3f}"
+                                              for impl, r in results.items()))
+        finished = True
+    except KeyboardInterrupt:
+        outcome["interrupted"] = True
+    except WorkerError as exc:
+        outcome["failed"] = str(exc)
     finally:
         for proc in sides.values():
-            try:
-                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in sides.values():         # a side stopped in the middle of a turn is ended, not waited for
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-    return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every, "load": load.as_dict(),
-            "results": results, "interrupted": interrupted}
+            end_child(proc, wait_s=10 if finished else 0)
+    return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every,
+            "load": load.as_dict() if load is not None else None, "results": results, **outcome}
 
 
 def format_quality(q):
@@ -89,8 +80,9 @@ def format_quality(q):
     if r["npgpt"].get("seconds_to_target") and r["torch"].get("seconds_to_target"):
         lines += ["", f"npgpt / PyTorch time to {target}: "
                       f"**{r['npgpt']['seconds_to_target'] / r['torch']['seconds_to_target']:.2f}x**"]
-    if q.get("interrupted"):
-        lines += ["", "Interrupted (Ctrl-C): each side's figures are those of the last turn it finished."]
+    if q.get("interrupted") or q.get("failed"):
+        why = "Interrupted (Ctrl-C)" if q.get("interrupted") else "Stopped by a side's failure"
+        lines += ["", f"{why}: each side's figures are those of the last turn it finished."]
     lines += ["", describe({"the two runs": q.get("load")},
                            consequence="the machine was busy while they ran; rerun on a quiet machine.")]
     return "\n".join(lines)
@@ -101,7 +93,7 @@ def main(argv=None):
     p.add_argument("--suite", choices=("speed", "quality", "dist", "all"), default="speed")
     p.add_argument("--quick", action="store_true", help="smallest case, few repetitions (a smoke test)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--threads", type=whole_number, default=default_threads(),
+    p.add_argument("--threads", type=whole_number, default=usable_cores(),
                    help="threads for each implementation (default: the cores this process may run on)")
     p.add_argument("--budget", type=positive_seconds, default=120.0,
                    help="seconds of training per side (quality suite)")
@@ -110,6 +102,8 @@ def main(argv=None):
     p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     args = p.parse_args(argv)
+    if args.suite != "dist" and importlib.util.find_spec("torch") is None:
+        p.error("the benchmarks compare npgpt with PyTorch, which is not installed: pip install -e '.[torch]'")
     refuse_unusable_device(p, args.device)
     refuse_too_many_threads(p, args.threads, args.device)
     shapes = None
@@ -133,59 +127,73 @@ def main(argv=None):
         print(message, file=sys.stderr, flush=True)
 
     report = {"machine": machine_description(args.threads)}
-    interrupted, printed = None, False
+    stopped, failure, printed = None, None, False       # where a Ctrl-C stopped the run; a worker's failure
     try:
         if args.suite in ("speed", "all"):
-            speed = run_speed(device=args.device, quick=args.quick, threads=args.threads, shapes=shapes,
-                              gpt2_small=not args.no_gpt2_small, log=log)
-            report["speed"] = speed
+            speed = report["speed"] = run_speed(device=args.device, quick=args.quick, threads=args.threads,
+                                                shapes=shapes, gpt2_small=not args.no_gpt2_small, log=log)
             if speed["cases"]:
                 print(format_speed(speed))
                 printed = True
-            interrupted = speed.get("interrupted") and f"the {speed['interrupted']} case of the speed suite"
-        if args.suite in ("quality", "all") and not interrupted:
+            if "interrupted" in speed:
+                stopped = (f"the {speed['interrupted']} case of the speed suite" if speed["interrupted"]
+                           else "the end of the speed suite")
+            if speed.get("failed"):
+                failed = speed["failed"]
+                memory = "MemoryError" in failed["error"] and failed["tutorial_shape"]
+                failure = failed["error"] + ("; choose smaller --shapes" if memory else "")
+        if args.suite in ("quality", "all") and not (stopped or failure):
             budget = min(args.budget, 10.0) if args.quick else args.budget
-            quality = run_quality(budget, args.device, args.threads, log=log)
-            report["quality"] = quality
+            quality = report["quality"] = run_quality(budget, args.device, args.threads, log=log)
             if all("val_loss" in r for r in quality["results"].values()):
                 print()
                 print(format_quality(quality))
                 printed = True
-            interrupted = quality["interrupted"] and "the quality suite"
+            stopped = "the quality suite" if quality["interrupted"] else None
+            failure = quality["failed"]
         if args.suite == "dist":
             from benchmarks.dist import format_dist, run_dist
             report["dist"] = run_dist(quick=args.quick, device=args.device, log=log)
             print(format_dist(report["dist"]))
+            printed = True
     except KeyboardInterrupt:
-        interrupted = "the suite"
+        stopped = "the suite"
     except WorkerError as exc:
-        hint = "; choose smaller --shapes" if "MemoryError" in str(exc) else ""
-        print(f"error: {exc}{hint}", file=sys.stderr)
-        return 1
+        failure = str(exc)
+    done = "the report above holds what finished before it" if printed else "nothing had finished"
     if args.json:
         try:
             write_json(args.json, report)
         except OSError as exc:
-            print(f"error: cannot write {args.json} ({exc.strerror or exc}); the report above is complete",
-                  file=sys.stderr)
-            return 1
-    if interrupted:
-        done = "the report above holds what finished before it" if printed else "nothing had finished"
-        print(f"interrupted during {interrupted}: {done}", file=sys.stderr)
+            print(f"error: cannot write {args.json} ({exc.strerror or exc}); " + (
+                "the report above is all there is" if printed else "nothing was measured to put in it"),
+                file=sys.stderr)
+            return 130 if stopped else 1
+    if failure:
+        print(f"error: {failure}; {done}", file=sys.stderr)
+        return 1
+    if stopped:
+        print(f"interrupted during {stopped}: {done}", file=sys.stderr)
         return 130
     return 0
 
 
 def output_problem(path):
-    """The one-line problem with --json PATH, found before anything runs (so that no figure is lost at the
-    end), or None."""
+    """The one-line problem with --json PATH, found before anything runs by writing (and removing) a file
+    beside it, so that no figure is lost at the end; or None."""
+    if os.path.isdir(path) or path.endswith(os.sep):
+        return (f"--json {path} names a directory; give a file name, e.g. "
+                f"{os.path.join(path, 'bench.json')}")
     directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"--json {path} is a directory; give a file name, e.g. {os.path.join(path, 'bench.json')}"
     if not os.path.isdir(directory):
         return f"--json {path}: there is no directory {directory}; create it or give another path"
-    if not os.access(directory, os.W_OK):
-        return f"--json {path}: {directory} is not writable; give another path"
+    probe = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        return f"--json {path}: cannot write there ({exc.strerror or exc}); give another path"
     return None
 
 
@@ -202,4 +210,5 @@ def write_json(path, report):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.program.cli import run_command     # paths that are not UTF-8 printed as they are
+    run_command(main)

@@ -185,4 +185,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.program.cli import run_command     # paths that are not UTF-8 printed as they are
+    run_command(main)

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import (argument_parser, default_threads, positive_number, refuse_too_many_threads,
+from benchmarks.suite import (argument_parser, usable_cores, positive_number, refuse_too_many_threads,
                               refuse_unusable_device, whole_number)
 
 
@@ -226,7 +226,7 @@ def main(argv=None):
     p.add_argument("--seq", type=whole_number, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
     p.add_argument("--steps", type=whole_number, default=5)
     p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
-    p.add_argument("--threads", type=whole_number, default=default_threads())
+    p.add_argument("--threads", type=whole_number, default=usable_cores())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model", choices=("tutorial", "shakespeare-char", "gpt2-small"), default="tutorial")
     p.add_argument("--loop", action="store_true",
@@ -248,6 +248,11 @@ def main(argv=None):
     batch = args.batch or (SHAKESPEARE_SHAPE[0] if small else 8)
     seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
+    if seq > model["max_seq_len"]:
+        p.error(f"--seq {seq} is beyond the {args.model} model's context of {model['max_seq_len']}; give at most "
+                f"{model['max_seq_len']}")
+    if not 0.0 <= dropout < 1.0:
+        p.error(f"--dropout {args.dropout}: give a probability from 0 up to (not including) 1")
     try:
         forward, backward, counts, timers, total, steps, kernels = profile(
             batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
@@ -320,7 +325,9 @@ def main(argv=None):
         for line in floor_lines(total * per, products_ms, product_flops(model, batch, seq, args.forward),
                                 gemm_peak_gflops(args.threads), args.anchor_ms, args.target):
             print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.program.cli import run_command     # paths that are not UTF-8 printed as they are
+    run_command(main)

@@ -20,14 +20,13 @@ first reached TARGET, and stops there, at the budget, or at the preset's last st
 import json
 import math
 import os
-import signal
 import sys
 import time
 
 import numpy as np
 
 from benchmarks.suite import (argument_parser, positive_number, refuse_too_many_threads, refuse_unusable_device,
-                              whole_number)
+                              usable_cores, whole_number)
 
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
@@ -149,7 +148,10 @@ def serve(training, replies, budget=math.inf, stdin=sys.stdin):
             break
         time.sleep(command.get("settle_s", SETTLE_S))
         budget = command.get("budget", budget)
-        result = dict(training.train(steps, budget), done=training.done(budget))
+        try:
+            result = dict(training.train(steps, budget), done=training.done(budget))
+        except Exception as exc:    # told to the parent, which stops the suite with it in one line
+            result = {"error": f"{type(exc).__name__}: {exc}"}
         replies.write(json.dumps(result) + "\n")
         replies.flush()
 
@@ -163,13 +165,12 @@ def main(argv=None):
     p.add_argument("--impl", choices=("npgpt", "torch"), required=True)
     p.add_argument("--budget", type=positive_seconds, default=120.0, help="wall-clock seconds of training")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--threads", type=whole_number, default=2)
+    p.add_argument("--threads", type=whole_number, default=usable_cores())
     p.add_argument("--serve", action="store_true", help="train when told to over stdin (the suite's way)")
     args = p.parse_args(argv)
     refuse_unusable_device(p, args.device)
     refuse_too_many_threads(p, args.threads, args.device)
     if args.serve:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)    # as worker.py's: the suite's parent handles Ctrl-C
         # the replies keep stdout to themselves: whatever else prints (a note from the training program) goes
         # to stderr, where it cannot be taken for a reply
         replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -194,4 +195,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.program.cli import run_command     # paths that are not UTF-8 printed as they are
+    run_command(main)

@@ -81,15 +81,16 @@ def whole_number(text):
     return value
 
 
-def default_threads():
-    from npgpt.fast.cpu.threads import usable_cores
-    return usable_cores()
+def usable_cores():
+    """The cores this process may run on: the default --threads of every benchmark command."""
+    from npgpt.fast.cpu.threads import usable_cores as cores
+    return cores()
 
 
 def refuse_too_many_threads(parser, threads, device):
     """On the CPU, more threads than the cores this process may run on would time the scheduler handing the
     cores round, not the libraries: the parser's error, before any worker starts."""
-    cores = default_threads()
+    cores = usable_cores()
     if device == "cpu" and threads > cores:
         parser.error(f"--threads {threads}: this process may run on {cores} core{'s' * (cores > 1)}; give 1 to "
                      f"{cores} (more threads than cores would time the scheduler sharing them out, not the code)")
@@ -129,27 +130,49 @@ def read_reply(proc, name, during):
     return reply
 
 
+def start_child(args, env):
+    """A benchmark child process (`python args...`) talking JSON lines over its stdin and stdout. It runs in a
+    session of its own, so that a Ctrl-C at the terminal reaches only the parent, which stops the run and
+    ends its children: a child never dies of it halfway through a reply, with a traceback in the report."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def end_child(proc, wait_s=60.0):
+    """Ask a child to quit and wait up to wait_s for it (0: end it at once); a child still running is killed."""
+    try:
+        proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
 class Worker:
-    """A child process running benchmarks/worker.py for one implementation."""
+    """A child process running benchmarks/worker.py for one implementation; one that fails to set up (or is
+    interrupted doing so) is ended before the error goes on."""
 
     def __init__(self, impl, env, setup, label=None):
         self.impl = label or impl        # the name its figures go under
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker"], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask(dict(setup, op="setup", impl=impl))
+        self.proc = start_child(["-m", "benchmarks.worker"], env)
+        try:
+            self.ask(dict(setup, op="setup", impl=impl))
+        except BaseException:
+            end_child(self.proc, wait_s=0)
+            raise
 
     def ask(self, command):
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return read_reply(self.proc, f"the {self.impl} worker", command["op"])
 
-    def close(self):
-        try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        self.proc.wait(timeout=60)
+    def close(self, wait_s=60.0):
+        end_child(self.proc, wait_s)
 
 
 def child_env(threads):
@@ -197,15 +220,17 @@ def machine_description(threads):
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
 
 
-def _start(lineup, env, setup, log, workers):
-    """Workers for the line-up, each appended to `workers` as it starts (so that all are closed, whatever
-    stops the suite); one that cannot start (torch.compile without a working compiler, say) is left out: the
-    reasons are returned, {label: why}."""
+def _start(lineup, env, setup, log, workers, fallible=("torch_compile",)):
+    """Workers for the line-up, each appended to `workers` once it has started; one of `fallible` that cannot
+    start (torch.compile without a working compiler, say) is left out: the reasons are returned, {label: why}.
+    Any other's failure is the suite's (a WorkerError)."""
     missing = {}
     for impl, label, extra in lineup:
         try:
             workers.append(Worker(impl, env, dict(setup, **extra), label=label))
-        except RuntimeError as exc:
+        except WorkerError as exc:
+            if label not in fallible:
+                raise
             missing[label] = str(exc)
             log(f"[{setup['batch']}x{setup['seq']}] {label} unavailable: {exc}")
     return missing
@@ -215,7 +240,7 @@ def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=
     """alternate(), leaving out a worker of `fallible` that fails (torch.compile at its first call, say)."""
     try:
         return alternate(workers, op, warmup, repeats)
-    except RuntimeError as exc:
+    except WorkerError as exc:
         broken = [w for w in workers if w.impl in fallible and w.impl in str(exc)]
         if not broken:
             raise
@@ -226,12 +251,27 @@ def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=
         return alternate(workers, op, warmup, repeats)
 
 
+def _close_all(workers):
+    """Each worker asked to quit and waited for; should that be interrupted, the rest are ended at once."""
+    for i, w in enumerate(workers):
+        try:
+            w.close()
+        except BaseException:
+            for rest in workers[i + 1:]:
+                rest.close(wait_s=0)
+            raise
+
+
 def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, gpt2_small=True,
               log=print):
     """The speed suite: the tutorial GPT at each shape, then the shakespeare-char model's step; on the GPU it
-    adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024). A Ctrl-C while a case is measured ends
-    the suite there: report["interrupted"] names that case, and report["cases"] holds those before it."""
-    threads = threads or default_threads()
+    adds the GPT-2-small shape (12 x 768, context 1024) at (8, 1024).
+
+    A Ctrl-C or a worker's failure ends the suite there, its workers ended at once, and the report holds the
+    cases that finished before it: report["interrupted"] names the case it stopped in ("(B, T)", or None
+    after the last), report["failed"] the case, whether it is one of the tutorial GPT's shapes, and the error.
+    """
+    threads = threads or usable_cores()
     model = model or TUTORIAL
     shapes = shapes or (SHAPES[:1] if quick else SHAPES)
     cases = [(model, batch, seq, dropout) for batch, seq in shapes]
@@ -291,14 +331,19 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                         log(f"[{batch}x{seq}] generation done")
                 case["load"] = load.as_dict()
                 report["cases"].append(case)
-            finally:
+            except BaseException:
                 for w in workers + eager:
-                    w.close()
-    except KeyboardInterrupt:    # Ctrl-C: the cases that finished are the report (the workers ignore it)
+                    w.close(wait_s=0)
+                raise
+            _close_all(workers + eager)
+    except (KeyboardInterrupt, WorkerError) as exc:
         stopped = len(report["cases"])          # the first case that did not finish
-        if stopped < len(cases):
-            _, batch, seq, _ = cases[stopped]
-            report["interrupted"] = f"({batch}, {seq})"
+        where = "({}, {})".format(*cases[stopped][1:3]) if stopped < len(cases) else None
+        if isinstance(exc, KeyboardInterrupt):
+            report["interrupted"] = where
+        else:
+            report["failed"] = {"case": where, "tutorial_shape": stopped < len(cases) and cases[stopped][0] is model,
+                                "error": str(exc)}
     if not report["cases"]:
         return report
     peak = max(report["sgemm_gflops"].values())

@@ -24,7 +24,6 @@ noise falls on both alike. Protocol: one JSON command per line on stdin, one JSO
 
 import json
 import resource
-import signal
 import sys
 import time
 
@@ -259,9 +258,6 @@ def _settle(run, seconds):
 
 
 def main():
-    # Ctrl-C at a terminal reaches the whole process group; the parent stops the suite and ends its workers,
-    # so a worker finishes what it is doing instead of dying with a traceback in the middle of the report
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     impl = None
     for line in sys.stdin:
         cmd = json.loads(line)

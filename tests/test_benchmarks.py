@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from optional import need
@@ -109,7 +108,7 @@ def test_machine_ticks_reads_the_cpu_line_of_proc_stat():
         load.machine_ticks("intr 1 2 3\n")
 
 
-def test_process_ticks_counts_from_the_last_bracket_and_include_children_waited_for():
+def test_process_ticks_count_from_the_last_bracket_and_include_children_waited_for():
     # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime
     # cstime priority ...
     text = "1234 (a) b (c) S 1 1234 1234 0 -1 4194304 100 0 0 0 42 17 300 8 20 0 1 0 5 6 7\n"
@@ -259,7 +258,8 @@ def _cores():
     (["--threads", "cores+1"], "give 1 to cores"),
     (["--shapes", "1x1024"], "a length of 1024 is beyond the tutorial GPT's context of 512"),
     (["--json", "no/such/dir/bench.json"], "there is no directory"),
-    (["--json", "."], "--json . is a directory; give a file name"),
+    (["--json", "."], "--json . names a directory; give a file name"),
+    (["--json", "not/yet/"], "--json not/yet/ names a directory; give a file name"),
     (["--bogus"], "unrecognized arguments: --bogus")])
 def test_the_suite_refuses_bad_flags_in_one_line_before_any_worker_starts(flags, message):
     cores = _cores()
@@ -281,46 +281,123 @@ def test_the_other_benchmark_commands_refuse_more_threads_than_cores(command):
     assert f"--threads {cores + 1}: this process may run on {cores} core" in proc.stderr
 
 
-def test_a_worker_that_fails_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+class FakeWorker:
+    """suite.Worker without a process: canned replies at once; `trouble` makes one call of a case fail or be
+    interrupted ({(batch, seq, what): exception}, what being "setup", an op, or "close")."""
+    trouble, made = {}, []
+
+    def __init__(self, impl, env, setup, label=None):
+        self.impl, self.case, self.closed = label or impl, (setup["batch"], setup["seq"]), None
+        self.proc = type("Proc", (), {"pid": os.getpid()})()
+        self._maybe("setup")
+        FakeWorker.made.append(self)            # started: the suite now owes it a close()
+
+    def _maybe(self, what):
+        exc = FakeWorker.trouble.pop(self.case + (what,), None)       # once: as a Ctrl-C comes once
+        if exc is not None:
+            raise exc
+
+    def ask(self, command):
+        op = command["op"]
+        self._maybe(op)
+        return {"info": {}, "sgemm": {"gflops": 100.0}, "forward": {"ms": 10.0}, "train": {"ms": 20.0},
+                "memory": {"max_rss_mb": 2.0, "after_import_mb": 1.0}, "generate": {"tokens_per_s": 50.0}}[op]
+
+    def close(self, wait_s=60.0):
+        self.closed = wait_s
+        self._maybe("close")
+
+
+@pytest.fixture
+def fake_workers(monkeypatch):
+    from benchmarks import suite
+    monkeypatch.setattr(suite, "Worker", FakeWorker)
+    FakeWorker.trouble, FakeWorker.made = {}, []
+    return FakeWorker
+
+
+def run_front_door(args, capsys):
     import benchmarks.__main__ as front_door
+    code = front_door.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_failing_worker_keeps_the_cases_before_it_and_names_itself_in_one_line(fake_workers, capsys, tmp_path):
     from benchmarks.suite import WorkerError
-
-    def out_of_memory(**kwargs):
-        raise WorkerError("the npgpt worker failed at forward: MemoryError: Unable to allocate 74.5 GiB")
-    monkeypatch.setattr(front_door, "run_speed", out_of_memory)
+    fake_workers.trouble = {(16, 256, "train"): WorkerError("the npgpt worker failed at train: MemoryError: Unable "
+                                                              "to allocate 74.5 GiB")}
     out = tmp_path / "bench.json"
-    assert front_door.main(["--quick", "--json", str(out)]) == 1
-    captured = capsys.readouterr()
-    assert captured.err == ("error: the npgpt worker failed at forward: MemoryError: Unable to allocate 74.5 GiB; "
-                            "choose smaller --shapes\n")
-    assert not out.exists()
+    code, stdout, stderr = run_front_door(["--quick", "--shapes", "8x128,16x256", "--json", str(out)], capsys)
+    assert code == 1
+    assert "| train step (8, 128) | npgpt (training program) | 20.0 ms |" in stdout and "(16, 256)" not in stdout
+    assert stderr.splitlines()[-1] == ("error: the npgpt worker failed at train: MemoryError: Unable to allocate "
+                                       "74.5 GiB; choose smaller --shapes; the report above holds what finished "
+                                       "before it")
+    report = json.loads(out.read_text())
+    assert [(c["batch"], c["seq"]) for c in report["speed"]["cases"]] == [(8, 128)]
+    assert report["speed"]["failed"]["case"] == "(16, 256)"
+    failing_case = [w for w in fake_workers.made if w.case == (16, 256)]
+    assert failing_case and all(w.closed == 0 for w in failing_case)           # ended at once, not waited for
+    assert all(w.closed == 60.0 for w in fake_workers.made if w.case == (8, 128))
 
 
-def _processes_with(marker):
-    """The pids of this machine's processes whose environment holds `marker` (a test's own variable)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+def test_a_worker_out_of_memory_in_a_case_of_fixed_shape_is_not_told_to_change_shapes(fake_workers, capsys):
+    from benchmarks.suite import WorkerError
+    fake_workers.trouble = {(12, 64, "train"): WorkerError("the torch worker failed at train: MemoryError: x")}
+    code, stdout, stderr = run_front_door(["--quick"], capsys)
+    assert code == 1 and "--shapes" not in stderr and "MemoryError: x; the report above" in stderr
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers left behind through /proc")
-def test_ctrl_c_reports_the_cases_that_finished_and_ends_every_worker(tmp_path):
-    """Ctrl-C at a terminal signals the whole process group: the parent and its workers. The suite stops in
-    the second case (the shakespeare-char model's, of --quick), prints the first case's table, writes what it
-    has to --json, and leaves no worker running."""
+@pytest.mark.parametrize("where, says", [
+    ((12, 64, "setup"), "interrupted during the (12, 64) case of the speed suite"),
+    ((8, 128, "generate"), "interrupted during the (8, 128) case of the speed suite"),
+    ((12, 64, "close"), "interrupted during the end of the speed suite")])
+def test_ctrl_c_anywhere_in_the_speed_suite_reports_what_finished(fake_workers, capsys, tmp_path, where, says):
+    fake_workers.trouble = {where: KeyboardInterrupt()}
+    out = tmp_path / "bench.json"
+    code, stdout, stderr = run_front_door(["--quick", "--suite", "all", "--json", str(out)], capsys)
+    assert code == 130 and "Traceback" not in stderr
+    finished = [] if where[0] == 8 else ["(8, 128)"] + (["(12, 64)"] if where[2] == "close" else [])
+    done = "the report above holds what finished before it" if finished else "nothing had finished"
+    assert stderr.splitlines()[-1] == f"{says}: {done}"
+    assert ("| train step (8, 128) |" in stdout) == bool(finished)
+    assert "Time to quality" not in stdout                    # --suite all stops there: no quality suite
+    report = json.loads(out.read_text())
+    assert [f"({c['batch']}, {c['seq']})" for c in report["speed"]["cases"]] == finished
+    assert "quality" not in report
+    assert all(w.closed is not None for w in fake_workers.made)
+
+
+def test_a_worker_interrupted_while_it_sets_up_is_ended(monkeypatch):
+    from benchmarks import suite
+    started = []
+
+    def start(args, env):
+        proc = real_start(args, env)
+        started.append(proc)
+        return proc
+
+    def ctrl_c(proc, name, during):
+        raise KeyboardInterrupt
+    real_start = suite.start_child
+    monkeypatch.setattr(suite, "start_child", start)
+    monkeypatch.setattr(suite, "read_reply", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        suite.Worker("npgpt", suite.child_env(1), {"device": "cpu"})
+    assert len(started) == 1 and started[0].returncode is not None         # killed and waited for
+
+
+def test_ctrl_c_at_the_terminal_reports_the_cases_that_finished_and_ends_every_worker(tmp_path):
+    """Ctrl-C at a terminal signals the parent's process group; the workers, each in a session of its own, do
+    not get it. The suite stops in the second case (the shakespeare-char model's, of --quick), prints the first
+    case's table and writes what it has to --json. communicate() returns only once every process holding the
+    parent's stderr has ended: the parent and all its workers."""
     need("torch", "torch")
     out = tmp_path / "bench.json"
-    marker = f"NPGPT_TEST_RUN={os.getpid()}-{id(out)}"
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
-                            env=dict(os.environ, NPGPT_TEST_RUN=marker.split("=")[1]), start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),   # as at a terminal
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as at a terminal
     try:
         err = b""
         while b"[12x64] starting workers" not in err:
@@ -341,33 +418,33 @@ def test_ctrl_c_reports_the_cases_that_finished_and_ends_every_worker(tmp_path):
     report = json.loads(out.read_text())
     assert report["speed"]["interrupted"] == "(12, 64)"
     assert [(c["batch"], c["seq"]) for c in report["speed"]["cases"]] == [(8, 128)]
-    deadline = time.time() + 30             # each worker finishes the step it was in, then quits
-    while _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(marker) == []
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the sides left behind through /proc")
-def test_ctrl_c_in_the_quality_suite_keeps_the_turns_that_finished(monkeypatch):
-    """KeyboardInterrupt (Ctrl-C) while the third turn's reply is awaited: the two turns that finished are
-    the result, marked interrupted, and both sides are ended."""
+@pytest.mark.parametrize("trouble", ["ctrl-c", "failure"])
+def test_the_quality_suite_keeps_the_turns_that_finished_and_ends_both_sides(monkeypatch, trouble):
+    """Ctrl-C (KeyboardInterrupt), or a side's failure, while the third turn's reply is awaited: the two turns
+    that finished are the result, and both sides are ended."""
     need("torch", "torch")
     import benchmarks.__main__ as front_door
-    marker = f"{os.getpid()}-quality"
-    monkeypatch.setenv("NPGPT_TEST_RUN", marker)
-    replies = {"count": 0}
-    real_read_reply = front_door.read_reply
+    from benchmarks.suite import WorkerError
+    replies, started = {"count": 0}, []
+    real_read_reply, real_start = front_door.read_reply, front_door.start_child
 
     def read_reply(proc, name, during):
         replies["count"] += 1
-        if replies["count"] == 5:              # two setups, npgpt's turn, PyTorch's turn, then Ctrl-C
-            raise KeyboardInterrupt
+        if replies["count"] == 5:              # two setups, npgpt's turn, PyTorch's turn, then the trouble
+            raise KeyboardInterrupt if trouble == "ctrl-c" else WorkerError("the npgpt side failed")
         return real_read_reply(proc, name, during)
+
+    def start(args, env):
+        started.append(real_start(args, env))
+        return started[-1]
     monkeypatch.setattr(front_door, "read_reply", read_reply)
+    monkeypatch.setattr(front_door, "start_child", start)
     q = front_door.run_quality(60.0, "cpu", 1, log=lambda message: None, every=3)
-    assert q["interrupted"] is True
+    assert (q["interrupted"], q["failed"]) == ((True, None) if trouble == "ctrl-c" else
+                                               (False, "the npgpt side failed"))
     assert [q["results"][impl]["steps"] for impl in ("npgpt", "torch")] == [3, 3]
     assert all(3.5 < q["results"][impl]["val_loss"] < 4.5 for impl in ("npgpt", "torch"))
-    assert "Interrupted (Ctrl-C): each side's figures are those of the last turn it finished." in \
-        front_door.format_quality(q)
-    assert _processes_with(f"NPGPT_TEST_RUN={marker}") == []
+    assert "each side's figures are those of the last turn it finished." in front_door.format_quality(q)
+    assert len(started) == 2 and all(proc.returncode is not None for proc in started)

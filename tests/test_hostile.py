@@ -456,7 +456,6 @@ def test_a_closed_stdout_saves_and_stops_like_a_signal(corpus, tmp_path):
     assert 1 <= meta["step"] < 100000
 
 
-
 def test_an_out_dir_whose_name_is_not_utf8_is_printed_as_its_own_bytes(corpus, tmp_path):
     """Python's stdout refuses a path's undecodable bytes under a UTF-8 locale other than C.UTF-8 (here
     PYTHONIOENCODING says the same), and its stderr escapes them; the commands print them back as they were,
@@ -476,6 +475,7 @@ def test_an_out_dir_whose_name_is_not_utf8_is_printed_as_its_own_bytes(corpus, t
                            cwd=ROOT, capture_output=True, env=env, timeout=120)
     assert again.returncode == 2 and b"--out-dir " + out_dir + b" already holds a run" in again.stderr
     assert b"Traceback" not in train.stderr + sample.stderr + again.stderr
+
 
 # ---- 7. disk full and read-only directories ---------------------------------------------------------------------
 
