@@ -16,7 +16,7 @@ import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
-from benchmarks.suite import (TUTORIAL, WorkerError, argument_parser, child_env, end_child, format_speed,
+from benchmarks.suite import (TUTORIAL, WorkerError, argument_parser, child_env, end_children, format_speed,
                               machine_description, read_reply, refuse_too_many_threads, refuse_unusable_device,
                               run_speed, start_child, usable_cores, whole_number)
 
@@ -58,8 +58,10 @@ def run_quality(budget, device, threads, log=print, every=None):
     except WorkerError as exc:
         outcome["failed"] = str(exc)
     finally:
-        for proc in sides.values():
-            end_child(proc, wait_s=10 if finished else 0)
+        try:
+            end_children(sides.values(), wait_s=10 if finished else 0)
+        except KeyboardInterrupt:       # while waiting for the sides to quit: they are ended, the results kept
+            outcome["interrupted"] = True
     return {"budget_s": budget, "preset": "shakespeare-char", "turn_steps": every,
             "load": load.as_dict() if load is not None else None, "results": results, **outcome}
 
@@ -102,8 +104,6 @@ def main(argv=None):
     p.add_argument("--no-gpt2-small", action="store_true", help="on the GPU, skip the GPT-2-small case")
     p.add_argument("--json", metavar="PATH", help="write every figure and the machine description here")
     args = p.parse_args(argv)
-    if args.suite != "dist" and importlib.util.find_spec("torch") is None:
-        p.error("the benchmarks compare npgpt with PyTorch, which is not installed: pip install -e '.[torch]'")
     refuse_unusable_device(p, args.device)
     refuse_too_many_threads(p, args.threads, args.device)
     shapes = None
@@ -122,6 +122,8 @@ def main(argv=None):
         problem = output_problem(args.json)
         if problem:
             p.error(problem)
+    if args.suite != "dist" and torch_missing():
+        p.error("the benchmarks compare npgpt with PyTorch, which is not installed: pip install -e '.[torch]'")
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -161,21 +163,26 @@ def main(argv=None):
     except WorkerError as exc:
         failure = str(exc)
     done = "the report above holds what finished before it" if printed else "nothing had finished"
+    written = True
     if args.json:
         try:
             write_json(args.json, report)
         except OSError as exc:
-            print(f"error: cannot write {args.json} ({exc.strerror or exc}); " + (
-                "the report above is all there is" if printed else "nothing was measured to put in it"),
-                file=sys.stderr)
-            return 130 if stopped else 1
+            written = False
+            print(f"error: cannot write {args.json} ({exc.strerror or exc})", file=sys.stderr)
+        except KeyboardInterrupt:
+            written, stopped = False, stopped or "the writing of --json (not written)"
     if failure:
         print(f"error: {failure}; {done}", file=sys.stderr)
         return 1
     if stopped:
         print(f"interrupted during {stopped}: {done}", file=sys.stderr)
         return 130
-    return 0
+    return 0 if written else 1
+
+
+def torch_missing():
+    return importlib.util.find_spec("torch") is None
 
 
 def output_problem(path):

@@ -97,11 +97,18 @@ def _measure(case, steps, ranks, device="cpu", mpi=None):
         cmd = [sys.executable] + args
     else:
         cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(ranks), sys.executable] + args
-    out = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=900)
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"{' '.join(cmd)} ran past 900 s") from None
     if out.returncode:
         last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         raise WorkerError(f"{' '.join(cmd)} failed: {last[-400:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    try:
+        return json.loads(last)
+    except ValueError:
+        raise WorkerError(f"{' '.join(cmd)} printed {last[:200]!r}, not its figures") from None
 
 
 def run_dist(quick=False, repeats=2, device="cpu", log=print):

@@ -176,12 +176,19 @@ def main(argv=None):
         replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
         sys.stdout.flush()
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    training = npgpt_training(args.device) if args.impl == "npgpt" else torch_training(args.device, args.threads)
     if args.serve:
+        try:
+            training = npgpt_training(args.device) if args.impl == "npgpt" else \
+                torch_training(args.device, args.threads)
+        except Exception as exc:    # told to the parent, which stops the suite with it in one line
+            replies.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+            replies.flush()
+            return 1
         replies.write(json.dumps({"ready": args.impl}) + "\n")
         replies.flush()
         serve(training, replies, args.budget)
         return 0
+    training = npgpt_training(args.device) if args.impl == "npgpt" else torch_training(args.device, args.threads)
     try:
         while not training.done(args.budget):
             training.train(EVAL_EVERY, args.budget)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,12 @@ def read_reply(proc, name, during):
     line = proc.stdout.readline()
     if not line:
         raise WorkerError(f"{name} died during {during}")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise WorkerError(f"{name} answered {line.strip()[:200]!r} during {during}, not a reply") from None
+    if not isinstance(reply, dict):
+        raise WorkerError(f"{name} answered {line.strip()[:200]!r} during {during}, not a reply")
     if "error" in reply:
         raise WorkerError(f"{name} failed at {during}: {reply['error']}")
     return reply
@@ -139,18 +145,34 @@ def start_child(args, env):
 
 
 def end_child(proc, wait_s=60.0):
-    """Ask a child to quit and wait up to wait_s for it (0: end it at once); a child still running is killed."""
+    """Ask a child to quit and wait up to wait_s for it (0: end it at once); one still running is killed with
+    its session (the processes it started: torch.compile's compiler runs)."""
     try:
         proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
         proc.stdin.close()
-    except (BrokenPipeError, OSError, ValueError):
+    except (OSError, ValueError):        # gone already, or its stdin closed before
         pass
     try:
         proc.wait(timeout=wait_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
         proc.wait()
     proc.stdout.close()
+
+
+def end_children(procs, wait_s=60.0):
+    """end_child for each; should a wait be interrupted, that child and the rest are ended at once."""
+    procs = list(procs)
+    for i, proc in enumerate(procs):
+        try:
+            end_child(proc, wait_s)
+        except BaseException:
+            for rest in procs[i:]:
+                end_child(rest, 0)
+            raise
 
 
 class Worker:
@@ -158,7 +180,7 @@ class Worker:
     interrupted doing so) is ended before the error goes on."""
 
     def __init__(self, impl, env, setup, label=None):
-        self.impl = label or impl        # the name its figures go under
+        self.impl, self.closed = label or impl, False        # the name its figures go under
         self.proc = start_child(["-m", "benchmarks.worker"], env)
         try:
             self.ask(dict(setup, op="setup", impl=impl))
@@ -172,6 +194,7 @@ class Worker:
         return read_reply(self.proc, f"the {self.impl} worker", command["op"])
 
     def close(self, wait_s=60.0):
+        self.closed = True
         end_child(self.proc, wait_s)
 
 
@@ -247,19 +270,8 @@ def _measure(workers, op, warmup, repeats, fallible=("torch_compile",), missing=
         for w in broken:
             missing[w.impl] = str(exc)
             workers.remove(w)
-            w.close()
+            w.close(wait_s=10)
         return alternate(workers, op, warmup, repeats)
-
-
-def _close_all(workers):
-    """Each worker asked to quit and waited for; should that be interrupted, the rest are ended at once."""
-    for i, w in enumerate(workers):
-        try:
-            w.close()
-        except BaseException:
-            for rest in workers[i + 1:]:
-                rest.close(wait_s=0)
-            raise
 
 
 def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, dropout=0.1, gpt2_small=True,
@@ -313,7 +325,7 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                         case["forward_ms"] = {k: statistics.median(v) for k, v in fwd.items()}
                         case["forward_samples"] = fwd
                         log(f"[{batch}x{seq}] forward done")
-                    trn_workers = list(workers) + eager
+                    trn_workers = [w for w in workers if not w.closed] + eager     # less one that failed
                     trn = _measure(trn_workers, "train", warmup, repeats * (3 if small else 1),
                                    missing=report["unavailable"])
                     case["train_mem"] = {w.impl: w.ask({"op": "memory"}) for w in workers
@@ -323,7 +335,8 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                     case["train_samples"] = trn
                     if index == 0:
                         new_tokens = 50 if quick else 200
-                        gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")]
+                        gen_workers = [w for w in workers if w.impl in ("npgpt", "torch", "torch_tutorial")
+                                       and not w.closed]
                         gen = alternate(gen_workers, "generate", 1, 1 if quick else 3,
                                         extra={"prompt": 16, "new_tokens": new_tokens}, key="tokens_per_s")
                         report["generate"] = {"prompt": 16, "new_tokens": new_tokens,
@@ -332,10 +345,9 @@ def run_speed(device="cpu", quick=False, threads=None, shapes=None, model=None, 
                 case["load"] = load.as_dict()
                 report["cases"].append(case)
             except BaseException:
-                for w in workers + eager:
-                    w.close(wait_s=0)
+                end_children([w.proc for w in workers + eager], wait_s=0)
                 raise
-            _close_all(workers + eager)
+            end_children([w.proc for w in workers + eager if not w.closed])
     except (KeyboardInterrupt, WorkerError) as exc:
         stopped = len(report["cases"])          # the first case that did not finish
         where = "({}, {})".format(*cases[stopped][1:3]) if stopped < len(cases) else None

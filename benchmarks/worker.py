@@ -23,6 +23,7 @@ noise falls on both alike. Protocol: one JSON command per line on stdin, one JSO
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -258,6 +259,11 @@ def _settle(run, seconds):
 
 
 def main():
+    # the replies keep stdout to themselves: whatever else prints (a library's note) goes to stderr, where it
+    # cannot be taken for a reply
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     impl = None
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -300,8 +306,8 @@ def main():
                 reply = {"error": f"unknown op {op}"}
         except Exception as exc:   # reported to the parent, which stops with the message
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":

@@ -283,35 +283,63 @@ def test_the_other_benchmark_commands_refuse_more_threads_than_cores(command):
 
 class FakeWorker:
     """suite.Worker without a process: canned replies at once; `trouble` makes one call of a case fail or be
-    interrupted ({(batch, seq, what): exception}, what being "setup", an op, or "close")."""
+    interrupted ({(batch, seq, what[, label]): exception}, what being "setup", an op, or "end": the wait for
+    the worker to end). `ended` is the wait it was given (0: ended at once)."""
     trouble, made = {}, []
 
     def __init__(self, impl, env, setup, label=None):
-        self.impl, self.case, self.closed = label or impl, (setup["batch"], setup["seq"]), None
-        self.proc = type("Proc", (), {"pid": os.getpid()})()
+        self.impl, self.case, self.closed, self.ended = label or impl, (setup["batch"], setup["seq"]), False, None
+        self.proc = FakeProcess(self)
         self._maybe("setup")
-        FakeWorker.made.append(self)            # started: the suite now owes it a close()
+        FakeWorker.made.append(self)            # started: the suite now owes it an end
 
     def _maybe(self, what):
-        exc = FakeWorker.trouble.pop(self.case + (what,), None)       # once: as a Ctrl-C comes once
-        if exc is not None:
-            raise exc
+        for key in (self.case + (what, self.impl), self.case + (what,)):
+            exc = FakeWorker.trouble.pop(key, None)             # once: as a Ctrl-C comes once
+            if exc is not None:
+                raise exc
 
     def ask(self, command):
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")    # as a real worker's closed stdin
         op = command["op"]
         self._maybe(op)
         return {"info": {}, "sgemm": {"gflops": 100.0}, "forward": {"ms": 10.0}, "train": {"ms": 20.0},
                 "memory": {"max_rss_mb": 2.0, "after_import_mb": 1.0}, "generate": {"tokens_per_s": 50.0}}[op]
 
     def close(self, wait_s=60.0):
-        self.closed = wait_s
-        self._maybe("close")
+        self.closed = True
+        self.proc.wait(wait_s)
+
+
+class FakeProcess:
+    """What suite.end_child needs of a worker's process; its pid is one no process has (for the load meter)."""
+
+    def __init__(self, worker):
+        self.worker, self.pid = worker, 2 ** 22 + 1
+        self.stdin = self.stdout = self
+
+    def write(self, text):
+        pass
+
+    def close(self):
+        pass
+
+    def wait(self, timeout=None):
+        self.worker.ended = timeout
+        self.worker._maybe("end")
+        return 0
+
+    def kill(self):
+        pass
 
 
 @pytest.fixture
 def fake_workers(monkeypatch):
+    import benchmarks.__main__ as front_door
     from benchmarks import suite
     monkeypatch.setattr(suite, "Worker", FakeWorker)
+    monkeypatch.setattr(front_door, "torch_missing", lambda: False)      # no worker imports it here
     FakeWorker.trouble, FakeWorker.made = {}, []
     return FakeWorker
 
@@ -338,8 +366,8 @@ def test_a_failing_worker_keeps_the_cases_before_it_and_names_itself_in_one_line
     assert [(c["batch"], c["seq"]) for c in report["speed"]["cases"]] == [(8, 128)]
     assert report["speed"]["failed"]["case"] == "(16, 256)"
     failing_case = [w for w in fake_workers.made if w.case == (16, 256)]
-    assert failing_case and all(w.closed == 0 for w in failing_case)           # ended at once, not waited for
-    assert all(w.closed == 60.0 for w in fake_workers.made if w.case == (8, 128))
+    assert failing_case and all(w.ended == 0 for w in failing_case)            # ended at once, not waited for
+    assert all(w.ended == 60.0 for w in fake_workers.made if w.case == (8, 128))
 
 
 def test_a_worker_out_of_memory_in_a_case_of_fixed_shape_is_not_told_to_change_shapes(fake_workers, capsys):
@@ -349,16 +377,29 @@ def test_a_worker_out_of_memory_in_a_case_of_fixed_shape_is_not_told_to_change_s
     assert code == 1 and "--shapes" not in stderr and "MemoryError: x; the report above" in stderr
 
 
+def test_a_torch_compile_that_fails_at_its_first_call_is_left_out_and_the_suite_goes_on(fake_workers, capsys):
+    from benchmarks.suite import WorkerError
+    fake_workers.trouble = {(8, 128, "forward", "torch_compile"): WorkerError(
+        "the torch_compile worker failed at forward: BackendCompilerFailed: no C++ compiler")}
+    code, stdout, stderr = run_front_door(["--shapes", "8x128"], capsys)
+    assert code == 0, stderr
+    assert "| train step (8, 128) | npgpt (training program) |" in stdout
+    assert "| train step (8, 128) | PyTorch torch.compile (SDPA) |" not in stdout
+    assert "BackendCompilerFailed: no C++ compiler" in stdout                  # the table says why it is missing
+    compiled = [w for w in fake_workers.made if w.impl == "torch_compile"]
+    assert compiled[0].ended == 10 and compiled[1].ended == 60.0     # the broken one, given 10 s; the next case's
+
+
 @pytest.mark.parametrize("where, says", [
     ((12, 64, "setup"), "interrupted during the (12, 64) case of the speed suite"),
     ((8, 128, "generate"), "interrupted during the (8, 128) case of the speed suite"),
-    ((12, 64, "close"), "interrupted during the end of the speed suite")])
+    ((12, 64, "end"), "interrupted during the end of the speed suite")])
 def test_ctrl_c_anywhere_in_the_speed_suite_reports_what_finished(fake_workers, capsys, tmp_path, where, says):
     fake_workers.trouble = {where: KeyboardInterrupt()}
     out = tmp_path / "bench.json"
     code, stdout, stderr = run_front_door(["--quick", "--suite", "all", "--json", str(out)], capsys)
     assert code == 130 and "Traceback" not in stderr
-    finished = [] if where[0] == 8 else ["(8, 128)"] + (["(12, 64)"] if where[2] == "close" else [])
+    finished = [] if where[0] == 8 else ["(8, 128)"] + (["(12, 64)"] if where[2] == "end" else [])
     done = "the report above holds what finished before it" if finished else "nothing had finished"
     assert stderr.splitlines()[-1] == f"{says}: {done}"
     assert ("| train step (8, 128) |" in stdout) == bool(finished)
@@ -366,7 +407,22 @@ def test_ctrl_c_anywhere_in_the_speed_suite_reports_what_finished(fake_workers, 
     report = json.loads(out.read_text())
     assert [f"({c['batch']}, {c['seq']})" for c in report["speed"]["cases"]] == finished
     assert "quality" not in report
-    assert all(w.closed is not None for w in fake_workers.made)
+    assert all(w.ended is not None for w in fake_workers.made)                # every worker started is ended
+    if where[2] == "end":       # the wait for the first was interrupted: it and the rest are ended at once
+        assert [w.ended for w in fake_workers.made if w.case == (12, 64)] == [0] * 4
+
+
+def test_a_child_that_prints_something_else_than_a_reply_is_named_in_one_error():
+    from benchmarks.suite import WorkerError, read_reply
+    child = subprocess.Popen([sys.executable, "-c", "print('note: falling back to eager')"], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        with pytest.raises(WorkerError, match="the npgpt worker answered 'note: falling back to eager' during "
+                                              "train, not a reply"):
+            read_reply(child, "the npgpt worker", "train")
+    finally:
+        child.wait(timeout=30)
+        child.stdout.close()
 
 
 def test_a_worker_interrupted_while_it_sets_up_is_ended(monkeypatch):
