@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from optional import need
@@ -444,11 +445,13 @@ def test_a_worker_interrupted_while_it_sets_up_is_ended(monkeypatch):
     assert len(started) == 1 and started[0].returncode is not None         # killed and waited for
 
 
-def test_ctrl_c_at_the_terminal_reports_the_cases_that_finished_and_ends_every_worker(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_reports_the_cases_that_finished_and_ends_every_worker(tmp_path, signum):
     """Ctrl-C at a terminal signals the parent's process group; the workers, each in a session of its own, do
-    not get it. The suite stops in the second case (the shakespeare-char model's, of --quick), prints the first
-    case's table and writes what it has to --json. communicate() returns only once every process holding the
-    parent's stderr has ended: the parent and all its workers."""
+    not get it (SIGTERM, as a scheduler sends it, goes to the parent alone). The suite stops in the second case
+    (the shakespeare-char model's, of --quick), prints the first case's table and writes what it has to --json.
+    communicate() returns only once every process holding the parent's stderr has ended: the parent and all
+    its workers."""
     need("torch", "torch")
     out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
@@ -460,20 +463,36 @@ def test_ctrl_c_at_the_terminal_reports_the_cases_that_finished_and_ends_every_w
             line = proc.stderr.readline()
             assert line, err.decode()
             err += line
-        os.killpg(proc.pid, signal.SIGINT)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
         out_text, rest = proc.communicate(timeout=300)
     finally:
         proc.kill()
     err = (err + rest).decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == ("interrupted during the (12, 64) case of the speed suite: the report above "
-                                    "holds what finished before it")
+    how = "" if signum == signal.SIGINT else " (SIGTERM)"
+    assert err.splitlines()[-1] == (f"interrupted{how} during the (12, 64) case of the speed suite: the report "
+                                    "above holds what finished before it")
     assert "| train step (8, 128) | npgpt (training program) |" in out_text.decode()
     assert "(12, 64)" not in out_text.decode() and "shakespeare-char" not in out_text.decode()
     report = json.loads(out.read_text())
     assert report["speed"]["interrupted"] == "(12, 64)"
     assert [(c["batch"], c["seq"]) for c in report["speed"]["cases"]] == [(8, 128)]
+
+
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_and_their_handlers_are_put_back():
+    from benchmarks.__main__ import stop_signals_as_ctrl_c
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in before:
+        with pytest.raises(KeyboardInterrupt):
+            with stop_signals_as_ctrl_c() as stop:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)                               # the handler raises before this returns
+        assert stop.signum == sig and stop.name == sig.name
+        assert {s: signal.getsignal(s) for s in before} == before
 
 
 @pytest.mark.parametrize("trouble", ["ctrl-c", "failure"])
