@@ -12,14 +12,14 @@
 import importlib.util
 import json
 import os
-import signal
 import sys
 
 from benchmarks.load import LoadMeter, describe
 from benchmarks.quality import positive_seconds
 from benchmarks.suite import (TUTORIAL, WorkerError, argument_parser, child_env, end_children, format_speed,
                               machine_description, read_reply, refuse_too_many_threads, refuse_unusable_device,
-                              run_speed, start_child, usable_cores, whole_number)
+                              run_speed, start_child, stop_signals_as_ctrl_c, usable_cores,
+                              whole_number)
 
 
 def run_quality(budget, device, threads, log=print, every=None):
@@ -130,38 +130,6 @@ def main(argv=None):
         return run(args, shapes, stop)
 
 
-class stop_signals_as_ctrl_c:
-    """``with stop_signals_as_ctrl_c() as stop:`` SIGTERM and SIGHUP (a scheduler, a closed terminal) stop the
-    run as Ctrl-C does, the workers ended and what finished kept; stop.signum is the signal that came (SIGINT
-    by default), stop.name its name. The handlers that were there before are put back on leaving."""
-
-    def __init__(self):
-        self.signum, self.previous = signal.SIGINT, {}
-
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name
-
-    def _stop(self, signum, frame):
-        self.signum = signum
-        raise KeyboardInterrupt
-
-    def __enter__(self):
-        for name in ("SIGTERM", "SIGHUP"):
-            signum = getattr(signal, name, None)            # no SIGHUP on Windows
-            if signum is not None:
-                try:
-                    self.previous[signum] = signal.signal(signum, self._stop)
-                except ValueError:                          # not the main thread: left as it is
-                    pass
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
 def run(args, shapes, stop):
     """The suites main() was asked for; the exit code."""
     def log(message):
@@ -215,8 +183,7 @@ def run(args, shapes, stop):
         print(f"error: {failure}; {done}", file=sys.stderr)
         return 1
     if stopped:
-        how = "" if stop.signum == signal.SIGINT else f" ({stop.name})"
-        print(f"interrupted{how} during {stopped}: {done}", file=sys.stderr)
+        print(f"interrupted{stop.how} during {stopped}: {done}", file=sys.stderr)
         return 128 + stop.signum
     return 0 if written else 1
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.suite import ROOT, WorkerError, argument_parser, child_env, whole_number
+from benchmarks.suite import ROOT, WorkerError, argument_parser, child_env, stop_signals_as_ctrl_c, whole_number
 
 CASES = {
     # name: (flags, description)
@@ -180,14 +180,17 @@ def main(argv=None):
         worker(args.case, args.steps, args.grad_accum, args.workers, args.device, args.dist_backend)
         return 0
     try:
-        print(format_dist(run_dist(quick=args.quick, device=args.device,
-                                   log=lambda m: print(m, file=sys.stderr, flush=True))))
+        with stop_signals_as_ctrl_c() as stop:
+            report = run_dist(quick=args.quick, device=args.device,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
-        print("interrupted: nothing to report (the table is made once every layout has run)", file=sys.stderr)
-        return 130
+        print(f"interrupted{stop.how}: nothing to report (the table is made once every layout has run)",
+              file=sys.stderr)
+        return 128 + stop.signum
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(format_dist(report))
     return 0
 
 

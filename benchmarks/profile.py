@@ -32,8 +32,8 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import (argument_parser, usable_cores, positive_number, refuse_too_many_threads,
-                              refuse_unusable_device, whole_number)
+from benchmarks.suite import (argument_parser, positive_number, refuse_too_many_threads, refuse_unusable_device,
+                              stop_signals_as_ctrl_c, usable_cores, whole_number)
 
 
 def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
@@ -254,12 +254,14 @@ def main(argv=None):
     if not 0.0 <= dropout < 1.0:
         p.error(f"--dropout {args.dropout}: give a probability from 0 up to (not including) 1")
     try:
-        forward, backward, counts, timers, total, steps, kernels = profile(
-            batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
-            forward_only=args.forward)
+        with stop_signals_as_ctrl_c() as stop:
+            forward, backward, counts, timers, total, steps, kernels = profile(
+                batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
+                forward_only=args.forward)
     except KeyboardInterrupt:
-        print("interrupted: nothing to report (the table is made once every step has run)", file=sys.stderr)
-        return 130
+        print(f"interrupted{stop.how}: nothing to report (the table is made once every step has run)",
+              file=sys.stderr)
+        return 128 + stop.signum
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
     what = "forward pass" if args.forward else ("five-line loop step" if args.loop else "training program step")

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from benchmarks.suite import (argument_parser, positive_number, refuse_too_many_threads, refuse_unusable_device,
-                              usable_cores, whole_number)
+                              stop_signals_as_ctrl_c, usable_cores, whole_number)
 
 TARGET = 1.88          # nanoGPT's reported validation loss for this preset
 EVAL_EVERY = 100
@@ -190,13 +190,14 @@ def main(argv=None):
         return 0
     training = npgpt_training(args.device) if args.impl == "npgpt" else torch_training(args.device, args.threads)
     try:
-        while not training.done(args.budget):
-            training.train(EVAL_EVERY, args.budget)
-        if training.val_loss is None:       # a budget spent before the first turn: the loss as it stands
-            training.train(0)
+        with stop_signals_as_ctrl_c() as stop:
+            while not training.done(args.budget):
+                training.train(EVAL_EVERY, args.budget)
+            if training.val_loss is None:       # a budget spent before the first turn: the loss as it stands
+                training.train(0)
     except KeyboardInterrupt:
-        print(f"interrupted after {training.steps} steps: no result", file=sys.stderr)
-        return 130
+        print(f"interrupted{stop.how} after {training.steps} steps: no result", file=sys.stderr)
+        return 128 + stop.signum
     print(json.dumps(dict(training.result(), impl=args.impl)))
     return 0
 

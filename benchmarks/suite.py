@@ -115,6 +115,43 @@ def refuse_unusable_device(parser, device):
             parser.error(f"--device gpu: {reason}")
 
 
+class stop_signals_as_ctrl_c:
+    """``with stop_signals_as_ctrl_c() as stop:`` SIGTERM and SIGHUP (a scheduler, a closed terminal) raise
+    KeyboardInterrupt, as Ctrl-C does, so that a run stops the same way whichever came (its workers ended, what
+    finished kept); stop.signum is the signal (SIGINT by default), stop.name its name, stop.how " (SIGTERM)"
+    for a message (nothing for Ctrl-C). The handlers that were there before are put back on leaving."""
+
+    def __init__(self):
+        self.signum, self.previous = signal.SIGINT, {}
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+    @property
+    def how(self):
+        return "" if self.signum == signal.SIGINT else f" ({self.name})"
+
+    def _stop(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)            # no SIGHUP on Windows
+            if signum is not None:
+                try:
+                    self.previous[signum] = signal.signal(signum, self._stop)
+                except ValueError:                          # not the main thread: left as it is
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 class WorkerError(RuntimeError):
     """A benchmark child process died or replied with an error; the message names it and what it was doing."""
 

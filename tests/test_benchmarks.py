@@ -484,15 +484,40 @@ def test_a_stop_signal_reports_the_cases_that_finished_and_ends_every_worker(tmp
 
 
 def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_and_their_handlers_are_put_back():
-    from benchmarks.__main__ import stop_signals_as_ctrl_c
+    from benchmarks.suite import stop_signals_as_ctrl_c
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     for sig in before:
         with pytest.raises(KeyboardInterrupt):
             with stop_signals_as_ctrl_c() as stop:
                 os.kill(os.getpid(), sig)
                 time.sleep(5)                               # the handler raises before this returns
-        assert stop.signum == sig and stop.name == sig.name
+        assert stop.signum == sig and stop.name == sig.name and stop.how == f" ({sig.name})"
         assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _catches(pid, signum):
+    """Whether process `pid` has a handler for `signum` (the SigCgt mask of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="waits for the handler through /proc/PID/status")
+def test_sigterm_stops_the_profiler_in_one_line_with_exit_143():
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.profile", "--model", "shakespeare-char", "--steps",
+                             "100000", "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM):           # its handler is in place: the profile runs
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err == "interrupted (SIGTERM): nothing to report (the table is made once every step has run)\n"
 
 
 @pytest.mark.parametrize("trouble", ["ctrl-c", "failure"])
