@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 from benchmarks.load import LoadMeter, describe
+from npgpt.program.cli import signal_handlers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIAL = dict(vocab_size=10000, d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=512)
@@ -115,14 +116,16 @@ def refuse_unusable_device(parser, device):
             parser.error(f"--device gpu: {reason}")
 
 
-class stop_signals_as_ctrl_c:
+class stop_signals_as_ctrl_c(signal_handlers):
     """``with stop_signals_as_ctrl_c() as stop:`` SIGTERM and SIGHUP (a scheduler, a closed terminal) raise
     KeyboardInterrupt, as Ctrl-C does, so that a run stops the same way whichever came (its workers ended, what
     finished kept); stop.signum is the signal (SIGINT by default), stop.name its name, stop.how " (SIGTERM)"
     for a message (nothing for Ctrl-C). The handlers that were there before are put back on leaving."""
 
     def __init__(self):
-        self.signum, self.previous = signal.SIGINT, {}
+        super().__init__([getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)],
+                         self._stop)
+        self.signum = signal.SIGINT
 
     @property
     def name(self):
@@ -135,21 +138,6 @@ class stop_signals_as_ctrl_c:
     def _stop(self, signum, frame):
         self.signum = signum
         raise KeyboardInterrupt
-
-    def __enter__(self):
-        for name in ("SIGTERM", "SIGHUP"):
-            signum = getattr(signal, name, None)            # no SIGHUP on Windows
-            if signum is not None:
-                try:
-                    self.previous[signum] = signal.signal(signum, self._stop)
-                except ValueError:                          # not the main thread: left as it is
-                    pass
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        return False
 
 
 class WorkerError(RuntimeError):

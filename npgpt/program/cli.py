@@ -3,7 +3,8 @@ the fix for a file that could not be written.
 
 A reader that goes away (`python -m npgpt.proof | head -1`) makes the next write to stdout raise
 BrokenPipeError; a command stops there quietly, as `cat` does: silence_stdout(), then exit. A directory name
-that is not UTF-8 is printed as its own bytes, whatever the locale: run_command().
+that is not UTF-8 is printed as its own bytes, whatever the locale: run_command(). A command that stops
+cleanly on a signal installs its handlers for the run alone: signal_handlers().
 
 Next to read: ``npgpt/program/sample.py``, a command that uses both.
 """
@@ -11,6 +12,7 @@ Next to read: ``npgpt/program/sample.py``, a command that uses both.
 import codecs
 import errno
 import os
+import signal
 import sys
 
 
@@ -35,6 +37,29 @@ def _is_utf8(encoding):
     try:
         return codecs.lookup(encoding).name == "utf-8"
     except (LookupError, TypeError):
+        return False
+
+
+class signal_handlers:
+    """``with signal_handlers(signums, handler):`` handler(signum, frame) for each of `signums` while the block
+    runs; the handlers before are put back after it. Off the main thread Python takes no handler: the signals
+    then behave as they did."""
+
+    def __init__(self, signums, handler):
+        self.signums, self.handler, self.previous = tuple(signums), handler, {}
+
+    def __enter__(self):
+        for signum in self.signums:
+            try:
+                self.previous[signum] = signal.signal(signum, self.handler)
+            except ValueError:          # not the main thread
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
         return False
 
 

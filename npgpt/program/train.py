@@ -38,7 +38,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_meta,
                          save_checkpoint, state_problem)
 from .config import (ARCHITECTURE_FIELDS, DIST_FIELDS, ConfigError, TrainConfig, config_from_args, config_problems,
                      memory_problem)
-from .cli import os_error_fix, run_command, silence_stdout
+from .cli import os_error_fix, run_command, signal_handlers, silence_stdout
 from .sample import TextStream
 from .rundir import RunDirError, RunDirLock, clear_previous_run, metrics_line, previous_run, trim_metrics
 from .data import DataError, get_batch, read_text, split_tokens
@@ -450,7 +450,7 @@ class _StopFlag:
 
     def __init__(self):
         self.signum = None
-        self._previous = {}
+        self._handlers = signal_handlers(self.SIGNALS, self._received)
 
     @property
     def requested(self):
@@ -461,24 +461,19 @@ class _StopFlag:
         if not self.requested:
             self.signum = self.CLOSED_STDOUT
 
+    def _received(self, signum, frame):
+        if self.requested:
+            raise Stopped(signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(signal again to abort)", file=sys.stderr, flush=True)
+
     def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise Stopped(signum)
-            self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  "(signal again to abort)", file=sys.stderr, flush=True)
-        try:
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, handler)
-        except ValueError:          # not the main thread: no handler, signals behave as usual
-            pass
+        self._handlers.__enter__()      # off the main thread: no handler, signals behave as usual
         return self
 
     def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        return False
+        return self._handlers.__exit__(*exc)
 
 
 def train(run, log=print):
