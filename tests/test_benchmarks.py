@@ -13,7 +13,7 @@ import pytest
 from optional import need
 
 from benchmarks import load
-from benchmarks.suite import forward_flops, train_flops, TUTORIAL
+from benchmarks.suite import forward_flops, train_flops, usable_cores, TUTORIAL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,11 +249,6 @@ def test_a_gpu_that_cannot_be_used_is_refused_in_one_line_before_any_work(comman
 
 # ---- the front door: bad flags before any worker starts, a failing worker, Ctrl-C --------------------------------
 
-def _cores():
-    from npgpt.fast.cpu.threads import usable_cores
-    return usable_cores()
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--threads", "0"], "--threads: must be a whole number of at least 1, got 0"),
     (["--threads", "cores+1"], "give 1 to cores"),
@@ -263,7 +258,7 @@ def _cores():
     (["--json", "not/yet/"], "--json not/yet/ names a directory; give a file name"),
     (["--bogus"], "unrecognized arguments: --bogus")])
 def test_the_suite_refuses_bad_flags_in_one_line_before_any_worker_starts(flags, message):
-    cores = _cores()
+    cores = usable_cores()
     flags = [flag.replace("cores+1", str(cores + 1)) for flag in flags]
     message = message.replace("cores", str(cores))
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick"] + flags, cwd=ROOT, capture_output=True,
@@ -275,7 +270,7 @@ def test_the_suite_refuses_bad_flags_in_one_line_before_any_worker_starts(flags,
 
 @pytest.mark.parametrize("command", [["benchmarks.profile"], ["benchmarks.quality", "--impl", "npgpt"]])
 def test_the_other_benchmark_commands_refuse_more_threads_than_cores(command):
-    cores = _cores()
+    cores = usable_cores()
     proc = subprocess.run([sys.executable, "-m"] + command + ["--threads", str(cores + 1)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
