@@ -437,7 +437,35 @@ def test_a_worker_interrupted_while_it_sets_up_is_ended(monkeypatch):
     monkeypatch.setattr(suite, "read_reply", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         suite.Worker("npgpt", suite.child_env(1), {"device": "cpu"})
-    assert len(started) == 1 and started[0].returncode is not None         # killed and waited for
+    assert [proc.returncode for proc in started] == [-signal.SIGKILL]      # killed at once and waited for
+
+
+def _children(pid):
+    """The processes whose parent is `pid` (from /proc; none where there is no /proc)."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()       # after the command's name, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def _end_with_its_workers(proc):
+    """Kill a benchmark run that is still going, and its workers with it: each worker leads a session of its
+    own, so killing the parent alone would leave them running."""
+    if proc.poll() is not None:
+        return
+    for child in _children(proc.pid):
+        try:
+            os.killpg(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.kill()
+    proc.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -464,7 +492,7 @@ def test_a_stop_signal_reports_the_cases_that_finished_and_ends_every_worker(tmp
             os.kill(proc.pid, signum)
         out_text, rest = proc.communicate(timeout=300)
     finally:
-        proc.kill()
+        _end_with_its_workers(proc)
     err = (err + rest).decode()
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
@@ -542,4 +570,5 @@ def test_the_quality_suite_keeps_the_turns_that_finished_and_ends_both_sides(mon
     assert [q["results"][impl]["steps"] for impl in ("npgpt", "torch")] == [3, 3]
     assert all(3.5 < q["results"][impl]["val_loss"] < 4.5 for impl in ("npgpt", "torch"))
     assert "each side's figures are those of the last turn it finished." in front_door.format_quality(q)
-    assert len(started) == 2 and all(proc.returncode is not None for proc in started)
+    # ended at once (killed, exit -9), not asked to quit and waited for
+    assert [proc.returncode for proc in started] == [-signal.SIGKILL] * 2
