@@ -444,12 +444,14 @@ def _children(pid):
     """The processes whose parent is `pid` (from /proc; none where there is no /proc)."""
     children = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
         try:
             with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
                 fields = f.read().rsplit(")", 1)[1].split()       # after the command's name, which may hold spaces
         except (OSError, IndexError):
             continue
-        if entry.isdigit() and int(fields[1]) == pid:
+        if int(fields[1]) == pid:                                  # the field after the state: the parent
             children.append(int(entry))
     return children
 
