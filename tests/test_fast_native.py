@@ -876,6 +876,55 @@ def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
     assert sum(len(kept) for kept in buffers._arrays.values()) == 4
 
 
+@pytest.fixture
+def empty_cache(monkeypatch):
+    """The cache of large arrays, empty, with no block begun."""
+    from npgpt.fast.cpu import buffers
+    monkeypatch.setattr(buffers, "_arrays", {})
+    monkeypatch.setattr(buffers, "_held", {"bytes": 0})
+    monkeypatch.setattr(buffers, "_block", {"memory": None, "next": 0, "end": 0})
+    return buffers
+
+
+def test_kept_arrays_under_4_mb_are_cut_side_by_side_from_blocks_on_2_mb_boundaries(empty_cache, monkeypatch):
+    buffers = empty_cache
+    monkeypatch.setattr(buffers, "BLOCK_BYTES", 4 << 20)
+    first = buffers.empty((256, 1024), np.float32)                  # 1 MB
+    second = buffers.empty((100, 99), np.float64)                   # 79,200 bytes
+    third = buffers.empty((64, 1024), np.float32)                   # 256 KB
+    assert isinstance(first.base, buffers._Block)
+    assert second.base is first.base and third.base is first.base  # one block
+    assert first.ctypes.data % (2 << 20) == 0                       # at a 2 MB boundary (a huge page's)
+    assert second.ctypes.data == first.ctypes.data + (1 << 20)      # right after it
+    assert third.ctypes.data == second.ctypes.data + 79232          # 79,200 rounded up to a cache line (64)
+    fourth = buffers.empty((3 << 18,), np.float32)                  # 3 MB: past the block's 4 MB, a new one
+    assert fourth.base is not first.base and fourth.ctypes.data % (2 << 20) == 0
+    assert buffers.empty((1 << 20,), np.float32).base is None       # 4 MB: an allocation of its own
+    owned = buffers.empty((256, 1024), np.float32, own_memory=True)
+    assert owned.base is None and owned.flags.owndata
+    # a kept array's views hold it, not its block: while one lives, the array is not handed out again
+    view = first.reshape(-1)[1:]
+    address = first.ctypes.data
+    del first
+    assert buffers.empty((256, 1024), np.float32).ctypes.data != address
+    del view
+    assert buffers.empty((256, 1024), np.float32).ctypes.data == address
+
+
+def test_a_weights_gradient_from_the_kernels_becomes_its_grad_without_a_copy(empty_cache):
+    """The engine takes an array that owns its memory as a leaf's .grad as it is and copies any other; the
+    kernels' weight gradients own theirs (they are never cut from a block), so no step copies them."""
+    rng = np.random.default_rng(3)
+    layer = npgpt.nn.Linear(256, 128)
+    x = npgpt.Tensor(rng.standard_normal((512, 256)).astype(np.float32))
+    assert engine.fast_path_for("linear", (x, layer.weight, layer.bias), {}) is native_ops.linear
+    F.linear(x, layer.weight, layer.bias).sum().backward()
+    grad = layer.weight.grad
+    assert grad.base is None
+    assert any(kept is grad for kept in empty_cache._arrays[((128, 256), np.dtype(np.float32), True)])
+    np.testing.assert_allclose(grad, np.ones((512, 128), np.float32).T @ x.data, rtol=1e-5)
+
+
 PAGE_FAULTS_OF_A_LOOP = """
 import resource
 import numpy as np, npgpt

@@ -14,6 +14,20 @@ new one is made and remembered.
 Only arrays of at least MIN_BYTES are kept, and at most MAX_BYTES of them in all; an array not kept is an
 ordinary one. What is kept stays allocated between steps: ``release()`` gives it back (the arrays still in
 use stay theirs). This is npgpt's own memory, not a setting of the process's allocator.
+
+The kept arrays under OWN_BLOCK_BYTES are cut side by side from blocks of BLOCK_BYTES, each block starting at
+a 2 MB boundary. NumPy asks Linux for 2 MB pages on an allocation of 4 MB and up (madvise MADV_HUGEPAGE, its
+default), so a block is backed by 2 MB pages where the system grants them, and so are the arrays cut from
+it: a step's activations then span a few dozen pages instead of thousands, and the processor's page-table
+cache (the TLB) holds them all. Without it, each op that reads its operands after other work has passed
+through the cache also waits on page-table walks, which in a virtual machine cost several memory reads
+each. Larger arrays are allocations of their own, which NumPy asks 2 MB pages for itself. A block's memory
+goes back when none of its arrays is kept or held any more.
+
+A block is an ndarray of a subclass of its own, which owns its memory: NumPy makes the base of a view the
+first array up the chain that owns its memory or is of another type, so a view of a kept array (the
+reshaped outputs the ops return) has the kept array as its base, and the kept array's reference count still
+tells whether anything holds it.
 """
 
 import math
@@ -24,10 +38,34 @@ import numpy as np
 
 MIN_BYTES = 1 << 16       # 64 KB: below it, a step's few small arrays cost no measurable page faults
 MAX_BYTES = 1 << 30
+BLOCK_BYTES = 16 << 20    # the blocks the smaller kept arrays are cut from
+OWN_BLOCK_BYTES = 4 << 20  # from here up, an array is an allocation of its own (NumPy asks 2 MB pages for it)
+PAGE_BYTES = 2 << 20      # a block's arrays start at this boundary, the size of a huge page
+ALIGN_BYTES = 64          # each array at a cache line's boundary
 
-_arrays = {}            # (shape, dtype) -> every array of that kind made here and kept, in use or free
+_arrays = {}            # (shape, dtype, own_memory) -> every array of that kind made here and kept, in use or free
 _held = {"bytes": 0}    # their bytes in all
+_block = {"memory": None, "next": 0, "end": 0}     # the block being cut: its next free byte, the end of its part
 _lock = threading.Lock()
+
+
+class _Block(np.ndarray):
+    """The bytes a block's arrays are cut from (a subclass of its own: see the module's notes)."""
+
+
+def _new_array(shape, dtype, nbytes, own_memory):
+    """A new array for the cache: cut from the current block (a new block where it is full), or an allocation
+    of its own from OWN_BLOCK_BYTES up or where asked."""
+    if own_memory or nbytes >= OWN_BLOCK_BYTES:
+        return np.empty(shape, dtype=dtype)
+    memory = _block["memory"]
+    start = 0 if memory is None else _block["next"] + -(memory.ctypes.data + _block["next"]) % ALIGN_BYTES
+    if memory is None or start + nbytes > _block["end"]:
+        memory = _Block((BLOCK_BYTES + PAGE_BYTES,), dtype=np.uint8)
+        start = -memory.ctypes.data % PAGE_BYTES                   # the first 2 MB boundary in it
+        _block.update(memory=memory, end=start + BLOCK_BYTES)
+    _block["next"] = start + nbytes
+    return np.ndarray(shape, dtype=dtype, buffer=_block["memory"], offset=start)
 
 
 def _first_free(arrays, free_count):
@@ -45,14 +83,18 @@ def _first_free(arrays, free_count):
 _FREE_REFS = next(count for count in range(1, 64) if _first_free([np.empty(0)], count) == 0)
 
 
-def empty(shape, dtype):
-    """An uninitialised array of `shape` and `dtype`, reused from the cache where one is free."""
+def empty(shape, dtype, own_memory=False):
+    """An uninitialised array of `shape` and `dtype`, reused from the cache where one is free.
+
+    own_memory: an array that owns its memory (its base None), never one cut from a block. A weight's
+    gradient asks for one: the engine takes such an array as the weight's .grad as it is, and copies one
+    whose memory another array owns."""
     dtype = np.dtype(dtype)
     shape = tuple(int(n) for n in shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype=dtype)
-    key = (shape, dtype)
+    key = (shape, dtype, own_memory)
     with _lock:
         kept = _arrays.setdefault(key, [])
         index = _first_free(kept, _FREE_REFS)
@@ -60,10 +102,11 @@ def empty(shape, dtype):
             return kept[index]
         if _held["bytes"] + nbytes > MAX_BYTES:
             _drop_free()
-        array = np.empty(shape, dtype=dtype)
-        if _held["bytes"] + nbytes <= MAX_BYTES:
-            _arrays.setdefault(key, []).append(array)
-            _held["bytes"] += nbytes
+        if _held["bytes"] + nbytes > MAX_BYTES:
+            return np.empty(shape, dtype=dtype)
+        array = _new_array(shape, dtype, nbytes, own_memory)
+        _arrays.setdefault(key, []).append(array)
+        _held["bytes"] += nbytes
         return array
 
 
@@ -84,10 +127,11 @@ def _drop_free():
 
 
 def release():
-    """Forget every free array (the memory goes back to the system); returns the bytes still kept, those of
-    arrays in use."""
+    """Forget every free array (the memory goes back to the system, a block's once none of its arrays is in
+    use); returns the bytes still kept, those of arrays in use."""
     with _lock:
         _drop_free()
+        _block.update(memory=None, next=0, end=0)
         return _held["bytes"]
 
 

@@ -389,16 +389,32 @@ static inline real dropout_keep(uint64_t index, uint32_t seed_low, uint32_t seed
     return (int32_t)(h >> 16) >= threshold ? (real)1 : (real)0;
 }
 
-/* xt (cols, padded_rows) = x (rows, cols) transposed, the columns after `rows` zero; 8 x 8 tiles, so that
- * both the reads and the writes stay within a few cache lines */
+/* xt (cols, padded_rows) = x (rows, cols) transposed, the columns after `rows` zero. By 8 x 8 tiles whose
+ * loops have constant bounds, so that the compiler unrolls them whole and a tile passes through registers:
+ * 8 reads of a row's 8 neighbouring columns, then 8 writes of a column's 8 neighbouring rows; the rows and
+ * columns after the last whole tile one by one. */
+#define TILE 8
 static void transpose_padded(const real *x, index_t row_stride, index_t rows, index_t cols, index_t padded_rows,
                              real *xt) {
-    for (index_t r0 = 0; r0 < rows; r0 += 8)
-        for (index_t c0 = 0; c0 < cols; c0 += 8) {
-            const index_t r1 = r0 + 8 < rows ? r0 + 8 : rows, c1 = c0 + 8 < cols ? c0 + 8 : cols;
-            for (index_t c = c0; c < c1; c++)
-                for (index_t r = r0; r < r1; r++) xt[c * padded_rows + r] = x[r * row_stride + c];
+    index_t r0 = 0;
+    for (; r0 + TILE <= rows; r0 += TILE) {
+        index_t c0 = 0;
+        for (; c0 + TILE <= cols; c0 += TILE) {
+            real tile[TILE][TILE];                                  /* tile[c][r] = x[r0 + r][c0 + c] */
+            #pragma GCC unroll 8
+            for (int r = 0; r < TILE; r++)
+                #pragma GCC unroll 8
+                for (int c = 0; c < TILE; c++) tile[c][r] = x[(r0 + r) * row_stride + c0 + c];
+            #pragma GCC unroll 8
+            for (int c = 0; c < TILE; c++)
+                #pragma GCC unroll 8
+                for (int r = 0; r < TILE; r++) xt[(c0 + c) * padded_rows + r0 + r] = tile[c][r];
         }
+        for (; c0 < cols; c0++)
+            for (index_t r = r0; r < r0 + TILE; r++) xt[c0 * padded_rows + r] = x[r * row_stride + c0];
+    }
+    for (; r0 < rows; r0++)
+        for (index_t c = 0; c < cols; c++) xt[c * padded_rows + r0] = x[r0 * row_stride + c];
     for (index_t c = 0; c < cols; c++)
         for (index_t r = rows; r < padded_rows; r++) xt[c * padded_rows + r] = 0;
 }
@@ -489,6 +505,44 @@ static void weighted_rows(const real *w, index_t w_row, index_t w_col, const rea
         }
 }
 
+/* softmax_row_in_place on the ROWS rows of a block at once, each over the same `width` (a multiple of LANES,
+ * the keys a row does not see already -inf): one row's maximum and sum are chains of dependent steps, and
+ * the four rows' chains, interleaved, overlap where one row's would wait on itself */
+_Static_assert(ROWS == 4, "softmax_block_in_place is written for four rows");
+static void softmax_block_in_place(real *const p[ROWS], index_t width) {
+    real *const p0 = p[0], *const p1 = p[1], *const p2 = p[2], *const p3 = p[3];
+    real peak0 = -INFINITY, peak1 = -INFINITY, peak2 = -INFINITY, peak3 = -INFINITY;
+    #pragma omp simd reduction(max:peak0, peak1, peak2, peak3)
+    for (index_t j = 0; j < width; j++) {
+        peak0 = p0[j] > peak0 ? p0[j] : peak0;
+        peak1 = p1[j] > peak1 ? p1[j] : peak1;
+        peak2 = p2[j] > peak2 ? p2[j] : peak2;
+        peak3 = p3[j] > peak3 ? p3[j] : peak3;
+    }
+    real sum0 = 0, sum1 = 0, sum2 = 0, sum3 = 0;
+    #pragma omp simd reduction(+:sum0, sum1, sum2, sum3)
+    for (index_t j = 0; j < width; j++) {
+        const real e0 = exp_real(p0[j] - peak0), e1 = exp_real(p1[j] - peak1);
+        const real e2 = exp_real(p2[j] - peak2), e3 = exp_real(p3[j] - peak3);
+        p0[j] = e0;
+        p1[j] = e1;
+        p2[j] = e2;
+        p3[j] = e3;
+        sum0 += e0;
+        sum1 += e1;
+        sum2 += e2;
+        sum3 += e3;
+    }
+    const real inv0 = (real)1 / sum0, inv1 = (real)1 / sum1, inv2 = (real)1 / sum2, inv3 = (real)1 / sum3;
+    #pragma omp simd
+    for (index_t j = 0; j < width; j++) {
+        p0[j] *= inv0;
+        p1[j] *= inv1;
+        p2[j] *= inv2;
+        p3[j] *= inv3;
+    }
+}
+
 /* The scratch (in reals) each call needs: forward K^T, a block of score rows and a row for unused results;
  * backward V^T, dS and A for the head's queries, and the same spare rows. */
 static index_t attention_scratch_size(index_t L, index_t S, index_t D, index_t Dv, int backward) {
@@ -522,24 +576,28 @@ static void attention_forward(const real *q, const real *k, const real *v, real 
             }
             const index_t n_block = visible_keys(i0 + count - 1, S, causal);
             products_with_columns(qr, kt, padded, D, round_up(n_block, LANES), scale, rows, padded);
+            /* the keys a row does not see, up to the block's last visible one rounded to a whole register,
+             * become -inf (exp gives 0): the four rows' softmax then runs on whole registers of one width */
+            const index_t width = round_up(n_block, LANES), saved_width = width < S ? width : S;
+            real *p[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                p[r] = rows + r * padded;
+                for (index_t j = visible_keys(i0 + (r < count ? r : count - 1), S, causal); j < width; j++)
+                    p[r][j] = -(real)INFINITY;
+            }
+            softmax_block_in_place(p, width);
             for (index_t r = 0; r < count; r++) {
                 const index_t i = i0 + r, n = visible_keys(i, S, causal);
-                real *p = rows + r * padded;
-                /* the masked keys up to a whole register become -inf (exp gives 0): the softmax then runs on
-                 * whole registers, with no element-by-element tail */
-                const index_t width = round_up(n, LANES);
-                for (index_t j = n; j < width; j++) p[j] = -(real)INFINITY;
-                softmax_row_in_place(p, width);
-                for (index_t j = width; j < padded; j++) p[j] = 0;
                 if (probs) {                                /* NULL where no backward will need P */
                     real *saved = probs + (head * L + i) * S;
-                    for (index_t j = 0; j < S; j++) saved[j] = p[j];
+                    for (index_t j = 0; j < saved_width; j++) saved[j] = p[r][j];
+                    for (index_t j = saved_width; j < S; j++) saved[j] = 0;
                 }
                 if (threshold >= 0) {
                     const uint64_t start = (uint64_t)(head * L + i) * (uint64_t)S;
                     #pragma omp simd
                     for (index_t j = 0; j < n; j++)
-                        p[j] *= keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold);
+                        p[r][j] *= keep_scale * dropout_keep(start + j, seed_low, seed_high, threshold);
                 }
             }
             weighted_rows(rows, padded, 1, vh, layout[13], 0, n_block, Dv, 1, orow);

@@ -172,7 +172,7 @@ def _linear_grads(grad2d, x2d, w2d, need_x=True, need_W=True):
     both asked, they are made in one call (_product_pair), the same work each."""
     dtype = grad2d.dtype
     grad_x = buffers.empty((x2d.shape[0], w2d.shape[1]), dtype) if need_x else None
-    grad_W = buffers.empty(w2d.shape, dtype) if need_W else None
+    grad_W = buffers.empty(w2d.shape, dtype, own_memory=True) if need_W else None
     if grad_x is not None and grad_W is not None:
         _product_pair((grad2d, w2d, grad_x, False), (grad2d, x2d, grad_W, True))
     elif grad_x is not None:
@@ -221,7 +221,7 @@ def embedding(input, weight):
 
     def backward(grad):
         grad_rows = np.ascontiguousarray(grad, dtype=W.dtype).reshape(-1, C)    # (N, C)
-        grad_W = buffers.empty((V, C), W.dtype)
+        grad_W = buffers.empty((V, C), W.dtype, own_memory=True)
         native.kernels(W.dtype).embedding_backward_parallel(at(flat_ids), at(grad_rows), at(grad_W),
                                                             flat_ids.size, V, C, _threads(), _rows_min(C),
                                                             EMBEDDING_MIN_COLUMNS)
