@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -237,7 +238,8 @@ def attention_inputs(rng, case, dtype):
     (B, T, 3 H D) projection; "3d" (B, T, D); "cross" L != S and Dv != D; "long" 130 positions of width 64;
     "one query" and "two queries" against 130 keys, of widths that are not a whole number of registers
     (the kernel's block of queries repeats the last one); "wide" heads of 48 (Q, K) and 32 (V), which take
-    the kernel's block of two registers (float32 with AVX-512: 48 = 2 + 1 registers, 32 = 2)."""
+    the kernel's block of two registers (float32 with AVX-512: 48 = 2 + 1 registers, 32 = 2); "more queries"
+    9 queries against 5 keys (causal: the queries past the last key see every key)."""
     if case == "model":
         qkv = rng.standard_normal((2, 37, 3 * 3 * 24)).astype(dtype)           # B 2, T 37, H 3, D 24
         views = [qkv[..., i * 72:(i + 1) * 72].reshape(2, 37, 3, 24).transpose(0, 2, 1, 3) for i in range(3)]
@@ -245,12 +247,14 @@ def attention_inputs(rng, case, dtype):
     shapes = {"3d": [(3, 9, 8)] * 3, "cross": [(2, 2, 5, 8), (2, 2, 9, 8), (2, 2, 9, 20)],
               "long": [(1, 2, 130, 64)] * 3, "one query": [(2, 3, 1, 20), (2, 3, 130, 20), (2, 3, 130, 12)],
               "two queries": [(1, 2, 2, 64), (1, 2, 130, 64), (1, 2, 130, 64)],
-              "wide": [(2, 2, 33, 48), (2, 2, 40, 48), (2, 2, 40, 32)]}[case]
+              "wide": [(2, 2, 33, 48), (2, 2, 40, 48), (2, 2, 40, 32)],
+              "more queries": [(2, 2, 9, 8), (2, 2, 5, 8), (2, 2, 5, 8)]}[case]
     return [leaf(rng, *shape, dtype=dtype) for shape in shapes]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("case", ["model", "3d", "cross", "long", "one query", "two queries", "wide"])
+@pytest.mark.parametrize("case", ["model", "3d", "cross", "long", "one query", "two queries", "wide",
+                                  "more queries"])
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     rng = np.random.default_rng(11)
@@ -853,10 +857,18 @@ def test_the_five_line_loop_leaves_the_blas_thread_count_as_it_was():
 
 # ---- the cache of large arrays -------------------------------------------------------------------------
 
-def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
+@pytest.fixture
+def empty_cache(monkeypatch):
+    """The cache of large arrays, empty, with no block begun."""
     from npgpt.fast.cpu import buffers
     monkeypatch.setattr(buffers, "_arrays", {})
-    monkeypatch.setattr(buffers, "_held", {"bytes": 0})
+    monkeypatch.setattr(buffers, "_blocks", weakref.WeakValueDictionary())
+    monkeypatch.setattr(buffers, "_block", {"memory": None, "next": 0, "end": 0})
+    return buffers
+
+
+def test_a_large_array_nobody_holds_is_handed_out_again(empty_cache):
+    buffers = empty_cache
     first = buffers.empty((512, 1024), np.float32)          # 2 MB: kept
     address = first.ctypes.data
     held = first
@@ -874,16 +886,6 @@ def test_a_large_array_nobody_holds_is_handed_out_again(monkeypatch):
     buffers.empty((128, 128), np.float32)                   # 64 KB: kept
     buffers.empty((128, 127), np.float32)                   # just under: not
     assert sum(len(kept) for kept in buffers._arrays.values()) == 4
-
-
-@pytest.fixture
-def empty_cache(monkeypatch):
-    """The cache of large arrays, empty, with no block begun."""
-    from npgpt.fast.cpu import buffers
-    monkeypatch.setattr(buffers, "_arrays", {})
-    monkeypatch.setattr(buffers, "_held", {"bytes": 0})
-    monkeypatch.setattr(buffers, "_block", {"memory": None, "next": 0, "end": 0})
-    return buffers
 
 
 def test_kept_arrays_under_4_mb_are_cut_side_by_side_from_blocks_on_2_mb_boundaries(empty_cache, monkeypatch):
@@ -920,8 +922,8 @@ def test_a_weights_gradient_from_the_kernels_becomes_its_grad_without_a_copy(emp
     assert engine.fast_path_for("linear", (x, layer.weight, layer.bias), {}) is native_ops.linear
     F.linear(x, layer.weight, layer.bias).sum().backward()
     grad = layer.weight.grad
-    assert grad.base is None
-    assert any(kept is grad for kept in empty_cache._arrays[((128, 256), np.dtype(np.float32), True)])
+    kept = empty_cache._arrays.get(((128, 256), np.dtype(np.float32), True), [])
+    assert any(array is grad for array in kept), "the weight's gradient is not the kernels' own array"
     np.testing.assert_allclose(grad, np.ones((512, 128), np.float32).T @ x.data, rtol=1e-5)
 
 
@@ -962,16 +964,33 @@ def test_a_plain_loop_of_the_small_model_takes_no_fresh_pages_a_step():
     assert float(proc.stdout) < 50
 
 
-def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(monkeypatch):
-    from npgpt.fast.cpu import buffers
-    monkeypatch.setattr(buffers, "_arrays", {})
-    monkeypatch.setattr(buffers, "_held", {"bytes": 0})
+def test_the_cache_keeps_no_more_than_its_limit_and_gives_back_what_is_free(empty_cache, monkeypatch):
+    buffers = empty_cache
     monkeypatch.setattr(buffers, "MAX_BYTES", 5 << 20)
     held = [buffers.empty((1 << 20,), np.float32) for _ in range(2)]     # 8 MB asked, 4 MB kept each...
     assert buffers.held_bytes() == 4 << 20                  # ... one kept: a second would pass the limit
     assert buffers.release() == 4 << 20                     # in use: still kept
     del held
     assert buffers.release() == 0
+
+
+def test_the_cache_counts_a_block_whole_while_one_of_its_arrays_lives(empty_cache, monkeypatch):
+    buffers = empty_cache
+    block_bytes = buffers.BLOCK_BYTES + buffers.PAGE_BYTES
+    monkeypatch.setattr(buffers, "MAX_BYTES", block_bytes + (1 << 20))
+    first = buffers.empty((256, 1024), np.float32)                  # 1 MB, from a new block
+    assert buffers.held_bytes() == block_bytes
+    second = buffers.empty((256, 1024), np.float32)                 # from the same block: nothing more
+    assert buffers.held_bytes() == block_bytes and second.base is first.base
+    owned = buffers.empty((256, 1024), np.float32, own_memory=True)     # 1 MB of its own: within the limit
+    assert owned.base is None and buffers.held_bytes() == block_bytes + (1 << 20)
+    del owned
+    view = first[:1]
+    del first, second
+    assert buffers.release() == block_bytes                         # a view of one of its arrays lives
+    assert buffers.empty((256, 1024), np.float32).base is None      # a new block would pass the limit
+    del view
+    assert buffers.release() == 0                                   # the block is gone
 
 
 def test_a_call_observer_hears_each_kernel_call_until_it_is_turned_off():

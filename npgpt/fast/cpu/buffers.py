@@ -11,28 +11,33 @@ earlier and that nobody holds any more (its only reference is the cache's own, w
 tells exactly) is returned as it is, its old values still in it (the ops overwrite every element); otherwise a
 new one is made and remembered.
 
-Only arrays of at least MIN_BYTES are kept, and at most MAX_BYTES of them in all; an array not kept is an
-ordinary one. What is kept stays allocated between steps: ``release()`` gives it back (the arrays still in
-use stay theirs). This is npgpt's own memory, not a setting of the process's allocator.
+Only arrays of at least MIN_BYTES are kept, and the cache holds at most MAX_BYTES of memory; an array not
+kept is an ordinary one. What is kept stays allocated between steps: ``release()`` gives it back (the arrays
+still in use stay theirs). This is npgpt's own memory, not a setting of the process's allocator.
 
 The kept arrays under OWN_BLOCK_BYTES are cut side by side from blocks of BLOCK_BYTES, each block starting at
-a 2 MB boundary. NumPy asks Linux for 2 MB pages on an allocation of 4 MB and up (madvise MADV_HUGEPAGE, its
-default), so a block is backed by 2 MB pages where the system grants them, and so are the arrays cut from
-it: a step's activations then span a few dozen pages instead of thousands, and the processor's page-table
-cache (the TLB) holds them all. Without it, each op that reads its operands after other work has passed
-through the cache also waits on page-table walks, which in a virtual machine cost several memory reads
-each. Larger arrays are allocations of their own, which NumPy asks 2 MB pages for itself. A block's memory
-goes back when none of its arrays is kept or held any more.
+a 2 MB boundary. NumPy asks Linux for huge pages on an allocation of 4 MB and up (madvise MADV_HUGEPAGE, its
+default), so a block is backed by 2 MB pages where the system grants them (with 4 KB base pages, as on x86-64
+and most ARM64 systems, a huge page is 2 MB), and so are the arrays cut from it: a step's activations then
+span a few dozen pages instead of thousands, and the processor's page-table cache (the TLB) holds them all.
+Without it, each op that reads its operands after other work has passed through the cache also waits on
+page-table walks, which in a virtual machine cost several memory reads each. Larger arrays are allocations of
+their own, which NumPy asks huge pages for itself. A block is never cut again once it is full or released;
+its memory goes back when none of its arrays is kept or held any more, and the cache counts it, whole, until
+then.
 
-A block is an ndarray of a subclass of its own, which owns its memory: NumPy makes the base of a view the
-first array up the chain that owns its memory or is of another type, so a view of a kept array (the
-reshaped outputs the ops return) has the kept array as its base, and the kept array's reference count still
-tells whether anything holds it.
+A block is an ndarray of a subclass of its own, which owns its memory. When NumPy makes a view, it sets the
+view's base by walking up the bases from the array viewed, and stops at the first array that owns its memory
+or whose own base is of another type than the view. A kept array's base is its block, of another type, so a
+view of a kept array (the reshaped outputs the ops return) has the kept array as its base, and the kept
+array's reference count still tells whether anything holds it. (A block of the plain ndarray type would make the block the base of
+every such view: the kept array would look free while a view of it is in use.)
 """
 
 import math
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -44,7 +49,7 @@ PAGE_BYTES = 2 << 20      # a block's arrays start at this boundary, the size of
 ALIGN_BYTES = 64          # each array at a cache line's boundary
 
 _arrays = {}            # (shape, dtype, own_memory) -> every array of that kind made here and kept, in use or free
-_held = {"bytes": 0}    # their bytes in all
+_blocks = weakref.WeakValueDictionary()     # id -> every block still alive: one of its arrays kept or held
 _block = {"memory": None, "next": 0, "end": 0}     # the block being cut: its next free byte, the end of its part
 _lock = threading.Lock()
 
@@ -53,19 +58,49 @@ class _Block(np.ndarray):
     """The bytes a block's arrays are cut from (a subclass of its own: see the module's notes)."""
 
 
+def _padding_to(address, multiple):
+    """Bytes from `address` up to the next multiple of `multiple` (0 where it is one)."""
+    return -address % multiple
+
+
+def _start_in_block(nbytes):
+    """Where an array of nbytes would start in the block being cut (at a cache line's boundary), or None
+    where it does not fit there."""
+    memory = _block["memory"]
+    if memory is None:
+        return None
+    start = _block["next"] + _padding_to(memory.ctypes.data + _block["next"], ALIGN_BYTES)
+    return start if start + nbytes <= _block["end"] else None
+
+
+def _new_bytes(nbytes, own_memory):
+    """The memory a new array of nbytes adds to the cache's: its own, none where it fits in the block being
+    cut, or a new block."""
+    if own_memory or nbytes >= OWN_BLOCK_BYTES:
+        return nbytes
+    return 0 if _start_in_block(nbytes) is not None else BLOCK_BYTES + PAGE_BYTES
+
+
 def _new_array(shape, dtype, nbytes, own_memory):
-    """A new array for the cache: cut from the current block (a new block where it is full), or an allocation
-    of its own from OWN_BLOCK_BYTES up or where asked."""
+    """A new array for the cache: an allocation of its own from OWN_BLOCK_BYTES up or where asked; else cut
+    from the block being cut, or from a new one where it does not fit."""
     if own_memory or nbytes >= OWN_BLOCK_BYTES:
         return np.empty(shape, dtype=dtype)
-    memory = _block["memory"]
-    start = 0 if memory is None else _block["next"] + -(memory.ctypes.data + _block["next"]) % ALIGN_BYTES
-    if memory is None or start + nbytes > _block["end"]:
+    start = _start_in_block(nbytes)
+    if start is None:
         memory = _Block((BLOCK_BYTES + PAGE_BYTES,), dtype=np.uint8)
-        start = -memory.ctypes.data % PAGE_BYTES                   # the first 2 MB boundary in it
+        _blocks[id(memory)] = memory
+        start = _padding_to(memory.ctypes.data, PAGE_BYTES)            # the first 2 MB boundary in it
         _block.update(memory=memory, end=start + BLOCK_BYTES)
     _block["next"] = start + nbytes
     return np.ndarray(shape, dtype=dtype, buffer=_block["memory"], offset=start)
+
+
+def _held_bytes():
+    """The memory the cache holds: its kept arrays of their own, and its blocks while any of their arrays
+    lives."""
+    own = sum(array.nbytes for kept in _arrays.values() for array in kept if array.base is None)
+    return own + sum(block.nbytes for block in _blocks.values())
 
 
 def _first_free(arrays, free_count):
@@ -100,13 +135,12 @@ def empty(shape, dtype, own_memory=False):
         index = _first_free(kept, _FREE_REFS)
         if index >= 0:
             return kept[index]
-        if _held["bytes"] + nbytes > MAX_BYTES:
+        if _held_bytes() + _new_bytes(nbytes, own_memory) > MAX_BYTES:
             _drop_free()
-        if _held["bytes"] + nbytes > MAX_BYTES:
-            return np.empty(shape, dtype=dtype)
+            if _held_bytes() + _new_bytes(nbytes, own_memory) > MAX_BYTES:
+                return np.empty(shape, dtype=dtype)
         array = _new_array(shape, dtype, nbytes, own_memory)
         _arrays.setdefault(key, []).append(array)
-        _held["bytes"] += nbytes
         return array
 
 
@@ -123,19 +157,18 @@ def _drop_free():
             index = _first_free(kept, _FREE_REFS)
         if not kept:
             del _arrays[key]
-    _held["bytes"] = sum(a.nbytes for kept in _arrays.values() for a in kept)
 
 
 def release():
     """Forget every free array (the memory goes back to the system, a block's once none of its arrays is in
-    use); returns the bytes still kept, those of arrays in use."""
+    use); returns the bytes the cache still holds: arrays in use, and the blocks they lie in."""
     with _lock:
         _drop_free()
         _block.update(memory=None, next=0, end=0)
-        return _held["bytes"]
+        return _held_bytes()
 
 
 def held_bytes():
-    """Bytes of the arrays kept, in use or free."""
+    """Bytes the cache holds: its kept arrays of their own, in use or free, and its blocks still alive."""
     with _lock:
-        return _held["bytes"]
+        return _held_bytes()

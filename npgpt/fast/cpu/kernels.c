@@ -390,9 +390,10 @@ static inline real dropout_keep(uint64_t index, uint32_t seed_low, uint32_t seed
 }
 
 /* xt (cols, padded_rows) = x (rows, cols) transposed, the columns after `rows` zero. By 8 x 8 tiles whose
- * loops have constant bounds, so that the compiler unrolls them whole and a tile passes through registers:
- * 8 reads of a row's 8 neighbouring columns, then 8 writes of a column's 8 neighbouring rows; the rows and
- * columns after the last whole tile one by one. */
+ * loops have constant bounds, so that the compiler unrolls them whole and can keep a tile in registers: each
+ * of its 8 rows read as 8 neighbouring columns, then each of its 8 columns written as 8 neighbouring rows
+ * (element by element, a tile's loads and stores stay in 8 cache lines each but depend on no loop counter).
+ * The rows and columns after the last whole tile are copied one by one. */
 #define TILE 8
 static void transpose_padded(const real *x, index_t row_stride, index_t rows, index_t cols, index_t padded_rows,
                              real *xt) {
@@ -505,9 +506,11 @@ static void weighted_rows(const real *w, index_t w_row, index_t w_col, const rea
         }
 }
 
-/* softmax_row_in_place on the ROWS rows of a block at once, each over the same `width` (a multiple of LANES,
- * the keys a row does not see already -inf): one row's maximum and sum are chains of dependent steps, and
- * the four rows' chains, interleaved, overlap where one row's would wait on itself */
+/* softmax_row_in_place on the ROWS rows of a block at once:
+ *   p_rj = exp(z_rj - max_k z_rk) / sum_k exp(z_rk - max_k z_rk)      (each exp at most 1, no overflow)
+ * each row over the same `width` (a multiple of LANES), the keys it does not see already -inf (exp gives 0);
+ * every row has a finite score, its first key. A row's maximum and sum are chains of dependent steps; the four
+ * rows' chains, interleaved, overlap where one row's would wait on itself. */
 _Static_assert(ROWS == 4, "softmax_block_in_place is written for four rows");
 static void softmax_block_in_place(real *const p[ROWS], index_t width) {
     real *const p0 = p[0], *const p1 = p[1], *const p2 = p[2], *const p3 = p[3];
