@@ -862,6 +862,7 @@ def empty_cache(monkeypatch):
     """The cache of large arrays, empty, with no block begun."""
     from npgpt.fast.cpu import buffers
     monkeypatch.setattr(buffers, "_arrays", {})
+    monkeypatch.setattr(buffers, "_own", {"bytes": 0})
     monkeypatch.setattr(buffers, "_blocks", weakref.WeakValueDictionary())
     monkeypatch.setattr(buffers, "_block", {"memory": None, "next": 0, "end": 0})
     return buffers

@@ -49,6 +49,7 @@ PAGE_BYTES = 2 << 20      # a block's arrays start at this boundary, the size of
 ALIGN_BYTES = 64          # each array at a cache line's boundary
 
 _arrays = {}            # (shape, dtype, own_memory) -> every array of that kind made here and kept, in use or free
+_own = {"bytes": 0}     # the bytes of the kept arrays of their own
 _blocks = weakref.WeakValueDictionary()     # id -> every block still alive: one of its arrays kept or held
 _block = {"memory": None, "next": 0, "end": 0}     # the block being cut: its next free byte, the end of its part
 _lock = threading.Lock()
@@ -97,10 +98,9 @@ def _new_array(shape, dtype, nbytes, own_memory):
 
 
 def _held_bytes():
-    """The memory the cache holds: its kept arrays of their own, and its blocks while any of their arrays
-    lives."""
-    own = sum(array.nbytes for kept in _arrays.values() for array in kept if array.base is None)
-    return own + sum(block.nbytes for block in _blocks.values())
+    """The memory the cache holds: its kept arrays of their own, and its blocks (a few dozen at most) while
+    any of their arrays lives."""
+    return _own["bytes"] + sum(block.nbytes for block in _blocks.values())
 
 
 def _first_free(arrays, free_count):
@@ -141,6 +141,8 @@ def empty(shape, dtype, own_memory=False):
                 return np.empty(shape, dtype=dtype)
         array = _new_array(shape, dtype, nbytes, own_memory)
         _arrays.setdefault(key, []).append(array)
+        if array.base is None:
+            _own["bytes"] += nbytes
         return array
 
 
@@ -157,6 +159,7 @@ def _drop_free():
             index = _first_free(kept, _FREE_REFS)
         if not kept:
             del _arrays[key]
+    _own["bytes"] = sum(array.nbytes for kept in _arrays.values() for array in kept if array.base is None)
 
 
 def release():
