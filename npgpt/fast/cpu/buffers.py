@@ -30,8 +30,8 @@ A block is an ndarray of a subclass of its own, which owns its memory. When NumP
 view's base by walking up the bases from the array viewed, and stops at the first array that owns its memory
 or whose own base is of another type than the view. A kept array's base is its block, of another type, so a
 view of a kept array (the reshaped outputs the ops return) has the kept array as its base, and the kept
-array's reference count still tells whether anything holds it. (A block of the plain ndarray type would make the block the base of
-every such view: the kept array would look free while a view of it is in use.)
+array's reference count still tells whether anything holds it. (A block of the plain ndarray type would make
+the block the base of every such view: the kept array would look free while a view of it is in use.)
 """
 
 import math
