@@ -196,8 +196,11 @@ def test_floor_lines_give_the_products_speed_and_what_a_target_leaves():
 
 @pytest.mark.parametrize("mode", [["--loop"], ["--forward"], []])
 def test_profile_prints_the_ops_and_the_products_floor(mode):
+    # the fast paths on, as the profile is meant to see them, also in a run of the tests with NPGPT_FAST=0
+    env = dict(os.environ, NPGPT_FAST="1")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--model", "shakespeare-char", "--steps", "2",
-                           "--anchor-ms", "50"] + mode, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--anchor-ms", "50"] + mode, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     from npgpt.fast.cpu import native
