@@ -91,7 +91,11 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout, gelu_approximate)
         self.dropout = nn.Dropout(dropout)
 
+    @dispatchable("transformer_block")
     def forward(self, x, mask=None, is_causal=False, kv_cache=None):
+        """x (B, T, C) -> (B, T, C). One dispatchable op, as the attention and the feed-forward network are:
+        with the fast paths on, a generated token's step through the block (a KV cache, no graph) runs as
+        one op (npgpt/fast/cpu/layers.py); otherwise, and with NPGPT_FAST=0, this body."""
         x = x + self.dropout(self.attention(self.attn_norm(x), mask, is_causal, kv_cache))
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x

@@ -9,7 +9,8 @@ import pytest
 import npgpt
 from npgpt import engine, nn
 from npgpt.fast.cpu import layers
-from npgpt.model import FeedForward, MultiHeadAttention
+from npgpt.generate import generate
+from npgpt.model import FeedForward, LayerKV, MultiHeadAttention
 
 from test_fast_native import built, leaf, tolerance, values_and_grads, workers  # noqa: F401 (fixtures)
 
@@ -266,11 +267,126 @@ def test_the_textbooks_path_runs_wherever_the_layers_do_not_apply(workers):
 
 
 def test_a_small_layer_is_left_to_the_ops_and_a_large_one_runs_whole():
-    """Without the tests' lowered threshold: generation's single rows and tiny models run op by op."""
+    """Without the tests' lowered threshold: a tiny model's layer of more than FEW_ROWS rows runs op by op;
+    one of at most FEW_ROWS rows runs whole, its products few_rows_product's."""
     rng = np.random.default_rng(7)
     layer = cast(MultiHeadAttention(16, 2, dropout=0.0), np.float32, rng)
-    assert engine.fast_path_for("multi_head_attention", (layer, leaf(rng, 1, 4, 16, dtype=np.float32)), {}) \
+    assert engine.fast_path_for("multi_head_attention", (layer, leaf(rng, 1, 8, 16, dtype=np.float32)), {}) \
         is None
+    assert engine.fast_path_for("multi_head_attention", (layer, leaf(rng, 1, 4, 16, dtype=np.float32)), {}) \
+        is layers.multi_head_attention
     wide = cast(MultiHeadAttention(128, 4, dropout=0.0), np.float32, rng)
     x = leaf(rng, 4, 64, 128, dtype=np.float32)             # 256 x 128 x 128 multiply-adds in each product
     assert engine.fast_path_for("multi_head_attention", (wide, x, None, True), {}) is layers.multi_head_attention
+
+
+# ---- generation: new positions against a KV cache ----------------------------------------------------------
+
+def small_gpt(dtype, rng, **config):
+    """A 2-block GPT in eval mode, every parameter drawn afresh in `dtype`."""
+    model = npgpt.GPT(vocab_size=50, d_model=24, num_heads=3, num_layers=2, d_ff=40, max_seq_len=16, **config)
+    cast(model, dtype, rng)
+    model.eval()
+    return model
+
+
+def ops_of(fn):
+    """fn()'s result and the names of the ops it ran, in order."""
+    names = []
+    previous = engine.set_op_observer(lambda op, backward: names.append(op) or backward)
+    try:
+        return fn(), names
+    finally:
+        engine.set_op_observer(previous)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(workers, dtype, gpt2):
+    """A prompt of 5 positions (more than FEW_ROWS: the textbook's block), then steps of 1 and of 3 new
+    positions (block_with_cache): each step's logits and the cache's keys and values equal the textbook's,
+    for the tutorial's GPT and for GPT-2's switches (biases, tanh GELU, its eps); greedy generation gives the
+    textbook's tokens."""
+    rng = np.random.default_rng(8)
+    config = dict(attention_bias=True, gelu_approximate="tanh", layer_norm_eps=1e-6) if gpt2 else {}
+    model = small_gpt(dtype, rng, **config)
+    ids = rng.integers(0, 50, (2, 9))
+
+    def steps():
+        cache = model.new_kv_cache(2)
+        with npgpt.no_grad():
+            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 5), (5, 6), (6, 9))]
+        return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+    fast, names = ops_of(steps)
+    assert names.count("transformer_block") == 2 * 2                    # the two steps' blocks, whole
+    assert_close(fast, textbook(steps), dtype)
+    prompt = ids[:, :4]
+    tokens = generate(model, prompt, 8, temperature=0.0)
+    np.testing.assert_array_equal(tokens, textbook(lambda: generate(model, prompt, 8, temperature=0.0)))
+
+
+class CountingCache(LayerKV):
+    """A LayerKV whose extend the kernel's block would not call: it counts its calls."""
+
+    calls = 0
+
+    def extend(self, k, v):
+        CountingCache.calls += 1
+        return super().extend(k, v)
+
+
+def test_with_a_cache_of_its_own_class_the_attention_alone_runs_as_one_op(workers):
+    """The block's one call writes the cache as LayerKV.extend does, so it takes only LayerKV itself; with
+    another class of cache, the attention is still one op (attention_with_cache), which calls its extend."""
+    rng = np.random.default_rng(9)
+    model = small_gpt(np.float64, rng)
+    block, x = model.blocks[0], leaf(rng, 2, 1, 24)
+    cache = model.new_kv_cache(2)
+    cache.layers = [CountingCache(cache, layer.keys.shape, np.float64, np) for layer in cache.layers]
+    args = (x, None, False, cache.layers[0])
+    with npgpt.no_grad():
+        assert engine.fast_path_for("transformer_block", (block,) + args, {}) is None
+        assert engine.fast_path_for("multi_head_attention", (block.attention, block.attn_norm(x), None, False,
+                                                             cache.layers[0]), {}) is layers.attention_with_cache
+
+    def step():
+        cache.length = 3
+        with npgpt.no_grad():
+            return [block(*args).data, cache.layers[0].keys.copy(), cache.layers[0].values.copy()]
+    before = CountingCache.calls
+    fast, names = ops_of(step)
+    assert CountingCache.calls == before + 1 and "multi_head_attention" in names
+    assert_close(fast, textbook(step), np.float64)
+
+
+def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers):
+    rng = np.random.default_rng(10)
+    model = small_gpt(np.float64, rng)
+    block, x = model.blocks[0], leaf(rng, 2, 1, 24)
+    cache = model.new_kv_cache(2)
+
+    def chosen(*args, op="transformer_block", layer=block):
+        with npgpt.no_grad():
+            return engine.fast_path_for(op, (layer,) + args, {})
+    assert chosen(x, None, False, cache.layers[0]) is layers.block_with_cache
+    assert chosen(leaf(rng, 2, 5, 24), None, False, cache.layers[0]) is None           # more than FEW_ROWS
+    assert chosen(x, np.ones((1, 1), dtype=bool), False, cache.layers[0]) is None      # a mask
+    assert chosen(x) is None                                                            # no cache
+    cache.length = 16
+    assert chosen(x, None, False, cache.layers[0]) is None                              # the cache is full
+    cache.length = 0
+    assert chosen(x.data.astype(np.float32), None, False, cache.layers[0]) is None      # a float64 cache
+    # recording a graph: the parameters need gradients and grad mode is on
+    assert engine.fast_path_for("transformer_block", (block, x, None, False, cache.layers[0]), {}) is None
+    model.train()                                                                       # dropout 0.1 in training
+    assert chosen(x, None, False, cache.layers[0]) is None
+    assert chosen(block.attn_norm(x), None, False, cache.layers[0], op="multi_head_attention",
+                  layer=block.attention) is None
+    for module in model.modules():                                                      # p = 0 in training
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    assert chosen(x, None, False, cache.layers[0]) is layers.block_with_cache
+    model.eval()
+    block.ffn.linear2 = cast(LoRALinear(40, 24), np.float64, rng)                      # a replaced Linear
+    assert chosen(x, None, False, cache.layers[0]) is None
+

@@ -279,6 +279,25 @@ def test_attention_kernel_equals_the_reference(workers, dtype, case, is_causal):
     np.testing.assert_array_equal(again.data, fast[0])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("new", [1, 3])
+def test_attention_over_a_kv_cache_equals_the_reference(workers, dtype, new):
+    """attention_cached: `new` queries, the last of 37 positions, against a cache's (B, H, capacity, D)
+    arrays read where they lie, keys of width 20 and values of 12 (not whole registers); query i sees keys
+    0 .. 37 - new + i, the textbook's causal mask offset by the cached positions."""
+    rng = np.random.default_rng(25)
+    B, H, S, capacity = 2, 3, 37, 50
+    q = rng.standard_normal((B, new, H, 20)).astype(dtype).transpose(0, 2, 1, 3)      # heads side by side
+    keys = rng.standard_normal((B, H, capacity, 20)).astype(dtype)
+    values = rng.standard_normal((B, H, capacity, 12)).astype(dtype)
+    out = np.full((B, new, H, 12), np.nan, dtype=dtype).transpose(0, 2, 1, 3)
+    native_ops.attention_cached(q, keys[:, :, :S], values[:, :, :S], out, dtype(0.3))
+    exact = [npgpt.Tensor(a.astype(np.float64)) for a in (q, keys[:, :, :S], values[:, :, :S])]
+    expected = F.scaled_dot_product_attention.reference(*exact, attn_mask=F.causal_mask(np, new, S, S - new),
+                                                        scale=0.3)
+    np.testing.assert_allclose(out, expected.data, **attention_tolerance(dtype))
+
+
 # Each SIMD width the attention's register blocks are written for (kernels.c: VECTOR_BYTES, BLOCK), built
 # with the flags that select it; the native build covers the CPU's own
 ATTENTION_BUILDS = {"16-byte registers (no -march)": ([], 16), "AVX2": (["-mavx2", "-mfma"], 32),
@@ -312,6 +331,10 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
                         a, b, c, is_causal=is_causal), exact, cot)
                     for got, expected in zip(fast, reference):
                         np.testing.assert_allclose(got, expected, **attention_tolerance(dtype))
+            for new in (1, 3):          # generation's kernels: the cache's attention and few-rows products
+                test_attention_over_a_kv_cache_equals_the_reference(2, dtype, new)
+            for case in ("one row", "four rows", "strided"):
+                test_few_rows_product_equals_the_reference(2, dtype, case)
     finally:
         threads.set_workers(previous)
 
@@ -748,10 +771,60 @@ def test_linear_backward_makes_its_two_products_at_once_with_an_even_thread_coun
     assert products == (["gemm_pair_parallel"] if workers % 2 == 0 else ["gemm_parallel", "gemm_parallel"])
 
 
-def test_a_small_product_is_the_references_one_numpy_call():
-    x, W = np.zeros((1, 1, 256), np.float32), np.zeros((768, 256), np.float32)     # generation's one row
-    assert engine.fast_path_for("linear", (x, W), {}) is None
+def test_products_go_by_their_rows_to_few_rows_product_numpy_or_the_pools_blas():
+    W = np.zeros((768, 256), np.float32)
+    for x in (np.zeros((1, 1, 256), np.float32), np.zeros((4, 256), np.float32)):    # generation's rows
+        assert engine.fast_path_for("linear", (x, W), {}) is native_ops.linear
+    assert native_ops.FEW_ROWS == 4
+    # 8 rows: 1.5M multiply-adds, under SMALL_PRODUCT: the reference's one NumPy call
+    assert engine.fast_path_for("linear", (np.zeros((8, 256), np.float32), W), {}) is None
     assert engine.fast_path_for("linear", (np.zeros((64, 256), np.float32), W), {}) is native_ops.linear
+
+
+def few_rows_inputs(rng, case, dtype):
+    """(x, W, b) leaves of at most FEW_ROWS rows: "one row" (1, 1, 33) @ (65, 33)^T + b, 33 not a whole
+    number of registers and 65 not of ROWS; "four rows" (4, 40) @ (9, 40)^T, no bias; "strided" x rows of a
+    wider array (a row stride of 70), b without a gradient."""
+    if case == "one row":
+        return leaf(rng, 1, 1, 33, dtype=dtype), leaf(rng, 65, 33, dtype=dtype), leaf(rng, 65, dtype=dtype)
+    if case == "four rows":
+        return leaf(rng, 4, 40, dtype=dtype), leaf(rng, 9, 40, dtype=dtype), None
+    x = npgpt.Tensor(rng.standard_normal((3, 70)).astype(dtype)[:, 10:50], requires_grad=True)     # (3, 40)
+    return x, leaf(rng, 130, 40, dtype=dtype), npgpt.Tensor(rng.standard_normal(130).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ["one row", "four rows", "strided"])
+def test_few_rows_product_equals_the_reference(workers, dtype, case):
+    rng = np.random.default_rng(23)
+    x, W, b = few_rows_inputs(rng, case, dtype)
+    calls = []
+    previous = native.set_call_observer(lambda name, seconds: calls.append(name))
+    try:
+        fast = native_ops.linear(x, W, b)
+    finally:
+        native.set_call_observer(previous)
+    assert calls == ["few_rows_product_parallel"]
+    inputs = [t for t in (x, W, b) if t is not None and t.requires_grad]
+    cot = rng.standard_normal(x.shape[:-1] + W.shape[:1])
+    assert_same(values_and_grads(lambda *_: native_ops.linear(x, W, b), inputs, cot),
+                values_and_grads(lambda *_: F.linear.reference(x, W, b), inputs, cot), dtype)
+
+
+def test_few_rows_product_gives_the_same_bits_on_any_thread_count(monkeypatch):
+    """Each element is one thread's sum in a fixed order, whichever thread and chunk it falls in."""
+    monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
+    rng = np.random.default_rng(24)
+    x, W, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((3, 50), (203, 50), (203,)))
+    results = []
+    for count in (1, 2, 3, 4):
+        previous = threads.set_workers(count)
+        try:
+            results.append(native_ops.linear(x, W, b).data.copy())
+        finally:
+            threads.set_workers(previous)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
 
 
 def test_linear_kernel_leaves_the_blas_thread_count_as_it_was(workers):

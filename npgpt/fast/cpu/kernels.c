@@ -1098,6 +1098,205 @@ void gemm_pair_parallel(void *gemm, int int64, const int64_t *desc, int threads,
 }
 
 /* ---------------------------------------------------------------------------------------------------------
+ * Products with few rows: out (M, N) = x (M, K) W^T [+ bias (N,)], W (N, K) with rows at stride ldw, for M
+ * of a few rows (generation: one new position a sequence).
+ *   out[m][n] = sum_k x[m][k] W[n][k] (+ bias[n]):  LANES partial sums along k, then those added together
+ * Here each element of W is used M times, so the product is bound by reading W from memory, not by its
+ * multiply-adds, and the BLAS's blocking for reuse buys nothing. W is read once, ROWS of its rows at a time,
+ * each row block against every row of x while it is in the L1 cache; the threads split W's rows. Each
+ * element of out is one thread's sum in a fixed order, so the result does not depend on the thread count. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+static inline real sum_lanes(vec v) {
+#if defined(__AVX512F__)     /* in registers, by the compiler's shuffles: the generic loop below goes through memory */
+    return IS_DOUBLE ? (real)_mm512_reduce_add_pd((__m512d)v) : (real)_mm512_reduce_add_ps((__m512)v);
+#else
+    real sum = 0;
+    for (index_t l = 0; l < LANES; l++) sum += v[l];
+    return sum;
+#endif
+}
+
+static void few_rows_product(const real *x, index_t ldx, const real *W, index_t ldw, const real *bias, real *out,
+                             index_t ldo, index_t M, index_t K, index_t n_lo, index_t n_hi) {
+    const index_t whole = K / LANES * LANES;
+    index_t n = n_lo;
+    for (; n + ROWS <= n_hi; n += ROWS) {
+        const real *w0 = W + n * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        _Static_assert(ROWS == 4, "the row block below is written out for 4 rows");
+        for (index_t m = 0; m < M; m++) {
+            const real *xm = x + m * ldx;
+            vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            for (index_t k = 0; k < whole; k += LANES) {
+                const vec xv = LOAD(xm + k);
+                s0 += LOAD(w0 + k) * xv;
+                s1 += LOAD(w1 + k) * xv;
+                s2 += LOAD(w2 + k) * xv;
+                s3 += LOAD(w3 + k) * xv;
+            }
+            real s[ROWS] = {sum_lanes(s0), sum_lanes(s1), sum_lanes(s2), sum_lanes(s3)};
+            for (int r = 0; r < ROWS; r++) {
+                for (index_t k = whole; k < K; k++) s[r] += xm[k] * w0[r * ldw + k];
+                out[m * ldo + n + r] = bias ? s[r] + bias[n + r] : s[r];
+            }
+        }
+    }
+    for (; n < n_hi; n++)
+        for (index_t m = 0; m < M; m++) {
+            const real *xm = x + m * ldx, *wn = W + n * ldw;
+            vec sum = {0};
+            for (index_t k = 0; k < whole; k += LANES) sum += LOAD(wn + k) * LOAD(xm + k);
+            real s = sum_lanes(sum);
+            for (index_t k = whole; k < K; k++) s += xm[k] * wn[k];
+            out[m * ldo + n] = bias ? s + bias[n] : s;
+        }
+}
+
+typedef struct { const real *x, *W, *bias; real *out; index_t ldx, ldw, ldo, M, K; } few_rows_job;
+
+static void few_rows_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const few_rows_job *j = job;
+    few_rows_product(j->x, j->ldx, j->W, j->ldw, j->bias, j->out, j->ldo, j->M, j->K, lo, hi);
+}
+
+/* W's rows cut into chunks of at least min_rows */
+void few_rows_product_parallel(const real *x, index_t ldx, const real *W, index_t ldw, const real *bias,
+                               real *out, index_t ldo, index_t M, index_t N, index_t K, int threads,
+                               index_t min_rows) {
+    const few_rows_job job = {x, W, bias, out, ldx, ldw, ldo, M, K};
+    run_parallel(threads, N, min_rows, few_rows_chunk, &job);
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Attention for a few new queries against a KV cache (generation): Q (B, H, L, D) the new positions, K and V
+ * (B, H, S, D) every position so far (the new ones last), out (B, H, L, Dv):
+ *   query i is position S - L + i and sees keys 0 .. S - L + i (the causal rule; all S where L = 1)
+ *   s_j = scale q_i . k_j;  p = softmax(s);  o_i = sum_j p_j v_j
+ * The scores are few_rows_product's dot products (the keys are its W); no probabilities are kept (there is
+ * no backward: generation records no graph). `layout`: H, L, S, D, Dv, then the strides in elements along B,
+ * H and the rows of Q, K, V and out. Heads head_lo .. head_hi - 1; scratch holds S reals. */
+/* out[:width] = sum_{j < n} w[j] y[j * y_stride + :width]: two registers of columns at a time, even and odd
+ * j summed apart (four chains of multiply-adds in flight, not one waiting on the last) */
+static void weighted_sum(const real *w, const real *y, index_t y_stride, index_t n, index_t width, real *out) {
+    index_t d = 0;
+    for (; d + LANES <= width; d += 2 * LANES) {
+        const int regs = d + 2 * LANES <= width ? 2 : 1;
+        vec even[2] = {{0}, {0}}, odd[2] = {{0}, {0}};
+        index_t j = 0;
+        for (; j + 2 <= n; j += 2)
+            for (int c = 0; c < regs; c++) {
+                even[c] += w[j] * LOAD(y + j * y_stride + d + c * LANES);
+                odd[c] += w[j + 1] * LOAD(y + (j + 1) * y_stride + d + c * LANES);
+            }
+        for (; j < n; j++)
+            for (int c = 0; c < regs; c++) even[c] += w[j] * LOAD(y + j * y_stride + d + c * LANES);
+        for (int c = 0; c < regs; c++) STORE(out + d + c * LANES, even[c] + odd[c]);
+    }
+    for (d = width / LANES * LANES; d < width; d++) {
+        real sum = 0;
+        for (index_t j = 0; j < n; j++) sum += w[j] * y[j * y_stride + d];
+        out[d] = sum;
+    }
+}
+
+static void attention_cached(const real *q, const real *k, const real *v, real *out, const index_t *layout,
+                             index_t head_lo, index_t head_hi, real scale, real *scores) {
+    const index_t H = layout[0], L = layout[1], S = layout[2], D = layout[3], Dv = layout[4];
+    const index_t *qs = layout + 5, *ks = layout + 8, *vs = layout + 11, *os = layout + 14;
+    for (index_t head = head_lo; head < head_hi; head++) {
+        const index_t b = head / H, h = head % H;
+        const real *qh = q + b * qs[0] + h * qs[1], *kh = k + b * ks[0] + h * ks[1], *vh = v + b * vs[0] + h * vs[1];
+        real *oh = out + b * os[0] + h * os[1];
+        for (index_t i = 0; i < L; i++) {
+            const index_t visible = S - L + i + 1;
+            few_rows_product(qh + i * qs[2], 0, kh, ks[2], NULL, scores, 0, 1, D, 0, visible);
+            for (index_t j = 0; j < visible; j++) scores[j] *= scale;
+            softmax_row_in_place(scores, visible);
+            weighted_sum(scores, vh, vs[2], visible, Dv, oh + i * os[2]);
+        }
+    }
+}
+
+typedef struct { const real *q, *k, *v; real *out; const index_t *layout; real scale; atomic_int *failures; }
+    cached_attention_job;
+
+static void attention_cached_chunk(const void *job, index_t lo, index_t hi, index_t chunk) {
+    const cached_attention_job *j = job;
+    real *scores = malloc(sizeof(real) * (j->layout[2] > 0 ? j->layout[2] : 1));
+    if (!scores) { atomic_fetch_add(j->failures, 1); return; }
+    attention_cached(j->q, j->k, j->v, j->out, j->layout, lo, hi, j->scale, scores);
+    free(scores);
+}
+
+/* returns 0, or -1 where scratch memory could not be had */
+int attention_cached_parallel(const real *q, const real *k, const real *v, real *out, const index_t *layout,
+                              index_t heads, real scale, int threads, index_t min_heads) {
+    atomic_int failures = 0;
+    const cached_attention_job job = {q, k, v, out, layout, scale, &failures};
+    run_parallel(threads, heads, min_heads, attention_cached_chunk, &job);
+    return atomic_load(&failures) ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * A transformer block on generation's few new positions (TransformerBlock.forward with a KV cache, which
+ * records no graph), in one call: T new positions a sequence after `start` cached ones, x (N, C), N = B T,
+ * H heads of D = C / H:
+ *   a = LayerNorm1(x);  q, k, v = a W_q^T + b_q,  a W_k^T + b_k,  a W_v^T + b_v        (N, C) each
+ *   the cache's keys and values (B, H, capacity, D) take k and v at positions start .. start + T - 1
+ *   context = attention_cached(q, the cache's first S = start + T keys and values)      (N, C)
+ *   h = x + context W_o^T + b_o
+ *   y = h + gelu(LayerNorm2(h) W1^T + b1) W2^T + b2
+ * the same kernels as each op of the textbook's block (few_rows_product for every product, on the pool).
+ * `weights`: 16 addresses, LayerNorm1's weight and bias, then W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o, then
+ * LayerNorm2's, then W1, b1, W2, b2, each weight contiguous; 0 for a bias (or LayerNorm weight) that is
+ * absent. `dims`: B, T, C, H, d_ff, start, capacity. min_elements: the fewest elements worth a thread.
+ * Returns 0, or -1 where scratch memory could not be had. */
+int block_with_cache(const real *x, real *y, const uint64_t *weights, real *keys, real *values,
+                     const index_t *dims, real eps1, real eps2, int tanh_form, int threads, index_t min_elements) {
+    const index_t B = dims[0], T = dims[1], C = dims[2], H = dims[3], d_ff = dims[4], start = dims[5];
+    const index_t capacity = dims[6], N = B * T, D = C / H, S = start + T;
+    const real *const *w = (const real *const *)weights;
+    real *scratch = malloc(sizeof(real) * (N * (5 * C + d_ff) + 2 * N));
+    if (!scratch) return -1;
+    real *a = scratch, *q = a + N * C, *k = q + N * C, *v = k + N * C, *context = v + N * C, *g = context + N * C;
+    real *mean = g + N * d_ff, *rstd = mean + N;
+    const index_t rows_C = (min_elements + C - 1) / C, rows_ff = (min_elements + d_ff - 1) / d_ff;
+
+    layer_norm_forward(x, w[0], w[1], a, mean, rstd, N, C, eps1);
+    few_rows_product_parallel(a, C, w[2], C, w[3], q, C, N, C, C, threads, rows_C);
+    few_rows_product_parallel(a, C, w[4], C, w[5], k, C, N, C, C, threads, rows_C);
+    few_rows_product_parallel(a, C, w[6], C, w[7], v, C, N, C, C, threads, rows_C);
+    for (index_t b = 0; b < B; b++)                                 /* the cache takes the new k and v */
+        for (index_t h = 0; h < H; h++)
+            for (index_t t = 0; t < T; t++) {
+                const index_t from = (b * T + t) * C + h * D, to = ((b * H + h) * capacity + start + t) * D;
+                for (index_t d = 0; d < D; d++) {
+                    keys[to + d] = k[from + d];
+                    values[to + d] = v[from + d];
+                }
+            }
+    /* q and context (N, C) seen as (B, H, T, D); the cache (B, H, capacity, D), its first S positions */
+    const index_t layout[17] = {H, T, S, D, D, T * C, D, C, H * capacity * D, capacity * D, D,
+                                H * capacity * D, capacity * D, D, T * C, D, C};
+    const index_t min_heads = (min_elements + 2 * S * D - 1) / (2 * S * D);
+    if (attention_cached_parallel(q, keys, values, context, layout, B * H, (real)1 / sqrt_real((real)D), threads,
+                                  min_heads)) {
+        free(scratch);
+        return -1;
+    }
+    few_rows_product_parallel(context, C, w[8], C, w[9], y, C, N, C, C, threads, rows_C);
+    for (index_t i = 0; i < N * C; i++) y[i] += x[i];                                  /* h, kept in y */
+    layer_norm_forward(y, w[10], w[11], a, mean, rstd, N, C, eps2);
+    few_rows_product_parallel(a, C, w[12], C, w[13], g, d_ff, N, d_ff, C, threads, rows_C);
+    gelu_forward_parallel(g, g, N * d_ff, tanh_form, threads, min_elements);
+    few_rows_product_parallel(g, d_ff, w[14], d_ff, w[15], q, C, N, C, d_ff, threads, rows_ff);
+    for (index_t i = 0; i < N * C; i++) y[i] += q[i];
+    free(scratch);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
  * Sums: out = a + b (flat); column sums of x (rows, C), one row of `partial` (chunks, C) per chunk of rows,
  * for the caller to add up in chunk order (a bias's gradient: db = sum over the rows of dy). */
 typedef struct { const real *a, *b; real *out; index_t C; } sum_job;

@@ -1,4 +1,5 @@
-"""Two of the model's layers as one op each on the C kernels: its attention and its feed-forward network.
+"""The model's layers as one op each on the C kernels: its attention and its feed-forward network, and in
+generation (new positions against a KV cache, no graph) the attention and the whole block.
 
     multi_head_attention   MultiHeadAttention.forward (npgpt/model.py). Q, K and V come from one product,
                            x times the transpose of W_q, W_k and W_v stacked (3C, C); the attention kernel reads
@@ -7,6 +8,10 @@
                            dx (= dQ W_q + dK W_k + dV W_v) is one product over the stack, and the three weights'
                            gradients are one more.
     feed_forward           FeedForward.forward: linear1, GELU, linear2 and dropout.
+    attention_with_cache   MultiHeadAttention.forward on at most FEW_ROWS new positions against a KV cache:
+                           the three projections, the cache's extend, the kernels' attention of the new
+                           queries over the cache, W_o; no graph.
+    block_with_cache       TransformerBlock.forward likewise: the whole block in one call of the kernels.
 
 The textbook runs a block's attention as 13 ops (four linears, the views and transposes of the heads,
 scaled_dot_product_attention) and its feed-forward network as 4, each a node of the graph with its own
@@ -17,10 +22,13 @@ Python costs a step.
 
 They apply where the layer's Linears and Dropout are the textbook's own (not subclassed, their forward not
 replaced, as a LoRA adapter would replace one), its weights are NumPy arrays of the input's dtype, and the
-products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT); for the attention also more than
-one position, no mask and no KV cache (generation's steps take the textbook's path), and W_q, W_k and W_v all
-with a bias or all without; for the feed-forward network exact or tanh GELU, and a dropout p below 1 in
-training. Anything else runs the textbook's forward, whose ops dispatch one by one as always. The dropout
+products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT) or of at most native_ops.FEW_ROWS
+rows; for the attention also more than one position, no mask and no KV cache, and W_q, W_k and W_v all with a
+bias or all without; for the feed-forward network exact or tanh GELU, and a dropout p below 1 in training.
+The two paths with a KV cache take at most FEW_ROWS new positions a sequence (a longer prompt runs the
+textbook's block), no mask, no dropout in effect, nothing that records a graph, and for the block the
+textbook's own LayerNorms, Dropouts and LayerKV (whose extend its one call does).
+Anything else runs the textbook's forward, whose ops dispatch one by one as always. The dropout
 masks are the kernels' hashed ones, their seeds drawn from the generator where the ops' fast paths would draw
 them, so the layer as one op and its ops on the kernels give the same masks, and values and gradients equal to
 rounding (one product over the stack sums in another order than three and their sum).
@@ -111,7 +119,12 @@ def multi_head_attention(self, x, mask=None, is_causal=False, kv_cache=None):
 def _heads(qkv, part, B, T, H, D):
     """Part 0, 1 or 2 (q, k or v) of (N, 3C) seen as (B, H, T, D): a view, each head's rows 3C apart."""
     C = H * D
-    return qkv[:, part * C:(part + 1) * C].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    return _as_heads(qkv[:, part * C:(part + 1) * C], B, T, H, D)
+
+
+def _as_heads(a, B, T, H, D):
+    """(N, C) rows, N = B T, heads side by side, seen as (B, H, T, D): a view."""
+    return a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 
 def _thirds(a, C):
@@ -134,6 +147,144 @@ def attention_applies(self, x, mask=None, is_causal=False, kv_cache=None):
     if len({p.bias is None for p in projections[:3]}) != 1 or not _probability(self.dropout):
         return False
     return native_ops.linear_applies(data, self.W_q.weight.data)      # its products large enough, as linear's
+
+
+# ========================================================================================================
+# multi_head_attention on generation's new positions, with a KV cache
+
+def attention_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
+    """MultiHeadAttention.forward on a few new positions against a KV cache, as one op that records no graph
+    (generation asks for none). x (B, T, C), N = B T:
+        q, k, v = x W_q^T + b_q, x W_k^T + b_k, x W_v^T + b_v      (N, C) each, seen as (B, H, T, D)
+        kv_cache.extend(k, v): the cache keeps the new keys and values and gives back all S positions'
+        context: new query i (position S - T + i) attends over keys 0 .. S - T + i (the textbook's mask of
+                 the new positions against the cache), by the kernels' attention_cached
+        y = context W_o^T + b_o                                     (N, C)
+    With at most FEW_ROWS rows, each product is few_rows_product: every weight is read once, by both threads.
+    (Inside the textbook's own block, block_with_cache below runs this and the rest of the block in one call.)
+    """
+    x = F._t(x)
+    B, T, C = x.shape
+    H, D = self.num_heads, self.d_k
+    N = B * T
+    x2d = native_ops._rows_view(x.data.reshape(N, C))                            # (N, C)
+    q, k, v = (_project(x2d, p) for p in (self.W_q, self.W_k, self.W_v))       # (N, C) each
+    keys, values, _ = kv_cache.extend(F.Tensor(_as_heads(k, B, T, H, D)), F.Tensor(_as_heads(v, B, T, H, D)))
+    context = buffers.empty((B, T, H, D), x.dtype)                              # (N, C): heads side by side
+    native_ops.attention_cached(_as_heads(q, B, T, H, D), keys.data, values.data, context.transpose(0, 2, 1, 3),
+                                x.dtype.type(1.0 / np.sqrt(D)))
+    y = _project(context.reshape(N, C), self.W_o)
+    return _make(y.reshape(B, T, C), (x,), None, "multi_head_attention")
+
+
+def _project(x2d, linear):
+    """x2d (N, in) W^T + b for the Linear's W (out, in) and b: (N, out), from the buffers' cache."""
+    W = native_ops._rows_view(linear.weight.data)
+    out = buffers.empty((x2d.shape[0], W.shape[0]), x2d.dtype)
+    native_ops._product(x2d, W, out, trans_b=True, bias=_data(linear.bias))
+    return out
+
+
+def attention_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None):
+    """A NumPy (B, T, C) input with 1 to FEW_ROWS new positions, no mask, and a KV cache of NumPy arrays
+    (B, H, capacity, D) of its dtype with room for them; the four projections plain Linears of (C, C) weights
+    of that dtype; no dropout on the attention (eval mode, or p = 0); and nothing that records a graph."""
+    data = x.data if isinstance(x, F.Tensor) else x
+    if kv_cache is None or mask is not None or not isinstance(data, np.ndarray) or data.ndim != 3 \
+            or not 1 <= data.shape[1] <= native_ops.FEW_ROWS:
+        return False
+    B, T, C = data.shape
+    caches = (getattr(kv_cache, "keys", None), getattr(kv_cache, "values", None))
+    length = getattr(getattr(kv_cache, "owner", None), "length", None)
+    if not isinstance(length, int) or not all(isinstance(a, np.ndarray) and a.dtype == data.dtype and a.ndim == 4
+                                              and a.shape[:2] == (B, self.num_heads) and a.shape[3] == self.d_k
+                                              and a.shape[2] >= length + T for a in caches):
+        return False
+    projections = (self.W_q, self.W_k, self.W_v, self.W_o)
+    if C != self.d_model or not all(_plain_linear(p, C, C, data.dtype) for p in projections):
+        return False
+    if self.training and self.dropout.p != 0.0:
+        return False
+    parents = ((x,) if isinstance(x, F.Tensor) else ()) + tuple(p.weight for p in projections) + \
+        tuple(p.bias for p in projections if p.bias is not None)
+    return not records_graph(parents) and native.kernels(data.dtype) is not None
+
+
+# ========================================================================================================
+# transformer_block on generation's new positions, with a KV cache
+
+def block_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
+    """TransformerBlock.forward on a few new positions against a KV cache, as one op that records no graph.
+    x (B, T, C), N = B T:
+        h = x + attention(attn_norm(x))                 attention_with_cache's maths, the cache's extend
+        y = h + linear2(gelu(linear1(ffn_norm(h))))     the feed-forward network
+    Its dropouts are the identity (eval mode, or p = 0). A generated token's block is a few rows, whose ops
+    cost more in Python than in arithmetic: the textbook's 6 ops (two LayerNorms, the attention, the
+    feed-forward network, two sums) are one call of the kernels' block_with_cache here, on their kernels.
+    """
+    x = F._t(x)
+    B, T, C = x.shape
+    dtype, attention, ffn = x.dtype, self.attention, self.ffn
+    x2d = np.ascontiguousarray(x.data).reshape(B * T, C)                        # (N, C)
+    y = buffers.empty((B * T, C), dtype)
+    parts = (self.attn_norm, attention.W_q, attention.W_k, attention.W_v, attention.W_o, self.ffn_norm,
+             ffn.linear1, ffn.linear2)
+    weights = np.array([0 if p is None else at(p.data) for m in parts for p in (m.weight, m.bias)], dtype=np.uint64)
+    dims = np.array([B, T, C, attention.num_heads, ffn.linear1.out_features, kv_cache.owner.length,
+                     kv_cache.keys.shape[2]], dtype=np.int64)
+    if native.kernels(dtype).block_with_cache(at(x2d), at(y), at(weights), at(kv_cache.keys), at(kv_cache.values),
+                                              at(dims), self.attn_norm.eps, self.ffn_norm.eps,
+                                              int(ffn.gelu_approximate == "tanh"), native_ops._threads(),
+                                              native_ops.KERNEL_MIN_ELEMENTS):
+        raise MemoryError("transformer_block: no memory for the kernel's scratch")
+    return _make(y.reshape(B, T, C), (x,), None, "transformer_block")
+
+
+def block_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None):
+    """The textbook's own block: its attention, feed-forward network, LayerNorms and Dropouts of the
+    textbook's classes, none with its forward replaced; every dropout the identity (eval mode, or p = 0); the
+    attention where attention_with_cache applies, its cache the textbook's LayerKV (whose extend the kernel
+    does) with contiguous arrays; plain Linears C -> d_ff -> C and exact or tanh GELU in the feed-forward
+    network; every weight contiguous; and nothing that records a graph."""
+    from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
+    if type(kv_cache) is not model.LayerKV or not attention_with_cache_applies(self.attention, x, mask, is_causal,
+                                                                                kv_cache):
+        return False
+    if not (kv_cache.keys.flags.c_contiguous and kv_cache.values.flags.c_contiguous):
+        return False
+    data = x.data if isinstance(x, F.Tensor) else x
+    C, dtype, ffn = data.shape[2], data.dtype, self.ffn
+    if not (_textbook(self.attention, model.MultiHeadAttention) and _textbook(ffn, model.FeedForward)
+            and all(_textbook(n, nn.LayerNorm) and _affine_of(n, C, dtype) for n in (self.attn_norm, self.ffn_norm))
+            and all(_identity_dropout(d) for d in (self.dropout, ffn.dropout))):
+        return False
+    d_ff = getattr(ffn.linear1, "out_features", 0)
+    if ffn.gelu_approximate not in ("none", "tanh") or not (_plain_linear(ffn.linear1, d_ff, C, dtype)
+                                                            and _plain_linear(ffn.linear2, C, d_ff, dtype)):
+        return False
+    attention = self.attention
+    parts = (self.attn_norm, attention.W_q, attention.W_k, attention.W_v, attention.W_o, self.ffn_norm,
+             ffn.linear1, ffn.linear2)
+    parameters = [p for m in parts for p in (m.weight, m.bias) if p is not None]
+    return all(p.data.flags.c_contiguous for p in parameters) and not records_graph(parameters)
+
+
+def _textbook(module, cls):
+    """`module` is an instance of `cls` itself, its forward not replaced."""
+    return type(module) is cls and "forward" not in vars(module)
+
+
+def _affine_of(norm, C, dtype):
+    """A LayerNorm over the last C features whose weight and bias (each may be None) are NumPy (C,) arrays of
+    `dtype`."""
+    return tuple(norm.normalized_shape) == (C,) and all(
+        p is None or (isinstance(p, F.Tensor) and isinstance(p.data, np.ndarray) and p.data.dtype == dtype
+                      and p.data.shape == (C,)) for p in (norm.weight, norm.bias))
+
+
+def _identity_dropout(layer):
+    """An nn.Dropout itself that is the identity: eval mode or p = 0 (p in [0, 1])."""
+    return _textbook(layer, nn.Dropout) and _probability(layer) and (not layer.training or layer.p == 0.0)
 
 
 # ========================================================================================================
@@ -234,4 +385,6 @@ def _probability(layer):
 
 def register():
     register_fast_path("multi_head_attention", multi_head_attention, "cpu", applies=attention_applies)
+    register_fast_path("multi_head_attention", attention_with_cache, "cpu", applies=attention_with_cache_applies)
+    register_fast_path("transformer_block", block_with_cache, "cpu", applies=block_with_cache_applies)
     register_fast_path("feed_forward", feed_forward, "cpu", applies=feed_forward_applies)

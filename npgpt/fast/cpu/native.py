@@ -49,7 +49,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
 RESULT_TYPES = {"parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
-                "attention_backward_parallel": ctypes.c_int, "vector_bytes": ctypes.c_int}  # the others: nothing
+                "attention_backward_parallel": ctypes.c_int, "attention_cached_parallel": ctypes.c_int,
+                "block_with_cache": ctypes.c_int, "vector_bytes": ctypes.c_int}  # the others: nothing
 
 
 def _signatures(real):
@@ -82,6 +83,9 @@ def _signatures(real):
         "gemm_parallel": [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64, _I64, _I64, _P, _I64, _P, _I64, _P,
                           _I64, _P, ctypes.c_int, _I64],
         "gemm_pair_parallel": [_P, ctypes.c_int, _P, ctypes.c_int, _I64],
+        "few_rows_product_parallel": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64],
+        "attention_cached_parallel": [_P, _P, _P, _P, _P, _I64, real, ctypes.c_int, _I64],
+        "block_with_cache": [_P, _P, _P, _P, _P, _P, real, real, ctypes.c_int, ctypes.c_int, _I64],
     }
 
 

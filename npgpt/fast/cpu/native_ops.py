@@ -2,7 +2,9 @@
 
     linear           y = x W^T + b, dx = dy W, dW = dy^T x: the BLAS's products, one block of the result's
                      rows (or columns) per thread, the bias added in the same pass; dx and dW made at once
-                     (with two threads, one whole product each); db summed by the kernels
+                     (with two threads, one whole product each); db summed by the kernels. At most FEW_ROWS
+                     rows (generation's new positions), y is the kernels' few_rows_product: W read once,
+                     its rows split among the threads
     gelu             one pass forward, one backward that recomputes Phi(x) (or tanh u) instead of keeping it
     layer_norm       one pass over each row for the statistics, one for y; the backward recomputes xhat
                      from the saved mean and 1/std instead of keeping an (N, C) copy
@@ -13,7 +15,8 @@
     scaled_dot_product_attention
                      a head at a time: scores, softmax, dropout and A V while the head's scores are in
                      the cache; only P is kept, the backward draws the mask again. Q, K, V are read where
-                     they lie (the model's are strided views into one projection)
+                     they lie (the model's are strided views into one projection). attention_cached: a few
+                     new queries against a KV cache (generation), for layers.py
     adamw_step       the whole update in one pass over p, g, m, v (NumPy needs 13, 14 with weight decay),
                      all parameters in one call
     clip_grad_norm   every gradient's squares summed in one call, and scaled in one more where they are clipped
@@ -117,9 +120,11 @@ def linear(input, weight, bias=None):
 
 
 GEMM_MIN_ROWS = 64          # the thinnest block of a product worth a thread
-PRODUCT_KERNELS = ("gemm_parallel", "gemm_pair_parallel")      # the kernels that run the weights' products
-SMALL_PRODUCT = 1 << 22     # multiply-adds below which linear is the reference's one NumPy call (generation's
-                            # single row, say): the pool's hand-offs and the BLAS scope would cost more
+PRODUCT_KERNELS = ("gemm_parallel", "gemm_pair_parallel", "few_rows_product_parallel")  # the weights' products
+SMALL_PRODUCT = 1 << 22     # multiply-adds below which linear is the reference's one NumPy call: the pool's
+                            # hand-offs and the BLAS scope would cost more
+FEW_ROWS = 4                # at most this many rows (generation's one new position a sequence), a product
+                            # x W^T is the kernels' few_rows_product, whatever its size: it only reads W once
 
 
 def _rows_view(a):
@@ -139,8 +144,13 @@ def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
     if K == 0:
         out[...] = 0 if bias is None else bias
         return
-    gemm, int64 = threads.blas_gemm(out.dtype)
     k = native.kernels(out.dtype)
+    if M <= FEW_ROWS and trans_b and not trans_a:
+        k.few_rows_product_parallel(native.address(a), a.strides[0] // a.itemsize, native.address(b),
+                                    b.strides[0] // b.itemsize, None if bias is None else at(bias), at(out), N, M,
+                                    N, K, _threads(), _rows_min(K))
+        return
+    gemm, int64 = threads.blas_gemm(out.dtype)
     with threads.blas_threads(1):
         k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
                         a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
@@ -195,12 +205,15 @@ def _column_sums(a):
 
 def linear_applies(input, weight, bias=None):
     """The kernels and the BLAS's product are found for the dtype, all operands alike in it, and the
-    products are large enough to share."""
+    products are large enough to share, or have at most FEW_ROWS rows (few_rows_product's)."""
     arrays = [t.data if isinstance(t, F.Tensor) else t for t in (input, weight, bias) if t is not None]
     if not all(isinstance(a, np.ndarray) for a in arrays) or len({a.dtype for a in arrays}) != 1:
         return False
     x, W, dtype = arrays[0], arrays[1], arrays[0].dtype
-    if W.ndim != 2 or x.ndim == 0 or x.size // max(1, x.shape[-1]) * W.size < SMALL_PRODUCT:
+    if W.ndim != 2 or x.ndim == 0:
+        return False
+    rows = x.size // max(1, x.shape[-1])
+    if rows * W.size < SMALL_PRODUCT and not 0 < rows <= FEW_ROWS:
         return False
     return native.kernels(dtype) is not None and threads.blas_gemm(dtype) is not None
 
@@ -532,6 +545,20 @@ class Attention:
 def _heads_side_by_side(B, H, rows, D, dtype):
     """A (B, H, rows, D) view of a (B, rows, H, D) array."""
     return buffers.empty((B, rows, H, D), dtype).transpose(0, 2, 1, 3)
+
+
+def attention_cached(q4, k4, v4, out4, scale):
+    """out4 (B, H, L, Dv) = the attention of the L new queries q4 (B, H, L, D) over the keys and values of a
+    KV cache, k4 and v4 (B, H, S, D) with the new positions last: query i sees keys 0 .. S - L + i (the kernels'
+    attention_cached). All four are views whose last axis is contiguous; no probabilities are kept."""
+    B, H, L, D = q4.shape
+    S, Dv = k4.shape[2], v4.shape[3]
+    arrays = (q4, k4, v4, out4)
+    layout = np.array([H, L, S, D, Dv] + [s // q4.itemsize for a in arrays for s in a.strides[:3]], dtype=np.int64)
+    min_heads = -(-KERNEL_MIN_ELEMENTS // max(1, S * (D + Dv)))        # a head reads S (D + Dv) of K and V
+    if native.kernels(q4.dtype).attention_cached_parallel(*(a.ctypes.data for a in arrays), at(layout), B * H,
+                                                          scale, _threads(), min_heads):
+        raise MemoryError("scaled_dot_product_attention: no memory for the kernel's scratch")
 
 
 def attention_applies(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
