@@ -801,7 +801,7 @@ def test_few_rows_product_equals_the_reference(workers, dtype, case):
     calls = []
     previous = native.set_call_observer(lambda name, seconds: calls.append(name))
     try:
-        fast = native_ops.linear(x, W, b)
+        native_ops.linear(x, W, b)
     finally:
         native.set_call_observer(previous)
     assert calls == ["few_rows_product_parallel"]
