@@ -303,19 +303,19 @@ def ops_of(fn):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("gpt2", [False, True])
 def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(workers, dtype, gpt2):
-    """A prompt of 5 positions (more than FEW_ROWS: the textbook's block), then steps of 1 and of 3 new
-    positions (block_with_cache): each step's logits and the cache's keys and values equal the textbook's,
+    """A batch of 2: a prompt of 5 positions (10 rows, more than FEW_ROWS: the textbook's block), then steps
+    of 1 and of 2 new positions (2 and 4 rows: block_with_cache): each step's logits and the cache's keys and values equal the textbook's,
     for the tutorial's GPT and for GPT-2's switches (biases, tanh GELU, its eps); greedy generation gives the
     textbook's tokens."""
     rng = np.random.default_rng(8)
     config = dict(attention_bias=True, gelu_approximate="tanh", layer_norm_eps=1e-6) if gpt2 else {}
     model = small_gpt(dtype, rng, **config)
-    ids = rng.integers(0, 50, (2, 9))
+    ids = rng.integers(0, 50, (2, 8))
 
     def steps():
         cache = model.new_kv_cache(2)
         with npgpt.no_grad():
-            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 5), (5, 6), (6, 9))]
+            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 5), (5, 6), (6, 8))]
         return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
     fast, names = ops_of(steps)
     assert names.count("transformer_block") == 2 * 2                    # the two steps' blocks, whole
@@ -325,38 +325,102 @@ def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(wor
     np.testing.assert_array_equal(tokens, textbook(lambda: generate(model, prompt, 8, temperature=0.0)))
 
 
-class CountingCache(LayerKV):
-    """A LayerKV whose extend the kernel's block would not call: it counts its calls."""
+class ScaledNorm(nn.LayerNorm):
+    """A LayerNorm of another class: the block's one call, which knows only the textbook's, leaves it alone."""
 
-    calls = 0
-
-    def extend(self, k, v):
-        CountingCache.calls += 1
-        return super().extend(k, v)
+    def forward(self, x):
+        return super().forward(x) * 0.5
 
 
-def test_with_a_cache_of_its_own_class_the_attention_alone_runs_as_one_op(workers):
-    """The block's one call writes the cache as LayerKV.extend does, so it takes only LayerKV itself; with
-    another class of cache, the attention is still one op (attention_with_cache), which calls its extend."""
+def random_cache(model, batch, length, rng):
+    """A cache of `batch` sequences whose first `length` positions hold random keys and values."""
+    cache = model.new_kv_cache(batch)
+    for layer in cache.layers:
+        layer.keys[:, :, :length] = rng.standard_normal(layer.keys[:, :, :length].shape)
+        layer.values[:, :, :length] = rng.standard_normal(layer.values[:, :, :length].shape)
+    cache.length = length
+    return cache
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("batch, new", [(2, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_a_block_of_its_own_the_attention_alone_runs_as_one_op(workers, dtype, batch, new, bias):
+    """A block whose LayerNorm is not the textbook's: the block runs its own body, and its attention over the
+    cache is one op (attention_with_cache): `new` positions a sequence after 7 cached ones of random keys and
+    values, equal to the textbook's, the cache's new keys and values too."""
     rng = np.random.default_rng(9)
-    model = small_gpt(np.float64, rng)
-    block, x = model.blocks[0], leaf(rng, 2, 1, 24)
-    cache = model.new_kv_cache(2)
-    cache.layers = [CountingCache(cache, layer.keys.shape, np.float64, np) for layer in cache.layers]
-    args = (x, None, False, cache.layers[0])
+    model = small_gpt(dtype, rng, attention_bias=bias)
+    block = model.blocks[0]
+    block.ffn_norm = cast(ScaledNorm(24), dtype, rng)
+    x = leaf(rng, batch, new, 24, dtype=dtype)
+    cache = random_cache(model, batch, 7, rng)
     with npgpt.no_grad():
-        assert engine.fast_path_for("transformer_block", (block,) + args, {}) is None
+        assert engine.fast_path_for("transformer_block", (block, x, None, False, cache.layers[0]), {}) is None
         assert engine.fast_path_for("multi_head_attention", (block.attention, block.attn_norm(x), None, False,
                                                              cache.layers[0]), {}) is layers.attention_with_cache
+    saved = [(layer.keys.copy(), layer.values.copy()) for layer in cache.layers]
 
     def step():
-        cache.length = 3
+        for layer, (keys, values) in zip(cache.layers, saved):
+            layer.keys[...], layer.values[...] = keys, values
         with npgpt.no_grad():
-            return [block(*args).data, cache.layers[0].keys.copy(), cache.layers[0].values.copy()]
-    before = CountingCache.calls
+            return [block(x, None, False, cache.layers[0]).data, cache.layers[0].keys.copy(),
+                    cache.layers[0].values.copy()]
     fast, names = ops_of(step)
-    assert CountingCache.calls == before + 1 and "multi_head_attention" in names
-    assert_close(fast, textbook(step), np.float64)
+    assert names.count("multi_head_attention") == 1 and "scaled_dot_product_attention" not in names
+    assert_close(fast, textbook(step), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_a_block_without_biases_or_layer_norm_weights_equals_the_textbook(workers, dtype):
+    """The one call with every optional part absent (its addresses 0): no LayerNorm weight or bias, no
+    biases on the feed-forward network's Linears; 2 new positions after 5 cached ones."""
+    rng = np.random.default_rng(12)
+    model = small_gpt(dtype, rng)
+    block = model.blocks[1]
+    for norm in (block.attn_norm, block.ffn_norm):
+        norm.weight = norm.bias = None
+    block.ffn.linear1.bias = block.ffn.linear2.bias = None
+    x = leaf(rng, 2, 2, 24, dtype=dtype)
+    cache = random_cache(model, 2, 5, rng)
+    saved = (cache.layers[1].keys.copy(), cache.layers[1].values.copy())
+
+    def step():
+        cache.layers[1].keys[...], cache.layers[1].values[...] = saved
+        with npgpt.no_grad():
+            return [block(x, None, False, cache.layers[1]).data, cache.layers[1].keys.copy(),
+                    cache.layers[1].values.copy()]
+    fast, names = ops_of(step)
+    assert names == ["transformer_block"]
+    assert_close(fast, textbook(step), dtype)
+
+
+def test_a_blocks_one_call_gives_the_same_bits_on_any_thread_count(monkeypatch):
+    """Every product's element and every head is one thread's work in a fixed order."""
+    from npgpt.fast.cpu import native_ops, threads
+    monkeypatch.setattr(native_ops, "KERNEL_MIN_ELEMENTS", 7)
+    rng = np.random.default_rng(13)
+    model = small_gpt(np.float32, rng)
+    x = leaf(rng, 2, 2, 24, dtype=np.float32)
+    results = []
+    for count in (1, 2, 3, 4):
+        previous = threads.set_workers(count)
+        try:
+            cache = random_cache(model, 2, 6, np.random.default_rng(14))
+            with npgpt.no_grad():
+                out, names = ops_of(lambda: model.blocks[0](x, None, False, cache.layers[0]).data)
+            assert names == ["transformer_block"]
+            results.append((out, cache.layers[0].keys))
+        finally:
+            threads.set_workers(previous)
+    for out, keys in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        np.testing.assert_array_equal(keys, results[0][1])
+
+
+class CountingCache(LayerKV):
+    """A LayerKV of another class, whose extend might do anything: the cache paths leave it alone."""
 
 
 def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers):
@@ -364,29 +428,50 @@ def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers)
     model = small_gpt(np.float64, rng)
     block, x = model.blocks[0], leaf(rng, 2, 1, 24)
     cache = model.new_kv_cache(2)
+    layer_cache = cache.layers[0]
 
     def chosen(*args, op="transformer_block", layer=block):
         with npgpt.no_grad():
             return engine.fast_path_for(op, (layer,) + args, {})
-    assert chosen(x, None, False, cache.layers[0]) is layers.block_with_cache
-    assert chosen(leaf(rng, 2, 5, 24), None, False, cache.layers[0]) is None           # more than FEW_ROWS
-    assert chosen(x, np.ones((1, 1), dtype=bool), False, cache.layers[0]) is None      # a mask
+    assert chosen(x, None, False, layer_cache) is layers.block_with_cache
+    assert chosen(leaf(rng, 2, 5, 24), None, False, layer_cache) is None               # more than FEW_ROWS
+    assert chosen(leaf(rng, 5, 1, 24), None, False, model.new_kv_cache(5).layers[0]) is None   # 5 rows in all
+    assert chosen(x, np.ones((1, 1), dtype=bool), False, layer_cache) is None          # a mask
     assert chosen(x) is None                                                            # no cache
+    other = CountingCache(cache, layer_cache.keys.shape, np.float64, np)
+    assert chosen(x, None, False, other) is None                                        # another cache class
+    assert chosen(block.attn_norm(x), None, False, other, op="multi_head_attention", layer=block.attention) is None
     cache.length = 16
-    assert chosen(x, None, False, cache.layers[0]) is None                              # the cache is full
+    assert chosen(x, None, False, layer_cache) is None                                  # the cache is full
     cache.length = 0
-    assert chosen(x.data.astype(np.float32), None, False, cache.layers[0]) is None      # a float64 cache
-    # recording a graph: the parameters need gradients and grad mode is on
-    assert engine.fast_path_for("transformer_block", (block, x, None, False, cache.layers[0]), {}) is None
+    strided = model.new_kv_cache(2)
+    strided.layers[0].keys = np.zeros((2, 3, 16, 16))[..., ::2]                         # not contiguous
+    assert chosen(x, None, False, strided.layers[0]) is None
+    short = model.new_kv_cache(2)
+    short.layers[0].values = short.layers[0].values[:, :, :8].copy()                   # keys and values differ
+    assert chosen(x, None, False, short.layers[0]) is None
+    model32 = small_gpt(np.float32, rng)
+    x32 = leaf(rng, 2, 1, 24, dtype=np.float32)
+    assert chosen(x32, None, False, model32.new_kv_cache(2).layers[0], layer=model32.blocks[0]) \
+        is layers.block_with_cache
+    wide = LayerKV(model32.new_kv_cache(2), (2, 3, 16, 8), np.float64, np)             # a float64 cache
+    assert chosen(x32, None, False, wide, layer=model32.blocks[0]) is None
+    # recording a graph: grad mode on and the parameters need gradients; or x alone needs one
+    assert engine.fast_path_for("transformer_block", (block, x, None, False, layer_cache), {}) is None
+    for p in model.parameters():
+        p.requires_grad = False
+    assert engine.fast_path_for("transformer_block", (block, x, None, False, layer_cache), {}) is None
+    x_constant = npgpt.Tensor(x.data)
+    assert engine.fast_path_for("transformer_block", (block, x_constant, None, False, layer_cache), {}) \
+        is layers.block_with_cache
     model.train()                                                                       # dropout 0.1 in training
-    assert chosen(x, None, False, cache.layers[0]) is None
-    assert chosen(block.attn_norm(x), None, False, cache.layers[0], op="multi_head_attention",
+    assert chosen(x, None, False, layer_cache) is None
+    assert chosen(block.attn_norm(x), None, False, layer_cache, op="multi_head_attention",
                   layer=block.attention) is None
     for module in model.modules():                                                      # p = 0 in training
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    assert chosen(x, None, False, cache.layers[0]) is layers.block_with_cache
+    assert chosen(x, None, False, layer_cache) is layers.block_with_cache
     model.eval()
     block.ffn.linear2 = cast(LoRALinear(40, 24), np.float64, rng)                      # a replaced Linear
-    assert chosen(x, None, False, cache.layers[0]) is None
-
+    assert chosen(x, None, False, layer_cache) is None

@@ -8,7 +8,8 @@
  * numbers as a whole one: dropout is told where its slice starts (`start`), the causal softmax gets whole
  * (L, S) blocks of rows, and LayerNorm's weight and bias gradients are sums the caller adds up per chunk.
  * The library's entry points are the *_parallel functions at the end, which cut one op into such chunks on
- * the pool (run_parallel), and the attention softmax and dropout that ops.py's NumPy attention calls whole.
+ * the pool (run_parallel); block_with_cache, a generated token's whole transformer block, which calls several
+ * of them; and the attention softmax and dropout that ops.py's NumPy attention calls whole.
  *
  * Shapes: GELU, dropout, AdamW: flat (n,); LayerNorm rows (N, C); cross-entropy logits (N, V); attention's
  * softmax: scores (rows, S), rows = B * H * L queries; the whole attention: Q, K, V (B, H, rows, D), a range
@@ -27,6 +28,9 @@
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>      /* sum_lanes's _mm512_reduce_add */
+#endif
 
 #ifndef REAL
 #define REAL float
@@ -1105,9 +1109,6 @@ void gemm_pair_parallel(void *gemm, int int64, const int64_t *desc, int threads,
  * multiply-adds, and the BLAS's blocking for reuse buys nothing. W is read once, ROWS of its rows at a time,
  * each row block against every row of x while it is in the L1 cache; the threads split W's rows. Each
  * element of out is one thread's sum in a fixed order, so the result does not depend on the thread count. */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 static inline real sum_lanes(vec v) {
 #if defined(__AVX512F__)     /* in registers, by the compiler's shuffles: the generic loop below goes through memory */
     return IS_DOUBLE ? (real)_mm512_reduce_add_pd((__m512d)v) : (real)_mm512_reduce_add_ps((__m512)v);
@@ -1120,11 +1121,11 @@ static inline real sum_lanes(vec v) {
 
 static void few_rows_product(const real *x, index_t ldx, const real *W, index_t ldw, const real *bias, real *out,
                              index_t ldo, index_t M, index_t K, index_t n_lo, index_t n_hi) {
+    _Static_assert(ROWS == 4, "the row block below is written out for 4 rows");
     const index_t whole = K / LANES * LANES;
     index_t n = n_lo;
     for (; n + ROWS <= n_hi; n += ROWS) {
         const real *w0 = W + n * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-        _Static_assert(ROWS == 4, "the row block below is written out for 4 rows");
         for (index_t m = 0; m < M; m++) {
             const real *xm = x + m * ldx;
             vec s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
@@ -1168,14 +1169,6 @@ void few_rows_product_parallel(const real *x, index_t ldx, const real *W, index_
     run_parallel(threads, N, min_rows, few_rows_chunk, &job);
 }
 
-/* ---------------------------------------------------------------------------------------------------------
- * Attention for a few new queries against a KV cache (generation): Q (B, H, L, D) the new positions, K and V
- * (B, H, S, D) every position so far (the new ones last), out (B, H, L, Dv):
- *   query i is position S - L + i and sees keys 0 .. S - L + i (the causal rule; all S where L = 1)
- *   s_j = scale q_i . k_j;  p = softmax(s);  o_i = sum_j p_j v_j
- * The scores are few_rows_product's dot products (the keys are its W); no probabilities are kept (there is
- * no backward: generation records no graph). `layout`: H, L, S, D, Dv, then the strides in elements along B,
- * H and the rows of Q, K, V and out. Heads head_lo .. head_hi - 1; scratch holds S reals. */
 /* out[:width] = sum_{j < n} w[j] y[j * y_stride + :width]: two registers of columns at a time, even and odd
  * j summed apart (four chains of multiply-adds in flight, not one waiting on the last) */
 static void weighted_sum(const real *w, const real *y, index_t y_stride, index_t n, index_t width, real *out) {
@@ -1200,6 +1193,14 @@ static void weighted_sum(const real *w, const real *y, index_t y_stride, index_t
     }
 }
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Attention for a few new queries against a KV cache (generation): Q (B, H, L, D) the new positions, K and V
+ * (B, H, S, D) every position so far (the new ones last), out (B, H, L, Dv):
+ *   query i is position S - L + i and sees keys 0 .. S - L + i (the causal rule; all S where L = 1)
+ *   s_j = scale q_i . k_j;  p = softmax(s);  o_i = sum_j p_j v_j
+ * The scores are few_rows_product's dot products (the keys are its W); no probabilities are kept (there is
+ * no backward: generation records no graph). `layout`: H, L, S, D, Dv, then the strides in elements along B,
+ * H and the rows of Q, K, V and out. Heads head_lo .. head_hi - 1; scratch holds S reals. */
 static void attention_cached(const real *q, const real *k, const real *v, real *out, const index_t *layout,
                              index_t head_lo, index_t head_hi, real scale, real *scores) {
     const index_t H = layout[0], L = layout[1], S = layout[2], D = layout[3], Dv = layout[4];
@@ -1247,13 +1248,15 @@ int attention_cached_parallel(const real *q, const real *k, const real *v, real 
  *   context = attention_cached(q, the cache's first S = start + T keys and values)      (N, C)
  *   h = x + context W_o^T + b_o
  *   y = h + gelu(LayerNorm2(h) W1^T + b1) W2^T + b2
- * the same kernels as each op of the textbook's block (few_rows_product for every product, on the pool).
+ * on the same kernels as the fast paths' ops (few_rows_product for every product, on the pool).
  * `weights`: 16 addresses, LayerNorm1's weight and bias, then W_q, b_q, W_k, b_k, W_v, b_v, W_o, b_o, then
  * LayerNorm2's, then W1, b1, W2, b2, each weight contiguous; 0 for a bias (or LayerNorm weight) that is
- * absent. `dims`: B, T, C, H, d_ff, start, capacity. min_elements: the fewest elements worth a thread.
- * Returns 0, or -1 where scratch memory could not be had. */
+ * absent. `dims`: B, T, C, H, d_ff, start, capacity (N >= 1); scale: the attention's, 1 / sqrt(D) as the caller
+ * rounds it. min_elements: the fewest elements worth a thread. Returns 0, or -1 where scratch memory could not
+ * be had. */
 int block_with_cache(const real *x, real *y, const uint64_t *weights, real *keys, real *values,
-                     const index_t *dims, real eps1, real eps2, int tanh_form, int threads, index_t min_elements) {
+                     const index_t *dims, real scale, real eps1, real eps2, int tanh_form, int threads,
+                     index_t min_elements) {
     const index_t B = dims[0], T = dims[1], C = dims[2], H = dims[3], d_ff = dims[4], start = dims[5];
     const index_t capacity = dims[6], N = B * T, D = C / H, S = start + T;
     const real *const *w = (const real *const *)weights;
@@ -1280,8 +1283,7 @@ int block_with_cache(const real *x, real *y, const uint64_t *weights, real *keys
     const index_t layout[17] = {H, T, S, D, D, T * C, D, C, H * capacity * D, capacity * D, D,
                                 H * capacity * D, capacity * D, D, T * C, D, C};
     const index_t min_heads = (min_elements + 2 * S * D - 1) / (2 * S * D);
-    if (attention_cached_parallel(q, keys, values, context, layout, B * H, (real)1 / sqrt_real((real)D), threads,
-                                  min_heads)) {
+    if (attention_cached_parallel(q, keys, values, context, layout, B * H, scale, threads, min_heads)) {
         free(scratch);
         return -1;
     }

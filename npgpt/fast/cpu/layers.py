@@ -160,7 +160,7 @@ def attention_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
         context: new query i (position S - T + i) attends over keys 0 .. S - T + i (the textbook's mask of
                  the new positions against the cache), by the kernels' attention_cached
         y = context W_o^T + b_o                                     (N, C)
-    With at most FEW_ROWS rows, each product is few_rows_product: every weight is read once, by both threads.
+    With at most FEW_ROWS rows, each product is few_rows_product: every weight read once, by the pool's threads.
     (Inside the textbook's own block, block_with_cache below runs this and the rest of the block in one call.)
     """
     x = F._t(x)
@@ -186,19 +186,22 @@ def _project(x2d, linear):
 
 
 def attention_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None):
-    """A NumPy (B, T, C) input with 1 to FEW_ROWS new positions, no mask, and a KV cache of NumPy arrays
-    (B, H, capacity, D) of its dtype with room for them; the four projections plain Linears of (C, C) weights
-    of that dtype; no dropout on the attention (eval mode, or p = 0); and nothing that records a graph."""
+    """A NumPy (B, T, C) input of 1 to FEW_ROWS rows in all (B T: every product few_rows_product's), no mask,
+    and the textbook's own LayerKV (whose extend gives back the cache's arrays with the new positions last)
+    of contiguous NumPy arrays (B, H, capacity, D) of the input's dtype, with room for the new positions; the
+    four projections plain Linears of (C, C) weights of that dtype; no dropout on the attention (eval mode, or
+    p = 0); and nothing that records a graph."""
+    from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
     data = x.data if isinstance(x, F.Tensor) else x
-    if kv_cache is None or mask is not None or not isinstance(data, np.ndarray) or data.ndim != 3 \
-            or not 1 <= data.shape[1] <= native_ops.FEW_ROWS:
+    if type(kv_cache) is not model.LayerKV or mask is not None or not isinstance(data, np.ndarray) \
+            or data.ndim != 3 or not 0 < data.shape[0] * data.shape[1] <= native_ops.FEW_ROWS:
         return False
     B, T, C = data.shape
-    caches = (getattr(kv_cache, "keys", None), getattr(kv_cache, "values", None))
-    length = getattr(getattr(kv_cache, "owner", None), "length", None)
-    if not isinstance(length, int) or not all(isinstance(a, np.ndarray) and a.dtype == data.dtype and a.ndim == 4
-                                              and a.shape[:2] == (B, self.num_heads) and a.shape[3] == self.d_k
-                                              and a.shape[2] >= length + T for a in caches):
+    keys, values, length = kv_cache.keys, kv_cache.values, kv_cache.owner.length
+    if not (isinstance(keys, np.ndarray) and isinstance(values, np.ndarray) and keys.shape == values.shape
+            and keys.shape[:2] == (B, self.num_heads) and keys.shape[3] == self.d_k and keys.ndim == 4
+            and keys.dtype == values.dtype == data.dtype and keys.flags.c_contiguous and values.flags.c_contiguous
+            and isinstance(length, int) and 0 <= length and length + T <= keys.shape[2]):
         return False
     projections = (self.W_q, self.W_k, self.W_v, self.W_o)
     if C != self.d_model or not all(_plain_linear(p, C, C, data.dtype) for p in projections):
@@ -233,7 +236,8 @@ def block_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
     dims = np.array([B, T, C, attention.num_heads, ffn.linear1.out_features, kv_cache.owner.length,
                      kv_cache.keys.shape[2]], dtype=np.int64)
     if native.kernels(dtype).block_with_cache(at(x2d), at(y), at(weights), at(kv_cache.keys), at(kv_cache.values),
-                                              at(dims), self.attn_norm.eps, self.ffn_norm.eps,
+                                              at(dims), dtype.type(1.0 / np.sqrt(attention.d_k)),
+                                              self.attn_norm.eps, self.ffn_norm.eps,
                                               int(ffn.gelu_approximate == "tanh"), native_ops._threads(),
                                               native_ops.KERNEL_MIN_ELEMENTS):
         raise MemoryError("transformer_block: no memory for the kernel's scratch")
@@ -243,14 +247,11 @@ def block_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
 def block_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None):
     """The textbook's own block: its attention, feed-forward network, LayerNorms and Dropouts of the
     textbook's classes, none with its forward replaced; every dropout the identity (eval mode, or p = 0); the
-    attention where attention_with_cache applies, its cache the textbook's LayerKV (whose extend the kernel
-    does) with contiguous arrays; plain Linears C -> d_ff -> C and exact or tanh GELU in the feed-forward
+    attention where attention_with_cache applies (its cache the textbook's LayerKV, whose extend the kernel
+    does); plain Linears C -> d_ff -> C and exact or tanh GELU in the feed-forward
     network; every weight contiguous; and nothing that records a graph."""
     from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
-    if type(kv_cache) is not model.LayerKV or not attention_with_cache_applies(self.attention, x, mask, is_causal,
-                                                                                kv_cache):
-        return False
-    if not (kv_cache.keys.flags.c_contiguous and kv_cache.values.flags.c_contiguous):
+    if not attention_with_cache_applies(self.attention, x, mask, is_causal, kv_cache):
         return False
     data = x.data if isinstance(x, F.Tensor) else x
     C, dtype, ffn = data.shape[2], data.dtype, self.ffn

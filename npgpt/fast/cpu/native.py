@@ -85,7 +85,7 @@ def _signatures(real):
         "gemm_pair_parallel": [_P, ctypes.c_int, _P, ctypes.c_int, _I64],
         "few_rows_product_parallel": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64],
         "attention_cached_parallel": [_P, _P, _P, _P, _P, _I64, real, ctypes.c_int, _I64],
-        "block_with_cache": [_P, _P, _P, _P, _P, _P, real, real, ctypes.c_int, ctypes.c_int, _I64],
+        "block_with_cache": [_P, _P, _P, _P, _P, _P, real, real, real, ctypes.c_int, ctypes.c_int, _I64],
     }
 
 
