@@ -4,13 +4,16 @@
     python -m benchmarks.profile --loop                   # the README's five-line loop instead
     python -m benchmarks.profile --model shakespeare-char --loop     # the small model at its (12, 64)
     python -m benchmarks.profile --forward                # an inference forward pass (no graph), op by op
+    python -m benchmarks.profile --generate               # generation with a KV cache, a token at a time
     python -m benchmarks.profile --batch 16 --seq 256 --steps 5
     python -m benchmarks.profile --anchor-ms 303          # PyTorch's time for the same step, from the suite
 
 Under the table, the products' floor: the FLOPs of the weights' products (linear's, or those of the layers
 run as one op, npgpt/fast/cpu/layers.py; forward, and dx and dW in the backward), their time and speed
 against this machine's float32 GEMM peak (2048^3, measured here), and the step's time if every other op cost
-nothing. With --anchor-ms (PyTorch's median for the same step or forward
+nothing. For generation (--generate: a "step" is one new token of greedy decoding after a prompt of --seq
+positions, batch --batch), whose products of one row each read every weight once and are bound by memory,
+the floor is the weights' bytes a token and the rate at which the token's kernel calls went through them. With --anchor-ms (PyTorch's median for the same step or forward
 pass, from `python -m benchmarks`), that floor and the step are also given as ratios to it, with what a
 target ratio leaves for everything that is not a product.
 
@@ -36,7 +39,8 @@ from benchmarks.suite import (argument_parser, positive_number, refuse_too_many_
                               stop_signals_as_ctrl_c, usable_cores, whole_number)
 
 
-def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False):
+def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None, loop=False, forward_only=False,
+            generate_only=False):
     import npgpt
     from npgpt import backend, engine
     from npgpt import functional as F
@@ -99,7 +103,7 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
     vocab = model.vocab_size
     opt = make_optimizer(model, config)
     rng = np.random.default_rng(0)
-    total = 0.0
+    total, kernels_at_start = 0.0, 0.0
     timers = {"optimizer": 0.0, "backward": 0.0}
     real_step, real_backward = opt.step, npgpt.Tensor.backward
 
@@ -130,6 +134,10 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
 
     if forward_only:
         model.eval()
+    if generate_only:
+        from npgpt.generate import generate_tokens
+        # the first step (the warm-up) runs the prompt and makes the first token; each later one, a token
+        tokens = generate_tokens(model, rng.integers(0, vocab, (batch, seq)), steps + 1, temperature=0.0)
     from npgpt.fast.cpu import native
     previous_observer = engine.set_op_observer(observe)
     previous_kernel_observer = native.set_call_observer(observe_kernel) if device == "cpu" else None
@@ -142,10 +150,13 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
                 for tally in (forward, backward, counts, forward_kernels, backward_kernels):
                     tally.clear()
                 kernel_time["products"] = 0.0
+                kernels_at_start = kernel_time["all"]
                 clock["on"] = True
             start = time.perf_counter()
             clock["last"], clock["kernels"] = start, kernel_time["all"]
-            if forward_only:
+            if generate_only:
+                next(tokens)
+            elif forward_only:
                 inference([(ids[:, :-1], ids[:, 1:])])
             elif loop:
                 five_line_loop([(ids[:, :-1], ids[:, 1:])])
@@ -160,7 +171,8 @@ def profile(batch, seq, steps, dropout, threads, device="cpu", model_config=None
             native.set_call_observer(previous_kernel_observer)
         npgpt.Tensor.backward = real_backward
     timers["products"] = kernel_time["products"]
-    kernels = {"forward": forward_kernels, "backward": backward_kernels, "seen": kernel_time["all"] > 0}
+    kernels = {"forward": forward_kernels, "backward": backward_kernels, "seen": kernel_time["all"] > 0,
+               "all": kernel_time["all"] - kernels_at_start}        # every kernel call of the timed steps
     return forward, backward, counts, timers, total, steps, kernels
 
 
@@ -204,7 +216,22 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     return lines
 
 
-def outside_lines(outside, total, per, op_calls):
+def generation_floor_line(model, token_ms, kernels_ms, anchor_ms=None):
+    """Generation's floor in words: the weights a token reads (every product of its one row reads its W once:
+    Q, K, V, O and the feed-forward network's two in every layer, and the output projection), and how fast
+    the token's kernel calls, and the whole token, went through them."""
+    L, C, F, V = model["num_layers"], model["d_model"], model["d_ff"], model["vocab_size"]
+    megabytes = (L * (4 * C * C + 2 * C * F) + C * V) * 4 / 1e6          # float32
+    line = (f"Weights read a token (each product of its one row reads its W once): {megabytes:.1f} MB, in "
+            f"{kernels_ms:.2f} ms of kernel calls ({megabytes / kernels_ms:.0f} GB/s) and {token_ms - kernels_ms:.2f} ms "
+            f"outside them: {megabytes / token_ms:.0f} GB/s over the whole token.")
+    if anchor_ms:
+        line += (f" Against {anchor_ms:.2f} ms (--anchor-ms): this run {token_ms / anchor_ms:.2f}x, the kernel calls "
+                 f"alone {kernels_ms / anchor_ms:.2f}x.")
+    return line
+
+
+def outside_lines(outside, total, per, op_calls, generating=False):
     """The step's time outside the kernels, summed: the ops' forward and backward, the engine, the optimizer."""
     whole = sum(outside.values())
     parts = [f"{outside['forward'] * per:.1f} ms in the forward ops"]
@@ -214,7 +241,9 @@ def outside_lines(outside, total, per, op_calls):
     if outside["optimizer"]:
         parts.append(f"{outside['optimizer'] * per:.1f} in the optimizer")
     if outside["rest"]:
-        parts.append(f"{outside['rest'] * per:.1f} in zero_grad, the data and the glue between them")
+        parts.append(f"{outside['rest'] * per:.1f} in " + ("sampling, the token's ids and the glue between them"
+                                                             if generating else
+                                                             "zero_grad, the data and the glue between them"))
     return [f"Outside the kernels (Python, the engine, NumPy calls of the ops' own): {whole * per:.1f} ms of the "
             f"{total * per:.1f} ms ({whole / total:.0%}), {whole * per / max(op_calls, 1) * 1000:.0f} us for each of "
             f"the {op_calls:.0f} op calls: " + ", ".join(parts) + "."]
@@ -224,7 +253,7 @@ def main(argv=None):
     p = argument_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=whole_number, default=None, help="default 8 (tutorial), 12 (shakespeare-char)")
     p.add_argument("--seq", type=whole_number, default=None, help="default 128 (tutorial), 64 (shakespeare-char)")
-    p.add_argument("--steps", type=whole_number, default=5)
+    p.add_argument("--steps", type=whole_number, default=None, help="default 5 (100 with --generate)")
     p.add_argument("--dropout", type=float, default=None, help="default 0.1 (tutorial), 0 (shakespeare-char)")
     p.add_argument("--threads", type=whole_number, default=usable_cores())
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -233,6 +262,9 @@ def main(argv=None):
                    help="time the README's five-line loop (the library alone) instead of the training program")
     p.add_argument("--forward", action="store_true",
                    help="time an inference forward pass (eval mode, no graph) instead of a training step")
+    p.add_argument("--generate", action="store_true",
+                   help="time greedy generation with a KV cache, a token a step, after a prompt of --seq "
+                        "positions (default 16; batch default 1, steps default 100)")
     p.add_argument("--anchor-ms", type=positive_number, default=None,
                    help="PyTorch's median for the same step (or forward pass) from `python -m benchmarks`: "
                         "the floor is then also given as a ratio to it")
@@ -240,35 +272,43 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.forward and args.loop:
         p.error("--forward times the forward pass alone; leave out --loop")
+    if args.generate and (args.forward or args.loop):
+        p.error("--generate times generation alone; leave out --forward and --loop")
     refuse_unusable_device(p, args.device)
     refuse_too_many_threads(p, args.threads, args.device)
     from benchmarks.suite import GPT2_SMALL, SHAKESPEARE_CHAR, SHAKESPEARE_SHAPE, TUTORIAL
     small = args.model == "shakespeare-char"
     model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]
-    batch = args.batch or (SHAKESPEARE_SHAPE[0] if small else 8)
-    seq = args.seq or (SHAKESPEARE_SHAPE[1] if small else 128)
+    batch = args.batch or (1 if args.generate else SHAKESPEARE_SHAPE[0] if small else 8)
+    seq = args.seq or (16 if args.generate else SHAKESPEARE_SHAPE[1] if small else 128)
+    steps = args.steps or (100 if args.generate else 5)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
     if seq > model["max_seq_len"]:
         p.error(f"--seq {seq} is beyond the {args.model} model's context of {model['max_seq_len']}; give at most "
                 f"{model['max_seq_len']}")
+    if args.generate and seq + steps + 1 > model["max_seq_len"]:
+        p.error(f"--seq {seq} and --steps {steps} make {seq + steps + 1} positions, beyond the {args.model} "
+                f"model's context of {model['max_seq_len']}; give fewer")
     if not 0.0 <= dropout < 1.0:
         p.error(f"--dropout {args.dropout}: give a probability from 0 up to (not including) 1")
     try:
         with stop_signals_as_ctrl_c() as stop:
             forward, backward, counts, timers, total, steps, kernels = profile(
-                batch, seq, args.steps, dropout, args.threads, args.device, model, loop=args.loop,
-                forward_only=args.forward)
+                batch, seq, steps, dropout, args.threads, args.device, model, loop=args.loop,
+                forward_only=args.forward, generate_only=args.generate)
     except KeyboardInterrupt:
         print(f"interrupted{stop.how}: nothing to report (the table is made once every step has run)",
               file=sys.stderr)
         return 128 + stop.signum
     ops = sorted(set(forward) | set(backward), key=lambda op: -(forward[op] + backward[op]))
     per = 1000.0 / steps
-    what = "forward pass" if args.forward else ("five-line loop step" if args.loop else "training program step")
-    print(f"{args.model} {what} ({batch}, {seq}), dropout {0.0 if args.forward else dropout}, {args.device}, "
-          f"{args.threads} threads: {total * per:.1f} ms (mean of {steps}; ops timed one by one)\n")
+    inference_only = args.forward or args.generate
+    what = ("generated token, after a prompt of" if args.generate else "forward pass" if args.forward else
+            "five-line loop step" if args.loop else "training program step")
+    print(f"{args.model} {what} ({batch}, {seq}), dropout {0.0 if inference_only else dropout}, {args.device}, "
+          f"{args.threads} threads: {total * per:.2f} ms (mean of {steps}; ops timed one by one)\n")
     from npgpt.fast.cpu.threads import data_parallel_shards
-    data_parallel = (args.device == "cpu" and not (args.loop or args.forward)
+    data_parallel = (args.device == "cpu" and not (args.loop or inference_only)
                      and data_parallel_shards(args.threads) > 1)
     if data_parallel:
         print(f"(data-parallel: {args.threads} threads run the ops at once, so the per-op times below add up to more "
@@ -288,7 +328,7 @@ def main(argv=None):
                 f" {forward_s / calls * 1e6:.0f} |")
 
     print("| op | calls/step | forward ms | backward ms | total ms | share |"
-          + ((" outside the kernels, us a call |" if args.forward else
+          + ((" outside the kernels, us a call |" if inference_only else
               " outside the kernels, us a call (forward / backward) |") if glue else ""))
     print("|---|---|---|---|---|---|" + ("---|" if glue else ""))
     accounted = 0.0
@@ -299,11 +339,11 @@ def main(argv=None):
               f"{t * per:.1f} | {t / total * 100:.0f}% |" + (outside_cell(op) if glue else ""))
     optim_s = timers["optimizer"]
     accounted += optim_s
-    if not args.forward:
+    if not inference_only:
         outside["optimizer"] = optim_s - timers["optimizer kernels"]
         print(f"| AdamW step | 1 | | | {optim_s * per:.1f} | {optim_s / total * 100:.0f}% |"
               + (f" {outside['optimizer'] * 1e6 / steps:.0f} |" if glue else ""))
-    if not (data_parallel or args.forward):
+    if not (data_parallel or inference_only):
         engine_s = max(0.0, timers["backward"] - sum(backward.values()))
         accounted += engine_s
         calls = sum(counts.values()) / steps
@@ -315,13 +355,16 @@ def main(argv=None):
     rest = total - accounted
     if rest > 0:
         outside["rest"] = rest          # no kernel runs here: setting grads to None, slicing the batch
-        print(f"| zero_grad, data, glue | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |"
-              + (" all |" if glue else ""))
+        label = "sampling, the token's ids and the glue" if args.generate else "zero_grad, data, glue"
+        print(f"| {label} | | | | {rest * per:.1f} | {rest / total * 100:.0f}% |" + (" all |" if glue else ""))
     if glue:
         print()
-        for line in outside_lines(outside, total, per, sum(counts.values()) / steps):
+        for line in outside_lines(outside, total, per, sum(counts.values()) / steps, args.generate):
             print(line)
-    if args.device == "cpu" and not data_parallel and timers["products"] > 0:
+    if args.generate and args.device == "cpu" and kernels["seen"]:
+        print()
+        print(generation_floor_line(model, total * per, kernels["all"] * per, args.anchor_ms))
+    elif args.device == "cpu" and not data_parallel and timers["products"] > 0:
         print()
         products_ms = timers["products"] * per
         for line in floor_lines(total * per, products_ms, product_flops(model, batch, seq, args.forward),

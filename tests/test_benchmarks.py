@@ -227,7 +227,38 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
         assert 0 < outside_ms < step_ms - products_ms
 
 
+def test_generation_floor_line_gives_the_weights_bytes_and_their_rate():
+    from benchmarks.profile import generation_floor_line
+    big = dict(num_layers=4, d_model=256, d_ff=1024, vocab_size=10000)     # the tutorial GPT: 22.8 MB
+    line = generation_floor_line(big, token_ms=2.0, kernels_ms=1.0, anchor_ms=2.5)
+    # 4 (4 C^2 + 2 C F) + C V = 5,701,632 floats = 22.8 MB; 22.8 GB/s over 1 ms of kernels, 11 over the token
+    assert "22.8 MB, in 1.00 ms of kernel calls (23 GB/s) and 1.00 ms outside them: 11 GB/s" in line
+    assert "this run 0.80x, the kernel calls alone 0.40x" in line
+    assert "Against" not in generation_floor_line(big, token_ms=2.0, kernels_ms=1.0)      # no anchor, no ratios
+
+
+def test_profile_of_generation_prints_the_blocks_as_one_op_each_and_the_weights_rate():
+    env = dict(os.environ, NPGPT_FAST="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--model", "shakespeare-char", "--generate",
+                           "--steps", "3", "--anchor-ms", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "generated token, after a prompt of (1, 16)" in out and "(mean of 3;" in out
+    from npgpt.fast.cpu import native
+    if native.status()["built"]:    # each of the 4 blocks one call; ln_f and the output projection
+        assert "| transformer_block | 4 |" in out and "| linear | 1 |" in out and "| layer_norm | 1 |" in out
+        # the small model: 4 (4 128^2 + 2 128 512) + 128 65 = 794,880 floats, 3.2 MB
+        assert "Weights read a token (each product of its one row reads its W once): 3.2 MB" in out
+        assert "Against 2.00 ms (--anchor-ms)" in out
+    else:                           # op by op: per block Q, K, V, O and the feed-forward network's two
+        assert "| linear | 25 |" in out
+    assert "AdamW" not in out and "engine: backward" not in out
+
+
 @pytest.mark.parametrize("flags, message", [(["--anchor-ms", "0"], "--anchor-ms: must be a positive number"),
+                                            (["--generate", "--forward"], "leave out --forward and --loop"),
+                                            (["--generate", "--seq", "500"], "positions, beyond the tutorial model's"),
                                             (["--target", "-1"], "--target: must be a positive number"),
                                             (["--forward", "--loop"], "leave out --loop"),
                                             (["--steps", "x"], "--steps: must be a whole number of at least 1"),
