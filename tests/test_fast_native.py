@@ -675,6 +675,24 @@ def test_a_cc_that_is_not_found_says_so(fresh_build, monkeypatch):
     assert engine.fast_path_for("gelu", (np.zeros(3),), {}) is cpu_ops.gelu
 
 
+def test_a_compiler_that_refuses_the_vector_width_still_builds_for_this_cpu(fresh_build, monkeypatch, tmp_path):
+    """On x86 the build asks for 512-bit vectors; a compiler that refuses the flag gets -march=native alone,
+    not the plain build."""
+    if not native.WIDE_VECTOR_FLAGS:
+        pytest.skip("the flag is asked for on x86 alone")
+    seen = tmp_path / "flags.txt"
+    picky = tmp_path / "picky-cc"
+    picky.write_text("#!/bin/sh\necho \"$@\" >> " + str(seen) + "\n"
+                     "case \"$*\" in *-mprefer-vector-width*) echo 'unknown option' >&2; exit 1;; esac\n"
+                     "exec cc \"$@\"\n")
+    picky.chmod(0o755)
+    monkeypatch.setenv("CC", str(picky))
+    assert native.status()["built"]
+    builds = seen.read_text().splitlines()
+    assert "-mprefer-vector-width=512" in builds[0] and "-march=native" in builds[0]       # asked for first
+    assert "-march=native" in builds[1] and "-mprefer-vector-width" not in builds[1]      # then without it
+
+
 def test_cc_may_hold_arguments(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "cc -DNPGPT_UNUSED_DEFINE=1")
     assert native.status()["built"]

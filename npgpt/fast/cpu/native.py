@@ -7,10 +7,10 @@
                        profiling: fn(name, seconds) hears the time of each kernel call (None: off)
 
 The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double``) with ``$CC`` (default
-``cc``; it may hold arguments) for this machine's CPU (``-march=native``) and keeps the libraries in
-``$NPGPT_CACHE_DIR`` (default ``~/.cache/npgpt``; a private directory of the temporary one where that cannot
-be used), under a name that hashes the source, the flags and the CPU, so a changed source or another machine
-builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build
+``cc``; it may hold arguments) for this machine's CPU (``-march=native``, and on x86 512-bit vectors where
+the CPU has them) and keeps the libraries in ``$NPGPT_CACHE_DIR`` (default ``~/.cache/npgpt``; a private
+directory of the temporary one where that cannot be used), under a name that hashes the source, the flags
+and the CPU, so a changed source or another machine builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build
 takes about a second; a cached one loads in milliseconds. Each library is written under a temporary name and
 renamed into place, so processes building at once (MPI ranks, test workers) never load a half-written file.
 A new build deletes the directory's builds that no process has loaded for 30 days.
@@ -40,6 +40,12 @@ from ... import backend
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]        # dropped if the compiler refuses it
+# On x86, 512-bit registers for the loops the compiler vectorises itself (the explicit vectors of the
+# attention and the products are sized by kernels.c). GCC's tuning for Intel's AVX-512 CPUs keeps such loops
+# at 256 bits; on a Xeon, 512 made the exp of cross-entropy's rows 23-25% faster and GELU 10-17%, changed
+# nothing that is bound by memory, and took 1-3% off the tutorial GPT's step at (8, 128) (the small model's
+# within the noise). Without AVX-512 the flag does nothing; dropped if the compiler refuses it.
+WIDE_VECTOR_FLAGS = ["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []
 REALS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _lock = threading.Lock()
@@ -190,7 +196,7 @@ def _load_library(compiler, real):
         if not _private_directory(directory):
             last_error = OSError(f"{directory} cannot be written, or others may write in it")
             continue
-        for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+        for flags in (FLAGS + NATIVE_FLAGS + WIDE_VECTOR_FLAGS, FLAGS + NATIVE_FLAGS, FLAGS):
             try:
                 path = _build(compiler, real, flags, directory)
                 return ctypes.CDLL(path), path
