@@ -333,7 +333,7 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
                         np.testing.assert_allclose(got, expected, **attention_tolerance(dtype))
             for new in (1, 3):          # generation's kernels: the cache's attention and few-rows products
                 test_attention_over_a_kv_cache_equals_the_reference(2, dtype, new)
-            for case in ("one row", "four rows", "strided"):
+            for case in ("one row", "four rows", "row-strided"):
                 test_few_rows_product_equals_the_reference(2, dtype, case)
     finally:
         threads.set_workers(previous)
@@ -748,13 +748,22 @@ def test_dropout_with_p_next_to_one_drops_everything():
 
 def linear_inputs(rng, case, dtype):
     """(x, W, b) leaves: "3d" (2, 7, 33) @ (65, 33)^T + b; "wide" fewer rows than outputs (the result's
-    columns are split), no bias; "strided" x a transposed view (copied for BLAS), b without a gradient."""
-    if case == "3d":
-        return leaf(rng, 2, 7, 33, dtype=dtype), leaf(rng, 65, 33, dtype=dtype), leaf(rng, 65, dtype=dtype)
-    if case == "wide":
-        return leaf(rng, 9, 20, dtype=dtype), leaf(rng, 130, 20, dtype=dtype), None
-    x = npgpt.Tensor(rng.standard_normal((24, 40)).astype(dtype).T, requires_grad=True)       # (40, 24)
-    return x, leaf(rng, 31, 24, dtype=dtype), npgpt.Tensor(rng.standard_normal(31).astype(dtype))
+    columns are split), no bias; "strided" x a transposed view (copied for BLAS), b without a gradient.
+    At most FEW_ROWS rows: "one row" (1, 1, 33) @ (65, 33)^T + b, 33 not a whole number of registers and 65
+    not of ROWS; "four rows" (4, 40) @ (9, 40)^T, no bias; "row-strided" x rows of a wider array (a row
+    stride of 70), b without a gradient."""
+    if case in ("3d", "one row"):
+        rows = (2, 7) if case == "3d" else (1, 1)
+        return leaf(rng, *rows, 33, dtype=dtype), leaf(rng, 65, 33, dtype=dtype), leaf(rng, 65, dtype=dtype)
+    if case in ("wide", "four rows"):
+        (N, C), out = ((9, 20), 130) if case == "wide" else ((4, 40), 9)
+        return leaf(rng, N, C, dtype=dtype), leaf(rng, out, C, dtype=dtype), None
+    if case == "strided":
+        x = npgpt.Tensor(rng.standard_normal((24, 40)).astype(dtype).T, requires_grad=True)       # (40, 24)
+    else:
+        x = npgpt.Tensor(rng.standard_normal((3, 70)).astype(dtype)[:, 10:50], requires_grad=True)  # (3, 40)
+    out = x.shape[1] + 7
+    return x, leaf(rng, out, x.shape[1], dtype=dtype), npgpt.Tensor(rng.standard_normal(out).astype(dtype))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -799,23 +808,11 @@ def test_products_go_by_their_rows_to_few_rows_product_numpy_or_the_pools_blas()
     assert engine.fast_path_for("linear", (np.zeros((64, 256), np.float32), W), {}) is native_ops.linear
 
 
-def few_rows_inputs(rng, case, dtype):
-    """(x, W, b) leaves of at most FEW_ROWS rows: "one row" (1, 1, 33) @ (65, 33)^T + b, 33 not a whole
-    number of registers and 65 not of ROWS; "four rows" (4, 40) @ (9, 40)^T, no bias; "strided" x rows of a
-    wider array (a row stride of 70), b without a gradient."""
-    if case == "one row":
-        return leaf(rng, 1, 1, 33, dtype=dtype), leaf(rng, 65, 33, dtype=dtype), leaf(rng, 65, dtype=dtype)
-    if case == "four rows":
-        return leaf(rng, 4, 40, dtype=dtype), leaf(rng, 9, 40, dtype=dtype), None
-    x = npgpt.Tensor(rng.standard_normal((3, 70)).astype(dtype)[:, 10:50], requires_grad=True)     # (3, 40)
-    return x, leaf(rng, 130, 40, dtype=dtype), npgpt.Tensor(rng.standard_normal(130).astype(dtype))
-
-
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("case", ["one row", "four rows", "strided"])
+@pytest.mark.parametrize("case", ["one row", "four rows", "row-strided"])
 def test_few_rows_product_equals_the_reference(workers, dtype, case):
     rng = np.random.default_rng(23)
-    x, W, b = few_rows_inputs(rng, case, dtype)
+    x, W, b = linear_inputs(rng, case, dtype)
     calls = []
     previous = native.set_call_observer(lambda name, seconds: calls.append(name))
     try:
