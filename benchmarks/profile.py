@@ -12,10 +12,11 @@ Under the table, the products' floor: the FLOPs of the weights' products (linear
 run as one op, npgpt/fast/cpu/layers.py; forward, and dx and dW in the backward), their time and speed
 against this machine's float32 GEMM peak (2048^3, measured here), and the step's time if every other op cost
 nothing. For generation (--generate: a "step" is one new token of greedy decoding after a prompt of --seq
-positions, batch --batch), whose products of one row each read every weight once and are bound by memory,
-the floor is the weights' bytes a token and the rate at which the token's kernel calls went through them. With --anchor-ms (PyTorch's median for the same step or forward
-pass, from `python -m benchmarks`), that floor and the step are also given as ratios to it, with what a
-target ratio leaves for everything that is not a product.
+positions, batch --batch), whose products of a few rows each read every weight once and are bound by
+memory, the floor is the weights' bytes a token and the rate at which the token's kernel calls went through
+them. With --anchor-ms (PyTorch's median for the same step, forward pass or token, from `python -m
+benchmarks`), that floor and the step are also given as ratios to it, with what a target ratio leaves for
+everything that is not a product (not for generation).
 
 Forward time of an op is the time from the previous op's result to this op's result (ops run one after
 another, so the gaps tile the forward pass: the Python between two ops counts to the second); backward time
@@ -222,9 +223,9 @@ def generation_floor_line(model, token_ms, kernels_ms, anchor_ms=None):
     the token's kernel calls, and the whole token, went through them."""
     L, C, F, V = model["num_layers"], model["d_model"], model["d_ff"], model["vocab_size"]
     megabytes = (L * (4 * C * C + 2 * C * F) + C * V) * 4 / 1e6          # float32
-    line = (f"Weights read a token (each product of its one row reads its W once): {megabytes:.1f} MB, in "
-            f"{kernels_ms:.2f} ms of kernel calls ({megabytes / kernels_ms:.0f} GB/s) and {token_ms - kernels_ms:.2f} ms "
-            f"outside them: {megabytes / token_ms:.0f} GB/s over the whole token.")
+    line = (f"Weights read a token (each product reads its W once): {megabytes:.1f} MB, in {kernels_ms:.2f} ms "
+            f"of kernel calls ({megabytes / kernels_ms:.0f} GB/s) and {token_ms - kernels_ms:.2f} ms outside "
+            f"them: {megabytes / token_ms:.0f} GB/s over the whole token.")
     if anchor_ms:
         line += (f" Against {anchor_ms:.2f} ms (--anchor-ms): this run {token_ms / anchor_ms:.2f}x, the kernel calls "
                  f"alone {kernels_ms / anchor_ms:.2f}x.")
@@ -264,7 +265,8 @@ def main(argv=None):
                    help="time an inference forward pass (eval mode, no graph) instead of a training step")
     p.add_argument("--generate", action="store_true",
                    help="time greedy generation with a KV cache, a token a step, after a prompt of --seq "
-                        "positions (default 16; batch default 1, steps default 100)")
+                        "positions (default 16; batch default 1; steps default 100, or as many as the "
+                        "context holds)")
     p.add_argument("--anchor-ms", type=positive_number, default=None,
                    help="PyTorch's median for the same step (or forward pass) from `python -m benchmarks`: "
                         "the floor is then also given as a ratio to it")
@@ -281,13 +283,13 @@ def main(argv=None):
     model = {"tutorial": TUTORIAL, "shakespeare-char": SHAKESPEARE_CHAR, "gpt2-small": GPT2_SMALL}[args.model]
     batch = args.batch or (1 if args.generate else SHAKESPEARE_SHAPE[0] if small else 8)
     seq = args.seq or (16 if args.generate else SHAKESPEARE_SHAPE[1] if small else 128)
-    steps = args.steps or (100 if args.generate else 5)
+    steps = args.steps or (max(1, min(100, model["max_seq_len"] - seq)) if args.generate else 5)
     dropout = args.dropout if args.dropout is not None else (0.0 if small else 0.1)
     if seq > model["max_seq_len"]:
         p.error(f"--seq {seq} is beyond the {args.model} model's context of {model['max_seq_len']}; give at most "
                 f"{model['max_seq_len']}")
-    if args.generate and seq + steps + 1 > model["max_seq_len"]:
-        p.error(f"--seq {seq} and --steps {steps} make {seq + steps + 1} positions, beyond the {args.model} "
+    if args.generate and seq + steps > model["max_seq_len"]:      # the prompt, then a position a token
+        p.error(f"--seq {seq} and --steps {steps} make {seq + steps} positions, beyond the {args.model} "
                 f"model's context of {model['max_seq_len']}; give fewer")
     if not 0.0 <= dropout < 1.0:
         p.error(f"--dropout {args.dropout}: give a probability from 0 up to (not including) 1")

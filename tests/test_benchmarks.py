@@ -249,7 +249,7 @@ def test_profile_of_generation_prints_the_blocks_as_one_op_each_and_the_weights_
     if native.status()["built"]:    # each of the 4 blocks one call; ln_f and the output projection
         assert "| transformer_block | 4 |" in out and "| linear | 1 |" in out and "| layer_norm | 1 |" in out
         # the small model: 4 (4 128^2 + 2 128 512) + 128 65 = 794,880 floats, 3.2 MB
-        assert "Weights read a token (each product of its one row reads its W once): 3.2 MB" in out
+        assert "Weights read a token (each product reads its W once): 3.2 MB" in out
         assert "Against 2.00 ms (--anchor-ms)" in out
     else:                           # op by op: per block Q, K, V, O and the feed-forward network's two
         assert "| linear | 25 |" in out
@@ -258,7 +258,10 @@ def test_profile_of_generation_prints_the_blocks_as_one_op_each_and_the_weights_
 
 @pytest.mark.parametrize("flags, message", [(["--anchor-ms", "0"], "--anchor-ms: must be a positive number"),
                                             (["--generate", "--forward"], "leave out --forward and --loop"),
-                                            (["--generate", "--seq", "500"], "positions, beyond the tutorial model's"),
+                                            (["--generate", "--seq", "500", "--steps", "13"],
+                                             "make 513 positions, beyond the tutorial model's"),
+                                            (["--generate", "--model", "shakespeare-char", "--seq", "16",
+                                              "--steps", "49"], "make 65 positions, beyond"),
                                             (["--target", "-1"], "--target: must be a positive number"),
                                             (["--forward", "--loop"], "leave out --loop"),
                                             (["--steps", "x"], "--steps: must be a whole number of at least 1"),

@@ -303,10 +303,10 @@ def ops_of(fn):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("gpt2", [False, True])
 def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(workers, dtype, gpt2):
-    """A batch of 2: a prompt of 5 positions (10 rows, more than FEW_ROWS: the textbook's block), then steps
-    of 1 and of 2 new positions (2 and 4 rows: block_with_cache): each step's logits and the cache's keys and values equal the textbook's,
-    for the tutorial's GPT and for GPT-2's switches (biases, tanh GELU, its eps); greedy generation gives the
-    textbook's tokens."""
+    """A batch of 2: a prompt of 5 positions (more than FEW_ROWS a sequence: the textbook's block), then steps
+    of 1 and of 2 new positions (block_with_cache): each step's logits and the cache's keys and values equal
+    the textbook's, for the tutorial's GPT and for GPT-2's switches (biases, tanh GELU, its eps); greedy
+    generation gives the textbook's tokens."""
     rng = np.random.default_rng(8)
     config = dict(attention_bias=True, gelu_approximate="tanh", layer_norm_eps=1e-6) if gpt2 else {}
     model = small_gpt(dtype, rng, **config)
@@ -419,8 +419,27 @@ def test_a_blocks_one_call_gives_the_same_bits_on_any_thread_count(monkeypatch):
         np.testing.assert_array_equal(keys, results[0][1])
 
 
-class CountingCache(LayerKV):
-    """A LayerKV of another class, whose extend might do anything: the cache paths leave it alone."""
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_many_sequences_at_once_take_the_blocks_one_call_and_equal_the_textbook(workers, dtype):
+    """6 sequences: a prompt of 4 positions, then steps of 1 and of 3 new positions (24, 6 and 18 rows, more
+    than FEW_ROWS in all): each block of each step one call, its products few_rows_product's on those rows."""
+    rng = np.random.default_rng(15)
+    model = small_gpt(dtype, rng, attention_bias=True)
+    ids = rng.integers(0, 50, (6, 8))
+
+    def steps():
+        cache = model.new_kv_cache(6)
+        with npgpt.no_grad():
+            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 4), (4, 5), (5, 8))]
+        return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+    fast, names = ops_of(steps)
+    assert names.count("transformer_block") == 3 * 2
+    assert_close(fast, textbook(steps), dtype)
+
+
+class OtherCache(LayerKV):
+    """A LayerKV of another class, whose extend might return other arrays or a mask: the cache paths, which
+    know the textbook's, leave it alone."""
 
 
 def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers):
@@ -435,10 +454,18 @@ def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers)
             return engine.fast_path_for(op, (layer,) + args, {})
     assert chosen(x, None, False, layer_cache) is layers.block_with_cache
     assert chosen(leaf(rng, 2, 5, 24), None, False, layer_cache) is None               # more than FEW_ROWS
-    assert chosen(leaf(rng, 5, 1, 24), None, False, model.new_kv_cache(5).layers[0]) is None   # 5 rows in all
+    many = (leaf(rng, 5, 1, 24), None, False, model.new_kv_cache(5).layers[0])         # 5 sequences, 5 rows
+    assert chosen(*many) is layers.block_with_cache
+    previous, layers.BLOCK_WITH_CACHE_MAX_ROWS = layers.BLOCK_WITH_CACHE_MAX_ROWS, 4
+    try:                                        # more rows than the block's cap: its attention alone, whole
+        assert chosen(*many) is None
+        assert chosen(block.attn_norm(many[0]), *many[1:], op="multi_head_attention", layer=block.attention) \
+            is layers.attention_with_cache
+    finally:
+        layers.BLOCK_WITH_CACHE_MAX_ROWS = previous
     assert chosen(x, np.ones((1, 1), dtype=bool), False, layer_cache) is None          # a mask
     assert chosen(x) is None                                                            # no cache
-    other = CountingCache(cache, layer_cache.keys.shape, np.float64, np)
+    other = OtherCache(cache, layer_cache.keys.shape, np.float64, np)
     assert chosen(x, None, False, other) is None                                        # another cache class
     assert chosen(block.attn_norm(x), None, False, other, op="multi_head_attention", layer=block.attention) is None
     cache.length = 16
@@ -447,6 +474,9 @@ def test_the_textbooks_block_runs_wherever_the_cache_paths_do_not_apply(workers)
     strided = model.new_kv_cache(2)
     strided.layers[0].keys = np.zeros((2, 3, 16, 16))[..., ::2]                         # not contiguous
     assert chosen(x, None, False, strided.layers[0]) is None
+    flat = model.new_kv_cache(2)
+    flat.layers[0].keys = flat.layers[0].values = np.zeros((2, 3, 16))                 # not (B, H, S, D)
+    assert chosen(x, None, False, flat.layers[0]) is None
     short = model.new_kv_cache(2)
     short.layers[0].values = short.layers[0].values[:, :, :8].copy()                   # keys and values differ
     assert chosen(x, None, False, short.layers[0]) is None

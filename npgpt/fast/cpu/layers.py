@@ -8,8 +8,8 @@ generation (new positions against a KV cache, no graph) the attention and the wh
                            dx (= dQ W_q + dK W_k + dV W_v) is one product over the stack, and the three weights'
                            gradients are one more.
     feed_forward           FeedForward.forward: linear1, GELU, linear2 and dropout.
-    attention_with_cache   MultiHeadAttention.forward on at most FEW_ROWS new positions against a KV cache:
-                           the three projections, the cache's extend, the kernels' attention of the new
+    attention_with_cache   MultiHeadAttention.forward on at most FEW_ROWS new positions a sequence against a
+                           KV cache: the three projections, the cache's extend, the kernels' attention of the new
                            queries over the cache, W_o; no graph.
     block_with_cache       TransformerBlock.forward likewise: the whole block in one call of the kernels.
 
@@ -25,9 +25,9 @@ replaced, as a LoRA adapter would replace one), its weights are NumPy arrays of 
 products are large enough for the kernels' pool (native_ops.SMALL_PRODUCT) or of at most native_ops.FEW_ROWS
 rows; for the attention also more than one position, no mask and no KV cache, and W_q, W_k and W_v all with a
 bias or all without; for the feed-forward network exact or tanh GELU, and a dropout p below 1 in training.
-The two paths with a KV cache take at most FEW_ROWS new positions a sequence (a longer prompt runs the
-textbook's block), no mask, no dropout in effect, nothing that records a graph, and for the block the
-textbook's own LayerNorms, Dropouts and LayerKV (whose extend its one call does).
+The two paths with a KV cache take the textbook's own LayerKV, at most FEW_ROWS new positions a sequence (a
+longer prompt runs the textbook's block), no mask, no dropout in effect and nothing that records a graph; the
+block also its own LayerNorms and Dropouts, and at most BLOCK_WITH_CACHE_MAX_ROWS rows in all.
 Anything else runs the textbook's forward, whose ops dispatch one by one as always. The dropout
 masks are the kernels' hashed ones, their seeds drawn from the generator where the ops' fast paths would draw
 them, so the layer as one op and its ops on the kernels give the same masks, and values and gradients equal to
@@ -160,7 +160,7 @@ def attention_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
         context: new query i (position S - T + i) attends over keys 0 .. S - T + i (the textbook's mask of
                  the new positions against the cache), by the kernels' attention_cached
         y = context W_o^T + b_o                                     (N, C)
-    With at most FEW_ROWS rows, each product is few_rows_product: every weight read once, by the pool's threads.
+    Each product of at most FEW_ROWS rows is few_rows_product: every weight read once, by the pool's threads.
     (Inside the textbook's own block, block_with_cache below runs this and the rest of the block in one call.)
     """
     x = F._t(x)
@@ -186,20 +186,20 @@ def _project(x2d, linear):
 
 
 def attention_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None):
-    """A NumPy (B, T, C) input of 1 to FEW_ROWS rows in all (B T: every product few_rows_product's), no mask,
-    and the textbook's own LayerKV (whose extend gives back the cache's arrays with the new positions last)
-    of contiguous NumPy arrays (B, H, capacity, D) of the input's dtype, with room for the new positions; the
-    four projections plain Linears of (C, C) weights of that dtype; no dropout on the attention (eval mode, or
-    p = 0); and nothing that records a graph."""
+    """A NumPy (B, T, C) input of 1 to FEW_ROWS new positions a sequence, no mask, and the textbook's own
+    LayerKV (whose extend gives back the cache's arrays with the new positions last) of contiguous NumPy arrays
+    (B, H, capacity, D) of the input's dtype, with room for the new positions; the four projections plain
+    Linears of (C, C) weights of that dtype; no dropout on the attention (eval mode, or p = 0); and nothing
+    that records a graph."""
     from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
     data = x.data if isinstance(x, F.Tensor) else x
     if type(kv_cache) is not model.LayerKV or mask is not None or not isinstance(data, np.ndarray) \
-            or data.ndim != 3 or not 0 < data.shape[0] * data.shape[1] <= native_ops.FEW_ROWS:
+            or data.ndim != 3 or data.shape[0] < 1 or not 1 <= data.shape[1] <= native_ops.FEW_ROWS:
         return False
     B, T, C = data.shape
     keys, values, length = kv_cache.keys, kv_cache.values, kv_cache.owner.length
-    if not (isinstance(keys, np.ndarray) and isinstance(values, np.ndarray) and keys.shape == values.shape
-            and keys.shape[:2] == (B, self.num_heads) and keys.shape[3] == self.d_k and keys.ndim == 4
+    if not (isinstance(keys, np.ndarray) and isinstance(values, np.ndarray) and keys.ndim == 4
+            and keys.shape == values.shape and keys.shape[:2] == (B, self.num_heads) and keys.shape[3] == self.d_k
             and keys.dtype == values.dtype == data.dtype and keys.flags.c_contiguous and values.flags.c_contiguous
             and isinstance(length, int) and 0 <= length and length + T <= keys.shape[2]):
         return False
@@ -215,6 +215,13 @@ def attention_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=N
 
 # ========================================================================================================
 # transformer_block on generation's new positions, with a KV cache
+
+BLOCK_WITH_CACHE_MAX_ROWS = 64    # the most rows (sequences x new positions) the block's one call takes: its
+                                  # products are all few_rows_product's, which read W once but multiply at a
+                                  # fraction of the BLAS's speed. A generated token of the tutorial GPT took
+                                  # 3.1 ms this way against 10.2 ms op by op at batch 8, 13.0 against 21.5 ms
+                                  # at 64, and about as long at 128 (25.3 against 27.0 ms)
+
 
 def block_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
     """TransformerBlock.forward on a few new positions against a KV cache, as one op that records no graph.
@@ -248,12 +255,14 @@ def block_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None)
     """The textbook's own block: its attention, feed-forward network, LayerNorms and Dropouts of the
     textbook's classes, none with its forward replaced; every dropout the identity (eval mode, or p = 0); the
     attention where attention_with_cache applies (its cache the textbook's LayerKV, whose extend the kernel
-    does); plain Linears C -> d_ff -> C and exact or tanh GELU in the feed-forward
-    network; every weight contiguous; and nothing that records a graph."""
+    does); at most BLOCK_WITH_CACHE_MAX_ROWS rows in all; plain Linears C -> d_ff -> C and exact or tanh GELU
+    in the feed-forward network; every weight contiguous; and nothing that records a graph."""
     from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
     if not attention_with_cache_applies(self.attention, x, mask, is_causal, kv_cache):
         return False
     data = x.data if isinstance(x, F.Tensor) else x
+    if data.shape[0] * data.shape[1] > BLOCK_WITH_CACHE_MAX_ROWS:
+        return False
     C, dtype, ffn = data.shape[2], data.dtype, self.ffn
     if not (_textbook(self.attention, model.MultiHeadAttention) and _textbook(ffn, model.FeedForward)
             and all(_textbook(n, nn.LayerNorm) and _affine_of(n, C, dtype) for n in (self.attn_norm, self.ffn_norm))

@@ -10,9 +10,10 @@ The first call builds ``kernels.c`` twice (``-DREAL=float`` and ``-DREAL=double`
 ``cc``; it may hold arguments) for this machine's CPU (``-march=native``, and on x86 512-bit vectors where
 the CPU has them) and keeps the libraries in ``$NPGPT_CACHE_DIR`` (default ``~/.cache/npgpt``; a private
 directory of the temporary one where that cannot be used), under a name that hashes the source, the flags
-and the CPU, so a changed source or another machine builds afresh. A directory others may write in is refused: a library there would be loaded and run. A build
-takes about a second; a cached one loads in milliseconds. Each library is written under a temporary name and
-renamed into place, so processes building at once (MPI ranks, test workers) never load a half-written file.
+and the CPU, so a changed source or another machine builds afresh. A directory others may write in is
+refused: a library there would be loaded and run. A build takes about a second; a cached one loads in
+milliseconds. Each library is written under a temporary name and renamed into place, so processes building at
+once (MPI ranks, test workers) never load a half-written file.
 A new build deletes the directory's builds that no process has loaded for 30 days.
 
 Without a C compiler, or with ``NPGPT_CPU_KERNELS=0``, ``kernels()`` returns None and the NumPy fast paths
@@ -189,6 +190,15 @@ def _compiler():
     return [found] if found else None
 
 
+def _flag_sets():
+    """The flag sets a build tries, the fullest first, each once (off x86 the first two are one)."""
+    sets = []
+    for flags in (FLAGS + NATIVE_FLAGS + WIDE_VECTOR_FLAGS, FLAGS + NATIVE_FLAGS, FLAGS):
+        if flags not in sets:
+            sets.append(flags)
+    return sets
+
+
 def _load_library(compiler, real):
     """(library, path) of kernels.c for `real`, from the first cache directory where it builds and loads."""
     last_error = None
@@ -196,7 +206,7 @@ def _load_library(compiler, real):
         if not _private_directory(directory):
             last_error = OSError(f"{directory} cannot be written, or others may write in it")
             continue
-        for flags in (FLAGS + NATIVE_FLAGS + WIDE_VECTOR_FLAGS, FLAGS + NATIVE_FLAGS, FLAGS):
+        for flags in _flag_sets():
             try:
                 path = _build(compiler, real, flags, directory)
                 return ctypes.CDLL(path), path
