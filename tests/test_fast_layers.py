@@ -300,6 +300,15 @@ def ops_of(fn):
         engine.set_op_observer(previous)
 
 
+def steps_through_a_cache(model, ids, spans):
+    """The logits of model(ids[:, a:b]) for each (a, b) of `spans` in turn against one new KV cache, under
+    no_grad, then the cache's keys and values of every layer."""
+    cache = model.new_kv_cache(ids.shape[0])
+    with npgpt.no_grad():
+        logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in spans]
+    return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("gpt2", [False, True])
 def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(workers, dtype, gpt2):
@@ -313,10 +322,7 @@ def test_a_generated_tokens_blocks_run_as_one_op_each_and_equal_the_textbook(wor
     ids = rng.integers(0, 50, (2, 8))
 
     def steps():
-        cache = model.new_kv_cache(2)
-        with npgpt.no_grad():
-            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 5), (5, 6), (6, 8))]
-        return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+        return steps_through_a_cache(model, ids, ((0, 5), (5, 6), (6, 8)))
     fast, names = ops_of(steps)
     assert names.count("transformer_block") == 2 * 2                    # the two steps' blocks, whole
     assert_close(fast, textbook(steps), dtype)
@@ -428,10 +434,7 @@ def test_many_sequences_at_once_take_the_blocks_one_call_and_equal_the_textbook(
     ids = rng.integers(0, 50, (6, 8))
 
     def steps():
-        cache = model.new_kv_cache(6)
-        with npgpt.no_grad():
-            logits = [model(ids[:, a:b], kv_cache=cache).data for a, b in ((0, 4), (4, 5), (5, 8))]
-        return logits + [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+        return steps_through_a_cache(model, ids, ((0, 4), (4, 5), (5, 8)))
     fast, names = ops_of(steps)
     assert names.count("transformer_block") == 3 * 2
     assert_close(fast, textbook(steps), dtype)
