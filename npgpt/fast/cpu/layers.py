@@ -191,6 +191,8 @@ def attention_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=N
     (B, H, capacity, D) of the input's dtype, with room for the new positions; the four projections plain
     Linears of (C, C) weights of that dtype; no dropout on the attention (eval mode, or p = 0); and nothing
     that records a graph."""
+    if kv_cache is None:        # training, and a forward pass without a cache: asked first, answered at once
+        return False
     from ... import model       # here, not at the top: `python -m npgpt.model` must find it not yet imported
     data = x.data if isinstance(x, F.Tensor) else x
     if type(kv_cache) is not model.LayerKV or mask is not None or not isinstance(data, np.ndarray) \
@@ -237,9 +239,8 @@ def block_with_cache(self, x, mask=None, is_causal=False, kv_cache=None):
     dtype, attention, ffn = x.dtype, self.attention, self.ffn
     x2d = np.ascontiguousarray(x.data).reshape(B * T, C)                        # (N, C)
     y = buffers.empty((B * T, C), dtype)
-    parts = (self.attn_norm, attention.W_q, attention.W_k, attention.W_v, attention.W_o, self.ffn_norm,
-             ffn.linear1, ffn.linear2)
-    weights = np.array([0 if p is None else at(p.data) for m in parts for p in (m.weight, m.bias)], dtype=np.uint64)
+    weights = np.array([0 if p is None else at(p.data) for m in _block_parts(self) for p in (m.weight, m.bias)],
+                       dtype=np.uint64)                                          # kernels.c's order
     dims = np.array([B, T, C, attention.num_heads, ffn.linear1.out_features, kv_cache.owner.length,
                      kv_cache.keys.shape[2]], dtype=np.int64)
     if native.kernels(dtype).block_with_cache(at(x2d), at(y), at(weights), at(kv_cache.keys), at(kv_cache.values),
@@ -272,11 +273,15 @@ def block_with_cache_applies(self, x, mask=None, is_causal=False, kv_cache=None)
     if ffn.gelu_approximate not in ("none", "tanh") or not (_plain_linear(ffn.linear1, d_ff, C, dtype)
                                                             and _plain_linear(ffn.linear2, C, d_ff, dtype)):
         return False
-    attention = self.attention
-    parts = (self.attn_norm, attention.W_q, attention.W_k, attention.W_v, attention.W_o, self.ffn_norm,
-             ffn.linear1, ffn.linear2)
-    parameters = [p for m in parts for p in (m.weight, m.bias) if p is not None]
+    parameters = [p for m in _block_parts(self) for p in (m.weight, m.bias) if p is not None]
     return all(p.data.flags.c_contiguous for p in parameters) and not records_graph(parameters)
+
+
+def _block_parts(block):
+    """The block's modules that hold its weights, in the order of block_with_cache's `weights` (kernels.c)."""
+    attention, ffn = block.attention, block.ffn
+    return (block.attn_norm, attention.W_q, attention.W_k, attention.W_v, attention.W_o, block.ffn_norm,
+            ffn.linear1, ffn.linear2)
 
 
 def _textbook(module, cls):

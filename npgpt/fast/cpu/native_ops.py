@@ -515,11 +515,8 @@ class Attention:
         self.out = self.probs = self.pointers = None            # set by forward
 
     def _layout(self, arrays):
-        """H, L, S, D, Dv, then each array's strides in elements along its first three axes (the kernels'
-        `layout`), for Q, K, V, O, dO, dQ, dK, dV."""
-        _, H, L, D = self.q4.shape
-        strides = [s // self.q4.itemsize for a in arrays for s in a.strides[:3]]
-        return np.array([H, L, self.k4.shape[2], D, self.v4.shape[3]] + strides, dtype=np.int64)
+        """The kernels' `layout` for Q, K, V, O, dO, dQ, dK, dV."""
+        return _attention_layout(self.q4, self.k4, self.v4, arrays)
 
     def forward(self, out, keep_probs):
         q4, k4, v4 = self.q4, self.k4, self.v4
@@ -547,6 +544,14 @@ def _heads_side_by_side(B, H, rows, D, dtype):
     return buffers.empty((B, rows, H, D), dtype).transpose(0, 2, 1, 3)
 
 
+def _attention_layout(q4, k4, v4, arrays):
+    """The attention kernels' `layout`: H, L, S, D, Dv, then each of `arrays`' strides in elements along its
+    first three axes (B, H and the rows)."""
+    _, H, L, D = q4.shape
+    strides = [s // q4.itemsize for a in arrays for s in a.strides[:3]]
+    return np.array([H, L, k4.shape[2], D, v4.shape[3]] + strides, dtype=np.int64)
+
+
 def attention_cached(q4, k4, v4, out4, scale):
     """out4 (B, H, L, Dv) = the attention of the L new queries q4 (B, H, L, D) over the keys and values of a
     KV cache, k4 and v4 (B, H, S, D) with the new positions last: query i sees keys 0 .. S - L + i (the kernels'
@@ -554,7 +559,7 @@ def attention_cached(q4, k4, v4, out4, scale):
     B, H, L, D = q4.shape
     S, Dv = k4.shape[2], v4.shape[3]
     arrays = (q4, k4, v4, out4)
-    layout = np.array([H, L, S, D, Dv] + [s // q4.itemsize for a in arrays for s in a.strides[:3]], dtype=np.int64)
+    layout = _attention_layout(q4, k4, v4, arrays)
     min_heads = -(-KERNEL_MIN_ELEMENTS // max(1, S * (D + Dv)))        # a head reads S (D + Dv) of K and V
     if native.kernels(q4.dtype).attention_cached_parallel(*(a.ctypes.data for a in arrays), at(layout), B * H,
                                                           scale, _threads(), min_heads):
