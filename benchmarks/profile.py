@@ -199,11 +199,12 @@ def gemm_peak_gflops(threads, n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
-def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target=0.75):
-    """The products' floor in words: their speed, the step if nothing else cost anything, and, against an
-    anchor (PyTorch's time for the same work), both as ratios and what `target` leaves for the rest."""
+def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target=0.75, products_on="the BLAS"):
+    """The products' floor in words: their speed (made on `products_on`), the step if nothing else cost
+    anything, and, against an anchor (PyTorch's time for the same work), both as ratios and what `target`
+    leaves for the rest."""
     speed = flops / (products_ms / 1e3) / 1e9
-    lines = [f"Products (the weights', on the BLAS): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
+    lines = [f"Products (the weights', on {products_on}): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
              f"{speed / peak_gflops:.0%} of this machine's float32 GEMM peak ({peak_gflops:.0f} GFLOP/s at "
              f"2048^3); everything else: {step_ms - products_ms:.1f} ms of the {step_ms:.1f} ms."]
     if anchor_ms:
@@ -369,8 +370,10 @@ def main(argv=None):
     elif args.device == "cpu" and not data_parallel and timers["products"] > 0:
         print()
         products_ms = timers["products"] * per
+        from npgpt.fast.cpu import native
+        products_on = "npgpt's own product kernel" if native.status()["own_product"] else "the BLAS"
         for line in floor_lines(total * per, products_ms, product_flops(model, batch, seq, args.forward),
-                                gemm_peak_gflops(args.threads), args.anchor_ms, args.target):
+                                gemm_peak_gflops(args.threads), args.anchor_ms, args.target, products_on):
             print(line)
     return 0
 

@@ -436,7 +436,9 @@ def format_speed(report):
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; each implementation runs with "
              f"{m['threads_per_implementation']} threads, in its own process, alternating, medians of "
              f"{report['repeats']} after {report['warmup']} warm-up.",
-             f"NumPy {v.get('npgpt', {}).get('numpy')} (BLAS: {_blas_line(v)}), "
+             f"NumPy {v.get('npgpt', {}).get('numpy')} (BLAS: {_blas_line(v)}"
+             + (f"; npgpt's float32 products on {v['npgpt']['products']}" if v.get("npgpt", {}).get("products")
+                else "") + "), "
              f"PyTorch {v.get('torch', {}).get('torch')}, device {report['device']}"
              + (f" ({v['npgpt'].get('gpu')})" if v.get("npgpt", {}).get("gpu") else "") + ".",
              "OPENBLAS_CORETYPE={}, OPENBLAS_L2_SIZE={} in this shell; unset for the benchmark workers.".format(

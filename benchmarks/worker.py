@@ -163,6 +163,9 @@ class NpgptImpl:
                                                   "threading_layer")} for p in pools]
         except ImportError:
             out["blas"] = "threadpoolctl not installed"
+        if self.on_cpu:
+            from npgpt.fast.cpu import native
+            out["products"] = "its own kernel (kernels.c)" if native.status()["own_product"] else "the BLAS"
         if self.backend.get_device() == "gpu":
             import cupy
             out["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()

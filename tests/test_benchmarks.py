@@ -82,6 +82,9 @@ def test_quick_suite_runs_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| train step (8, 128) |" in proc.stdout and "| generate" in proc.stdout
     assert "kernel" in proc.stdout          # the BLAS kernel NumPy ran is printed
+    from npgpt.fast.cpu import native       # and what npgpt's products ran on
+    products_on = "its own kernel (kernels.c)" if native.status()["own_product"] else "the BLAS"
+    assert f"npgpt's float32 products on {products_on})" in proc.stdout
     assert "Load from outside the benchmark" in proc.stdout
     report = json.loads(out.read_text())
     case = report["speed"]["cases"][0]
@@ -192,6 +195,9 @@ def test_floor_lines_give_the_products_speed_and_what_a_target_leaves():
     _, short = floor_lines(100.0, 80.0, 16e9, 250.0, anchor_ms=100.0, target=0.75)
     assert "0.75x is 75.0 ms: less than the products alone take" in short
     assert len(floor_lines(100.0, 80.0, 16e9, 250.0)) == 1         # no anchor, no ratios
+    assert speed.startswith("Products (the weights', on the BLAS): 16.00 GFLOP in 80.0 ms")
+    own, = floor_lines(100.0, 80.0, 16e9, 250.0, products_on="npgpt's own product kernel")
+    assert own.startswith("Products (the weights', on npgpt's own product kernel): 16.00 GFLOP")
 
 
 @pytest.mark.parametrize("mode", [["--loop"], ["--forward"], []])
@@ -211,7 +217,8 @@ def test_profile_prints_the_ops_and_the_products_floor(mode):
     assert ("AdamW step" in out) == (mode != ["--forward"])        # a forward pass has no optimizer step
     flops = 3 * 2 * 12 * 64 * (4 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 65) // (3 if mode == ["--forward"] else 1)
     # the products are timed where linear runs on the C kernels' pool (built wherever there is a C compiler)
-    assert ("Products (the weights', on the BLAS)" in out) == native.status()["built"]
+    products_on = "npgpt's own product kernel" if native.status()["own_product"] else "the BLAS"
+    assert (f"Products (the weights', on {products_on})" in out) == native.status()["built"]
     if native.status()["built"]:
         assert f"{flops / 1e9:.2f} GFLOP in" in out and "Against 50.0 ms (--anchor-ms)" in out
         products_ms = float(out.split("GFLOP in ")[1].split(" ms")[0])

@@ -335,6 +335,9 @@ def test_attention_kernel_built_for_each_simd_width_equals_the_reference(fresh_b
                 test_attention_over_a_kv_cache_equals_the_reference(2, dtype, new)
             for case in ("one row", "four rows", "row-strided"):
                 test_few_rows_product_equals_the_reference(2, dtype, case)
+            for case in OWN_PRODUCT_CASES:      # the own product, built for each width (routed to on AVX-512)
+                for trans_a, trans_b in TRANSPOSES:
+                    test_own_product_equals_the_reference(2, dtype, trans_a, trans_b, case)
     finally:
         threads.set_workers(previous)
 
@@ -842,6 +845,95 @@ def test_few_rows_product_gives_the_same_bits_on_any_thread_count(monkeypatch):
         np.testing.assert_array_equal(other, results[0])
 
 
+# kernels.c's own product (own_product), on shapes past each edge of its blocking: a last panel of fewer than
+# 12 rows and of fewer than 32 float (16 double) columns, more rows than a block of A (96), more columns than
+# a packed slice of B (512 in float, 256 in double) and a depth past a slice's (512), each with a rest over
+OWN_PRODUCT_CASES = {"edges": (29, 45, 37), "blocks": (203, 1100, 1100), "one element": (1, 1, 1)}
+TRANSPOSES = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def own_product(op_a, op_b, trans_a, trans_b):
+    """op_a @ op_b by the kernels' own product (gemm_parallel given no BLAS), each operand stored transposed
+    where asked, as a view whose rows lie 3 elements further apart than their length."""
+    def stored(m, trans):
+        m = m.T if trans else m
+        padded = np.full((m.shape[0], m.shape[1] + 3), np.nan, m.dtype)
+        padded[:, :m.shape[1]] = m
+        return padded[:, :m.shape[1]]
+    a, b = stored(op_a, trans_a), stored(op_b, trans_b)
+    (M, K), N = op_a.shape, op_b.shape[1]
+    out = np.full((M, N), np.nan, op_a.dtype)
+    failed = native.kernels(op_a.dtype).gemm_parallel(
+        None, 0, int(trans_a), int(trans_b), M, N, K, native.address(a), a.strides[0] // a.itemsize,
+        native.address(b), b.strides[0] // b.itemsize, native.address(out), N, None, threads.workers(),
+        native_ops.GEMM_MIN_ROWS)
+    assert failed == 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES)
+@pytest.mark.parametrize("case", list(OWN_PRODUCT_CASES))
+def test_own_product_equals_the_reference(workers, dtype, trans_a, trans_b, case):
+    M, N, K = OWN_PRODUCT_CASES[case]
+    rng = np.random.default_rng(25)
+    op_a, op_b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    got = own_product(op_a, op_b, trans_a, trans_b)
+    exact = op_a.astype(np.float64) @ op_b.astype(np.float64)
+    # a sum of K rounded products and partial sums is within K eps of the sum of their sizes
+    bound = K * np.finfo(dtype).eps * (np.abs(op_a).astype(np.float64) @ np.abs(op_b).astype(np.float64))
+    assert got.dtype == dtype and not np.isnan(got).any()
+    assert (np.abs(got - exact) <= bound).all()     # a slice or panel left out or doubled is off by ~sqrt(K)
+
+
+def test_own_product_gives_the_same_bits_on_any_thread_count(monkeypatch):
+    """Each element is one sum in a fixed order of k, whichever thread's block of rows or columns it is in."""
+    monkeypatch.setattr(native_ops, "GEMM_MIN_ROWS", 5)
+    rng = np.random.default_rng(26)
+    for M, N, K in ((203, 45, 1100), (29, 1100, 600)):       # rows split among the threads; columns
+        op_a, op_b = (rng.standard_normal(shape).astype(np.float32) for shape in ((M, K), (K, N)))
+        results = []
+        for count in (1, 2, 3, 4):
+            previous = threads.set_workers(count)
+            try:
+                results.append(own_product(op_a, op_b, False, True))
+            finally:
+                threads.set_workers(previous)
+        for other in results[1:]:
+            np.testing.assert_array_equal(other, results[0])
+
+
+def test_float32_products_need_no_blas_where_the_own_product_is_built(monkeypatch):
+    """On an Intel CPU with 512-bit vectors, a float32 linear and its backward multiply by kernels.c's own
+    product, their bits the same on any thread count (dx and dW made at once with an even count, one after
+    the other with an odd); elsewhere, by the BLAS."""
+    own = native.kernels(np.dtype(np.float32)).own_product
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            intel = "GenuineIntel" in f.read()
+        assert own == (intel and native.status()["vector_bytes"] == 64)
+    except OSError:                     # no /proc/cpuinfo to tell the vendor by
+        pass
+    if not own:
+        pytest.skip("this CPU multiplies by the BLAS (the own product runs on Intel CPUs with 512-bit vectors)")
+    assert not native.kernels(np.dtype(np.float64)).own_product       # float64: the BLAS's, for gradchecks
+    monkeypatch.setattr(threads, "blas_gemm", lambda dtype: pytest.fail("the BLAS was asked for"))
+    monkeypatch.setattr(native_ops, "GEMM_MIN_ROWS", 5)
+    results = []
+    for count in (1, 2, 3, 4):
+        previous = threads.set_workers(count)
+        try:
+            x, W, b = linear_inputs(np.random.default_rng(27), "3d", np.float32)
+            out = native_ops.linear(x, W, b)
+            out.sum().backward()
+            results.append([out.data.copy(), x.grad.copy(), W.grad.copy()])
+        finally:
+            threads.set_workers(previous)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
+
+
 def test_linear_kernel_leaves_the_blas_thread_count_as_it_was(workers):
     set_count, get_count = threads._find_blas_controls()
     before = get_count()
@@ -1013,7 +1105,7 @@ def test_a_weights_gradient_from_the_kernels_becomes_its_grad_without_a_copy(emp
     grad = layer.weight.grad
     kept = empty_cache._arrays.get(((128, 256), np.dtype(np.float32), True), [])
     assert any(array is grad for array in kept), "the weight's gradient is not the kernels' own array"
-    np.testing.assert_allclose(grad, np.ones((512, 128), np.float32).T @ x.data, rtol=1e-5)
+    np.testing.assert_allclose(grad, np.ones((128, 512)) @ x.data.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
 PAGE_FAULTS_OF_A_LOOP = """

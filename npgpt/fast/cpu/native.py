@@ -57,13 +57,16 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 RESULT_TYPES = {"parallel_chunks": _I64, "attention_forward_parallel": ctypes.c_int,
                 "attention_backward_parallel": ctypes.c_int, "attention_cached_parallel": ctypes.c_int,
-                "block_with_cache": ctypes.c_int, "vector_bytes": ctypes.c_int}  # the others: nothing
+                "block_with_cache": ctypes.c_int, "vector_bytes": ctypes.c_int,
+                "gemm_parallel": ctypes.c_int, "gemm_pair_parallel": ctypes.c_int,
+                "own_product_available": ctypes.c_int}  # the others: nothing
 
 
 def _signatures(real):
     """Each kernel's argument types, in kernels.c's order."""
     return {
         "vector_bytes": [],     # the SIMD register width the attention's blocks were built for
+        "own_product_available": [],
         # called whole by ops.py's NumPy attention (and its tests)
         "softmax_rows_in_place": [_P, _I64, _I64, _I64, _I64],
         "softmax_backward_rows_in_place": [_P, _P, _I64, _I64],
@@ -233,6 +236,7 @@ def _load():
             for name, argtypes in _signatures(ctypes.c_float if real == "float" else ctypes.c_double).items():
                 fn = getattr(library, name)
                 fn.argtypes, fn.restype = argtypes, RESULT_TYPES.get(name)
+            library.own_product = bool(library.own_product_available())
             libraries[dtype] = library
     except Exception as exc:        # whatever went wrong, the NumPy fast paths still run
         reason = str(exc) if isinstance(exc, RuntimeError) else f"the kernels could not be loaded: {exc!r}"
@@ -269,12 +273,14 @@ def _libraries():
 
 def status():
     """{"built": bool, "paths": {real: path}, "vector_bytes": the SIMD register width built for (64 with
-    AVX-512, 32 with AVX2, 16 otherwise; None unbuilt), "reason": why not built (or None)}; builds if not yet
-    tried."""
+    AVX-512, 32 with AVX2, 16 otherwise; None unbuilt), "own_product": whether float32's matrix products are
+    the kernels' own (built for 512-bit vectors) rather than the BLAS's, "reason": why not built (or None)};
+    builds if not yet tried."""
     kernels(np.dtype(np.float32))
     library = (_state["libraries"] or {}).get(np.dtype(np.float32))
     return {"built": bool(_state["libraries"]), "paths": dict(_state["paths"]),
-            "vector_bytes": library.vector_bytes() if library is not None else None, "reason": _state["reason"]}
+            "vector_bytes": library.vector_bytes() if library is not None else None,
+            "own_product": library is not None and library.own_product, "reason": _state["reason"]}
 
 
 _call_observer = {"fn": None, "unwrapped": {}}    # the observer, and each wrapped function's original

@@ -37,6 +37,7 @@ Registered after ``ops.py``'s paths, so asked first; where the kernels could not
 they do not apply and those run. ``tests/test_fast_native.py`` holds each equal to its reference.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -135,6 +136,16 @@ def _rows_view(a):
     return a
 
 
+PACKING_SPACE_ERROR = "a matrix product: no memory for a thread's packing space (kernels.c's own_product)"
+
+
+def _gemm(k, dtype):
+    """The product each pool thread runs on its block: the kernels' own (None: kernels.c's own_product) where
+    they were built with it, else the BLAS's cblas_?gemm; (its address or None, whether it takes 64-bit
+    integers)."""
+    return (None, False) if k.own_product else threads.blas_gemm(dtype)
+
+
 def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
     """out (M, N) = op(a) op(b) [+ bias], op the transpose where asked; out contiguous."""
     M, N = out.shape
@@ -150,11 +161,13 @@ def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
                                     b.strides[0] // b.itemsize, None if bias is None else at(bias), at(out), N, M,
                                     N, K, _threads(), _rows_min(K))
         return
-    gemm, int64 = threads.blas_gemm(out.dtype)
-    with threads.blas_threads(1):
-        k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
+    gemm, int64 = _gemm(k, out.dtype)
+    with threads.blas_threads(1) if gemm else contextlib.nullcontext():
+        failed = k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
                         a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
                         None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
+    if failed:
+        raise MemoryError(PACKING_SPACE_ERROR)
 
 
 def _product_pair(first, second):
@@ -172,9 +185,12 @@ def _product_pair(first, second):
         desc += [int(trans_a), 0, M, N, a.shape[0] if trans_a else a.shape[1], native.address(a),
                  a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N]
     desc = np.array(desc, dtype=np.int64)
-    gemm, int64 = threads.blas_gemm(first[2].dtype)
-    with threads.blas_threads(1):
-        native.kernels(first[2].dtype).gemm_pair_parallel(gemm, int(int64), at(desc), workers, GEMM_MIN_ROWS)
+    k = native.kernels(first[2].dtype)
+    gemm, int64 = _gemm(k, first[2].dtype)
+    with threads.blas_threads(1) if gemm else contextlib.nullcontext():
+        failed = k.gemm_pair_parallel(gemm, int(int64), at(desc), workers, GEMM_MIN_ROWS)
+    if failed:
+        raise MemoryError(PACKING_SPACE_ERROR)
 
 
 def _linear_grads(grad2d, x2d, w2d, need_x=True, need_W=True):
@@ -215,7 +231,8 @@ def linear_applies(input, weight, bias=None):
     rows = x.size // max(1, x.shape[-1])
     if rows * W.size < SMALL_PRODUCT and not 0 < rows <= FEW_ROWS:
         return False
-    return native.kernels(dtype) is not None and threads.blas_gemm(dtype) is not None
+    k = native.kernels(dtype)
+    return k is not None and (k.own_product or threads.blas_gemm(dtype) is not None)
 
 
 # ========================================================================================================
