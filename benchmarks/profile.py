@@ -204,9 +204,10 @@ def floor_lines(step_ms, products_ms, flops, peak_gflops, anchor_ms=None, target
     anything, and, against an anchor (PyTorch's time for the same work), both as ratios and what `target`
     leaves for the rest."""
     speed = flops / (products_ms / 1e3) / 1e9
-    lines = [f"Products (the weights', on {products_on}): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, {speed:.0f} GFLOP/s, "
-             f"{speed / peak_gflops:.0%} of this machine's float32 GEMM peak ({peak_gflops:.0f} GFLOP/s at "
-             f"2048^3); everything else: {step_ms - products_ms:.1f} ms of the {step_ms:.1f} ms."]
+    lines = [f"Products (the weights', on {products_on}): {flops / 1e9:.2f} GFLOP in {products_ms:.1f} ms, "
+             f"{speed:.0f} GFLOP/s, {speed / peak_gflops:.0%} of this machine's float32 GEMM peak "
+             f"({peak_gflops:.0f} GFLOP/s at 2048^3); everything else: {step_ms - products_ms:.1f} ms of the "
+             f"{step_ms:.1f} ms."]
     if anchor_ms:
         budget = target * anchor_ms
         lines.append(f"Against {anchor_ms:.1f} ms (--anchor-ms): this run {step_ms / anchor_ms:.2f}x; the "

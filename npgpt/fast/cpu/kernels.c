@@ -1019,11 +1019,12 @@ int attention_backward_parallel(const real *q, const real *k, const real *v, con
  * to a few thousand); elsewhere the BLAS's products run. It is Goto's blocking, as in BLIS and OpenBLAS, in
  * three levels:
  *   - K in slices of PRODUCT_DEPTH and N in slices of PRODUCT_COLUMNS. A slice of B is copied ("packed") into
- *     panels of PANEL_COLUMNS columns (two registers), each panel's rows one after another, so the kernel
- *     reads a panel as one stream; the packed slice (1 MB) stays in the core's L2 cache.
- *   - C's rows, PANEL_ROWS at a time: their PANEL_ROWS x PRODUCT_DEPTH values of A (12 KB in float) stay in
+ *     panels of PANEL_COLUMNS columns (two registers), each panel's rows one after another, so that the
+ *     kernel reads a panel as one stream; the packed slice (1 MB) stays in the core's L2 cache.
+ *   - C's rows, PANEL_ROWS at a time: their PANEL_ROWS x PRODUCT_DEPTH values of A (24 KB in float) stay in
  *     the L1 cache while every panel of B's slice passes them. Where A's rows lie along K they are read in
- *     place; A transposed is packed first (its PANEL_ROWS values of one k are then neighbours).
+ *     place; A transposed is packed A_BLOCK_ROWS rows at a time, read along its rows (a k each), into panels
+ *     that hold each k's PANEL_ROWS values side by side.
  *   - the kernel, product_block: a (PANEL_ROWS, PANEL_COLUMNS) block of C in 24 registers of sums; at each
  *     k, two registers of B's panel and PANEL_ROWS broadcast values of A make 24 multiply-adds.
  * Each element of C is one sum in a fixed order of k (the depth slices in turn, each from its first k up)
@@ -1032,13 +1033,14 @@ int attention_backward_parallel(const real *q, const real *k, const real *v, con
 #define PANEL_ROWS 12
 #define PANEL_COLUMNS (2 * LANES)
 #define PRODUCT_DEPTH 512
-#define A_BLOCK_ROWS (8 * PANEL_ROWS)
-/* packed panels lie a cache line apart more than their size: panels a multiple of 4 KB apart, written k by k
- * at once, would all map to the same few L1 sets (and their stores alias the loads that follow) */
-#define PANEL_GAP ((index_t)(64 / sizeof(real)))
-static inline index_t a_panel_stride(index_t depth) { return depth * PANEL_ROWS + PANEL_GAP; }
-static inline index_t b_panel_stride(index_t depth) { return depth * PANEL_COLUMNS + PANEL_GAP; }
 #define PRODUCT_COLUMNS ((index_t)(1 << 20) / (PRODUCT_DEPTH * (index_t)sizeof(real)))
+#define A_BLOCK_ROWS (8 * PANEL_ROWS)
+/* Packed panels lie a cache line further apart than their size: panels a multiple of 4 KB apart, written a
+ * k at a time, would all fall in the same few sets of the L1 cache, and their stores would seem to overlap
+ * the loads that follow them (the CPU compares the addresses' last 12 bits). */
+#define PANEL_GAP ((index_t)(64 / sizeof(real)))
+static inline index_t a_panel_size(index_t depth) { return depth * PANEL_ROWS + PANEL_GAP; }
+static inline index_t b_panel_size(index_t depth) { return depth * PANEL_COLUMNS + PANEL_GAP; }
 
 int own_product_available(void) {
 #if defined(__AVX512F__)
@@ -1049,7 +1051,7 @@ int own_product_available(void) {
 }
 
 /* c (rows, cols) [+]= a (rows, depth) b_panel (depth, PANEL_COLUMNS): a's value (i, k) at a[i * a_row_step +
- * k * a_depth_step]; the panel's columns past `cols` are zeros, its sums not stored. */
+ * k * a_depth_step]; the panel's columns past `cols` are zeros, and their sums are not stored. */
 INLINE void product_block(index_t depth, const real *a, index_t a_row_step, index_t a_depth_step,
                           const real *b_panel, real *c, index_t ldc, index_t rows, index_t cols, int add_to_c) {
     vec sum[PANEL_ROWS][2];
@@ -1089,54 +1091,69 @@ INLINE void product_block(index_t depth, const real *a, index_t a_row_step, inde
         for (index_t j = 0; j < cols; j++) c[i * ldc + j] = add_to_c ? c[i * ldc + j] + block[i][j] : block[i][j];
 }
 
-/* Two instances of the kernel, for A read in place (rows along K) and for A packed (k by k) */
+/* Two instances of the kernel: A read in place (its rows along K), and A packed (a k's values side by side) */
 static void product_block_in_place(index_t depth, const real *a, index_t lda, const real *b_panel, real *c,
                                    index_t ldc, index_t cols, int add_to_c) {
     product_block(depth, a, lda, 1, b_panel, c, ldc, PANEL_ROWS, cols, add_to_c);
 }
 
-static void product_block_packed(index_t depth, const real *a_packed, const real *b_panel, real *c, index_t ldc,
+static void product_block_packed(index_t depth, const real *a_panel, const real *b_panel, real *c, index_t ldc,
                                  index_t rows, index_t cols, int add_to_c) {
-    product_block(depth, a_packed, 1, PANEL_ROWS, b_panel, c, ldc, rows, cols, add_to_c);
+    product_block(depth, a_panel, 1, PANEL_ROWS, b_panel, c, ldc, rows, cols, add_to_c);
 }
 
-/* out = op(A)'s rows (rows, depth) as panels of PANEL_ROWS rows, each (depth, PANEL_ROWS): panel i0's value
- * (i, k) at out[i0 * depth + k * PANEL_ROWS + i], the last panel's rows past `rows` zero. A transposed holds
- * op(A)'s value (i, k) at a[k * lda + i] and is read along its rows (k), else at a[i * lda + k]. */
+/* op(A)'s value (i, k): A transposed holds it at a[k * lda + i], else at a[i * lda + k] */
+static inline real a_value(int trans_a, const real *a, index_t lda, index_t i, index_t k) {
+    return trans_a ? a[k * lda + i] : a[i * lda + k];
+}
+
+/* out = op(A)'s rows (rows, depth) as panels of PANEL_ROWS rows, a_panel_size(depth) apart: row i0 + i of
+ * panel i0 / PANEL_ROWS holds its value at k in the panel's [k * PANEL_ROWS + i], the last panel's rows past
+ * `rows` zero. A transposed is read along its rows (a k each), its whole panels' values a memcpy each. */
 static void pack_a_block(int trans_a, const real *a, index_t lda, index_t rows, index_t depth, real *out) {
     const index_t whole = trans_a ? rows / PANEL_ROWS * PANEL_ROWS : 0;
     for (index_t k = 0; k < depth; k++)
         for (index_t i0 = 0; i0 < whole; i0 += PANEL_ROWS)
-            memcpy(out + i0 / PANEL_ROWS * a_panel_stride(depth) + k * PANEL_ROWS, a + k * lda + i0,
+            memcpy(out + i0 / PANEL_ROWS * a_panel_size(depth) + k * PANEL_ROWS, a + k * lda + i0,
                    PANEL_ROWS * sizeof(real));
-    for (index_t i0 = whole; i0 < rows; i0 += PANEL_ROWS)
+    for (index_t i0 = whole; i0 < rows; i0 += PANEL_ROWS) {
+        real *panel = out + i0 / PANEL_ROWS * a_panel_size(depth);
         for (index_t k = 0; k < depth; k++)
             for (index_t i = 0; i < PANEL_ROWS; i++)
-                out[i0 / PANEL_ROWS * a_panel_stride(depth) + k * PANEL_ROWS + i] = i0 + i >= rows ? 0 : trans_a ? a[k * lda + i0 + i]
-                                                                                 : a[(i0 + i) * lda + k];
+                panel[k * PANEL_ROWS + i] = i0 + i < rows ? a_value(trans_a, a, lda, i0 + i, k) : 0;
+    }
 }
 
-/* out = the slice op(B) (depth, cols) as panels of PANEL_COLUMNS columns, each (depth, PANEL_COLUMNS): panel
- * j0's value (k, j) at out[j0 * depth + k * PANEL_COLUMNS + j], the last panel's columns past `cols` zero. B
- * transposed holds op(B)'s value (k, j) at b[j * ldb + k], else at b[k * ldb + j] and is read along its rows. */
+/* op(B)'s value (k, j): B transposed holds it at b[j * ldb + k], else at b[k * ldb + j] */
+static inline real b_value(int trans_b, const real *b, index_t ldb, index_t k, index_t j) {
+    return trans_b ? b[j * ldb + k] : b[k * ldb + j];
+}
+
+/* out = the slice op(B) (depth, cols) as panels of PANEL_COLUMNS columns, b_panel_size(depth) apart: column
+ * j0 + j of panel j0 / PANEL_COLUMNS holds its value at k in the panel's [k * PANEL_COLUMNS + j], the last
+ * panel's columns past `cols` zero. B is read along its rows (B transposed: its rows gathered). */
 static void pack_b_slice(int trans_b, const real *b, index_t ldb, index_t cols, index_t depth, real *out) {
     const index_t whole = cols / PANEL_COLUMNS * PANEL_COLUMNS;
     if (!trans_b)
         for (index_t k = 0; k < depth; k++)
             for (index_t j0 = 0; j0 < whole; j0 += PANEL_COLUMNS)
-                memcpy(out + j0 / PANEL_COLUMNS * b_panel_stride(depth) + k * PANEL_COLUMNS, b + k * ldb + j0,
+                memcpy(out + j0 / PANEL_COLUMNS * b_panel_size(depth) + k * PANEL_COLUMNS, b + k * ldb + j0,
                        PANEL_COLUMNS * sizeof(real));
     else
         for (index_t j0 = 0; j0 < whole; j0 += PANEL_COLUMNS) {
-            real *panel = out + j0 / PANEL_COLUMNS * b_panel_stride(depth);
+            real *panel = out + j0 / PANEL_COLUMNS * b_panel_size(depth);
 #if defined(__AVX512F__)
-            if (!IS_DOUBLE && PANEL_COLUMNS == 32 && ldb <= INT32_MAX / 32) {    /* 16 rows gathered at once */
-                const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                                          13, 14, 15), _mm512_set1_epi32((int)ldb));
-                const float *b0 = (const float *)b + j0 * ldb, *b1 = b0 + 16 * ldb;
+            if (!IS_DOUBLE && PANEL_COLUMNS == 32 && ldb <= INT32_MAX / 32) {
+                /* a k's 32 values are 16 + 16 of B's rows, each 16 one gather: rows j0 .. j0 + 15 at k, then
+                 * j0 + 16 .. j0 + 31 */
+                const __m512i row_offsets = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32((int)ldb));
+                const float *rows_first = (const float *)b + j0 * ldb, *rows_second = rows_first + 16 * ldb;
                 for (index_t k = 0; k < depth; k++) {
-                    _mm512_storeu_ps((float *)panel + k * 32, _mm512_i32gather_ps(rows, b0 + k, 4));
-                    _mm512_storeu_ps((float *)panel + k * 32 + 16, _mm512_i32gather_ps(rows, b1 + k, 4));
+                    _mm512_storeu_ps((float *)panel + k * 32, _mm512_i32gather_ps(row_offsets, rows_first + k, 4));
+                    _mm512_storeu_ps((float *)panel + k * 32 + 16,
+                                     _mm512_i32gather_ps(row_offsets, rows_second + k, 4));
                 }
                 continue;
             }
@@ -1145,36 +1162,40 @@ static void pack_b_slice(int trans_b, const real *b, index_t ldb, index_t cols, 
                 #pragma GCC unroll 32
                 for (index_t j = 0; j < PANEL_COLUMNS; j++) panel[k * PANEL_COLUMNS + j] = b[(j0 + j) * ldb + k];
         }
-    if (whole < cols)
+    if (whole < cols) {
+        real *panel = out + whole / PANEL_COLUMNS * b_panel_size(depth);
         for (index_t k = 0; k < depth; k++)
             for (index_t j = 0; j < PANEL_COLUMNS; j++)
-                out[whole / PANEL_COLUMNS * b_panel_stride(depth) + k * PANEL_COLUMNS + j] = whole + j >= cols ? 0 : trans_b ? b[(whole + j) * ldb + k]
-                                                                                            : b[k * ldb + whole + j];
+                panel[k * PANEL_COLUMNS + j] = whole + j < cols ? b_value(trans_b, b, ldb, k, whole + j) : 0;
+    }
 }
 
-/* Each thread's packing space, allocated at its first product and freed when the thread ends */
+/* Each thread's packing space (1.2 MB in float), allocated at its first product and freed when it ends */
+#define PACKING_REALS (PRODUCT_COLUMNS / PANEL_COLUMNS * b_panel_size(PRODUCT_DEPTH) + \
+                       A_BLOCK_ROWS / PANEL_ROWS * a_panel_size(PRODUCT_DEPTH))
 static pthread_key_t packing_key;
 static pthread_once_t packing_key_once = PTHREAD_ONCE_INIT;
 static void make_packing_key(void) { pthread_key_create(&packing_key, free); }
-#define PACKING_REALS (PRODUCT_COLUMNS / PANEL_COLUMNS * b_panel_stride(PRODUCT_DEPTH) + \
-                       A_BLOCK_ROWS / PANEL_ROWS * a_panel_stride(PRODUCT_DEPTH))
 
 static real *packing_space(void) {
     pthread_once(&packing_key_once, make_packing_key);
     real *space = pthread_getspecific(packing_key);
-    if (!space && (space = aligned_alloc(64, PACKING_REALS * sizeof(real))) && pthread_setspecific(packing_key, space)) {
-        free(space);
-        space = NULL;
+    if (!space) {
+        space = aligned_alloc(64, PACKING_REALS * sizeof(real));
+        if (space && pthread_setspecific(packing_key, space) != 0) {
+            free(space);
+            space = NULL;
+        }
     }
     return space;
 }
 
 /* C = op(A) op(B) as above; -1 (C untouched) where the thread's packing space cannot be allocated */
 static int own_product(int trans_a, int trans_b, index_t M, index_t N, index_t K, const real *A, index_t lda,
-                        const real *B, index_t ldb, real *C, index_t ldc) {
+                       const real *B, index_t ldb, real *C, index_t ldc) {
     real *space = packing_space();
     if (!space) return -1;
-    real *b_slice = space, *a_packed = space + PRODUCT_COLUMNS / PANEL_COLUMNS * b_panel_stride(PRODUCT_DEPTH);
+    real *b_slice = space, *a_block = space + PRODUCT_COLUMNS / PANEL_COLUMNS * b_panel_size(PRODUCT_DEPTH);
     for (index_t j0 = 0; j0 < N; j0 += PRODUCT_COLUMNS) {
         const index_t cols = N - j0 < PRODUCT_COLUMNS ? N - j0 : PRODUCT_COLUMNS;
         for (index_t p = 0; p < K; p += PRODUCT_DEPTH) {
@@ -1183,23 +1204,22 @@ static int own_product(int trans_a, int trans_b, index_t M, index_t N, index_t K
             for (index_t i0 = 0; i0 < M; i0 += A_BLOCK_ROWS) {
                 const index_t block_rows = M - i0 < A_BLOCK_ROWS ? M - i0 : A_BLOCK_ROWS;
                 const real *a = trans_a ? A + p * lda + i0 : A + i0 * lda + p;
-                /* A's rows along K are read in place, but for a last panel of fewer than PANEL_ROWS */
+                /* A's rows along K are read in place, all but a last panel of fewer than PANEL_ROWS */
                 const index_t in_place = trans_a ? 0 : block_rows / PANEL_ROWS * PANEL_ROWS;
                 if (in_place < block_rows)
                     pack_a_block(trans_a, trans_a ? a : a + in_place * lda, lda, block_rows - in_place, depth,
-                                 a_packed);
+                                 a_block);
                 for (index_t i = 0; i < block_rows; i += PANEL_ROWS) {
                     const index_t rows = block_rows - i < PANEL_ROWS ? block_rows - i : PANEL_ROWS;
+                    const real *a_panel = a_block + (i - in_place) / PANEL_ROWS * a_panel_size(depth);
                     for (index_t j = 0; j < cols; j += PANEL_COLUMNS) {
                         const index_t width = cols - j < PANEL_COLUMNS ? cols - j : PANEL_COLUMNS;
+                        const real *b_panel = b_slice + j / PANEL_COLUMNS * b_panel_size(depth);
                         real *c = C + (i0 + i) * ldc + j0 + j;
-                        const real *b_panel = b_slice + j / PANEL_COLUMNS * b_panel_stride(depth);
                         if (i < in_place)
                             product_block_in_place(depth, a + i * lda, lda, b_panel, c, ldc, width, p > 0);
                         else
-                            product_block_packed(depth, a_packed + (i - in_place) / PANEL_ROWS * a_panel_stride(depth),
-                                                 b_panel, c, ldc, rows,
-                                                 width, p > 0);
+                            product_block_packed(depth, a_panel, b_panel, c, ldc, rows, width, p > 0);
                     }
                 }
             }
@@ -1209,12 +1229,12 @@ static int own_product(int trans_a, int trans_b, index_t M, index_t N, index_t K
 }
 
 /* ---------------------------------------------------------------------------------------------------------
- * Matrix products on the pool: C = op(A) op(B) (+ bias on each row), row-major, by the BLAS NumPy loaded,
- * called on each thread for its own block of C's rows (or columns, where C is wide and short), with BLAS
- * itself at one thread meanwhile (the caller's scope). One set of threads then does all of a step's work:
- * no BLAS threads are left spinning while the pool's run the next op.
- * `gemm` is the address of cblas_sgemm or cblas_dgemm (matching REAL) with 64-bit (int64 = 1) or 32-bit
- * integers.
+ * Matrix products on the pool: C = op(A) op(B) (+ bias on each row), row-major, by own_product or the BLAS
+ * NumPy loaded, called on each thread for its own block of C's rows (or columns, where C is wide and short),
+ * with BLAS itself at one thread meanwhile (the caller's scope). One set of threads then does all of a
+ * step's work: no BLAS threads are left spinning while the pool's run the next op.
+ * `gemm` is NULL for own_product, else the address of cblas_sgemm or cblas_dgemm (matching REAL) with 64-bit
+ * (int64 = 1) or 32-bit integers. The entry points return -1 where own_product found no packing space.
  */
 typedef void (*gemm64_fn)(int, int, int, int64_t, int64_t, int64_t, real, const real *, int64_t, const real *,
                           int64_t, real, real *, int64_t);
