@@ -30,7 +30,8 @@ Threads: each op is one call into the library, which cuts the elements (rows, he
 bounds and runs them on its own small thread pool (kernels.c's run_parallel), the interpreter's lock
 released. The bounds depend only on the size and the thread count (threads.workers(), 1 on the training
 program's data-parallel threads), so sums added chunk by chunk are the same on every run. The products run the
-BLAS at one thread on each pool thread, inside a threads.blas_threads(1) block: all of a step's work is then
+kernels' own product (kernels.c's own_product, float32 on Intel CPUs with AVX-512) or else the BLAS at one
+thread on each pool thread, inside a threads.blas_threads(1) block: all of a step's work is then
 done by one set of threads, and none of BLAS's own is left spinning on a core while the next op runs.
 
 Registered after ``ops.py``'s paths, so asked first; where the kernels could not be built (no C compiler)
@@ -164,8 +165,8 @@ def _product(a, b, out, trans_a=False, trans_b=False, bias=None):
     gemm, int64 = _gemm(k, out.dtype)
     with threads.blas_threads(1) if gemm else contextlib.nullcontext():
         failed = k.gemm_parallel(gemm, int(int64), int(trans_a), int(trans_b), M, N, K, native.address(a),
-                        a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out), N,
-                        None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
+                                 a.strides[0] // a.itemsize, native.address(b), b.strides[0] // b.itemsize, at(out),
+                                 N, None if bias is None else at(bias), _threads(), GEMM_MIN_ROWS)
     if failed:
         raise MemoryError(PACKING_SPACE_ERROR)
 
@@ -220,7 +221,7 @@ def _column_sums(a):
 
 
 def linear_applies(input, weight, bias=None):
-    """The kernels and the BLAS's product are found for the dtype, all operands alike in it, and the
+    """The kernels and a product (their own, or the BLAS's) are found for the dtype, all operands alike in it, and the
     products are large enough to share, or have at most FEW_ROWS rows (few_rows_product's)."""
     arrays = [t.data if isinstance(t, F.Tensor) else t for t in (input, weight, bias) if t is not None]
     if not all(isinstance(a, np.ndarray) for a in arrays) or len({a.dtype for a in arrays}) != 1:
